@@ -1,0 +1,49 @@
+"""Installation of mailserv: the package, the twistd plugin and the console script."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="mailserv",
+    version="0.1.0",
+    description="A complete mail server (SMTP MX, submission, IMAP4, POP3) on Twisted",
+    long_description=open("README.rst", encoding="utf-8").read(),
+    long_description_content_type="text/x-rst",
+    python_requires=">=3.11",
+    packages=find_packages(include=["mailserv", "mailserv.*"]) + ["twisted.plugins"],
+    package_data={"mailserv": ["py.typed", "default.toml"]},
+    include_package_data=True,
+    install_requires=[
+        "Twisted>=24.3",
+        "zope.interface>=6.0",
+        "pyOpenSSL>=24.0",
+        "service-identity>=24.1",
+        "cryptography>=42",
+        "dnspython>=2.6",
+        "dkimpy>=1.1",
+        "ldap3>=2.9",
+        "idna>=3.6",
+        # Password hashing: argon2 and bcrypt are the reference C implementations;
+        # writing either ourselves would be a security liability.
+        "argon2-cffi>=23.1",
+        "bcrypt>=4.1",
+        # SHA-crypt/MD5-crypt verification (the stdlib crypt module is gone in 3.13).
+        "passlib>=1.7.4",
+        # SQL and PAM checkers.
+        "psycopg[binary]>=3.1",
+        "PyMySQL>=1.1",
+        "python-pam>=2.0",
+    ],
+    extras_require={
+        "test": [
+            "pytest>=8",
+            "pytest-twisted>=1.14",
+            "pytest-timeout>=2.3",
+            "build>=1.2",
+            "ruff>=0.6",
+            "mypy>=1.11",
+            "mypy-zope>=1.0",
+        ],
+    },
+    entry_points={"console_scripts": ["mailserv = mailserv.cli.main:main"]},
+    zip_safe=False,
+)

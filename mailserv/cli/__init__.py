@@ -1,0 +1,1 @@
+"""The ``mailserv`` console script."""

@@ -272,10 +272,14 @@ def network(value: Any, ctx: Context, key: str) -> ipaddress.IPv4Network | ipadd
     try:
         return ipaddress.ip_network(value, strict=False)
     except ValueError:
-        raise Invalid(f"expected an address or network such as '127.0.0.1/8', got {value!r}")
+        raise Invalid(
+            f"expected an address or network such as '127.0.0.1/8', got {value!r}"
+        ) from None
 
 
-_HOSTNAME = re.compile(r"^(?=.{1,253}$)([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$")
+_HOSTNAME = re.compile(
+    r"^(?=.{1,253}$)([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$"
+)
 
 
 def hostname(value: Any, ctx: Context, key: str) -> str:
@@ -284,7 +288,7 @@ def hostname(value: Any, ctx: Context, key: str) -> str:
     try:
         ascii_name = value.encode("idna").decode("ascii") if not value.isascii() else value
     except UnicodeError:
-        raise Invalid(f"not a valid domain name: {value!r}")
+        raise Invalid(f"not a valid domain name: {value!r}") from None
     if not _HOSTNAME.match(ascii_name):
         raise Invalid(f"not a valid domain name: {value!r}")
     return ascii_name.lower()

@@ -14,7 +14,6 @@ from mailserv.config.schema import (
     choice,
     duration,
     host_port,
-    hostname as domain_name,
     integer,
     list_of,
     map_of,
@@ -26,6 +25,9 @@ from mailserv.config.schema import (
     size,
     string,
     table_of,
+)
+from mailserv.config.schema import (
+    hostname as domain_name,
 )
 
 PROTOCOLS = ("smtp", "submission", "imap", "pop3")
@@ -39,7 +41,7 @@ def endpoint(value: Any, ctx: Context, key: str) -> str:
     value = nonempty_string(value, ctx, key)
     kind, _, rest = value.partition(":")
     if kind == "ssl":
-        raise Invalid("use tls = \"implicit\" on the listener instead of an ssl: endpoint")
+        raise Invalid('use tls = "implicit" on the listener instead of an ssl: endpoint')
     if kind not in _ENDPOINT_PREFIXES or not rest:
         raise Invalid(f"expected an endpoint such as 'tcp:25' or 'tcp6:25', got {value!r}")
     if kind in ("tcp", "tcp6"):
@@ -175,8 +177,6 @@ class AuthSection(Section):
                 ctx.error(f"{path}.backends[{i}]", f"no [{path}.backend.{name}] table")
 
 
-
-
 class StoreSection(Section):
     format: str = option(choice("maildir", "mbox"), "maildir")
     path: str = option(nonempty_string)
@@ -200,11 +200,6 @@ class DNSSection(Section):
     cache_size: int = option(integer(0), 10_000)
 
 
-class LoggingSection(Section):
-    format: str = option(choice("text", "json"), "text")
-    level: str = option(choice("debug", "info", "warn", "error"), "info")
-
-
 class ThreadsSection(Section):
     """Sizes of the bounded thread pools (mailserv/threads.py)."""
 
@@ -218,6 +213,7 @@ class PipelineEntry(Section):
     """One filter of a pipeline; the filter's own keys are checked by the filter registry."""
 
     filter: str = option(nonempty_string)
+    options: dict[str, Any]
 
     @classmethod
     def load(cls, raw: Any, ctx: Context, path: str = "") -> PipelineEntry | None:  # type: ignore[override]
@@ -257,7 +253,6 @@ class Config(Section):
     auth: AuthSection = option(table_of(AuthSection), AuthSection)
     store: StoreSection = option(table_of(StoreSection))
     dns: DNSSection = option(table_of(DNSSection), DNSSection)
-    logging: LoggingSection = option(table_of(LoggingSection), LoggingSection)
     threads: ThreadsSection = option(table_of(ThreadsSection), ThreadsSection)
     pipelines: dict[str, list[PipelineEntry]] = option(_pipelines, dict)
     shutdown_timeout: float = option(duration, 30.0)

@@ -1,0 +1,189 @@
+"""TLS for every listener: the server context, its reload on SIGHUP, and the self-signed default.
+
+``ServerTLS`` is both an old-style context factory (``getContext()``, what
+``transport.startTLS`` takes for STARTTLS/STLS) and an
+``IOpenSSLServerConnectionCreator`` (what ``TLSMemoryBIOFactory`` takes for
+implicit TLS).  ``reload()`` builds a new context from the files; connections
+already established keep the old one, new ones get the new one.
+"""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import os
+from collections.abc import Sequence
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.x509.oid import NameOID
+from OpenSSL import SSL, crypto
+from twisted.internet import ssl as tssl
+from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from mailserv.errors import ConfigError, ConfigProblem
+
+log = Logger()
+
+_VERSIONS = {"TLSv1.2": tssl.TLSVersion.TLSv1_2, "TLSv1.3": tssl.TLSVersion.TLSv1_3}
+
+
+def generate_key() -> rsa.RSAPrivateKey:
+    return rsa.generate_private_key(public_exponent=65537, key_size=2048)
+
+
+def generate_certificate(
+    common_name: str,
+    names: Sequence[str] = (),
+    *,
+    key: rsa.RSAPrivateKey | None = None,
+    issuer_cert: x509.Certificate | None = None,
+    issuer_key: rsa.RSAPrivateKey | None = None,
+    is_ca: bool = False,
+    days: int = 825,
+) -> tuple[x509.Certificate, rsa.RSAPrivateKey]:
+    """A certificate for ``common_name`` with ``names`` as subjectAltNames.
+
+    Self-signed unless ``issuer_cert``/``issuer_key`` are given (the test CA).
+    IP addresses among ``names`` become IP SANs.
+    """
+    key = key or generate_key()
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+    now = datetime.datetime.now(datetime.UTC)
+    sans: list[x509.GeneralName] = []
+    for name in dict.fromkeys([common_name, *names]):
+        try:
+            sans.append(x509.IPAddress(ipaddress.ip_address(name)))
+        except ValueError:
+            if not is_ca:
+                sans.append(x509.DNSName(name))
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(issuer_cert.subject if issuer_cert else subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=days))
+        .add_extension(x509.BasicConstraints(ca=is_ca, path_length=None), critical=True)
+    )
+    if sans:
+        builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
+    if is_ca:
+        builder = builder.add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+    else:
+        builder = builder.add_extension(
+            x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), critical=False
+        )
+    cert = builder.sign(issuer_key or key, hashes.SHA256())
+    return cert, key
+
+
+def write_pem(
+    cert: x509.Certificate, key: rsa.RSAPrivateKey, cert_file: str, key_file: str
+) -> None:
+    """Write a certificate and its key (mode 0600), each atomically."""
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    _atomic_write(key_file, key_pem, 0o600)
+    _atomic_write(cert_file, cert.public_bytes(serialization.Encoding.PEM), 0o644)
+
+
+def _atomic_write(path: str, data: bytes, mode: int) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+
+
+def ensure_self_signed(state_dir: str, hostname: str, names: Sequence[str]) -> tuple[str, str]:
+    """Create ``state_dir/tls/selfsigned.{crt,key}`` on first start; return their paths."""
+    directory = os.path.join(state_dir, "tls")
+    os.makedirs(directory, mode=0o700, exist_ok=True)
+    cert_file = os.path.join(directory, "selfsigned.crt")
+    key_file = os.path.join(directory, "selfsigned.key")
+    if not (os.path.exists(cert_file) and os.path.exists(key_file)):
+        cert, key = generate_certificate(hostname, names)
+        write_pem(cert, key, cert_file, key_file)
+        log.info(
+            "created a self-signed certificate for {hostname} in {path}",
+            hostname=hostname,
+            path=cert_file,
+        )
+    return cert_file, key_file
+
+
+def load_context(cert_file: str, key_file: str, min_version: str = "TLSv1.2") -> SSL.Context:
+    """Build a server context from PEM files; raises ConfigError naming the file and problem."""
+    problems = []
+    try:
+        with open(cert_file, "rb") as f:
+            certs = x509.load_pem_x509_certificates(f.read())
+    except (OSError, ValueError) as exc:
+        problems.append(ConfigProblem(cert_file, "tls.cert_file", f"cannot load: {exc}"))
+        certs = []
+    try:
+        with open(key_file, "rb") as f:
+            key = crypto.load_privatekey(crypto.FILETYPE_PEM, f.read())
+    except (OSError, crypto.Error) as exc:
+        problems.append(ConfigProblem(key_file, "tls.key_file", f"cannot load: {exc}"))
+    if problems:
+        raise ConfigError(problems)
+    chain = [crypto.X509.from_cryptography(c) for c in certs]
+    try:
+        options = tssl.CertificateOptions(
+            privateKey=key,
+            certificate=chain[0],
+            extraCertChain=chain[1:],
+            raiseMinimumTo=_VERSIONS[min_version],
+        )
+        return options.getContext()
+    except (SSL.Error, ValueError) as exc:
+        raise ConfigError(
+            [ConfigProblem(cert_file, "tls", f"certificate and key do not match: {exc}")]
+        ) from None
+
+
+@implementer(IOpenSSLServerConnectionCreator)
+class ServerTLS:
+    """The server's TLS context, reloadable."""
+
+    def __init__(self, cert_file: str, key_file: str, min_version: str = "TLSv1.2") -> None:
+        self.cert_file = cert_file
+        self.key_file = key_file
+        self.min_version = min_version
+        self._context = load_context(cert_file, key_file, min_version)
+
+    def getContext(self) -> SSL.Context:
+        return self._context
+
+    def serverConnectionForTLS(self, tlsProtocol: object) -> SSL.Connection:
+        return SSL.Connection(self._context, None)
+
+    def reload(self) -> None:
+        """Re-read the certificate and key; on error keep the current context and raise."""
+        self._context = load_context(self.cert_file, self.key_file, self.min_version)
+        log.info("reloaded TLS certificate {cert}", cert=self.cert_file)

@@ -1,0 +1,1 @@
+"""Test support shared by every test package (fixtures are in tests/conftest.py)."""

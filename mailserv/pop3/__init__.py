@@ -1,0 +1,1 @@
+"""POP3 (RFC 1939) with CAPA, STLS, SASL and APOP; ``build_factory`` builds a listener."""

@@ -1,0 +1,198 @@
+"""The POP3 maildrop: a snapshot of an IMailbox for one session, and its lock.
+
+RFC 1939 §3: once a client has authenticated, the server acquires an
+exclusive-access lock on the maildrop so that messages are not modified or
+removed before the session enters the UPDATE state.  Message numbers are fixed
+for the session (§5: "message numbers ... do not change during the session"),
+DELE only marks (§5, DELE) and the marked messages are removed at QUIT (§6),
+all at once through ``IMailbox.expunge``.
+
+Every method here that touches the disk is synchronous and is meant to run in
+the ``disk`` thread pool; the in-memory bookkeeping (marks, counts) is done on
+the reactor thread.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import hashlib
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import IO, Any
+
+# Messages up to this size are read in one go; bigger ones are streamed.
+SMALL_MESSAGE = 256 * 1024
+
+
+class MaildropInUse(Exception):
+    """Another session (in this process or another one) holds the maildrop: ``-ERR [IN-USE]``."""
+
+
+class MaildropLock:
+    """An exclusive, non-blocking lock on a user's maildrop, shared across processes.
+
+    ``flock`` locks belong to the open file description, so two sessions of
+    the same process conflict just like two processes do.  The lock file is
+    named after a hash of the user's canonical name, never the name itself.
+    """
+
+    def __init__(self, directory: str, user_name: str) -> None:
+        digest = hashlib.sha256(user_name.encode("utf-8")).hexdigest()
+        self.path = os.path.join(directory, digest + ".lock")
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        """Take the lock or raise MaildropInUse; blocks on nothing (runs in a disk thread)."""
+        os.makedirs(os.path.dirname(self.path), mode=0o700, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            os.close(fd)
+            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise MaildropInUse() from None
+            raise
+        self._fd = fd
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
+    def release(self) -> None:
+        """Drop the lock (closing the descriptor releases the flock)."""
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            os.close(fd)
+
+
+@dataclass
+class _Entry:
+    uid: int
+    size: int
+    deleted: bool = False
+
+
+def message_size(info: Any) -> int:
+    """The size of a message as POP3 sends it (CRLF line ends), RFC 1939 §5 LIST.
+
+    Stores give ``size`` in octets with CRLF line ends (the RFC 822 size IMAP
+    also reports).
+    """
+    return int(info.size)
+
+
+def uidl_for(uidvalidity: int, uid: int) -> bytes:
+    """The unique-id of a message, RFC 1939 §7 UIDL: stable across sessions, unique per mailbox.
+
+    UIDs are never reused within a UIDVALIDITY, so the pair identifies a
+    message for good (the format is Dovecot's default ``%08Xu%08Xv``).
+    """
+    return b"%08X%08X" % (uid, uidvalidity)
+
+
+class Maildrop:
+    """The messages of one POP3 session, numbered 1..N as they were at login.
+
+    ``mailbox`` is an ``IMailbox`` (mailserv.interfaces); ``lock`` the held
+    MaildropLock, released by ``close``.
+    """
+
+    def __init__(self, mailbox: Any, infos: Iterable[Any], lock: MaildropLock | None) -> None:
+        self.mailbox = mailbox
+        self.lock = lock
+        self.uidvalidity = int(mailbox.uidvalidity)
+        self._entries = [_Entry(int(i.uid), message_size(i)) for i in infos]
+
+    # -- bookkeeping (reactor thread) ---------------------------------------
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def valid(self, number: int) -> bool:
+        """Does message ``number`` (1-based) exist and is it not marked deleted?"""
+        return 1 <= number <= len(self._entries) and not self._entries[number - 1].deleted
+
+    def exists(self, number: int) -> bool:
+        return 1 <= number <= len(self._entries)
+
+    def stat(self) -> tuple[int, int]:
+        """(messages, octets) not counting the messages marked deleted (RFC 1939 §5 STAT)."""
+        live = [e.size for e in self._entries if not e.deleted]
+        return len(live), sum(live)
+
+    def listing(self) -> list[tuple[int, int, bytes]]:
+        """(number, size, unique-id) of every message not marked deleted."""
+        return [
+            (n, e.size, uidl_for(self.uidvalidity, e.uid))
+            for n, e in enumerate(self._entries, 1)
+            if not e.deleted
+        ]
+
+    def size(self, number: int) -> int:
+        return self._entries[number - 1].size
+
+    def uid(self, number: int) -> int:
+        return self._entries[number - 1].uid
+
+    def uidl(self, number: int) -> bytes:
+        return uidl_for(self.uidvalidity, self._entries[number - 1].uid)
+
+    def mark_deleted(self, number: int) -> None:
+        self._entries[number - 1].deleted = True
+
+    def reset(self) -> None:
+        """RFC 1939 §5 RSET: unmark every message."""
+        for e in self._entries:
+            e.deleted = False
+
+    def deleted_uids(self) -> list[int]:
+        return [e.uid for e in self._entries if e.deleted]
+
+    # -- disk work (disk thread pool) ---------------------------------------
+
+    def read_message(self, uid: int) -> bytes:
+        """The whole message (for small ones)."""
+        with self.mailbox.open_message(uid) as f:
+            data: bytes = f.read()
+            return data
+
+    def open_message(self, uid: int) -> IO[bytes]:
+        """A binary file of the message, to stream big ones."""
+        f: IO[bytes] = self.mailbox.open_message(uid)
+        return f
+
+    def commit(self) -> Sequence[int]:
+        """The UPDATE state (RFC 1939 §6): remove every marked message at once."""
+        uids = self.deleted_uids()
+        if not uids:
+            return []
+        return list(self.mailbox.expunge(uids))
+
+    def close(self) -> None:
+        """Release the mailbox, then the lock."""
+        try:
+            close = getattr(self.mailbox, "close", None)
+            if close is not None:
+                close()
+        finally:
+            if self.lock is not None:
+                self.lock.release()
+
+
+def open_maildrop(store: Any, user: Any, lock_dir: str) -> Maildrop:
+    """Lock and open the INBOX of ``user`` in ``store`` (an IMailStore); runs in a disk thread.
+
+    Raises MaildropInUse when another session holds it (RFC 2449 §8.1.1 IN-USE).
+    """
+    lock = MaildropLock(lock_dir, user.name)
+    lock.acquire()
+    try:
+        account = store.open(user)
+        mailbox = account.open_folder("INBOX")
+        infos = mailbox.messages()
+        return Maildrop(mailbox, infos, lock)
+    except BaseException:
+        lock.release()
+        raise

@@ -1,0 +1,864 @@
+"""The POP3 server: RFC 1939, CAPA (RFC 2449), STLS (RFC 2595), AUTH (RFC 5034), APOP.
+
+``POP3Server`` subclasses ``twisted.mail.pop3.POP3`` for its timeout and
+transport plumbing but replaces the line handling, the command dispatch and
+every command, because Twisted's cannot be fixed by overriding a hook
+(ARCHITECTURE.md defects 1 and 8):
+
+* RETR/TOP byte-stuffing survives any chunking (mailserv.pop3.content);
+* ``DELE 0``, negative, huge or non-numeric message numbers get ``-ERR``;
+* DELE only marks, deletion happens at QUIT (UPDATE state) and a dropped
+  connection deletes nothing;
+* STLS exists, and plaintext pipelined after it is discarded (RFC 2595 §4);
+* SASL offers the auth layer's mechanisms, CAPA the RFC 2449 tags;
+* the idle timeout is 10 minutes (RFC 1939 §3) and TCP_NODELAY is set;
+* lines are limited to 512 octets (RFC 2449 §4) without losing sync, and
+  pipelined commands wait in a bounded buffer (reading pauses) instead of an
+  unbounded list.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hmac
+import ipaddress
+import os
+import re
+import secrets
+from collections.abc import Callable
+from hashlib import md5
+from typing import IO, Any, Protocol
+
+from twisted.cred import credentials as cred_credentials
+from twisted.cred.error import LoginDenied, LoginFailed, UnauthorizedLogin
+from twisted.internet import defer
+from twisted.internet.interfaces import IPushProducer, ISSLTransport
+from twisted.internet.protocol import ServerFactory
+from twisted.logger import Logger
+from twisted.mail import pop3
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from mailserv.errors import TemporaryFailure
+from mailserv.pop3.content import Stuffer, stuff
+from mailserv.pop3.mailbox import SMALL_MESSAGE, Maildrop, MaildropInUse
+
+log = Logger()
+
+# RFC 2449 §4: "the maximum length of a command line is ... 512 octets" (LIMITS.md).
+MAX_LINE = 512
+# SASL responses (RFC 5034 §4) may be longer than a command line.
+MAX_SASL_LINE = 12288
+# Pipelined input kept while a command runs; reading pauses beyond it.
+MAX_BUFFER = 64 * 1024
+# RFC 1939 §3: an autologout timer "of at least 10 minutes".
+IDLE_TIMEOUT = 600.0
+# LIMITS.md: bad commands before the connection is closed.
+MAX_BAD_BEFORE_LOGIN = 3
+MAX_BAD_AFTER_LOGIN = 20
+STREAM_CHUNK = 64 * 1024
+
+_NUMBER = re.compile(rb"[0-9]{1,10}\Z")
+
+AUTHORIZATION = "AUTHORIZATION"
+TRANSACTION = "TRANSACTION"
+UPDATE = "UPDATE"
+
+
+class SaslExchange(Protocol):
+    """One SASL server exchange (RFC 4422) as the auth layer runs it."""
+
+    def step(self, response: bytes | None) -> tuple[bytes | None, Any]:
+        """Feed the client's response (None: no initial response).
+
+        Returns (challenge, None) to send a challenge, or (None, credentials)
+        when the exchange is complete.  Raises ValueError on a malformed response.
+        """
+
+
+class AuthBackend(Protocol):
+    """What the POP3 server needs from the auth layer (mailserv.auth)."""
+
+    def login(self, credentials: Any) -> defer.Deferred[Any]:
+        """Deferred[mailserv.directory.User]; fails with UnauthorizedLogin or TemporaryFailure."""
+
+    def apop_enabled(self) -> bool:
+        """Can a checker verify APOP (a plaintext-equivalent secret is available)?"""
+
+    def mechanisms(self, secure: bool) -> list[str]:
+        """SASL mechanisms to offer on a connection (cleartext ones only when ``secure``)."""
+
+    def start_sasl(self, name: str, secure: bool, challenge_id: bytes) -> SaslExchange | None:
+        """A new exchange for mechanism ``name``, or None if it is not offered."""
+
+    def failed(self, peer_host: str) -> defer.Deferred[None]:
+        """Note an authentication failure; fires once the failure delay has passed."""
+
+    def succeeded(self, peer_host: str, user: Any) -> defer.Deferred[None]:
+        """Note a successful login (POP-before-SMTP, throttle reset)."""
+
+
+@implementer(cred_credentials.IUsernameHashedPassword)
+class APOPCredentials:
+    """APOP credentials (RFC 1939 §7): MD5 of the greeting timestamp and the secret.
+
+    Unlike Twisted's, the digest is compared in constant time (defect 10).
+    """
+
+    def __init__(self, magic: bytes, username: bytes, digest: bytes) -> None:
+        self.magic = magic
+        self.username = username
+        self.digest = digest
+
+    def checkPassword(self, password: bytes) -> bool:
+        expected = md5(self.magic + password).hexdigest().encode("ascii")  # noqa: S324 (APOP is MD5)
+        return hmac.compare_digest(expected, self.digest.lower())
+
+
+def _as_bytes(value: int | bytes) -> bytes:
+    return value if isinstance(value, bytes) else b"%d" % value
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        addr = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return False
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        addr = addr.ipv4_mapped
+    return addr.is_loopback
+
+
+class POP3Factory(ServerFactory):
+    """Builds POP3Server protocols for one listener.
+
+    ``open_maildrop(user)`` returns Deferred[Maildrop] (locked INBOX);
+    ``run_disk(fn, *args)`` runs blocking work in the disk pool;
+    ``tls_options`` is None when STLS is not offered.
+    """
+
+    def __init__(
+        self,
+        *,
+        reactor: Any,
+        backend: AuthBackend,
+        open_maildrop: Callable[[Any], defer.Deferred[Maildrop]],
+        run_disk: Callable[..., defer.Deferred[Any]],
+        hostname: str,
+        tls_options: Callable[[], Any] | None = None,
+        allow_plaintext_auth: str = "loopback",
+        idle_timeout: float = IDLE_TIMEOUT,
+        login_delay: int = 0,
+    ) -> None:
+        self.reactor = reactor
+        self.backend = backend
+        self.open_maildrop = open_maildrop
+        self.run_disk = run_disk
+        self.hostname = hostname
+        self.tls_options = tls_options
+        self.allow_plaintext_auth = allow_plaintext_auth
+        self.idle_timeout = idle_timeout
+        self.login_delay = login_delay
+        # user name -> reactor time of the last login (RFC 2449 §6.8 LOGIN-DELAY).
+        self.last_login: dict[str, float] = {}
+
+    def buildProtocol(self, addr: Any) -> POP3Server:  # type: ignore[override]
+        p = POP3Server()
+        p.factory = self
+        # TimeoutMixin schedules with ``callLater``: the factory's reactor (a Clock in tests).
+        p.callLater = self.reactor.callLater  # type: ignore[method-assign]
+        return p
+
+
+@implementer(IPushProducer)
+class _MessageStreamer:
+    """Streams a big message from a file read in the disk pool, honouring back-pressure."""
+
+    def __init__(self, proto: POP3Server, fileobj: IO[bytes], stuffer: Stuffer) -> None:
+        self._proto = proto
+        self._file = fileobj
+        self._stuffer = stuffer
+        self._paused = False
+        self._stopped = False
+        self._reading = False
+        self._looping = False
+        self.done: defer.Deferred[None] = defer.Deferred()
+
+    def start(self) -> defer.Deferred[None]:
+        self._proto.transport.registerProducer(self, True)
+        self._next()
+        return self.done
+
+    def _next(self) -> None:
+        self._looping = True
+        try:
+            while not (self._paused or self._stopped or self._reading or self.done.called):
+                self._reading = True
+                d = self._proto.factory.run_disk(self._file.read, STREAM_CHUNK)
+                d.addCallbacks(self._got, self._failed)
+        finally:
+            self._looping = False
+
+    def _got(self, data: bytes) -> None:
+        self._reading = False
+        if self._stopped:
+            self._finish(None)
+            return
+        transport = self._proto.transport
+        if not data:
+            transport.write(self._stuffer.finish())
+            self._finish(None)
+            return
+        out = self._stuffer.feed(data)
+        if self._stuffer.done:
+            transport.write(out + self._stuffer.finish())
+            self._finish(None)
+            return
+        self._proto.resetTimeout()
+        transport.write(out)
+        if not self._looping:
+            self._next()
+
+    def _failed(self, failure: Failure) -> None:
+        self._reading = False
+        log.failure("reading a message failed", failure)
+        self._finish(failure)
+
+    def _finish(self, failure: Failure | None) -> None:
+        if self.done.called:
+            return
+        self._proto.transport.unregisterProducer()
+        self._proto.factory.run_disk(self._file.close)
+        if failure is not None:
+            # The response is half sent: the only safe thing is to drop the connection.
+            self._proto.transport.loseConnection()
+        self.done.callback(None)
+
+    def pauseProducing(self) -> None:
+        self._paused = True
+
+    def resumeProducing(self) -> None:
+        self._paused = False
+        if not self._reading:
+            self._next()
+
+    def stopProducing(self) -> None:
+        self._stopped = True
+        if not self._reading:
+            self._finish(None)
+
+
+class POP3Server(pop3.POP3):
+    """One POP3 session (RFC 1939 states AUTHORIZATION, TRANSACTION, UPDATE)."""
+
+    factory: POP3Factory  # type: ignore[assignment]
+    transport: Any
+    timeOut: float = IDLE_TIMEOUT  # type: ignore[assignment]
+
+    def __init__(self) -> None:
+        self._inbuf = bytearray()
+        self._busy = False
+        self._processing = False
+        self._paused = False
+        self._discarding = False
+        self._closing = False
+        self._tls = False
+        self.session_state = AUTHORIZATION
+        self._user_arg: bytes | None = None
+        self._sasl: SaslExchange | None = None
+        self._bad = 0
+        self.maildrop: Maildrop | None = None
+        self.user: Any = None
+        self._streamer: _MessageStreamer | None = None
+
+    # -- connection ----------------------------------------------------------
+
+    def connectionMade(self) -> None:
+        """Send the greeting (RFC 1939 §4); it carries the APOP timestamp when APOP works."""
+        try:
+            self.transport.setTcpNoDelay(True)
+        except (AttributeError, NotImplementedError, OSError):
+            pass
+        self.timeOut = self.factory.idle_timeout
+        self.setTimeout(self.timeOut)
+        if self.factory.backend.apop_enabled():
+            self.magic = b"<%d.%s@%s>" % (
+                os.getpid(),
+                secrets.token_hex(12).encode("ascii"),
+                self.factory.hostname.encode("ascii", "replace"),
+            )
+            self._ok(b"POP3 server ready " + self.magic)
+        else:
+            self.magic = None
+            self._ok(b"POP3 server ready")
+
+    def connectionLost(self, reason: Failure | None = None) -> None:
+        """A dropped connection deletes nothing (RFC 1939 §6); the maildrop is released."""
+        self._closing = True
+        self.setTimeout(None)
+        if self._streamer is not None:
+            self._streamer.stopProducing()
+        if self.session_state != UPDATE:
+            # During UPDATE the expunge runs to its end and releases the maildrop itself.
+            self._release()
+
+    def timeoutConnection(self) -> None:
+        """RFC 1939 §3 autologout: no UPDATE state, nothing is deleted."""
+        if self._streamer is not None:
+            # A client that stopped reading mid-message: no room for a reply.
+            self._closing = True
+            self.transport.abortConnection()
+            return
+        self._err(b"Disconnected for inactivity.")
+        self._close()
+
+    @property
+    def secure(self) -> bool:
+        return self._tls or ISSLTransport.providedBy(self.transport)
+
+    def _peer_host(self) -> str:
+        return str(getattr(self.transport.getPeer(), "host", ""))
+
+    def _plaintext_ok(self) -> bool:
+        """May cleartext credentials be used here (LIMITS.md; RFC 2595 §2.2)?"""
+        policy = self.factory.allow_plaintext_auth
+        if self.secure or policy == "always":
+            return True
+        return policy == "loopback" and _is_loopback(self._peer_host())
+
+    def _release(self) -> None:
+        maildrop, self.maildrop = self.maildrop, None
+        if maildrop is not None:
+            self.factory.run_disk(maildrop.close).addErrback(
+                lambda f: log.failure("closing the maildrop failed", f)
+            )
+
+    def _close(self) -> None:
+        self._closing = True
+        self._inbuf.clear()
+        self.transport.loseConnection()
+
+    # -- responses -----------------------------------------------------------
+
+    def _ok(self, text: bytes = b"") -> None:
+        self.transport.write(b"+OK " + text + b"\r\n" if text else b"+OK\r\n")
+
+    def _err(self, text: bytes) -> None:
+        self.transport.write(b"-ERR " + text + b"\r\n")
+
+    def _bad_command(self, text: bytes) -> None:
+        self._err(text)
+        self._bad += 1
+        limit = MAX_BAD_AFTER_LOGIN if self.maildrop is not None else MAX_BAD_BEFORE_LOGIN
+        if self._bad >= limit:
+            self._err(b"Too many bad commands.")
+            self._close()
+
+    # -- input ---------------------------------------------------------------
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._closing:
+            return
+        self._inbuf += data
+        self._process()
+        if self._busy and len(self._inbuf) > MAX_BUFFER and not self._paused:
+            self._paused = True
+            self.transport.pauseProducing()
+
+    def _process(self) -> None:
+        if self._processing:
+            return
+        self._processing = True
+        try:
+            while not (self._busy or self._closing):
+                limit = MAX_SASL_LINE if self._sasl is not None else MAX_LINE
+                nl = self._inbuf.find(b"\n")
+                if nl < 0:
+                    if len(self._inbuf) >= limit:
+                        # Too long already: answer now, skip to the end of the line.
+                        self._inbuf.clear()
+                        if not self._discarding:
+                            self._discarding = True
+                            self._line_too_long()
+                    break
+                line = bytes(self._inbuf[:nl])
+                del self._inbuf[: nl + 1]
+                if self._discarding:
+                    self._discarding = False
+                    continue
+                if len(line) + 1 > limit:
+                    self._line_too_long()
+                    continue
+                if line.endswith(b"\r"):
+                    line = line[:-1]
+                self.resetTimeout()
+                result = self._handle_line(line)
+                if isinstance(result, defer.Deferred):
+                    # Later lines wait; if it already fired, _command_done clears this at once.
+                    self._busy = True
+                    result.addBoth(self._command_done)
+        finally:
+            self._processing = False
+        if not self._busy and self._paused and not self._closing:
+            self._paused = False
+            self.transport.resumeProducing()
+
+    def _command_done(self, result: Any) -> None:
+        if isinstance(result, Failure):
+            self._unexpected(result)
+        self._busy = False
+        if not self._closing:
+            self.resetTimeout()
+            self._process()
+
+    def _unexpected(self, failure: Failure) -> None:
+        log.failure("POP3 command failed", failure)
+        if not self._closing:
+            self._err(b"[SYS/TEMP] Internal error, try again later.")
+
+    def _line_too_long(self) -> None:
+        if self._sasl is not None:
+            self._sasl = None
+            self._err(b"Authentication response too long.")
+        else:
+            self._bad_command(b"Line too long.")
+
+    def _handle_line(self, line: bytes) -> defer.Deferred[Any] | None:
+        if self._sasl is not None:
+            return self._sasl_response(line)
+        name, _, rest = line.partition(b" ")
+        command = name.upper().decode("ascii", "replace")
+        handler = _COMMANDS.get(command)
+        if handler is None or not command.isalpha():
+            self._bad_command(b"Unknown command.")
+            return None
+        states, method = handler
+        if self.session_state not in states:
+            if self.session_state == AUTHORIZATION:
+                self._bad_command(b"Not logged in.")
+            else:
+                self._bad_command(b"Command not valid in this state.")
+            return None
+        result: defer.Deferred[Any] | None = method(self, rest)
+        return result
+
+    # -- argument parsing ----------------------------------------------------
+
+    def _words(self, rest: bytes, low: int, high: int) -> list[bytes] | None:
+        words = rest.split()
+        if not low <= len(words) <= high:
+            self._bad_command(b"Wrong number of arguments.")
+            return None
+        return words
+
+    def _message(self, word: bytes) -> int | None:
+        """A message number that refers to a live message, or None after an -ERR (RFC 1939 §5)."""
+        assert self.maildrop is not None
+        if not _NUMBER.match(word):
+            self._err(b"Invalid message number.")
+            return None
+        number = int(word)
+        if not self.maildrop.exists(number):
+            self._err(b"No such message.")
+            return None
+        if not self.maildrop.valid(number):
+            self._err(b"Message is deleted.")
+            return None
+        return number
+
+    # -- AUTHORIZATION state -------------------------------------------------
+
+    def cmd_CAPA(self, rest: bytes) -> None:
+        """RFC 2449 §5: the capabilities valid now."""
+        if self._words(rest, 0, 0) is None:
+            return
+        caps = [b"TOP"]
+        before_login = self.session_state == AUTHORIZATION
+        plaintext = self._plaintext_ok()
+        if before_login and plaintext:
+            caps.append(b"USER")
+        caps.append(b"UIDL")
+        if before_login:
+            mechs = self.factory.backend.mechanisms(plaintext)
+            if mechs:
+                caps.append(b"SASL " + " ".join(mechs).encode("ascii"))
+        caps += [b"RESP-CODES", b"AUTH-RESP-CODE", b"PIPELINING"]
+        if before_login and not self.secure and self.factory.tls_options is not None:
+            caps.append(b"STLS")
+        caps.append(b"EXPIRE NEVER")
+        caps.append(b"LOGIN-DELAY %d" % self.factory.login_delay)
+        caps.append(b"IMPLEMENTATION mailserv")
+        self.transport.write(
+            b"+OK Capability list follows\r\n" + b"".join(c + b"\r\n" for c in caps) + b".\r\n"
+        )
+
+    def cmd_STLS(self, rest: bytes) -> None:
+        """RFC 2595 §4: start TLS; anything the client pipelined after STLS is discarded."""
+        if self._words(rest, 0, 0) is None:
+            return
+        if self.secure:
+            self._err(b"TLS is already active.")
+            return
+        if self.factory.tls_options is None:
+            self._err(b"TLS is not available.")
+            return
+        self._ok(b"Begin TLS negotiation now.")
+        self._inbuf.clear()
+        self._user_arg = None
+        self.transport.startTLS(self.factory.tls_options())
+        self._tls = True
+
+    def cmd_USER(self, rest: bytes) -> None:
+        """RFC 1939 §7 USER; refused before TLS unless allowed (RFC 2595 §2.2)."""
+        self._user_arg = None
+        if not self._plaintext_ok():
+            self._err(
+                b"[AUTH] Plaintext authentication disallowed on non-secure (SSL/TLS) connections."
+            )
+            return
+        words = self._words(rest, 1, 1)
+        if words is None:
+            return
+        self._user_arg = words[0]
+        self._ok(b"Send your password.")
+
+    def cmd_PASS(self, rest: bytes) -> defer.Deferred[Any] | None:
+        """RFC 1939 §7 PASS: the argument is the rest of the line (it may contain spaces)."""
+        user, self._user_arg = self._user_arg, None
+        if user is None:
+            self._bad_command(b"USER first.")
+            return None
+        if not rest:
+            return self._fail_auth()
+        return self._login(cred_credentials.UsernamePassword(user, rest))
+
+    def cmd_APOP(self, rest: bytes) -> defer.Deferred[Any] | None:
+        """RFC 1939 §7 APOP name digest; only when the greeting carried a timestamp."""
+        self._user_arg = None
+        if self.magic is None:
+            self._bad_command(b"APOP is not available.")
+            return None
+        words = self._words(rest, 2, 2)
+        if words is None:
+            return None
+        name, digest = words
+        if not re.fullmatch(rb"[0-9a-fA-F]{32}", digest):
+            return self._fail_auth()
+        return self._login(APOPCredentials(self.magic, name, digest))
+
+    def cmd_AUTH(self, rest: bytes) -> defer.Deferred[Any] | None:
+        """RFC 5034 §4: AUTH mechanism [initial-response]; bare AUTH lists the mechanisms."""
+        self._user_arg = None
+        words = self._words(rest, 0, 2)
+        if words is None:
+            return None
+        plaintext = self._plaintext_ok()
+        if not words:
+            mechs = self.factory.backend.mechanisms(plaintext)
+            self.transport.write(
+                b"+OK\r\n" + b"".join(m.encode("ascii") + b"\r\n" for m in mechs) + b".\r\n"
+            )
+            return None
+        name = words[0].upper().decode("ascii", "replace")
+        challenge_id = self.magic or b"<%s@%s>" % (
+            secrets.token_hex(12).encode("ascii"),
+            self.factory.hostname.encode("ascii", "replace"),
+        )
+        exchange = None
+        if name in self.factory.backend.mechanisms(plaintext):
+            exchange = self.factory.backend.start_sasl(name, plaintext, challenge_id)
+        if exchange is None:
+            self._err(b"Unsupported authentication mechanism.")
+            return None
+        self._sasl = exchange
+        initial: bytes | None = None
+        if len(words) == 2:
+            initial = words[1]
+        return self._sasl_step(initial, first=True)
+
+    def _sasl_response(self, line: bytes) -> defer.Deferred[Any] | None:
+        if line == b"*":
+            # RFC 5034 §4: the client cancels the exchange.
+            self._sasl = None
+            self._err(b"Authentication cancelled.")
+            return None
+        return self._sasl_step(line, first=False)
+
+    def _sasl_step(self, encoded: bytes | None, first: bool) -> defer.Deferred[Any] | None:
+        exchange = self._sasl
+        assert exchange is not None
+        response: bytes | None
+        if encoded is None:
+            response = None
+        elif first and encoded == b"=":
+            response = b""  # RFC 5034 §4: "=" is an empty initial response.
+        else:
+            try:
+                response = base64.b64decode(encoded, validate=True)
+            except (binascii.Error, ValueError):
+                self._sasl = None
+                self._err(b"Invalid base64 data.")
+                return None
+        try:
+            challenge, creds = exchange.step(response)
+        except ValueError:
+            self._sasl = None
+            return self._fail_auth()
+        if creds is None:
+            self.transport.write(b"+ " + base64.b64encode(challenge or b"") + b"\r\n")
+            return None
+        self._sasl = None
+        return self._login(creds)
+
+    # -- login ---------------------------------------------------------------
+
+    def _login(self, creds: Any) -> defer.Deferred[Any]:
+        d = self.factory.backend.login(creds)
+        d.addCallbacks(self._logged_in, self._login_failed)
+        return d
+
+    def _fail_auth(self) -> defer.Deferred[Any]:
+        return defer.fail(UnauthorizedLogin()).addErrback(self._login_failed)
+
+    def _login_failed(self, failure: Failure) -> defer.Deferred[Any] | None:
+        if failure.check(TemporaryFailure):
+            self._err(b"[SYS/TEMP] Authentication service unavailable, try again later.")
+            return None
+        if not failure.check(UnauthorizedLogin, LoginFailed, LoginDenied):
+            log.failure("POP3 login failed unexpectedly", failure)
+            self._err(b"[SYS/TEMP] Internal error, try again later.")
+            return None
+        d = self.factory.backend.failed(self._peer_host())
+
+        def reply(_: object) -> None:
+            if not self._closing:
+                self._err(b"[AUTH] Authentication failed.")
+
+        return d.addCallback(reply)
+
+    def _logged_in(self, user: Any) -> defer.Deferred[Any] | None:
+        if self._closing:
+            return None
+        delay = self.factory.login_delay
+        now = self.factory.reactor.seconds()
+        last = self.factory.last_login.get(user.name)
+        if delay and last is not None and now - last < delay:
+            # RFC 2449 §8.1.2: logging in too soon.
+            self._err(b"[LOGIN-DELAY] Wait %d seconds between logins." % delay)
+            return None
+        d = self.factory.open_maildrop(user)
+        d.addCallbacks(self._opened, self._open_failed, callbackArgs=(user,))
+        return d
+
+    def _opened(self, maildrop: Maildrop, user: Any) -> defer.Deferred[Any] | None:
+        if self._closing:
+            self.factory.run_disk(maildrop.close)
+            return None
+        self.maildrop = maildrop
+        self.user = user
+        self.session_state = TRANSACTION
+        self._bad = 0
+        self.factory.last_login[user.name] = self.factory.reactor.seconds()
+        count, octets = maildrop.stat()
+        self._ok(b"Logged in, %d messages (%d octets)." % (count, octets))
+        log.info("pop3 login {user} from {peer}", user=user.name, peer=self._peer_host())
+        d = self.factory.backend.succeeded(self._peer_host(), user)
+        d.addErrback(lambda f: log.failure("recording the login failed", f))
+        return None
+
+    def _open_failed(self, failure: Failure) -> None:
+        if failure.check(MaildropInUse):
+            self._err(b"[IN-USE] Mailbox is locked by another POP3 session.")
+        elif failure.check(TemporaryFailure):
+            self._err(b"[SYS/TEMP] Mailbox unavailable, try again later.")
+        elif failure.check(PermissionError):
+            log.failure("cannot open the maildrop", failure)
+            self._err(b"[SYS/PERM] Mailbox cannot be opened.")
+        else:
+            log.failure("cannot open the maildrop", failure)
+            self._err(b"[SYS/TEMP] Mailbox unavailable, try again later.")
+
+    # -- TRANSACTION state ---------------------------------------------------
+
+    def cmd_STAT(self, rest: bytes) -> None:
+        """RFC 1939 §5 STAT: count and size of the messages not marked deleted."""
+        if self._words(rest, 0, 0) is None:
+            return
+        assert self.maildrop is not None
+        self._ok(b"%d %d" % self.maildrop.stat())
+
+    def cmd_LIST(self, rest: bytes) -> None:
+        """RFC 1939 §5 LIST [msg]: scan listings."""
+        assert self.maildrop is not None
+        self._listing(
+            rest, b"+OK %d messages (%d octets)" % self.maildrop.stat(), self.maildrop.size
+        )
+
+    def cmd_UIDL(self, rest: bytes) -> None:
+        """RFC 1939 §7 UIDL [msg]: unique-id listings."""
+        assert self.maildrop is not None
+        self._listing(rest, b"+OK", self.maildrop.uidl)
+
+    def _listing(self, rest: bytes, header: bytes, value: Callable[[int], int | bytes]) -> None:
+        """One line for message ``rest`` or a multi-line list of every live message."""
+        words = self._words(rest, 0, 1)
+        if words is None:
+            return
+        assert self.maildrop is not None
+        if words:
+            number = self._message(words[0])
+            if number is not None:
+                self._ok(b"%d %s" % (number, _as_bytes(value(number))))
+            return
+        lines = [b"%d %s\r\n" % (n, _as_bytes(value(n))) for n, _, _ in self.maildrop.listing()]
+        self.transport.write(header + b"\r\n" + b"".join(lines) + b".\r\n")
+
+    def cmd_RETR(self, rest: bytes) -> defer.Deferred[Any] | None:
+        """RFC 1939 §5 RETR msg: the whole message, byte-stuffed."""
+        words = self._words(rest, 1, 1)
+        if words is None:
+            return None
+        number = self._message(words[0])
+        if number is None:
+            return None
+        assert self.maildrop is not None
+        return self._send(number, b"%d octets" % self.maildrop.size(number), None)
+
+    def cmd_TOP(self, rest: bytes) -> defer.Deferred[Any] | None:
+        """RFC 1939 §7 TOP msg n: the header, the blank line and n lines of the body."""
+        words = self._words(rest, 2, 2)
+        if words is None:
+            return None
+        if not _NUMBER.match(words[1]):
+            self._err(b"Invalid number of lines.")
+            return None
+        number = self._message(words[0])
+        if number is None:
+            return None
+        return self._send(number, b"Top of message follows", int(words[1]))
+
+    def _send(self, number: int, status: bytes, body_lines: int | None) -> defer.Deferred[Any]:
+        maildrop = self.maildrop
+        assert maildrop is not None
+        uid = maildrop.uid(number)
+        run_disk = self.factory.run_disk
+        if maildrop.size(number) <= SMALL_MESSAGE:
+            d = run_disk(maildrop.read_message, uid)
+
+            def send_small(data: bytes) -> None:
+                if not self._closing:
+                    self.transport.write(b"+OK " + status + b"\r\n" + stuff(data, body_lines))
+
+            d.addCallbacks(send_small, self._read_failed)
+            return d
+
+        def send_big(fileobj: IO[bytes]) -> defer.Deferred[None] | None:
+            if self._closing:
+                run_disk(fileobj.close)
+                return None
+            self._ok(status)
+            self._streamer = _MessageStreamer(self, fileobj, Stuffer(body_lines))
+            return self._streamer.start().addBoth(self._streamed)
+
+        d = run_disk(maildrop.open_message, uid)
+        d.addCallbacks(send_big, self._read_failed)
+        return d
+
+    def _streamed(self, result: Any) -> Any:
+        self._streamer = None
+        return result
+
+    def _read_failed(self, failure: Failure) -> None:
+        if self._closing:
+            return
+        if failure.check(KeyError, FileNotFoundError):
+            self._err(b"Message was removed by another session.")
+        else:
+            log.failure("reading a message failed", failure)
+            self._err(b"[SYS/TEMP] Cannot read the message, try again later.")
+
+    def cmd_DELE(self, rest: bytes) -> None:
+        """RFC 1939 §5 DELE msg: mark only; the message goes at QUIT (UPDATE state)."""
+        words = self._words(rest, 1, 1)
+        if words is None:
+            return
+        number = self._message(words[0])
+        if number is None:
+            return
+        assert self.maildrop is not None
+        self.maildrop.mark_deleted(number)
+        self._ok(b"Message %d deleted." % number)
+
+    def cmd_NOOP(self, rest: bytes) -> None:
+        """RFC 1939 §5 NOOP."""
+        if self._words(rest, 0, 0) is not None:
+            self._ok()
+
+    def cmd_RSET(self, rest: bytes) -> None:
+        """RFC 1939 §5 RSET: unmark every message marked deleted."""
+        if self._words(rest, 0, 0) is None:
+            return
+        assert self.maildrop is not None
+        self.maildrop.reset()
+        self._ok(b"%d messages (%d octets)." % self.maildrop.stat())
+
+    def cmd_QUIT(self, rest: bytes) -> defer.Deferred[Any] | None:
+        """RFC 1939 §6: in TRANSACTION, enter UPDATE and remove the marked messages."""
+        if self.session_state == AUTHORIZATION:
+            self._ok(b"Logging out.")
+            self._close()
+            return None
+        maildrop = self.maildrop
+        assert maildrop is not None
+        self.session_state = UPDATE
+        self._inbuf.clear()
+        wanted = len(maildrop.deleted_uids())
+        d = self.factory.run_disk(maildrop.commit)
+
+        def committed(removed: Any) -> defer.Deferred[Any]:
+            # Messages another session removed meanwhile are gone all the same.
+            return self._finish_update(b"+OK Logging out, %d messages deleted.\r\n" % wanted)
+
+        def failed(failure: Failure) -> defer.Deferred[Any]:
+            log.failure("POP3 UPDATE failed", failure)
+            return self._finish_update(b"-ERR [SYS/TEMP] Deleted messages were not removed.\r\n")
+
+        return d.addCallbacks(committed, failed)
+
+    def _finish_update(self, reply: bytes) -> defer.Deferred[Any]:
+        # Release the lock before replying, so the client may log in again at once.
+        maildrop, self.maildrop = self.maildrop, None
+        d: defer.Deferred[Any] = defer.succeed(None)
+        if maildrop is not None:
+            d = self.factory.run_disk(maildrop.close)
+
+        def reply_and_close(_: object) -> None:
+            if not self._closing:
+                self.transport.write(reply)
+                self._close()
+
+        return d.addBoth(reply_and_close)
+
+
+_STATES: dict[str, tuple[str, ...]] = {
+    "CAPA": (AUTHORIZATION, TRANSACTION),
+    "QUIT": (AUTHORIZATION, TRANSACTION),
+    "STLS": (AUTHORIZATION,),
+    "USER": (AUTHORIZATION,),
+    "PASS": (AUTHORIZATION,),
+    "APOP": (AUTHORIZATION,),
+    "AUTH": (AUTHORIZATION,),
+    "STAT": (TRANSACTION,),
+    "LIST": (TRANSACTION,),
+    "UIDL": (TRANSACTION,),
+    "RETR": (TRANSACTION,),
+    "TOP": (TRANSACTION,),
+    "DELE": (TRANSACTION,),
+    "NOOP": (TRANSACTION,),
+    "RSET": (TRANSACTION,),
+}
+# Command name -> (states where it is valid, handler); RFC 1939 §3.
+_COMMANDS: dict[str, tuple[tuple[str, ...], Callable[..., Any]]] = {
+    name: (states, getattr(POP3Server, "cmd_" + name)) for name, states in _STATES.items()
+}

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import functools
 import importlib
-import ipaddress
 import os
 import signal
 from collections.abc import Callable
@@ -29,13 +28,13 @@ from twisted.internet import defer
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IProtocolFactory
 from twisted.logger import Logger
-from twisted.protocols.haproxy._wrapper import HAProxyWrappingFactory
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from zope.interface import implementer
 
 from mailserv.config import Config, ListenerSection, load_config
 from mailserv.errors import ConfigError, ConfigProblem
 from mailserv.interfaces import IDrainable, IReloadable
+from mailserv.proxy import TrustedProxyFactory
 from mailserv.threads import ThreadPools
 from mailserv.tls import ServerTLS, ensure_self_signed
 
@@ -48,29 +47,6 @@ PROTOCOLS = {
     "imap": "mailserv.imap",
     "pop3": "mailserv.pop3",
 }
-
-
-class TrustedProxyFactory(HAProxyWrappingFactory):
-    """The PROXY protocol (v1 and v2), accepted only from trusted proxy addresses.
-
-    The inner protocol sees the client address the proxy reports through
-    ``transport.getPeer()``.  A connection from anywhere else is refused
-    before a byte is read.
-    """
-
-    def __init__(self, wrapped: Any, trusted: list[Any]) -> None:
-        super().__init__(wrapped)
-        self.trusted = trusted
-
-    def buildProtocol(self, addr: Any) -> Any:
-        try:
-            host = ipaddress.ip_address(getattr(addr, "host", ""))
-        except ValueError:
-            host = None
-        if host is None or not any(host in net for net in self.trusted):
-            log.warn("refused a connection from {peer}: not a trusted proxy", peer=addr)
-            return None
-        return super().buildProtocol(addr)
 
 
 @implementer(IProtocolFactory, IDrainable)
@@ -222,7 +198,7 @@ class MailService(MultiService):
         if listener.tls == "implicit":
             outer = TLSMemoryBIOFactory(self.tls_options(), False, outer)
         if listener.proxy_protocol:
-            outer = TrustedProxyFactory(outer, listener.trusted_proxies)
+            outer = TrustedProxyFactory(outer, listener.trusted_proxies, self.reactor)
         for i, description in enumerate(listener.endpoints):
             try:
                 endpoint = serverFromString(self.reactor, description)

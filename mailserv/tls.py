@@ -13,12 +13,13 @@ import datetime
 import ipaddress
 import os
 from collections.abc import Sequence
+from typing import Any, cast
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import NameOID
-from OpenSSL import SSL, crypto
+from OpenSSL import SSL
 from twisted.internet import ssl as tssl
 from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
 from twisted.logger import Logger
@@ -147,17 +148,17 @@ def load_context(cert_file: str, key_file: str, min_version: str = "TLSv1.2") ->
         certs = []
     try:
         with open(key_file, "rb") as f:
-            key = crypto.load_privatekey(crypto.FILETYPE_PEM, f.read())
-    except (OSError, crypto.Error) as exc:
+            key = serialization.load_pem_private_key(f.read(), password=None)
+    except (OSError, ValueError, TypeError) as exc:
         problems.append(ConfigProblem(key_file, "tls.key_file", f"cannot load: {exc}"))
     if problems:
         raise ConfigError(problems)
-    chain = [crypto.X509.from_cryptography(c) for c in certs]
     try:
+        # pyOpenSSL takes cryptography objects directly (its own wrappers are deprecated).
         options = tssl.CertificateOptions(
-            privateKey=key,
-            certificate=chain[0],
-            extraCertChain=chain[1:],
+            privateKey=cast(Any, key),
+            certificate=cast(Any, certs[0]),
+            extraCertChain=cast(Any, certs[1:]),
             raiseMinimumTo=_VERSIONS[min_version],
         )
         return options.getContext()

@@ -1,0 +1,277 @@
+"""MailService: listeners from endpoint strings, implicit TLS, PROXY protocol trust, drain, reload."""
+
+from __future__ import annotations
+
+import socket
+import ssl
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_twisted
+from twisted.internet import defer, task
+
+from mailserv.config import from_dict
+from mailserv.errors import ConfigError
+from mailserv.service import PROTOCOLS, MailService
+from tests.support.process import test_config
+
+
+@pytest.fixture
+def echo_protocol(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(PROTOCOLS, "smtp", "tests.support.echo_protocol")
+
+
+def build(state_dir: Path, listeners: dict[str, dict[str, Any]], **extra: Any) -> MailService:
+    from twisted.internet import reactor
+
+    config = from_dict(test_config(state_dir, listeners, **extra), "test.toml", str(state_dir))
+    return MailService.from_config(config, reactor)
+
+
+def blocking(fn: Any, *args: Any) -> defer.Deferred[Any]:
+    """Run blocking client code in a thread so the reactor keeps serving."""
+    from twisted.internet import reactor
+    from twisted.internet.threads import deferToThread
+
+    assert reactor.running
+    return deferToThread(fn, *args)
+
+
+def talk(port: int, send: bytes = b"", tls: bool = False, ca: str | None = None) -> bytes:
+    raw = socket.create_connection(("127.0.0.1", port), timeout=5)
+    sock: socket.socket = raw
+    if tls:
+        context = ssl.create_default_context(cafile=ca)
+        sock = context.wrap_socket(raw, server_hostname="mail.example.test")
+    if send:
+        sock.sendall(send)
+    data = b""
+    try:
+        while b"\n" not in data or (send and data.count(b"\n") < 2):
+            chunk = sock.recv(4096)
+            if not chunk:
+                break
+            data += chunk
+    except (ConnectionResetError, TimeoutError):
+        pass
+    sock.close()
+    return data
+
+
+def port_of(service: MailService, label: str) -> int:
+    svc = next(s for s in service.listener_services if s.label == label)
+    return svc.port.getHost().port
+
+
+@pytest_twisted.inlineCallbacks
+def test_listener_binds_and_serves(state_dir: Path, echo_protocol: None) -> Any:
+    service = build(state_dir, {"mx": {"tls": "none"}})
+    service.startService()
+    try:
+        data = yield blocking(talk, port_of(service, "mx"), b"ping\r\n")
+        assert data.startswith(b"hello 127.0.0.1:") and b"tls=False" in data
+        assert data.endswith(b"ping\r\n")
+    finally:
+        yield service.stopService()
+
+
+@pytest_twisted.inlineCallbacks
+def test_implicit_tls_with_configured_certificate(
+    state_dir: Path, echo_protocol: None, test_ca: Any
+) -> Any:
+    service = build(
+        state_dir, {"mx": {"tls": "implicit"}}, tls=(test_ca.cert_file, test_ca.key_file)
+    )
+    service.startService()
+    try:
+        data = yield blocking(talk, port_of(service, "mx"), b"", True, test_ca.ca_file)
+        assert b"tls=True" in data
+    finally:
+        yield service.stopService()
+
+
+@pytest_twisted.inlineCallbacks
+def test_starttls_uses_the_service_context(
+    state_dir: Path, echo_protocol: None, test_ca: Any
+) -> Any:
+    service = build(
+        state_dir, {"mx": {"tls": "starttls"}}, tls=(test_ca.cert_file, test_ca.key_file)
+    )
+    service.startService()
+
+    def client(port: int) -> bytes:
+        sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+        f = sock.makefile("rb")
+        f.readline()
+        sock.sendall(b"STARTTLS\r\n")
+        assert f.readline() == b"go ahead\r\n"
+        context = ssl.create_default_context(cafile=test_ca.ca_file)
+        tls = context.wrap_socket(sock, server_hostname="mail.example.test")
+        tls.sendall(b"secret\r\n")
+        data = tls.recv(100)
+        tls.close()
+        return data
+
+    try:
+        assert (yield blocking(client, port_of(service, "mx"))) == b"secret\r\n"
+    finally:
+        yield service.stopService()
+
+
+@pytest_twisted.inlineCallbacks
+def test_self_signed_certificate_is_created_once(state_dir: Path, echo_protocol: None) -> Any:
+    service = build(state_dir, {"mx": {"tls": "implicit"}})
+    cert = state_dir / "tls" / "selfsigned.crt"
+    key = state_dir / "tls" / "selfsigned.key"
+    assert cert.exists() and key.exists()
+    assert key.stat().st_mode & 0o777 == 0o600
+    first = cert.read_bytes()
+    service.startService()
+    try:
+        data = yield blocking(talk, port_of(service, "mx"), b"", True, str(cert))
+        assert b"tls=True" in data
+    finally:
+        yield service.stopService()
+    build(state_dir, {"mx": {"tls": "implicit"}})
+    assert cert.read_bytes() == first
+
+
+@pytest_twisted.inlineCallbacks
+def test_proxy_protocol_v1_from_trusted_proxy_sets_the_client(
+    state_dir: Path, echo_protocol: None
+) -> Any:
+    service = build(
+        state_dir,
+        {"mx": {"tls": "none", "proxy_protocol": True, "trusted_proxies": ["127.0.0.1/32"]}},
+    )
+    service.startService()
+    try:
+        header = b"PROXY TCP4 192.0.2.7 127.0.0.1 40000 25\r\n"
+        data = yield blocking(talk, port_of(service, "mx"), header)
+        assert data.startswith(b"hello 192.0.2.7:40000 ")
+    finally:
+        yield service.stopService()
+
+
+@pytest_twisted.inlineCallbacks
+def test_proxy_protocol_v2_is_understood(state_dir: Path, echo_protocol: None) -> Any:
+    service = build(
+        state_dir,
+        {"mx": {"tls": "none", "proxy_protocol": True, "trusted_proxies": ["127.0.0.0/8"]}},
+    )
+    service.startService()
+    signature = b"\r\n\r\n\x00\r\nQUIT\n"
+    addresses = socket.inet_aton("198.51.100.9") + socket.inet_aton("127.0.0.1")
+    header = (
+        signature
+        + b"\x21\x11"
+        + (12).to_bytes(2, "big")
+        + addresses
+        + (5555).to_bytes(2, "big")
+        + (25).to_bytes(2, "big")
+    )
+    try:
+        data = yield blocking(talk, port_of(service, "mx"), header)
+        assert data.startswith(b"hello 198.51.100.9:5555 ")
+    finally:
+        yield service.stopService()
+
+
+@pytest_twisted.inlineCallbacks
+def test_proxy_protocol_refused_from_untrusted_address(state_dir: Path, echo_protocol: None) -> Any:
+    service = build(
+        state_dir,
+        {"mx": {"tls": "none", "proxy_protocol": True, "trusted_proxies": ["127.0.0.2/32"]}},
+    )
+    service.startService()
+    try:
+        data = yield blocking(
+            talk, port_of(service, "mx"), b"PROXY TCP4 192.0.2.7 127.0.0.1 1 25\r\n"
+        )
+        assert data == b""
+    finally:
+        yield service.stopService()
+
+
+@pytest_twisted.inlineCallbacks
+def test_missing_proxy_header_from_trusted_proxy_is_dropped(
+    state_dir: Path, echo_protocol: None
+) -> Any:
+    service = build(
+        state_dir,
+        {"mx": {"tls": "none", "proxy_protocol": True, "trusted_proxies": ["127.0.0.1/32"]}},
+    )
+    service.startService()
+    try:
+        data = yield blocking(talk, port_of(service, "mx"), b"EHLO spoofer\r\n")
+        assert b"hello" not in data
+    finally:
+        yield service.stopService()
+
+
+def test_bad_certificate_file_is_a_config_error(state_dir: Path, echo_protocol: None) -> None:
+    (state_dir / "c.pem").write_text("not a certificate")
+    (state_dir / "k.pem").write_text("not a key")
+    with pytest.raises(ConfigError) as info:
+        build(state_dir, {"mx": {}}, tls=(str(state_dir / "c.pem"), str(state_dir / "k.pem")))
+    keys = [p.key for p in info.value.problems]
+    assert keys == ["tls.cert_file", "tls.key_file"]
+
+
+def test_bad_endpoint_is_a_config_error_before_listening(
+    state_dir: Path, echo_protocol: None
+) -> None:
+    with pytest.raises(ConfigError) as info:
+        build(state_dir, {"mx": {"endpoints": ["tcp:25:bogus=1"]}})
+    assert info.value.problems[0].key == "listeners.mx.endpoints[0]"
+
+
+@pytest_twisted.inlineCallbacks
+def test_stop_drains_then_aborts_after_deadline(state_dir: Path, echo_protocol: None) -> Any:
+    from twisted.internet import reactor
+
+    service = build(state_dir, {"mx": {"tls": "none"}}, shutdown_timeout="1s")
+    service.startService()
+    port = port_of(service, "mx")
+    sock = yield blocking(socket.create_connection, ("127.0.0.1", port), 5)
+    yield task.deferLater(reactor, 0.2, lambda: None)
+    tracker = service.trackers[0]
+    assert len(tracker.active) == 1
+    # Echo has no drain(): the tracker closes it at once, and stop completes.
+    started = reactor.seconds()
+    yield service.stopService()
+    assert reactor.seconds() - started < 1.5
+    assert not tracker.active
+    sock.close()
+
+
+@pytest_twisted.inlineCallbacks
+def test_reload_swaps_certificate_and_keeps_listening(
+    state_dir: Path, echo_protocol: None, test_ca: Any
+) -> Any:
+    cert, key = test_ca.issue("one.example.test")
+    service = build(state_dir, {"mx": {"tls": "implicit"}}, tls=(cert, key))
+    service.startService()
+    try:
+        port = port_of(service, "mx")
+        cert2, key2 = test_ca.issue("two.example.test")
+        new = from_dict(
+            test_config(
+                state_dir, {"mx": {"tls": "implicit"}}, tls=(cert2, key2), domains=("new.test",)
+            ),
+            "test.toml",
+            str(state_dir),
+        )
+        service.reload(new)
+        assert service.config.domains == ["new.test"]
+
+        def names(port: int) -> str:
+            context = ssl.create_default_context(cafile=test_ca.ca_file)
+            context.check_hostname = False
+            with context.wrap_socket(socket.create_connection(("127.0.0.1", port), 5)) as s:
+                return dict(x[0] for x in s.getpeercert()["subject"])["commonName"]
+
+        assert (yield blocking(names, port)) == "two.example.test"
+    finally:
+        yield service.stopService()

@@ -83,6 +83,45 @@ class IPopBeforeSmtp(Interface):
         """Deferred[bool]: did ``address`` log in within the configured time."""
 
 
+class IMailUser(Interface):
+    """The avatar every protocol gets from ``portal.login(creds, None, IMailUser)``.
+
+    ``user`` is the canonical mailserv.directory.User (mailbox expanded); the
+    IMAP and POP3 servers open its store with ``service.store_for(avatar.user)``,
+    submission records ``avatar.user.name`` as the authenticated sender.
+    """
+
+    user = Attribute("mailserv.directory.User of the logged-in account")
+
+
+class ICramMD5Credentials(Interface):
+    """CRAM-MD5 (RFC 2195) response, checked against a plaintext-equivalent secret."""
+
+    username = Attribute("str: the login name sent by the client")
+
+    def check_secret(stored: str) -> bool:
+        """Constant-time check against a stored ``{SCHEME}data`` (PLAIN/CLEAR or CRAM-MD5)."""
+
+
+class IAPOPCredentials(Interface):
+    """POP3 APOP digest (RFC 1939 §7), checked against the plaintext password."""
+
+    username = Attribute("str: the login name sent by the client")
+
+    def check_secret(stored: str) -> bool:
+        """Constant-time check against a stored ``{PLAIN}``/``{CLEAR}`` password."""
+
+
+class IScramCredentials(Interface):
+    """The final SCRAM-SHA-* proof (RFC 5802 §3), checked against a stored SCRAM key or plaintext."""
+
+    username = Attribute("str: the login name sent by the client")
+    mechanism = Attribute("str: 'SCRAM-SHA-1' or 'SCRAM-SHA-256'")
+
+    def check_secret(stored: str) -> bool:
+        """Constant-time check of the ClientProof against ``stored``."""
+
+
 # --------------------------------------------------------------------------
 # Delivery
 

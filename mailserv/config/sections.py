@@ -121,6 +121,10 @@ class SQLBackend(BackendSection):
     pool_size: int = option(integer(1, 100), 5)
 
 
+    # Aliases of a user (one address per row); bound parameter :user.
+    aliases_query: str | None = option(optional(string), None)
+    # Scheme of stored passwords without a {SCHEME} prefix, and of new ones (mailserv user).
+    default_scheme: str = option(string, "ARGON2ID")
 class LDAPBackend(BackendSection):
     urls: list[str] = option(list_of(nonempty_string, nonempty=True))
     base_dn: str = option(nonempty_string)
@@ -172,6 +176,9 @@ class AuthSection(Section):
     pop_before_smtp: float = option(duration, 0.0)
 
     def validate(self, ctx: Context, path: str) -> None:
+    # An sql backend whose database keeps the POP-before-SMTP state (shared by several
+    # nodes); by default a SQLite file in state_dir.
+    pop_before_smtp_backend: str | None = option(optional(string), None)
         for i, name in enumerate(self.backends):
             if name not in self.backend:
                 ctx.error(f"{path}.backends[{i}]", f"no [{path}.backend.{name}] table")

@@ -6,6 +6,7 @@ read from the server's ``listening ...`` log lines, so tests never race for fixe
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -21,6 +22,13 @@ REPO = Path(__file__).resolve().parents[2]
 _LISTENING = re.compile(
     r"listening (?P<label>\S+) protocol=(?P<protocol>\S+) address=(?P<address>\S+) tls=(?P<tls>\S+)"
 )
+
+# twistd of the interpreter running the tests (the virtualenv's console script).
+TWISTD = [
+    sys.executable,
+    "-c",
+    "import sys; from twisted.scripts.twistd import run; sys.exit(run())",
+]
 
 LISTENER_DEFAULTS = {
     "mx": ("smtp", "starttls"),
@@ -145,15 +153,22 @@ def start_mailserv(
     expect: int,
     env: dict[str, str] | None = None,
     timeout: float = 30,
+    twistd_args: tuple[str, ...] = ("-n", "--pidfile="),
+    plugin: bool = True,
+    preexec: list[str] | None = None,
 ) -> MailservProcess:
-    """Start ``twistd -n mailserv ARGS`` and wait until ``expect`` endpoints are listening."""
+    """Start ``twistd -n mailserv ARGS`` and wait until ``expect`` endpoints are listening.
+
+    ``plugin=False`` runs ``twistd TWISTD_ARGS ARGS`` (for ``-y file.tac``); ``preexec`` is a
+    command prefix such as ``setpriv --reuid ...`` to run the server as another user.
+    """
     full_env = dict(os.environ)
     full_env["PYTHONPATH"] = os.pathsep.join(
         [str(REPO), *filter(None, [full_env.get("PYTHONPATH")])]
     )
     full_env.update(env or {})
-    twistd = [sys.executable, "-m", "twisted.scripts.twistd"]
-    cmd = [*twistd, "-n", "--pidfile=", "mailserv", *args]
+    twistd = TWISTD
+    cmd = [*(preexec or []), *twistd, *twistd_args, *(["mailserv"] if plugin else []), *args]
     proc = subprocess.Popen(
         cmd,
         cwd=cwd,
@@ -171,11 +186,15 @@ def start_mailserv(
         for line in proc.stdout:
             running.output.append(line)
             match = _LISTENING.search(line)
+            label = address = None
             if match:
-                host, _, port = match.group("address").rpartition(":")
-                running.addresses.setdefault(match.group("label"), []).append(
-                    (host.strip("[]"), int(port))
-                )
+                label, address = match.group("label"), match.group("address")
+            elif line.startswith("{") and '"where"' in line:
+                event = json.loads(line)
+                label, address = event.get("label"), event.get("where")
+            if label and address:
+                host, _, port = address.rpartition(":")
+                running.addresses.setdefault(label, []).append((host.strip("[]"), int(port)))
                 if sum(len(v) for v in running.addresses.values()) >= expect:
                     ready.set()
         ready.set()

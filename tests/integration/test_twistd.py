@@ -1,0 +1,169 @@
+"""``twistd mailserv`` as users run it: default config, --check, SIGHUP, SIGTERM, tac, JSON."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.support.process import REPO, TWISTD, render_toml, start_mailserv, test_config
+
+pytestmark = pytest.mark.integration
+
+DEFAULT_PORTS_USER = {
+    "mx": 2525,
+    "submission": 2587,
+    "submissions": 2465,
+    "imap": 2143,
+    "imaps": 2993,
+    "pop3": 2110,
+    "pop3s": 2995,
+}
+
+
+def as_unprivileged(tmp_path: Path) -> list[str]:
+    """Run the server as nobody when the tests run as root, so the default picks ports > 1024."""
+    if os.geteuid() != 0:
+        return []
+    os.chmod(tmp_path, 0o777)
+    return ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+
+
+def greeting(port: int) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.settimeout(5)
+        return sock.recv(1024)
+
+
+def test_embedded_default_starts_listens_and_stops_on_sigterm(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    process = start_mailserv(
+        [], tmp_path, expect=7, env={"MAILSERV_HOME": str(home)}, preexec=as_unprivileged(tmp_path)
+    )
+    try:
+        ports = {label: addrs[0] for label, addrs in process.addresses.items()}
+        assert ports == {label: ("127.0.0.1", port) for label, port in DEFAULT_PORTS_USER.items()}
+        assert (home / "tls" / "selfsigned.crt").exists()
+        assert f"MAILSERV_HOME={home} mailserv user add USER@localhost" in process.log
+        assert greeting(2525).startswith(b"220 ")
+        assert greeting(2143).startswith(b"* OK")
+        assert greeting(2110).startswith(b"+OK")
+    finally:
+        started = time.monotonic()
+        code = process.stop(signal.SIGTERM, timeout=5)
+    assert code == 0
+    assert time.monotonic() - started < 5
+
+
+def test_check_reports_three_mistakes_and_fails(tmp_path: Path) -> None:
+    config = test_config(tmp_path / "state", ["mx", "imap"])
+    config["listeners"]["imap"]["tls"] = "yes"
+    config["shutdown_timeout"] = "later"
+    config["store"]["formt"] = "mbox"
+    path = tmp_path / "bad.toml"
+    path.write_text(render_toml(config))
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    result = subprocess.run(
+        [
+            *TWISTD,
+            "mailserv",
+            "--config",
+            str(path),
+            "--check",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=60,
+    )
+    assert result.returncode != 0
+    lines = [line for line in result.stderr.splitlines() if line.startswith("mailserv: ")]
+    assert len(lines) == 3, result.stderr
+    assert (
+        f"mailserv: {path}: listeners.imap.tls: expected one of none, starttls, implicit, got 'yes'"
+        in lines
+    )
+    assert any("shutdown_timeout: expected a duration" in line for line in lines)
+    assert any("store.formt: unknown key (did you mean 'format'?)" in line for line in lines)
+    good = tmp_path / "good.toml"
+    good.write_text(render_toml(test_config(tmp_path / "state", ["mx"])))
+    ok = subprocess.run(
+        [
+            *TWISTD,
+            "mailserv",
+            "--config",
+            str(good),
+            "--check",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=60,
+    )
+    assert ok.returncode == 0 and "OK" in ok.stdout
+
+
+def test_sighup_reload_keeps_running_config_when_invalid(mailserv: object, tmp_path: Path) -> None:
+    config = test_config(tmp_path / "state", ["mx"])
+    process = mailserv.start(config)  # type: ignore[attr-defined]
+    path = tmp_path / "mailserv.toml"
+    path.write_text(path.read_text().replace('tls = "starttls"', 'tls = "sometimes"'))
+    process.proc.send_signal(signal.SIGHUP)
+    deadline = time.monotonic() + 10
+    while "reload refused" not in process.log and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert "reload refused, keeping the running configuration" in process.log
+    assert "listeners.mx.tls: expected one of" in process.log
+    assert greeting(process.port("mx")).startswith(b"220 ")
+    config["domains"] = ["example.test", "other.test"]
+    path.write_text(render_toml(config))
+    process.proc.send_signal(signal.SIGHUP)
+    deadline = time.monotonic() + 10
+    while "configuration reloaded" not in process.log and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert "configuration reloaded" in process.log
+    assert greeting(process.port("mx")).startswith(b"220 ")
+    assert process.stop() == 0
+
+
+def test_tac_file_builds_the_same_service(tmp_path: Path) -> None:
+    path = tmp_path / "mailserv.toml"
+    path.write_text(render_toml(test_config(tmp_path / "state", ["mx", "imap", "pop3"])))
+    process = start_mailserv(
+        ["-y", str(REPO / "tac" / "mailserv.tac")],
+        tmp_path,
+        expect=3,
+        env={"MAILSERV_CONFIG": str(path)},
+        plugin=False,
+    )
+    try:
+        assert greeting(process.port("mx")).startswith(b"220 ")
+        assert greeting(process.port("imap")).startswith(b"* OK")
+    finally:
+        assert process.stop() == 0
+
+
+def test_json_log_lines(tmp_path: Path) -> None:
+    path = tmp_path / "mailserv.toml"
+    path.write_text(render_toml(test_config(tmp_path / "state", ["mx"])))
+    process = start_mailserv(
+        ["--config", str(path)],
+        tmp_path,
+        expect=1,
+        twistd_args=("-n", "--pidfile=", "--logger", "mailserv.logging.json_observer"),
+    )
+    try:
+        assert greeting(process.port("mx")).startswith(b"220 ")
+    finally:
+        assert process.stop() == 0
+    events = [json.loads(line) for line in process.output if line.startswith("{")]
+    assert any(e.get("label") == "mx" and e.get("protocol") == "smtp" for e in events)
+    assert all(line.startswith("{") for line in process.output if line.strip())

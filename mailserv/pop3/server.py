@@ -19,19 +19,15 @@ every command, because Twisted's cannot be fixed by overriding a hook
 
 from __future__ import annotations
 
-import base64
-import binascii
-import hmac
 import ipaddress
 import os
 import re
 import secrets
 from collections.abc import Callable
-from hashlib import md5
 from typing import IO, Any, Protocol
 
 from twisted.cred import credentials as cred_credentials
-from twisted.cred.error import LoginDenied, LoginFailed, UnauthorizedLogin
+from twisted.cred.error import LoginFailed
 from twisted.internet import defer
 from twisted.internet.interfaces import IPushProducer, ISSLTransport
 from twisted.internet.protocol import ServerFactory
@@ -40,6 +36,7 @@ from twisted.mail import pop3
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from mailserv.auth import sasl
 from mailserv.errors import TemporaryFailure
 from mailserv.pop3.content import Stuffer, stuff
 from mailserv.pop3.mailbox import SMALL_MESSAGE, Maildrop, MaildropInUse
@@ -66,54 +63,28 @@ TRANSACTION = "TRANSACTION"
 UPDATE = "UPDATE"
 
 
-class SaslExchange(Protocol):
-    """One SASL server exchange (RFC 4422) as the auth layer runs it."""
-
-    def step(self, response: bytes | None) -> tuple[bytes | None, Any]:
-        """Feed the client's response (None: no initial response).
-
-        Returns (challenge, None) to send a challenge, or (None, credentials)
-        when the exchange is complete.  Raises ValueError on a malformed response.
-        """
-
-
 class AuthBackend(Protocol):
-    """What the POP3 server needs from the auth layer (mailserv.auth)."""
+    """What the POP3 server needs from the auth layer (mailserv.pop3.PortalBackend)."""
 
-    def login(self, credentials: Any) -> defer.Deferred[Any]:
-        """Deferred[mailserv.directory.User]; fails with UnauthorizedLogin or TemporaryFailure."""
+    def login(self, credentials: Any, peer_host: str) -> defer.Deferred[Any]:
+        """Deferred[mailserv.directory.User].
+
+        Fails with LoginFailed once the failure delay has passed (and records
+        nothing), or at once with TemporaryFailure when a backend is down.  A
+        success records POP-before-SMTP for ``peer_host``.
+        """
 
     def apop_enabled(self) -> bool:
         """Can a checker verify APOP (a plaintext-equivalent secret is available)?"""
 
+    def apop_credentials(self, username: bytes, timestamp: bytes, digest: bytes) -> Any:
+        """Credentials for ``APOP username digest`` (RFC 1939 §7)."""
+
     def mechanisms(self, secure: bool) -> list[str]:
-        """SASL mechanisms to offer on a connection (cleartext ones only when ``secure``)."""
+        """SASL mechanisms to offer (cleartext ones only when ``secure``)."""
 
-    def start_sasl(self, name: str, secure: bool, challenge_id: bytes) -> SaslExchange | None:
-        """A new exchange for mechanism ``name``, or None if it is not offered."""
-
-    def failed(self, peer_host: str) -> defer.Deferred[None]:
-        """Note an authentication failure; fires once the failure delay has passed."""
-
-    def succeeded(self, peer_host: str, user: Any) -> defer.Deferred[None]:
-        """Note a successful login (POP-before-SMTP, throttle reset)."""
-
-
-@implementer(cred_credentials.IUsernameHashedPassword)
-class APOPCredentials:
-    """APOP credentials (RFC 1939 §7): MD5 of the greeting timestamp and the secret.
-
-    Unlike Twisted's, the digest is compared in constant time (defect 10).
-    """
-
-    def __init__(self, magic: bytes, username: bytes, digest: bytes) -> None:
-        self.magic = magic
-        self.username = username
-        self.digest = digest
-
-    def checkPassword(self, password: bytes) -> bool:
-        expected = md5(self.magic + password).hexdigest().encode("ascii")  # noqa: S324 (APOP is MD5)
-        return hmac.compare_digest(expected, self.digest.lower())
+    def start_sasl(self, name: str) -> Any:
+        """A new mailserv.auth.sasl.Mechanism for ``name``."""
 
 
 def _as_bytes(value: int | bytes) -> bytes:
@@ -266,7 +237,7 @@ class POP3Server(pop3.POP3):
         self._tls = False
         self.session_state = AUTHORIZATION
         self._user_arg: bytes | None = None
-        self._sasl: SaslExchange | None = None
+        self._sasl: Any = None  # the mailserv.auth.sasl.Mechanism awaiting a response
         self._bad = 0
         self.maildrop: Maildrop | None = None
         self.user: Any = None
@@ -529,8 +500,7 @@ class POP3Server(pop3.POP3):
         if user is None:
             self._bad_command(b"USER first.")
             return None
-        if not rest:
-            return self._fail_auth()
+        # An empty password goes to the checker too, which refuses it after the delay.
         return self._login(cred_credentials.UsernamePassword(user, rest))
 
     def cmd_APOP(self, rest: bytes) -> defer.Deferred[Any] | None:
@@ -543,9 +513,7 @@ class POP3Server(pop3.POP3):
         if words is None:
             return None
         name, digest = words
-        if not re.fullmatch(rb"[0-9a-fA-F]{32}", digest):
-            return self._fail_auth()
-        return self._login(APOPCredentials(self.magic, name, digest))
+        return self._login(self.factory.backend.apop_credentials(name, self.magic, digest))
 
     def cmd_AUTH(self, rest: bytes) -> defer.Deferred[Any] | None:
         """RFC 5034 §4: AUTH mechanism [initial-response]; bare AUTH lists the mechanisms."""
@@ -553,89 +521,74 @@ class POP3Server(pop3.POP3):
         words = self._words(rest, 0, 2)
         if words is None:
             return None
-        plaintext = self._plaintext_ok()
+        mechs = self.factory.backend.mechanisms(self._plaintext_ok())
         if not words:
-            mechs = self.factory.backend.mechanisms(plaintext)
             self.transport.write(
                 b"+OK\r\n" + b"".join(m.encode("ascii") + b"\r\n" for m in mechs) + b".\r\n"
             )
             return None
         name = words[0].upper().decode("ascii", "replace")
-        challenge_id = self.magic or b"<%s@%s>" % (
-            secrets.token_hex(12).encode("ascii"),
-            self.factory.hostname.encode("ascii", "replace"),
-        )
-        exchange = None
-        if name in self.factory.backend.mechanisms(plaintext):
-            exchange = self.factory.backend.start_sasl(name, plaintext, challenge_id)
-        if exchange is None:
+        if name not in mechs:
             self._err(b"Unsupported authentication mechanism.")
             return None
-        self._sasl = exchange
+        mechanism = self.factory.backend.start_sasl(name)
         initial: bytes | None = None
         if len(words) == 2:
-            initial = words[1]
-        return self._sasl_step(initial, first=True)
+            try:
+                initial = sasl.decode_response(words[1])  # "=" is empty (RFC 5034 §4)
+            except sasl.SASLError as exc:
+                self._sasl_error(exc)
+                return None
+        return self._sasl_next(mechanism, mechanism.start(initial))
 
     def _sasl_response(self, line: bytes) -> defer.Deferred[Any] | None:
-        if line == b"*":
-            # RFC 5034 §4: the client cancels the exchange.
-            self._sasl = None
-            self._err(b"Authentication cancelled.")
-            return None
-        return self._sasl_step(line, first=False)
-
-    def _sasl_step(self, encoded: bytes | None, first: bool) -> defer.Deferred[Any] | None:
-        exchange = self._sasl
-        assert exchange is not None
-        response: bytes | None
-        if encoded is None:
-            response = None
-        elif first and encoded == b"=":
-            response = b""  # RFC 5034 §4: "=" is an empty initial response.
-        else:
-            try:
-                response = base64.b64decode(encoded, validate=True)
-            except (binascii.Error, ValueError):
-                self._sasl = None
-                self._err(b"Invalid base64 data.")
-                return None
+        mechanism, self._sasl = self._sasl, None
         try:
-            challenge, creds = exchange.step(response)
-        except ValueError:
-            self._sasl = None
-            return self._fail_auth()
-        if creds is None:
-            self.transport.write(b"+ " + base64.b64encode(challenge or b"") + b"\r\n")
+            response = sasl.decode_response(line)  # "*" cancels (RFC 5034 §4)
+        except sasl.SASLError as exc:
+            self._sasl_error(exc)
             return None
+        return self._sasl_next(mechanism, mechanism.step(response))
+
+    def _sasl_next(self, mechanism: Any, d: defer.Deferred[Any]) -> defer.Deferred[Any]:
+        def answer(result: Any) -> defer.Deferred[Any] | None:
+            if isinstance(result, sasl.Challenge):
+                self._sasl = mechanism
+                self.transport.write(b"+ " + sasl.encode_challenge(result.data) + b"\r\n")
+                return None
+            return self._login(result)
+
+        def failed(failure: Failure) -> None:
+            failure.trap(sasl.SASLError)
+            self._sasl_error(failure.value or sasl.SASLError())
+
+        return d.addCallbacks(answer, failed)
+
+    def _sasl_error(self, exc: BaseException) -> None:
         self._sasl = None
-        return self._login(creds)
+        if isinstance(exc, sasl.SASLCancelled):
+            self._err(b"Authentication cancelled.")
+        else:
+            self._err(b"Malformed authentication exchange.")
 
     # -- login ---------------------------------------------------------------
 
     def _login(self, creds: Any) -> defer.Deferred[Any]:
-        d = self.factory.backend.login(creds)
+        d = self.factory.backend.login(creds, self._peer_host())
         d.addCallbacks(self._logged_in, self._login_failed)
         return d
 
-    def _fail_auth(self) -> defer.Deferred[Any]:
-        return defer.fail(UnauthorizedLogin()).addErrback(self._login_failed)
-
-    def _login_failed(self, failure: Failure) -> defer.Deferred[Any] | None:
+    def _login_failed(self, failure: Failure) -> None:
+        if self._closing:
+            return
         if failure.check(TemporaryFailure):
             self._err(b"[SYS/TEMP] Authentication service unavailable, try again later.")
-            return None
-        if not failure.check(UnauthorizedLogin, LoginFailed, LoginDenied):
+        elif failure.check(LoginFailed):
+            # The throttle has already waited the failure delay.
+            self._err(b"[AUTH] Authentication failed.")
+        else:
             log.failure("POP3 login failed unexpectedly", failure)
             self._err(b"[SYS/TEMP] Internal error, try again later.")
-            return None
-        d = self.factory.backend.failed(self._peer_host())
-
-        def reply(_: object) -> None:
-            if not self._closing:
-                self._err(b"[AUTH] Authentication failed.")
-
-        return d.addCallback(reply)
 
     def _logged_in(self, user: Any) -> defer.Deferred[Any] | None:
         if self._closing:
@@ -663,8 +616,6 @@ class POP3Server(pop3.POP3):
         count, octets = maildrop.stat()
         self._ok(b"Logged in, %d messages (%d octets)." % (count, octets))
         log.info("pop3 login {user} from {peer}", user=user.name, peer=self._peer_host())
-        d = self.factory.backend.succeeded(self._peer_host(), user)
-        d.addErrback(lambda f: log.failure("recording the login failed", f))
         return None
 
     def _open_failed(self, failure: Failure) -> None:

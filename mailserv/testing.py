@@ -130,3 +130,201 @@ class MemoryMailStore:
 
     def open(self, user: Any) -> MemoryAccount:
         return self.account(user.name)
+
+
+# --------------------------------------------------------------------------
+# A shared-state store with flags, keywords and modseq (used by the IMAP tests)
+
+
+@dataclass(frozen=True)
+class FlaggedMessageInfo:
+    """The fields of mailserv.store.MessageInfo that IMAP reads."""
+
+    uid: int
+    size: int
+    flags: frozenset[str]
+    keywords: frozenset[str]
+    modseq: int
+    internal_date: float
+    key: str = ""
+
+    @property
+    def all_flags(self) -> frozenset[str]:
+        return self.flags | self.keywords
+
+
+_SYSTEM_FLAGS = frozenset({"\\Seen", "\\Answered", "\\Flagged", "\\Deleted", "\\Draft"})
+
+
+class _FolderData:
+    """One folder's messages, shared by every open view of it (as files on disk would be)."""
+
+    def __init__(self, uidvalidity: int) -> None:
+        self.uidvalidity = uidvalidity
+        self.next_uid = 1
+        self.modseq = 1
+        # uid -> (data, flags, keywords, modseq, internal_date)
+        self.messages: dict[int, tuple[bytes, frozenset[str], frozenset[str], int, float]] = {}
+
+    def add(self, data: bytes, flags: Iterable[str] = (), internal_date: float = 1.7e9) -> int:
+        uid = self.next_uid
+        self.next_uid += 1
+        self.modseq += 1
+        flags = set(flags)
+        system = frozenset(f for f in flags if f in _SYSTEM_FLAGS)
+        keywords = frozenset(f for f in flags if not f.startswith("\\"))
+        self.messages[uid] = (data, system, keywords, self.modseq, internal_date)
+        return uid
+
+    def info(self, uid: int) -> FlaggedMessageInfo:
+        data, flags, keywords, modseq, date = self.messages[uid]
+        return FlaggedMessageInfo(uid, len(data), flags, keywords, modseq, date, str(uid))
+
+
+@implementer(IMailbox)
+class SharedMemoryFolder:
+    """One open view of a _FolderData: IMailbox with refresh() semantics."""
+
+    def __init__(self, data: _FolderData, name: str) -> None:
+        self.data = data
+        self.name = name
+        self.known: set[int] = set(data.messages)
+        self.closed = False
+
+    @property
+    def uidvalidity(self) -> int:
+        return self.data.uidvalidity
+
+    def refresh(self) -> list[int]:
+        now = set(self.data.messages)
+        gone = sorted(self.known - now)
+        self.known = now
+        return gone
+
+    def messages(self) -> list[FlaggedMessageInfo]:
+        return [self.data.info(uid) for uid in sorted(self.data.messages)]
+
+    def uidnext(self) -> int:
+        return self.data.next_uid
+
+    def highest_modseq(self) -> int:
+        return self.data.modseq
+
+    def open_message(self, uid: int) -> io.BytesIO:
+        return io.BytesIO(self.data.messages[uid][0])
+
+    def set_flags(self, uid: int, flags: Any) -> FlaggedMessageInfo:
+        data, old_flags, old_kw, _modseq, date = self.data.messages[uid]
+        flags = set(flags)
+        system = frozenset(f for f in flags if f in _SYSTEM_FLAGS)
+        keywords = frozenset(f for f in flags if not f.startswith("\\"))
+        if (system, keywords) != (old_flags, old_kw):
+            self.data.modseq += 1
+            self.data.messages[uid] = (data, system, keywords, self.data.modseq, date)
+        return self.data.info(uid)
+
+    def append(self, source: Any, flags: Any = (), internal_date: float | None = None) -> int:
+        uid = self.data.add(source.read(), flags, internal_date or 1.7e9)
+        self.known.add(uid)
+        return uid
+
+    def copy_to(self, uids: Any, target: Any) -> dict[int, int]:
+        out = {}
+        for uid in sorted(set(uids)):
+            if uid in self.data.messages:
+                data, flags, keywords, _m, date = self.data.messages[uid]
+                out[uid] = target.data.add(data, flags | keywords, date)
+        return out
+
+    def expunge(self, uids: Any) -> list[int]:
+        removed = [uid for uid in sorted(set(uids)) if self.data.messages.pop(uid, None)]
+        if removed:
+            self.data.modseq += 1
+        self.known -= set(removed)
+        return removed
+
+    def close(self) -> None:
+        self.closed = True
+
+
+@implementer(IMailAccount)
+class SharedMemoryAccount:
+    """Folders of one user, with subscriptions, special-use roles and a quota."""
+
+    def __init__(self, quota_bytes: int | None = None) -> None:
+        self.folders: dict[str, _FolderData] = {"INBOX": _FolderData(1000)}
+        self.subscribed: list[str] = ["INBOX"]
+        self.quota_bytes = quota_bytes
+        for name in ("Drafts", "Sent", "Trash", "Junk", "Archive"):
+            self.create_folder(name)
+
+    def list_folders(self) -> list[str]:
+        return ["INBOX", *sorted(n for n in self.folders if n != "INBOX")]
+
+    def special_use(self) -> dict[str, str]:
+        return {n: "\\" + n for n in ("Drafts", "Sent", "Trash", "Junk", "Archive")}
+
+    def open_folder(self, name: str, create: bool = False) -> SharedMemoryFolder:
+        from mailserv.errors import NoSuchFolder
+
+        if name not in self.folders:
+            if not create:
+                raise NoSuchFolder(name)
+            self.create_folder(name)
+        return SharedMemoryFolder(self.folders[name], name)
+
+    def create_folder(self, name: str) -> None:
+        from mailserv.errors import FolderExists
+
+        if name in self.folders or name.upper() == "INBOX":
+            raise FolderExists(name)
+        self.folders[name] = _FolderData(1000 + len(self.folders))
+
+    def delete_folder(self, name: str) -> None:
+        from mailserv.errors import NoSuchFolder
+
+        if name not in self.folders:
+            raise NoSuchFolder(name)
+        del self.folders[name]
+
+    def rename_folder(self, old: str, new: str) -> None:
+        from mailserv.errors import FolderExists, NoSuchFolder
+
+        if old not in self.folders:
+            raise NoSuchFolder(old)
+        if new in self.folders:
+            raise FolderExists(new)
+        self.folders[new] = self.folders.pop(old)
+
+    def quota(self) -> tuple[int, int | None, int, int | None]:
+        used = sum(len(m[0]) for f in self.folders.values() for m in f.messages.values())
+        count = sum(len(f.messages) for f in self.folders.values())
+        return used, self.quota_bytes, count, None
+
+    def subscriptions(self) -> list[str]:
+        return list(self.subscribed)
+
+    def subscribe(self, name: str) -> None:
+        if name not in self.subscribed:
+            self.subscribed.append(name)
+
+    def unsubscribe(self, name: str) -> None:
+        if name in self.subscribed:
+            self.subscribed.remove(name)
+
+
+@implementer(IMailStore)
+@dataclass
+class SharedMemoryStore:
+    """An IMailStore whose accounts are shared by every session of a user."""
+
+    accounts: dict[str, SharedMemoryAccount] = field(default_factory=dict)
+
+    def account(self, name: str) -> SharedMemoryAccount:
+        return self.accounts.setdefault(name, SharedMemoryAccount())
+
+    def deliver(self, user: Any, source: Any, folder: str | None = None) -> int:
+        return self.account(user.name).folders[folder or "INBOX"].add(source.read())
+
+    def open(self, user: Any) -> SharedMemoryAccount:
+        return self.account(user.name)

@@ -1,0 +1,1953 @@
+"""A hardened IMAP4rev1 server (RFC 3501) with the extensions modern clients use.
+
+Purpose-built on ``twisted.internet.protocol.Protocol`` rather than a subclass
+of ``twisted.mail.imap4.IMAP4Server``: the defects of ARCHITECTURE.md item 9
+sit in that class's line/literal state machine, its recursive parser, its
+regex LIST matching and its synchronous account calls, which is most of the
+class.  Here:
+
+- framing (lines and literals) is bounded: 8 KiB lines before login, 64 KiB
+  commands after, 4096-byte non-synchronising literals (LITERAL-, RFC 7888),
+  APPEND up to APPENDLIMIT (RFC 7889), spooled to a temporary file;
+- the tokenizer is iterative with a nesting limit (parser.py);
+- every store call runs in the ``disk`` thread pool;
+- STARTTLS drops whatever the client pipelined after it (CVE-2011-0411 class);
+- LIST patterns are matched by an NFA (account.Pattern), never a regex.
+"""
+
+from __future__ import annotations
+
+import base64
+import email.utils
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from twisted.cred.credentials import UsernamePassword
+from twisted.cred.error import UnauthorizedLogin
+from twisted.internet import defer
+from twisted.internet.interfaces import IPushProducer, ISSLTransport
+from twisted.internet.protocol import Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from mailserv.errors import (
+    FolderExists,
+    InvalidFolderName,
+    NoSuchFolder,
+    QuotaExceeded,
+    TemporaryFailure,
+)
+from mailserv.imap import account as acct
+from mailserv.imap import fetch as fetchmod
+from mailserv.imap import search as searchmod
+from mailserv.imap.mailbox import ChangeHub, SelectedMailbox
+from mailserv.imap.parser import (
+    Args,
+    Atom,
+    LiteralFile,
+    ParseError,
+    Token,
+    as_bytes,
+    format_set,
+    literal_marker,
+    parse_seqset,
+    strip_marker,
+    tokenize,
+)
+
+log = Logger()
+
+SYSTEM_FLAGS = ("\\Answered", "\\Flagged", "\\Deleted", "\\Seen", "\\Draft")
+FETCH_CHUNK = 100
+_TAG_CHARS = frozenset(
+    b"!#$&'+,-./0123456789:;<=>?@ABCDEFGHIJKLMNOPQRSTUVWXYZ[^_`abcdefghijklmnopqrstuvwxyz|}~"
+)
+
+
+@dataclass
+class Settings:
+    """Limits of one IMAP listener (LIMITS.md)."""
+
+    max_line_unauth: int = 8192
+    max_command: int = 65536
+    max_nonsync_literal: int = 4096
+    max_append: int = 10_240_000
+    bad_commands_unauth: int = 3
+    bad_commands_auth: int = 20
+    login_timeout: float = 60.0
+    idle_timeout: float = 1800.0
+    idle_poll: float = 0.5
+    max_connections_per_user_ip: int = 10
+    allow_plaintext_auth: str = "loopback"  # never | loopback | always
+    auth_failure_delay: float = 2.0
+    spool_threshold: int = 1 << 20
+    server_name: str = "mailserv"
+
+
+@dataclass
+class Context:
+    """What a session needs from the running service (MailService, or a fake in tests)."""
+
+    reactor: Any
+    portal: Any
+    store_for: Callable[[Any], Any]
+    run: Callable[..., defer.Deferred[Any]]  # run(fn, *args) in the disk pool
+    hub: ChangeHub
+    settings: Settings = field(default_factory=Settings)
+    tls_options: Callable[[], Any] | None = None
+    sasl: Any = None  # mailserv.auth.sasl-like: mechanisms_for(portal, secure), server(name, ...)
+    throttle: Any = None  # mailserv.auth.ratelimit.AuthThrottle-like
+
+
+class ImapError(Exception):
+    """Ends a command with a tagged NO or BAD: ``status`` and text with its response code."""
+
+    def __init__(self, status: str, text: str) -> None:
+        super().__init__(text)
+        self.status = status
+        self.text = text
+
+
+def _no(text: str) -> ImapError:
+    return ImapError("NO", text)
+
+
+def _quote(value: str | bytes) -> bytes:
+    raw = value.encode("utf-8") if isinstance(value, str) else value
+    return b'"' + raw.replace(b"\\", b"\\\\").replace(b'"', b'\\"') + b'"'
+
+
+def _is_loopback(peer: Any) -> bool:
+    host = getattr(peer, "host", "")
+    return (
+        host.startswith("127.")
+        or host in ("::1", "::ffff:127.0.0.1")
+        or host.startswith("::ffff:127.")
+    )
+
+
+def _user_of(avatar: Any) -> Any:
+    user = getattr(avatar, "user", None)
+    return user if user is not None else avatar
+
+
+def _parse_date_time(raw: bytes) -> float:
+    """APPEND date-time ``"dd-Mon-yyyy hh:mm:ss +zzzz"`` (RFC 3501 section 9)."""
+    text = raw.decode("ascii", "replace").strip()
+    try:
+        day, rest = text.split("-", 1)
+        parsed = email.utils.parsedate_tz(f"{day.strip()} {rest.replace('-', ' ', 1)}")
+    except ValueError:
+        parsed = None
+    if parsed is None:
+        raise ParseError("invalid date-time")
+    return float(email.utils.mktime_tz(parsed))
+
+
+@implementer(IPushProducer)
+class IMAPServer(Protocol):
+    """One IMAP session (RFC 3501 section 3: not authenticated, authenticated, selected)."""
+
+    transport: Any
+
+    def __init__(self, ctx: Context) -> None:
+        self.ctx = ctx
+        self.settings = ctx.settings
+        self.reactor = ctx.reactor
+        self.state = "notauth"
+        self.buffer = bytearray()
+        self.fragments: list[bytes | LiteralFile] = []
+        self.command_size = 0
+        self.literal_left = 0
+        self.literal_sink: Any = None
+        self.literal_spooled = False
+        self.discard_left = 0
+        self.skip_line = False
+        self.busy = False
+        self.closed = False
+        self.reading_paused = False
+        self.bad_count = 0
+        self.line_handler: Callable[[bytes], None] | None = None
+        self.timeout_call: Any = None
+        self.user: Any = None
+        self.account: acct.AsyncAccount | None = None
+        self.selected: SelectedMailbox | None = None
+        self.selected_key: tuple[str, str] | None = None
+        self.dirty = False
+        self.condstore = False
+        self.qresync = False
+        self.conn_key: tuple[str, str] | None = None
+        self.idle_tag: bytes | None = None
+        self.idle_call: Any = None
+        self.idle_syncing: defer.Deferred[Any] | None = None
+        self.write_paused: defer.Deferred[None] | None = None
+        self.is_paused = False
+
+    # ------------------------------------------------------------------
+    # Connection
+
+    @property
+    def secure(self) -> bool:
+        return ISSLTransport.providedBy(self.transport)
+
+    def connectionMade(self) -> None:
+        self.transport.registerProducer(self, True)
+        self.send_line(
+            b"* OK [CAPABILITY " + self.capabilities() + b"] " + self._server_name() + b" ready."
+        )
+        self._reset_timeout()
+
+    def _server_name(self) -> bytes:
+        return self.settings.server_name.encode("ascii", "replace")
+
+    def connectionLost(self, reason: Failure = Failure(ConnectionError())) -> None:  # noqa: B008
+        self.closed = True
+        if self.timeout_call is not None and self.timeout_call.active():
+            self.timeout_call.cancel()
+        self._stop_idle_poll()
+        self._deselect()
+        if self.conn_key is not None:
+            self.ctx.hub.remove_connection(self.conn_key)
+            self.conn_key = None
+        self._drop_literal()
+        if self.write_paused is not None:
+            d, self.write_paused = self.write_paused, None
+            d.callback(None)
+
+    # IPushProducer: the transport tells us when its write buffer is full.
+    def pauseProducing(self) -> None:
+        self.is_paused = True
+
+    def resumeProducing(self) -> None:
+        self.is_paused = False
+        if self.write_paused is not None:
+            d, self.write_paused = self.write_paused, None
+            d.callback(None)
+
+    def stopProducing(self) -> None:
+        self.closed = True
+
+    def _drain(self) -> defer.Deferred[None]:
+        if not self.is_paused or self.closed:
+            return defer.succeed(None)
+        if self.write_paused is None:
+            self.write_paused = defer.Deferred()
+        return self.write_paused
+
+    def send_line(self, line: bytes) -> None:
+        if not self.closed:
+            self.transport.write(line + b"\r\n")
+
+    def send_lines(self, lines: list[bytes]) -> None:
+        if lines and not self.closed:
+            self.transport.write(b"\r\n".join(lines) + b"\r\n")
+
+    def close(self, bye: bytes | None = None) -> None:
+        if bye is not None:
+            self.send_line(b"* BYE " + bye)
+        self.closed = True
+        self.transport.loseConnection()
+
+    def _reset_timeout(self) -> None:
+        if self.timeout_call is not None and self.timeout_call.active():
+            self.timeout_call.cancel()
+        delay = (
+            self.settings.login_timeout if self.state == "notauth" else self.settings.idle_timeout
+        )
+        self.timeout_call = self.reactor.callLater(delay, self._timed_out)
+
+    def _timed_out(self) -> None:
+        self.close(b"Autologout; idle for too long")
+
+    def capabilities(self) -> bytes:
+        caps = ["IMAP4rev1", "SASL-IR", "LITERAL-", "ID", "ENABLE", "IDLE"]
+        if self.state == "notauth":
+            if not self.secure and self.ctx.tls_options is not None:
+                caps.append("STARTTLS")
+            if self._plaintext_allowed():
+                caps.extend("AUTH=" + m for m in self._mechanisms())
+            else:
+                caps.append("LOGINDISABLED")
+        else:
+            caps.extend(
+                [
+                    "NAMESPACE", "UIDPLUS", "MOVE", "UNSELECT", "CHILDREN", "SPECIAL-USE",
+                    "LIST-EXTENDED", "LIST-STATUS", "QUOTA", "QUOTA=RES-STORAGE",
+                    "QUOTA=RES-MESSAGE", f"APPENDLIMIT={self.settings.max_append}",
+                    "CONDSTORE", "QRESYNC", "ESEARCH", "SEARCHRES", "SORT", "SORT=DISPLAY",
+                    "THREAD=ORDEREDSUBJECT", "THREAD=REFERENCES", "BINARY", "STATUS=SIZE",
+                ]
+            )  # fmt: skip
+        return " ".join(caps).encode("ascii")
+
+    def _plaintext_allowed(self) -> bool:
+        mode = self.settings.allow_plaintext_auth
+        if self.secure or mode == "always":
+            return True
+        return mode == "loopback" and _is_loopback(self.transport.getPeer())
+
+    def _mechanisms(self) -> list[str]:
+        if self.ctx.sasl is not None:
+            return list(self.ctx.sasl.mechanisms_for(self.ctx.portal, True))
+        return ["PLAIN"]
+
+    # ------------------------------------------------------------------
+    # Framing: lines and literals
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.closed:
+            return
+        self.buffer += data
+        self._process()
+
+    def _line_limit(self) -> int:
+        return (
+            self.settings.max_line_unauth if self.state == "notauth" else self.settings.max_command
+        )
+
+    def _process(self) -> None:
+        while self.buffer and not self.closed and not self.busy:
+            if self.discard_left:
+                n = min(self.discard_left, len(self.buffer))
+                del self.buffer[:n]
+                self.discard_left -= n
+                continue
+            if self.literal_left:
+                self._read_literal()
+                continue
+            if self.skip_line:
+                idx = self.buffer.find(b"\n")
+                if idx < 0:
+                    self.buffer.clear()
+                    return
+                del self.buffer[: idx + 1]
+                self.skip_line = False
+                continue
+            idx = self.buffer.find(b"\n")
+            if idx < 0:
+                if len(self.buffer) > self._line_limit():
+                    self._line_too_long()
+                return
+            if idx > self._line_limit():
+                self._line_too_long()
+                continue
+            line = bytes(self.buffer[:idx])
+            del self.buffer[: idx + 1]
+            if line.endswith(b"\r"):
+                line = line[:-1]
+            self._reset_timeout()
+            if self.line_handler is not None:
+                self.line_handler(line)
+            else:
+                self._command_line(line)
+        if self.busy and len(self.buffer) > self.settings.max_command * 4:
+            # the client keeps sending while a command runs: stop reading until we catch up
+            if not self.reading_paused:
+                self.reading_paused = True
+                self.transport.pauseProducing()
+        elif self.reading_paused and not self.busy:
+            self.reading_paused = False
+            self.transport.resumeProducing()
+
+    def _line_too_long(self) -> None:
+        """Reply BAD, drop everything up to the end of that line and stay in sync."""
+        idx = self.buffer.find(b"\n")
+        if idx >= 0:
+            del self.buffer[: idx + 1]
+        else:
+            self.buffer.clear()
+            self.skip_line = True
+        self._drop_literal()
+        self.fragments = []
+        self.command_size = 0
+        self.send_line(b"* BAD Command line too long")
+        self._count_bad()
+
+    def _drop_literal(self) -> None:
+        if self.literal_sink is not None and self.literal_spooled:
+            self.literal_sink.close()
+        self.literal_sink = None
+        self.literal_left = 0
+        for frag in self.fragments:
+            if isinstance(frag, LiteralFile):
+                frag.file.close()
+
+    def _read_literal(self) -> None:
+        n = min(self.literal_left, len(self.buffer))
+        chunk = bytes(self.buffer[:n])
+        del self.buffer[:n]
+        self.literal_left -= n
+        if self.literal_spooled:
+            self.literal_sink.write(chunk)
+        else:
+            self.literal_sink.extend(chunk)
+        if self.literal_left == 0:
+            sink, self.literal_sink = self.literal_sink, None
+            if self.literal_spooled:
+                self.fragments.append(LiteralFile(sink, sink.tell()))
+            else:
+                self.fragments.append(bytes(sink))
+
+    def _command_line(self, line: bytes) -> None:
+        self.command_size += len(line)
+        marker = literal_marker(line)
+        if marker is None:
+            self.fragments.append(line)
+            fragments, self.fragments = self.fragments, []
+            self.command_size = 0
+            self._dispatch(fragments)
+            return
+        size, nonsync = marker
+        first = self.fragments[0] if self.fragments else line
+        assert isinstance(first, bytes)
+        words = first.split(b" ", 3)
+        tag = words[0] if words and _valid_tag(words[0]) else b"*"
+        is_append = len(words) > 1 and words[1].upper() == b"APPEND"
+        limit = self.settings.max_append if is_append else self.settings.max_command
+        problem = None
+        if self.state == "notauth" and size > self.settings.max_line_unauth:
+            problem = b"BAD Literal too large before login"
+        elif is_append and size > self.settings.max_append:
+            problem = b"NO [TOOBIG] Message too large"
+        elif not is_append and self.command_size + size > limit:
+            problem = b"BAD Command too long"
+        elif nonsync and size > self.settings.max_nonsync_literal:
+            # RFC 7888 section 4: LITERAL- allows at most 4096 octets without "+"
+            problem = b"BAD Non-synchronising literal too large"
+        if problem is not None:
+            self._drop_literal()
+            self.fragments = []
+            self.command_size = 0
+            if nonsync:
+                # the client sends the literal anyway: drop it and the rest of that command
+                self.discard_left = size
+                self.skip_line = True
+            self.send_line(tag + b" " + problem)
+            self._count_bad()
+            return
+        self.fragments.append(strip_marker(line))
+        if not is_append:
+            self.command_size += size
+        self.literal_left = size
+        self.literal_spooled = size > self.settings.spool_threshold
+        self.literal_sink = tempfile.TemporaryFile() if self.literal_spooled else bytearray()
+        if size == 0:
+            self.literal_left = 0
+            self.fragments.append(b"")
+            self.literal_sink = None
+        if not nonsync:
+            self.send_line(b"+ Ready for literal data")
+
+    def _count_bad(self) -> None:
+        self.bad_count += 1
+        limit = (
+            self.settings.bad_commands_unauth
+            if self.state == "notauth"
+            else self.settings.bad_commands_auth
+        )
+        if self.bad_count >= limit:
+            self.close(b"Too many invalid commands")
+
+    # ------------------------------------------------------------------
+    # Dispatch
+
+    def _dispatch(self, fragments: list[bytes | LiteralFile]) -> None:
+        first = fragments[0]
+        assert isinstance(first, bytes)
+        if not first.strip() and len(fragments) == 1:
+            return  # empty line: ignore, as Dovecot does
+        tag_text, _, rest = first.partition(b" ")
+        if not _valid_tag(tag_text):
+            self.send_line(b"* BAD Invalid tag")
+            self._count_bad()
+            return
+        tag = tag_text
+        name, _, rest = rest.partition(b" ")
+        command = name.upper().decode("ascii", "replace")
+        uid = False
+        if command == "UID":
+            sub, _, rest = rest.partition(b" ")
+            command = sub.upper().decode("ascii", "replace")
+            uid = True
+            if command not in _UID_COMMANDS:
+                self._finish(tag, "BAD", "Unknown UID command", bad=True)
+                return
+        handler = _COMMANDS.get(command)
+        if handler is None or not command:
+            self._finish(tag, "BAD", "Unknown command", bad=True)
+            return
+        method_name, states = handler
+        if self.state not in states:
+            self._finish(tag, "BAD", f"{command} not allowed now", bad=True)
+            return
+        try:
+            tokens = tokenize([rest, *fragments[1:]])
+        except ParseError as exc:
+            self._finish(tag, "BAD", str(exc), bad=True)
+            return
+        args = Args(tokens)
+        self.busy = True
+        try:
+            method = getattr(self, method_name)
+            result = method(tag, args, uid) if command in _UID_COMMANDS else method(tag, args)
+        except Exception as exc:
+            self._command_failed(tag, command, Failure(exc))
+            return
+        finally:
+            for frag in fragments:
+                if isinstance(frag, LiteralFile) and command != "APPEND":
+                    frag.file.close()
+        if isinstance(result, defer.Deferred):
+            result.addCallbacks(
+                lambda r: self._command_done(tag, command, r),
+                lambda f: self._command_failed(tag, command, f),
+            )
+        else:
+            self._command_done(tag, command, result)
+
+    def _command_done(self, tag: bytes, command: str, result: Any) -> None:
+        if result is None:  # the handler wrote its own completion (IDLE, AUTHENTICATE, LOGOUT)
+            return
+        status, text = result
+        d = self._sync_if_dirty(command)
+        d.addCallback(lambda _: self._finish(tag, status, text))
+        d.addErrback(lambda f: self._command_failed(tag, command, f))
+
+    def _command_failed(self, tag: bytes, command: str, failure: Failure) -> None:
+        exc = failure.value
+        if isinstance(exc, ImapError):
+            self._finish(tag, exc.status, exc.text, bad=exc.status == "BAD")
+        elif isinstance(exc, ParseError):
+            self._finish(tag, "BAD", str(exc), bad=True)
+        elif isinstance(exc, InvalidFolderName):
+            self._finish(tag, "NO", f"[CANNOT] Invalid mailbox name: {exc}")
+        elif isinstance(exc, NoSuchFolder):
+            self._finish(tag, "NO", "[NONEXISTENT] No such mailbox")
+        elif isinstance(exc, FolderExists):
+            self._finish(tag, "NO", "[ALREADYEXISTS] Mailbox already exists")
+        elif isinstance(exc, QuotaExceeded):
+            self._finish(tag, "NO", "[OVERQUOTA] Quota exceeded")
+        elif isinstance(exc, TemporaryFailure):
+            self._finish(tag, "NO", "[UNAVAILABLE] Temporary failure, try again later")
+        else:
+            log.failure("IMAP {command} failed", failure, command=command)
+            self._finish(tag, "NO", "[SERVERBUG] Internal error, the failure was logged")
+
+    def _finish(self, tag: bytes, status: str, text: str, bad: bool = False) -> None:
+        self.send_line(tag + b" " + status.encode("ascii") + b" " + text.encode("utf-8"))
+        self.busy = False
+        if bad:
+            self._count_bad()
+        if not self.closed and self.buffer:
+            self.reactor.callLater(0, self._process)
+        elif self.reading_paused:
+            self.reading_paused = False
+            self.transport.resumeProducing()
+
+    # ------------------------------------------------------------------
+    # Store helpers
+
+    def run(self, fn: Callable[..., Any], *args: Any) -> defer.Deferred[Any]:
+        return self.ctx.run(fn, *args)
+
+    def _hub_key(self, folder: str) -> tuple[str, str]:
+        return (str(getattr(self.user, "name", self.user)), folder)
+
+    def _on_change(self) -> None:
+        self.dirty = True
+        if self.idle_tag is not None:
+            self._idle_poll()
+
+    def _deselect(self) -> None:
+        if self.selected is not None:
+            box = self.selected.box
+            if self.selected_key is not None:
+                self.ctx.hub.unsubscribe(self.selected_key, self._on_change)
+            self.selected = None
+            self.selected_key = None
+            self.run(box.close).addErrback(lambda f: log.failure("close failed", f))
+            if self.state == "selected":
+                self.state = "auth"
+
+    def _notify(self, folder: str) -> None:
+        self.ctx.hub.changed(self._hub_key(folder), self._on_change)
+
+    def _sync(self, allow_expunge: bool = True) -> defer.Deferred[None]:
+        """Report what changed in the selected mailbox since the client last heard."""
+        sel = self.selected
+        if sel is None:
+            return defer.succeed(None)
+        self.dirty = False
+        d = self.run(_refresh_listing, sel.box)
+
+        def report(messages: list[Any]) -> None:
+            if self.selected is not sel or self.closed:
+                return
+            assert self.selected_key is not None
+            recent = self.ctx.hub.claim_recent(self.selected_key, [m.uid for m in messages])
+            lines = sel.diff(messages, self.condstore, self.qresync, recent, allow_expunge)
+            if not allow_expunge and len(messages) != len(sel.uids):
+                self.dirty = True
+            self.send_lines(lines)
+
+        return d.addCallback(report)
+
+    def _sync_if_dirty(self, command: str) -> defer.Deferred[None]:
+        if self.selected is None or not self.dirty:
+            return defer.succeed(None)
+        # RFC 3501 section 7.4.1: no EXPUNGE during FETCH, STORE, SEARCH (non-UID forms)
+        return self._sync(allow_expunge=command not in ("FETCH", "STORE", "SEARCH"))
+
+    def _require_account(self) -> acct.AsyncAccount:
+        assert self.account is not None
+        return self.account
+
+    def _mailbox_name(self, tok: Token) -> str:
+        return acct.wire_to_name(as_bytes(tok, "mailbox"))
+
+    # ------------------------------------------------------------------
+    # Any state (RFC 3501 section 6.1)
+
+    def do_capability(self, tag: bytes, args: Args) -> tuple[str, str]:
+        args.end()
+        self.send_line(b"* CAPABILITY " + self.capabilities())
+        return ("OK", "CAPABILITY completed")
+
+    def do_noop(self, tag: bytes, args: Args) -> Any:
+        args.end()
+        if self.selected is not None:
+            return self._sync().addCallback(lambda _: ("OK", "NOOP completed"))
+        return ("OK", "NOOP completed")
+
+    def do_logout(self, tag: bytes, args: Args) -> None:
+        args.end()
+        self.send_line(b"* BYE Logging out")
+        self.send_line(tag + b" OK LOGOUT completed")
+        self.state = "logout"
+        self.busy = False
+        self.close()
+
+    def do_id(self, tag: bytes, args: Args) -> tuple[str, str]:
+        """RFC 2971: the client's parameters are read and ignored; we say who we are."""
+        tok = args.next("ID parameters")
+        if not (isinstance(tok, list) or (isinstance(tok, Atom) and tok.upper() == "NIL")):
+            raise ParseError("ID takes a list or NIL")
+        if isinstance(tok, list) and len(tok) > 60:
+            raise ParseError("too many ID fields")
+        args.end()
+        self.send_line(b'* ID ("name" "mailserv" "vendor" "mailserv")')
+        return ("OK", "ID completed")
+
+    # ------------------------------------------------------------------
+    # Not authenticated (RFC 3501 section 6.2)
+
+    def do_starttls(self, tag: bytes, args: Args) -> None:
+        args.end()
+        if self.secure or self.ctx.tls_options is None:
+            raise ImapError("BAD", "TLS is already active" if self.secure else "TLS not available")
+        # RFC 3501 section 6.2.1 / CVE-2011-0411: anything pipelined after STARTTLS is dropped
+        self.buffer.clear()
+        self.fragments = []
+        self.send_line(tag + b" OK Begin TLS negotiation now")
+        self.transport.startTLS(self.ctx.tls_options())
+        self.busy = False
+        return None
+
+    def do_login(self, tag: bytes, args: Args) -> Any:
+        user = args.astring("user name")
+        password = args.astring("password")
+        args.end()
+        if not self._plaintext_allowed():
+            raise ImapError("NO", "[PRIVACYREQUIRED] Use STARTTLS before LOGIN")
+        return self._authenticate(user, password)
+
+    def _authenticate(self, user: bytes, password: bytes) -> defer.Deferred[Any]:
+        peer = self.transport.getPeer()
+        host = getattr(peer, "host", "")
+        throttle = self.ctx.throttle
+        delay = defer.succeed(None)
+        if throttle is not None and hasattr(throttle, "before_attempt"):
+            delay = defer.maybeDeferred(throttle.before_attempt, host)
+        try:
+            from mailserv.auth.usernames import acceptable_password, normalize_username
+
+            name = normalize_username(user)
+            pw = acceptable_password(password)
+        except ImportError:
+            name, pw = user.decode("utf-8", "replace"), password or None
+        except ValueError:
+            name, pw = "", None
+
+        def attempt(_: Any) -> Any:
+            if not name or pw is None:
+                raise UnauthorizedLogin("refused before any backend")
+            creds = UsernamePassword(name.encode("utf-8"), pw)
+            return self.ctx.portal.login(creds, None, _mail_user_interface())
+
+        d = delay.addCallback(attempt)
+        d.addCallback(lambda result: self._logged_in(result, host))
+        d.addErrback(self._login_failed, host)
+        return d
+
+    def _login_failed(self, failure: Failure, host: str) -> defer.Deferred[Any]:
+        if failure.check(ImapError):
+            return failure  # type: ignore[return-value]
+        if failure.check(TemporaryFailure):
+            raise ImapError("NO", "[UNAVAILABLE] Authentication service unavailable")
+        if not failure.check(UnauthorizedLogin):
+            log.failure("login failed unexpectedly", failure)
+        throttle = self.ctx.throttle
+        if throttle is not None and hasattr(throttle, "failed"):
+            throttle.failed(host)
+        d: defer.Deferred[Any] = defer.Deferred()
+        self.reactor.callLater(self.settings.auth_failure_delay, d.callback, None)
+
+        def fail(_: Any) -> None:
+            raise ImapError("NO", "[AUTHENTICATIONFAILED] Authentication failed")
+
+        return d.addCallback(fail)
+
+    def _logged_in(self, result: Any, host: str) -> Any:
+        _iface, avatar, logout = result
+        user = _user_of(avatar)
+        key = (str(getattr(user, "name", user)), host)
+        if not self.ctx.hub.add_connection(key, self.settings.max_connections_per_user_ip):
+            if callable(logout):
+                logout()
+            raise ImapError("NO", "[LIMIT] Too many connections for this user and address")
+        self.conn_key = key
+        throttle = self.ctx.throttle
+        if throttle is not None and hasattr(throttle, "succeeded"):
+            throttle.succeeded(host)
+        store = self.ctx.store_for(user)
+        d = self.run(store.open, user)
+
+        def opened(account: Any) -> tuple[str, str]:
+            self.user = user
+            self.account = acct.AsyncAccount(account, self.run)
+            self.state = "auth"
+            self.bad_count = 0
+            self._reset_timeout()
+            return ("OK", "[CAPABILITY " + self.capabilities().decode() + "] Logged in")
+
+        return d.addCallback(opened)
+
+    def do_authenticate(self, tag: bytes, args: Args) -> Any:
+        """RFC 3501 section 6.2.2 with SASL-IR (RFC 4959)."""
+        mech = args.atom("mechanism").upper()
+        initial = args.next() if args.more() else None
+        args.end()
+        if not self._plaintext_allowed():
+            raise ImapError("NO", "[PRIVACYREQUIRED] Use STARTTLS before AUTHENTICATE")
+        if mech not in self._mechanisms():
+            raise ImapError("NO", "Unsupported authentication mechanism")
+        exchange = _SaslExchange(self, tag, mech)
+        if initial is not None:
+            raw = as_bytes(initial)
+            try:
+                data = b"" if raw == b"=" else base64.b64decode(raw, validate=True)
+            except ValueError as exc:
+                raise ImapError("BAD", "Invalid base64") from exc
+            exchange.step(data, initial=True)
+        else:
+            exchange.start()
+        return exchange.done
+
+    # ------------------------------------------------------------------
+    # Authenticated (RFC 3501 section 6.3)
+
+    def do_enable(self, tag: bytes, args: Args) -> tuple[str, str]:
+        """RFC 5161."""
+        enabled = []
+        if not args.more():
+            raise ParseError("ENABLE needs a capability")
+        while args.more():
+            cap = args.atom("capability").upper()
+            if cap in ("CONDSTORE", "QRESYNC") and not getattr(self, cap.lower()):
+                setattr(self, cap.lower(), True)
+                if cap == "QRESYNC" and not self.condstore:
+                    self.condstore = True
+                enabled.append(cap)
+        self.send_line(b"* ENABLED" + b"".join(b" " + c.encode() for c in enabled))
+        return ("OK", "ENABLE completed")
+
+    def do_namespace(self, tag: bytes, args: Args) -> tuple[str, str]:
+        """RFC 2342: one personal namespace, no others."""
+        args.end()
+        self.send_line(b'* NAMESPACE (("" "/")) NIL NIL')
+        return ("OK", "NAMESPACE completed")
+
+    def do_select(self, tag: bytes, args: Args, readonly: bool = False) -> Any:
+        name = self._mailbox_name(args.next("mailbox"))
+        params: list[Token] = args.optional_list() or []
+        args.end()
+        condstore = False
+        qresync: list[Token] | None = None
+        i = 0
+        while i < len(params):
+            p = str(params[i]).upper() if isinstance(params[i], Atom) else ""
+            if p == "CONDSTORE":
+                condstore = True
+            elif p == "QRESYNC" and i + 1 < len(params) and isinstance(params[i + 1], list):
+                if not self.qresync:
+                    raise ImapError("BAD", "QRESYNC is not enabled")
+                qresync = params[i + 1]  # type: ignore[assignment]
+                i += 1
+            else:
+                raise ParseError("unknown SELECT parameter")
+            i += 1
+        if self.selected is not None:
+            self._deselect()
+            if self.qresync:
+                self.send_line(b"* OK [CLOSED] Previous mailbox closed")
+        if condstore:
+            self.condstore = True
+        account = self._require_account()
+        d = account.call("open_folder", name)
+
+        def opened(box: Any) -> defer.Deferred[Any]:
+            return self.run(_select_listing, box).addCallback(
+                lambda r: self._selected(name, box, readonly, r, qresync)
+            )
+
+        return d.addCallback(opened)
+
+    def do_examine(self, tag: bytes, args: Args) -> Any:
+        return self.do_select(tag, args, readonly=True)
+
+    def _selected(
+        self,
+        name: str,
+        box: Any,
+        readonly: bool,
+        listing: tuple[list[Any], int, int],
+        qresync: list[Token] | None,
+    ) -> tuple[str, str]:
+        messages, uidnext, highest = listing
+        sel = SelectedMailbox(name, box, readonly, messages)
+        key = self._hub_key(name)
+        sel.recent = self.ctx.hub.claim_recent(key, sel.uids)
+        self.selected = sel
+        self.selected_key = key
+        self.ctx.hub.subscribe(key, self._on_change)
+        self.state = "selected"
+        keywords = sorted({k for m in messages for k in acct.flags_of(m)} - set(SYSTEM_FLAGS))
+        flag_list = " ".join([*SYSTEM_FLAGS, *keywords])
+        lines = [
+            f"* FLAGS ({flag_list})".encode(),
+            (
+                b"* OK [PERMANENTFLAGS ()] Read-only mailbox"
+                if readonly
+                else f"* OK [PERMANENTFLAGS ({flag_list} \\*)] Flags permitted".encode()
+            ),
+            b"* %d EXISTS" % len(sel),
+            b"* %d RECENT" % len(sel.recent),
+        ]
+        for seq, uid in enumerate(sel.uids, 1):
+            if "\\Seen" not in acct.flags_of(sel.info[uid]):
+                lines.append(b"* OK [UNSEEN %d] First unseen" % seq)
+                break
+        lines.append(b"* OK [UIDVALIDITY %d] UIDs valid" % sel.uidvalidity)
+        lines.append(b"* OK [UIDNEXT %d] Predicted next UID" % uidnext)
+        lines.append(b"* OK [HIGHESTMODSEQ %d] Highest" % highest)
+        if qresync is not None:
+            lines.extend(self._qresync_lines(sel, qresync))
+        self.send_lines(lines)
+        return (
+            "OK",
+            "[READ-ONLY] EXAMINE completed" if readonly else "[READ-WRITE] SELECT completed",
+        )
+
+    def _qresync_lines(self, sel: SelectedMailbox, params: list[Token]) -> list[bytes]:
+        """RFC 7162 section 3.2.5: VANISHED (EARLIER) and flags changed since a modseq."""
+        if len(params) < 2:
+            raise ParseError("QRESYNC needs uidvalidity and modseq")
+        try:
+            uidvalidity = int(str(params[0]))
+            modseq = int(str(params[1]))
+        except ValueError as exc:
+            raise ParseError("bad QRESYNC parameters") from exc
+        if uidvalidity != sel.uidvalidity:
+            return []
+        known: list[tuple[int, int]] | None = None
+        if len(params) > 2 and isinstance(params[2], Atom):
+            known = parse_seqset(str(params[2]))
+        present = set(sel.uids)
+        vanished: list[int] = []
+        if known is not None:
+            top = sel.highest_uid
+            for lo, hi in known:
+                lo, hi = (lo or top), (hi or top)
+                if hi - lo > 100000:
+                    hi = lo + 100000
+                vanished.extend(u for u in range(min(lo, hi), max(lo, hi) + 1) if u not in present)
+        lines = []
+        if vanished:
+            lines.append(b"* VANISHED (EARLIER) " + format_set(sorted(set(vanished))).encode())
+        for uid in sel.uids:
+            if int(sel.info[uid].modseq) > modseq:
+                lines.append(sel.flags_response(uid, True, with_uid=True))
+        return lines
+
+    def do_create(self, tag: bytes, args: Args) -> Any:
+        raw = as_bytes(args.next("mailbox"))
+        args.end()
+        name = acct.wire_to_name(raw.rstrip(b"/") or raw)
+        if name == "INBOX":
+            raise ImapError("NO", "[ALREADYEXISTS] INBOX always exists")
+        return (
+            self._require_account()
+            .call("create_folder", name)
+            .addCallback(lambda _: ("OK", "CREATE completed"))
+        )
+
+    def do_delete(self, tag: bytes, args: Args) -> Any:
+        name = self._mailbox_name(args.next("mailbox"))
+        args.end()
+        if name == "INBOX":
+            raise ImapError("NO", "[CANNOT] INBOX cannot be deleted")
+        if self.selected is not None and self.selected.name == name:
+            self._deselect()
+        return (
+            self._require_account()
+            .call("delete_folder", name)
+            .addCallback(lambda _: ("OK", "DELETE completed"))
+        )
+
+    def do_rename(self, tag: bytes, args: Args) -> Any:
+        old = self._mailbox_name(args.next("mailbox"))
+        new = self._mailbox_name(args.next("new name"))
+        args.end()
+        if new == "INBOX":
+            raise ImapError("NO", "[ALREADYEXISTS] INBOX always exists")
+        return (
+            self._require_account()
+            .call("rename_folder", old, new)
+            .addCallback(lambda _: ("OK", "RENAME completed"))
+        )
+
+    def do_subscribe(self, tag: bytes, args: Args, on: bool = True) -> Any:
+        name = self._mailbox_name(args.next("mailbox"))
+        args.end()
+        return (
+            self._require_account()
+            .set_subscribed(name, on)
+            .addCallback(lambda _: ("OK", ("SUBSCRIBE" if on else "UNSUBSCRIBE") + " completed"))
+        )
+
+    def do_unsubscribe(self, tag: bytes, args: Args) -> Any:
+        return self.do_subscribe(tag, args, on=False)
+
+    def do_list(self, tag: bytes, args: Args, lsub: bool = False) -> Any:
+        """LIST with LIST-EXTENDED (RFC 5258), LIST-STATUS (RFC 5819), SPECIAL-USE (RFC 6154)."""
+        selection: set[str] = set()
+        if not lsub and isinstance(args.peek(), list):
+            selection = {str(t).upper() for t in args.list()}
+        reference = as_bytes(args.next("reference")).decode("ascii", "replace")
+        pat_tok = args.next("pattern")
+        patterns = pat_tok if isinstance(pat_tok, list) else [pat_tok]
+        returns: set[str] = set()
+        status_items: list[str] = []
+        if args.more():
+            if lsub or args.atom("RETURN").upper() != "RETURN":
+                raise ParseError("expected RETURN")
+            opts = args.list()
+            i = 0
+            while i < len(opts):
+                opt = str(opts[i]).upper()
+                if opt == "STATUS":
+                    i += 1
+                    if i >= len(opts) or not isinstance(opts[i], list):
+                        raise ParseError("STATUS needs a list")
+                    status_items = [str(t).upper() for t in opts[i]]  # type: ignore[union-attr]
+                    _check_status_items(status_items)
+                else:
+                    returns.add(opt)
+                i += 1
+        args.end()
+        if lsub:
+            selection = {"SUBSCRIBED"}
+        if "SUBSCRIBED" in selection:
+            returns.add("SUBSCRIBED")
+        pattern_texts = [as_bytes(p).decode("ascii", "replace") for p in patterns]
+        if not pattern_texts:
+            raise ParseError("empty pattern list")
+        if pattern_texts == [""] and not lsub:
+            self.send_line(b'* LIST (\\Noselect) "/" ""')
+            return ("OK", "LIST completed")
+        try:
+            matchers = [
+                acct.Pattern(acct.canonical_pattern(reference, acct.utf7.decode(p)))
+                for p in pattern_texts
+            ]
+        except InvalidFolderName as exc:
+            raise ParseError(str(exc)) from exc
+        account = self._require_account()
+        d = account.call("list_folders")
+        need_subs = "SUBSCRIBED" in returns or lsub
+        d.addCallback(
+            lambda folders: (
+                account.subscriptions() if need_subs else defer.succeed([])
+            ).addCallback(lambda subs: (list(folders), list(subs)))
+        )
+        d.addCallback(
+            lambda fs: self._list_lines(
+                fs[0], fs[1], matchers, selection, returns, status_items, lsub
+            )
+        )
+        return d
+
+    def do_lsub(self, tag: bytes, args: Args) -> Any:
+        return self.do_list(tag, args, lsub=True)
+
+    def _list_lines(
+        self,
+        folders: list[str],
+        subs: list[str],
+        matchers: list[acct.Pattern],
+        selection: set[str],
+        returns: set[str],
+        status_items: list[str],
+        lsub: bool,
+    ) -> Any:
+        existing, implied = acct.with_parents([*folders, "INBOX"])
+        subscribed = set(subs)
+        everything = existing | implied
+        names = sorted(subscribed if "SUBSCRIBED" in selection else everything, key=_folder_sort)
+        word = b"LSUB" if lsub else b"LIST"
+        out: list[tuple[bytes, str | None]] = []
+        account = self._require_account().account
+        for name in names:
+            if not any(m.matches(name) for m in matchers):
+                continue
+            attrs: list[str] = []
+            if name not in existing:
+                attrs.append("\\NonExistent" if "SUBSCRIBED" in selection else "\\Noselect")
+            if not lsub:
+                attrs.append(
+                    "\\HasChildren" if acct.has_children(name, everything) else "\\HasNoChildren"
+                )
+            if "SUBSCRIBED" in returns and name in subscribed and not lsub:
+                attrs.append("\\Subscribed")
+            role = acct.special_use(account, name)
+            if role:
+                attrs.append(role)
+            elif "SPECIAL-USE" in selection:
+                continue
+            line = b"* " + word + b" (" + " ".join(attrs).encode() + b') "/" ' + _mailbox_wire(name)
+            out.append((line, name if status_items and name in existing else None))
+        return self._send_list(out, status_items, lsub)
+
+    @defer.inlineCallbacks
+    def _send_list(
+        self, out: list[tuple[bytes, str | None]], status_items: list[str], lsub: bool
+    ) -> Any:
+        for line, status_name in out:
+            self.send_line(line)
+            if status_name is not None:
+                try:
+                    yield self._status_line(status_name, status_items)
+                except (NoSuchFolder, InvalidFolderName):
+                    pass
+        return ("OK", ("LSUB" if lsub else "LIST") + " completed")
+
+    def do_status(self, tag: bytes, args: Args) -> Any:
+        name = self._mailbox_name(args.next("mailbox"))
+        items = [str(t).upper() for t in args.list("status items")]
+        args.end()
+        _check_status_items(items)
+        return self._status_line(name, items).addCallback(lambda _: ("OK", "STATUS completed"))
+
+    def _status_line(self, name: str, items: list[str]) -> defer.Deferred[None]:
+        account = self._require_account()
+        d = self.run(_status_values, account.account, name)
+
+        def send(values: dict[str, int]) -> None:
+            if self.selected is not None and self.selected.name == name:
+                values["RECENT"] = len(self.selected.recent)
+            body = " ".join(f"{item} {values[item]}" for item in items)
+            self.send_line(b"* STATUS " + _mailbox_wire(name) + b" (" + body.encode() + b")")
+
+        return d.addCallback(send)
+
+    def do_append(self, tag: bytes, args: Args) -> Any:
+        """RFC 3501 section 6.3.11 with UIDPLUS (RFC 4315) and APPENDLIMIT (RFC 7889)."""
+        name = self._mailbox_name(args.next("mailbox"))
+        flags: list[str] = []
+        date: float | None = None
+        tok = args.next("message")
+        if isinstance(tok, list):
+            flags = _flag_list(tok)
+            tok = args.next("message")
+        if isinstance(tok, bytes) and args.more():
+            date = _parse_date_time(tok)
+            tok = args.next("message")
+        if isinstance(tok, Atom) and tok.upper() == "UTF8":
+            raise ParseError("UTF8 APPEND is not supported")
+        if not isinstance(tok, (bytes, LiteralFile)):
+            raise ParseError("expected a message literal")
+        args.end()
+        if isinstance(tok, bytes):
+            size = len(tok)
+        else:
+            size = tok.size
+        if size == 0:
+            raise ImapError("NO", "Empty message")
+        source = tok
+        account = self._require_account()
+        d = self.run(
+            _append, account.account, name, source, [f for f in flags if f != "\\Recent"], date
+        )
+
+        def appended(result: tuple[int, int]) -> Any:
+            uidvalidity, uid = result
+            self._notify(name)
+            if self.selected is not None and self.selected.name == name:
+                self.dirty = True
+            return ("OK", f"[APPENDUID {uidvalidity} {uid}] APPEND completed")
+
+        def failed(failure: Failure) -> Any:
+            if failure.check(NoSuchFolder):
+                raise ImapError("NO", "[TRYCREATE] No such mailbox")
+            return failure
+
+        def cleanup(result: Any) -> Any:
+            if isinstance(source, LiteralFile):
+                source.file.close()
+            return result
+
+        return d.addCallbacks(appended, failed).addBoth(cleanup)
+
+    # ------------------------------------------------------------------
+    # Selected (RFC 3501 section 6.4)
+
+    def _sel(self) -> SelectedMailbox:
+        assert self.selected is not None
+        return self.selected
+
+    def do_check(self, tag: bytes, args: Args) -> Any:
+        args.end()
+        return self._sync().addCallback(lambda _: ("OK", "CHECK completed"))
+
+    def do_close(self, tag: bytes, args: Args) -> Any:
+        args.end()
+        sel = self._sel()
+        if sel.readonly:
+            self._deselect()
+            return ("OK", "CLOSE completed")
+        d = self.run(_expunge_deleted, sel.box, None)
+
+        def done(removed: list[int]) -> tuple[str, str]:
+            if removed:
+                self._notify(sel.name)
+            self._deselect()
+            return ("OK", "CLOSE completed")
+
+        return d.addCallback(done)
+
+    def do_unselect(self, tag: bytes, args: Args) -> tuple[str, str]:
+        """RFC 3691."""
+        args.end()
+        self._deselect()
+        return ("OK", "UNSELECT completed")
+
+    def do_expunge(self, tag: bytes, args: Args, uid: bool = False) -> Any:
+        uids: list[tuple[int, int]] | None = None
+        if uid:
+            uids = parse_seqset(args.atom("UID set"))
+        args.end()
+        sel = self._sel()
+        if sel.readonly:
+            raise ImapError("NO", "[READ-ONLY] Mailbox is read-only")
+        allowed = sel.uids_for_uidset(uids) if uids is not None else None
+        d = self.run(_expunge_deleted, sel.box, allowed)
+
+        def done(removed: list[int]) -> Any:
+            if removed:
+                self._notify(sel.name)
+            return self._sync().addCallback(lambda _: ("OK", "EXPUNGE completed"))
+
+        return d.addCallback(done)
+
+    def _resolve(self, text: str, uid: bool) -> list[int]:
+        sel = self._sel()
+        ranges = parse_seqset(text)
+        if uid:
+            return sel.uids_for_uidset(ranges)
+        n = len(sel)
+        for lo, hi in ranges:
+            if (lo and lo > n) or (hi and hi > n):
+                raise ImapError("BAD", "Invalid message sequence number")
+        return sel.uids_for_seqs(ranges)
+
+    def do_fetch(self, tag: bytes, args: Args, uid: bool = False) -> Any:
+        """RFC 3501 section 6.4.5, CONDSTORE CHANGEDSINCE and QRESYNC VANISHED (RFC 7162)."""
+        set_text = args.atom("sequence set")
+        uids = self._resolve(set_text, uid)
+        attrs = fetchmod.parse_attrs(args.next("fetch items"))
+        changedsince: int | None = None
+        vanished = False
+        mods = args.optional_list()
+        if mods is not None:
+            i = 0
+            while i < len(mods):
+                m = str(mods[i]).upper()
+                if m == "CHANGEDSINCE" and i + 1 < len(mods):
+                    changedsince = int(str(mods[i + 1])) if str(mods[i + 1]).isdigit() else None
+                    if changedsince is None:
+                        raise ParseError("bad CHANGEDSINCE")
+                    i += 2
+                elif m == "VANISHED" and uid:
+                    vanished = True
+                    i += 1
+                else:
+                    raise ParseError("unknown FETCH modifier")
+            if vanished and (changedsince is None or not self.qresync):
+                raise ParseError("VANISHED needs CHANGEDSINCE and QRESYNC")
+        args.end()
+        sel = self._sel()
+        if changedsince is not None:
+            self.condstore = True
+            if vanished:
+                # no expunge history is kept: report every missing UID of the range (RFC 7162 3.2.6)
+                gone = _missing_uids(parse_seqset(set_text), sel)
+                if gone:
+                    self.send_line(b"* VANISHED (EARLIER) " + format_set(gone).encode())
+            uids = [u for u in uids if int(sel.info[u].modseq) > changedsince]
+        want_uid = uid or any(a.name == "UID" for a in attrs)
+        want_flags = any(a.name == "FLAGS" for a in attrs)
+        want_modseq = changedsince is not None or any(a.name == "MODSEQ" for a in attrs)
+        set_seen = not sel.readonly and any(a.sets_seen for a in attrs)
+        needs_data = any(a.needs_data for a in attrs)
+        return self._fetch_chunks(
+            sel, uids, attrs, want_uid, want_flags, want_modseq, set_seen, needs_data
+        )
+
+    def _fetch_chunks(
+        self,
+        sel: SelectedMailbox,
+        uids: list[int],
+        attrs: list[fetchmod.Attr],
+        want_uid: bool,
+        want_flags: bool,
+        want_modseq: bool,
+        set_seen: bool,
+        needs_data: bool,
+    ) -> defer.Deferred[Any]:
+        result: defer.Deferred[Any] = defer.Deferred()
+        state = {"pos": 0, "gone": False, "changed": False}
+
+        def next_chunk(_: Any = None) -> None:
+            if self.closed or self.selected is not sel:
+                result.callback(("NO", "Mailbox closed"))
+                return
+            pos = state["pos"]
+            chunk = uids[pos : pos + FETCH_CHUNK]
+            if not chunk:
+                if state["changed"]:
+                    self._notify(sel.name)
+                if state["gone"]:
+                    result.callback(("NO", "[EXPUNGEISSUED] Some messages were expunged"))
+                else:
+                    result.callback(("OK", "FETCH completed"))
+                return
+            state["pos"] = pos + FETCH_CHUNK
+            infos = [sel.info[u] for u in chunk]
+            if needs_data or set_seen:
+                d = self.run(_fetch_work, sel.box, infos, attrs, needs_data, set_seen)
+            else:
+                d = defer.succeed(
+                    [(info, fetchmod.build_items(attrs, info, None, {}), False) for info in infos]
+                )
+            d.addCallback(write)
+            d.addCallback(lambda _: self._drain())
+            d.addCallback(next_chunk)
+            d.addErrback(result.errback)
+
+        def write(rows: list[tuple[Any, bytes | None, bool]]) -> None:
+            out = []
+            for info, items, seen_set in rows:
+                if items is None:
+                    state["gone"] = True
+                    continue
+                seq = sel.seq_of(info.uid)
+                if not seq:
+                    continue
+                flags_now = want_flags
+                if seen_set:
+                    sel.record(info)
+                    state["changed"] = True
+                    flags_now = True
+                parts = []
+                if want_uid:
+                    parts.append(b"UID %d" % info.uid)
+                if items:
+                    parts.append(items)
+                if flags_now:
+                    flags = set(acct.flags_of(info))
+                    if info.uid in sel.recent:
+                        flags.add("\\Recent")
+                    parts.append(b"FLAGS " + fetchmod.format_flags(flags))
+                if want_modseq or (seen_set and self.condstore):
+                    parts.append(b"MODSEQ (%d)" % int(info.modseq))
+                out.append(b"* %d FETCH (" % seq + b" ".join(parts) + b")")
+            self.send_lines(out)
+
+        next_chunk()
+        return result
+
+    def do_store(self, tag: bytes, args: Args, uid: bool = False) -> Any:
+        """RFC 3501 section 6.4.6 with UNCHANGEDSINCE (RFC 7162 section 3.1.3)."""
+        uids = self._resolve(args.atom("sequence set"), uid)
+        unchanged: int | None = None
+        mods = args.optional_list()
+        if mods is not None:
+            if (
+                len(mods) != 2
+                or str(mods[0]).upper() != "UNCHANGEDSINCE"
+                or not str(mods[1]).isdigit()
+            ):
+                raise ParseError("bad STORE modifier")
+            unchanged = int(str(mods[1]))
+            self.condstore = True
+        item = args.atom("store item").upper()
+        if item not in (
+            "FLAGS",
+            "+FLAGS",
+            "-FLAGS",
+            "FLAGS.SILENT",
+            "+FLAGS.SILENT",
+            "-FLAGS.SILENT",
+        ):
+            raise ParseError("bad STORE item")
+        rest: list[Token] = []
+        while args.more():
+            rest.append(args.next())
+        if len(rest) == 1 and isinstance(rest[0], list):
+            rest = rest[0]
+        flags = _flag_list(rest)
+        sel = self._sel()
+        if sel.readonly:
+            raise ImapError("NO", "[READ-ONLY] Mailbox is read-only")
+        mode = item[0] if item[0] in "+-" else "="
+        silent = item.endswith(".SILENT")
+        infos = [sel.info[u] for u in uids]
+        d = self.run(_store_flags, sel.box, infos, mode, flags, unchanged)
+
+        def done(result: tuple[list[tuple[Any, bool]], list[int]]) -> tuple[str, str]:
+            results, failed = result
+            lines = []
+            any_changed = False
+            for info, changed in results:
+                if changed:
+                    sel.record(info)
+                    any_changed = True
+                if not sel.seq_of(info.uid):
+                    continue
+                if silent and not (changed and unchanged is not None):
+                    continue
+                lines.append(self._store_fetch_line(sel, info, uid))
+            if any_changed:
+                self._notify(sel.name)
+            self.send_lines(lines)
+            if failed:
+                numbers = sorted(failed) if uid else sorted(sel.seq_of(u) for u in failed)
+                return ("OK", f"[MODIFIED {format_set(numbers)}] Conditional STORE failed")
+            return ("OK", "STORE completed")
+
+        return d.addCallback(done)
+
+    def _store_fetch_line(self, sel: SelectedMailbox, info: Any, uid: bool) -> bytes:
+        flags = set(acct.flags_of(info))
+        if info.uid in sel.recent:
+            flags.add("\\Recent")
+        parts = []
+        if uid:
+            parts.append(b"UID %d" % info.uid)
+        parts.append(b"FLAGS " + fetchmod.format_flags(flags))
+        if self.condstore:
+            parts.append(b"MODSEQ (%d)" % int(info.modseq))
+        return b"* %d FETCH (" % sel.seq_of(info.uid) + b" ".join(parts) + b")"
+
+    def do_copy(self, tag: bytes, args: Args, uid: bool = False, move: bool = False) -> Any:
+        """COPY with COPYUID (RFC 4315) and MOVE (RFC 6851)."""
+        uids = self._resolve(args.atom("sequence set"), uid)
+        target = self._mailbox_name(args.next("mailbox"))
+        args.end()
+        sel = self._sel()
+        if move and sel.readonly:
+            raise ImapError("NO", "[READ-ONLY] Mailbox is read-only")
+        if not uids:
+            return ("OK", ("MOVE" if move else "COPY") + " completed (no messages)")
+        d = self.run(_copy, self._require_account().account, sel.box, target, uids, move)
+
+        def done(result: tuple[int, dict[int, int], list[int]]) -> Any:
+            uidvalidity, mapping, _removed = result
+            self._notify(target)
+            src = sorted(mapping)
+            code = (
+                f"[COPYUID {uidvalidity} {format_set(src)} {format_set([mapping[u] for u in src])}]"
+            )
+            if target == sel.name:
+                self.dirty = True
+            if not move:
+                return ("OK", f"{code} COPY completed")
+            self.send_line(f"* OK {code} Moved".encode())
+            self._notify(sel.name)
+            return self._sync().addCallback(lambda _: ("OK", "MOVE completed"))
+
+        def failed(failure: Failure) -> Any:
+            if failure.check(NoSuchFolder):
+                raise ImapError("NO", "[TRYCREATE] No such mailbox")
+            return failure
+
+        return d.addCallbacks(done, failed)
+
+    def do_move(self, tag: bytes, args: Args, uid: bool = False) -> Any:
+        return self.do_copy(tag, args, uid, move=True)
+
+    def _candidates(
+        self, sel: SelectedMailbox, uids: list[int] | None = None
+    ) -> list[searchmod.Candidate]:
+        wanted = sel.uids if uids is None else uids
+        return [
+            searchmod.Candidate(sel.seq_of(u), u, _ViewInfo(sel.info[u]), u in sel.recent)
+            for u in wanted
+        ]
+
+    def do_search(self, tag: bytes, args: Args, uid: bool = False) -> Any:
+        """SEARCH (RFC 3501 section 6.4.4) and ESEARCH RETURN options (RFC 4731)."""
+        returns: list[str] | None = None
+        if isinstance(args.peek(), Atom) and str(args.peek()).upper() == "RETURN":
+            args.next()
+            returns = [str(t).upper() for t in args.list("return options")]
+            if not returns:
+                returns = ["ALL"]
+            for r in returns:
+                if r not in ("MIN", "MAX", "ALL", "COUNT", "SAVE"):
+                    raise ParseError("unknown RETURN option")
+        tokens = args.tokens[args.pos :]
+        try:
+            program, _charset = searchmod.parse_program(tokens)
+        except searchmod.BadCharset as exc:
+            raise ImapError("NO", "[BADCHARSET (UTF-8 US-ASCII)] Unsupported charset") from exc
+        sel = self._sel()
+        cands = self._candidates(sel)
+        d = self.run(_search, sel.box, program, cands, len(sel), sel.uids[-1] if sel.uids else 0)
+
+        def done(matches: list[searchmod.Candidate]) -> tuple[str, str]:
+            numbers = [c.uid if uid else c.seq for c in matches]
+            if self.condstore and any(_uses_modseq(program) for _ in [0]):
+                top = max((int(c.info.modseq) for c in matches), default=0)
+            else:
+                top = 0
+            if returns is None:
+                line = b"* SEARCH" + b"".join(b" %d" % n for n in numbers)
+                if top:
+                    line += b" (MODSEQ %d)" % top
+                self.send_line(line)
+            else:
+                parts = [b'* ESEARCH (TAG "' + tag + b'")']
+                if uid:
+                    parts.append(b"UID")
+                if numbers:
+                    if "MIN" in returns:
+                        parts.append(b"MIN %d" % min(numbers))
+                    if "MAX" in returns:
+                        parts.append(b"MAX %d" % max(numbers))
+                    if "ALL" in returns:
+                        parts.append(b"ALL " + format_set(sorted(numbers)).encode())
+                if "COUNT" in returns:
+                    parts.append(b"COUNT %d" % len(numbers))
+                if top:
+                    parts.append(b"MODSEQ %d" % top)
+                self.send_line(b" ".join(parts))
+            return ("OK", "SEARCH completed")
+
+        return d.addCallback(done)
+
+    def do_sort(self, tag: bytes, args: Args, uid: bool = False) -> Any:
+        """RFC 5256 section 3."""
+        criteria = searchmod.parse_sort_criteria(args.next("sort criteria"))
+        charset = as_bytes(args.next("charset")).decode("ascii", "replace").upper()
+        if charset not in ("UTF-8", "US-ASCII"):
+            raise ImapError("NO", "[BADCHARSET (UTF-8 US-ASCII)] Unsupported charset")
+        program, _ = searchmod.parse_program(args.tokens[args.pos :])
+        sel = self._sel()
+        cands = self._candidates(sel)
+        d = self.run(
+            _sort, sel.box, program, cands, len(sel), sel.uids[-1] if sel.uids else 0, criteria
+        )
+
+        def done(ordered: list[searchmod.Candidate]) -> tuple[str, str]:
+            self.send_line(
+                b"* SORT" + b"".join(b" %d" % (c.uid if uid else c.seq) for c in ordered)
+            )
+            return ("OK", "SORT completed")
+
+        return d.addCallback(done)
+
+    def do_thread(self, tag: bytes, args: Args, uid: bool = False) -> Any:
+        """RFC 5256 section 4: ORDEREDSUBJECT and REFERENCES."""
+        algorithm = args.atom("algorithm").upper()
+        if algorithm not in ("ORDEREDSUBJECT", "REFERENCES"):
+            raise ParseError("unknown threading algorithm")
+        charset = as_bytes(args.next("charset")).decode("ascii", "replace").upper()
+        if charset not in ("UTF-8", "US-ASCII"):
+            raise ImapError("NO", "[BADCHARSET (UTF-8 US-ASCII)] Unsupported charset")
+        program, _ = searchmod.parse_program(args.tokens[args.pos :])
+        sel = self._sel()
+        cands = self._candidates(sel)
+        for c in cands:
+            c.number = c.uid if uid else c.seq
+        d = self.run(
+            _thread, sel.box, program, cands, len(sel), sel.uids[-1] if sel.uids else 0, algorithm
+        )
+
+        def done(text: bytes) -> tuple[str, str]:
+            self.send_line(b"* THREAD" + (b" " + text if text else b""))
+            return ("OK", "THREAD completed")
+
+        return d.addCallback(done)
+
+    def do_idle(self, tag: bytes, args: Args) -> Any:
+        """RFC 2177: push EXISTS / EXPUNGE / FETCH while the client waits."""
+        args.end()
+        self.idle_tag = tag
+        self.send_line(b"+ idling")
+        self.line_handler = self._idle_line
+        self.busy = False  # let _process read the DONE line
+        if self.selected is not None:
+            self._schedule_idle_poll()
+        return None
+
+    def _idle_line(self, line: bytes) -> None:
+        tag = self.idle_tag
+        self.line_handler = None
+        self.idle_tag = None
+        self._stop_idle_poll()
+        self.busy = True
+        assert tag is not None
+        if line.strip().upper() != b"DONE":
+            self._finish(tag, "BAD", "Expected DONE", bad=True)
+            return
+        pending = self.idle_syncing or defer.succeed(None)
+        pending.addBoth(lambda _: self._command_done(tag, "IDLE", ("OK", "IDLE terminated")))
+
+    def _schedule_idle_poll(self) -> None:
+        self._stop_idle_poll()
+        self.idle_call = self.reactor.callLater(self.settings.idle_poll, self._idle_poll)
+
+    def _stop_idle_poll(self) -> None:
+        if self.idle_call is not None and self.idle_call.active():
+            self.idle_call.cancel()
+        self.idle_call = None
+
+    def _idle_poll(self) -> None:
+        if self.idle_tag is None or self.closed or self.idle_syncing is not None:
+            return
+        d = self._sync()
+        self.idle_syncing = d
+
+        def done(result: Any) -> None:
+            self.idle_syncing = None
+            if self.idle_tag is not None and not self.closed:
+                self._schedule_idle_poll()
+            if isinstance(result, Failure):
+                log.failure("IDLE refresh failed", result)
+
+        d.addBoth(done)
+
+    # ------------------------------------------------------------------
+    # QUOTA (RFC 9208)
+
+    def do_getquotaroot(self, tag: bytes, args: Args) -> Any:
+        name = self._mailbox_name(args.next("mailbox"))
+        args.end()
+        self.send_line(b"* QUOTAROOT " + _mailbox_wire(name) + b' ""')
+        return self._quota_line().addCallback(lambda _: ("OK", "GETQUOTAROOT completed"))
+
+    def do_getquota(self, tag: bytes, args: Args) -> Any:
+        root = as_bytes(args.next("quota root"))
+        args.end()
+        if root != b"":
+            raise ImapError("NO", "[NONEXISTENT] No such quota root")
+        return self._quota_line().addCallback(lambda _: ("OK", "GETQUOTA completed"))
+
+    def do_setquota(self, tag: bytes, args: Args) -> tuple[str, str]:
+        raise ImapError("NO", "[NOPERM] Quota is set by the administrator")
+
+    def _quota_line(self) -> defer.Deferred[None]:
+        d = self._require_account().call("quota")
+
+        def send(q: Any) -> None:
+            used, limit, used_msgs, limit_msgs = q
+            res = []
+            if limit:
+                res.append(f"STORAGE {(used + 1023) // 1024} {limit // 1024}")
+            if limit_msgs:
+                res.append(f"MESSAGE {used_msgs} {limit_msgs}")
+            self.send_line(b'* QUOTA "" (' + " ".join(res).encode() + b")")
+
+        return d.addCallback(send)
+
+
+class _ViewInfo:
+    """A MessageInfo seen through the session: flags include keywords."""
+
+    __slots__ = ("flags", "internal_date", "modseq", "size", "uid")
+
+    def __init__(self, info: Any) -> None:
+        self.uid = info.uid
+        self.size = info.size
+        self.flags = acct.flags_of(info)
+        self.modseq = info.modseq
+        self.internal_date = info.internal_date
+
+
+class _SaslExchange:
+    """One AUTHENTICATE exchange (RFC 3501 section 6.2.2): base64 lines until done or ``*``."""
+
+    def __init__(self, server: IMAPServer, tag: bytes, mech: str) -> None:
+        self.server = server
+        self.tag = tag
+        self.mech = mech
+        self.done: defer.Deferred[Any] = defer.Deferred()
+        sasl = server.ctx.sasl
+        self.mechanism = sasl.server(mech, server.ctx.portal) if sasl is not None else _Plain()
+
+    def start(self) -> None:
+        self.challenge(b"")
+
+    def challenge(self, data: bytes) -> None:
+        self.server.send_line(b"+ " + base64.b64encode(data))
+        self.server.line_handler = self.line
+        self.server.busy = False
+
+    def line(self, line: bytes) -> None:
+        self.server.line_handler = None
+        self.server.busy = True
+        if line.strip() == b"*":
+            self.done.errback(ImapError("BAD", "AUTHENTICATE cancelled"))
+            return
+        try:
+            data = base64.b64decode(line.strip(), validate=True)
+        except ValueError:
+            self.done.errback(ImapError("BAD", "Invalid base64"))
+            return
+        self.step(data)
+
+    def step(self, data: bytes, initial: bool = False) -> None:
+        try:
+            result = self.mechanism.step(data)
+        except ValueError:
+            self.done.errback(ImapError("BAD", "Malformed SASL response"))
+            return
+        if result[0] == "challenge":
+            self.challenge(result[1])
+            return
+        _, user, password = result
+        if user is None:
+            self.done.errback(ImapError("NO", "[AUTHENTICATIONFAILED] Authentication failed"))
+            return
+        d = self.server._authenticate(user, password)
+        d.chainDeferred(self.done)
+
+
+class _Plain:
+    """SASL PLAIN (RFC 4616), used when the auth layer's mechanisms are not wired."""
+
+    def step(self, data: bytes) -> tuple[Any, ...]:
+        if not data:
+            return ("challenge", b"")
+        parts = data.split(b"\0")
+        if len(parts) != 3:
+            raise ValueError("PLAIN needs authzid NUL authcid NUL password")
+        authz, user, password = parts
+        if authz and authz != user:
+            return ("done", None, None)
+        return ("done", user, password)
+
+
+def _mail_user_interface() -> Any:
+    from mailserv import interfaces
+
+    return getattr(interfaces, "IMailUser", None) or interfaces.Interface
+
+
+def _valid_tag(tag: bytes) -> bool:
+    return bool(tag) and len(tag) <= 64 and all(c in _TAG_CHARS for c in tag) and tag != b"+"
+
+
+def _mailbox_wire(name: str) -> bytes:
+    return _quote(acct.name_to_wire(name))
+
+
+def _folder_sort(name: str) -> tuple[int, str]:
+    return (0 if name == "INBOX" else 1, name)
+
+
+def _flag_list(tokens: list[Token]) -> list[str]:
+    flags = []
+    for t in tokens:
+        if not isinstance(t, Atom):
+            raise ParseError("flags must be atoms")
+        text = str(t)
+        if text.startswith("\\"):
+            canon = {f.lower(): f for f in (*SYSTEM_FLAGS, "\\Recent")}.get(text.lower())
+            if canon is None:
+                raise ParseError(f"unknown system flag {text[:20]}")
+            text = canon
+        elif len(text) > 50 or any(c in text for c in '(){%*"\\]') or not text.isprintable():
+            raise ParseError("invalid keyword")
+        flags.append(text)
+    if len({f for f in flags if not f.startswith("\\")}) > 64:
+        raise ImapError("NO", "[LIMIT] Too many keywords")
+    return flags
+
+
+_STATUS_ITEMS = {"MESSAGES", "RECENT", "UIDNEXT", "UIDVALIDITY", "UNSEEN", "HIGHESTMODSEQ", "SIZE"}
+
+
+def _check_status_items(items: list[str]) -> None:
+    if not items or any(i not in _STATUS_ITEMS for i in items):
+        raise ParseError("bad STATUS items")
+
+
+def _missing_uids(ranges: list[tuple[int, int]], sel: SelectedMailbox) -> list[int]:
+    present = set(sel.uids)
+    top = sel.highest_uid
+    out: set[int] = set()
+    for lo, hi in ranges:
+        lo, hi = (lo or top), (hi or top)
+        lo, hi = min(lo, hi), min(max(lo, hi), top)
+        if hi - lo > 100000:
+            lo = hi - 100000
+        out.update(u for u in range(lo, hi + 1) if u not in present)
+    return sorted(out)
+
+
+def _uses_modseq(key: searchmod.Key) -> bool:
+    return key.op == "MODSEQ" or any(_uses_modseq(c) for c in key.children)
+
+
+# --------------------------------------------------------------------------
+# Work done in the disk thread pool: plain functions over the store objects
+
+
+def _refresh_listing(box: Any) -> list[Any]:
+    box.refresh()
+    return list(box.messages())
+
+
+def _select_listing(box: Any) -> tuple[list[Any], int, int]:
+    box.refresh()
+    messages = list(box.messages())
+    return messages, int(box.uidnext()), int(box.highest_modseq())
+
+
+def _status_values(account: Any, name: str) -> dict[str, int]:
+    box = account.open_folder(name)
+    try:
+        box.refresh()
+        messages = list(box.messages())
+        return {
+            "MESSAGES": len(messages),
+            "RECENT": 0,
+            "UIDNEXT": int(box.uidnext()),
+            "UIDVALIDITY": int(box.uidvalidity),
+            "UNSEEN": sum(1 for m in messages if "\\Seen" not in m.flags),
+            "HIGHESTMODSEQ": int(box.highest_modseq()),
+            "SIZE": sum(int(m.size) for m in messages),
+        }
+    finally:
+        box.close()
+
+
+def _append(
+    account: Any, name: str, source: Any, flags: list[str], date: float | None
+) -> tuple[int, int]:
+    import io
+
+    box = account.open_folder(name)
+    try:
+        if isinstance(source, LiteralFile):
+            source.file.seek(0)
+            stream = source.file
+        else:
+            stream = io.BytesIO(source)
+        uid = box.append(stream, flags, date if date is not None else time.time())
+        return int(box.uidvalidity), int(uid)
+    finally:
+        box.close()
+
+
+def _read_message(box: Any, uid: int) -> bytes | None:
+    try:
+        f = box.open_message(uid)
+    except KeyError:
+        return None
+    with f:
+        return bytes(f.read())
+
+
+def _fetch_work(
+    box: Any, infos: list[Any], attrs: list[fetchmod.Attr], needs_data: bool, set_seen: bool
+) -> list[tuple[Any, bytes | None, bool]]:
+    rows: list[tuple[Any, bytes | None, bool]] = []
+    for info in infos:
+        seen_set = False
+        if set_seen and "\\Seen" not in info.flags:
+            try:
+                info = box.set_flags(info.uid, set(acct.flags_of(info)) | {"\\Seen"})
+                seen_set = True
+            except KeyError:
+                rows.append((info, None, False))
+                continue
+        data = None
+        if needs_data:
+            data = _read_message(box, info.uid)
+            if data is None:
+                rows.append((info, None, False))
+                continue
+        rows.append((info, fetchmod.build_items(attrs, info, data, {}), seen_set))
+    return rows
+
+
+def _store_flags(
+    box: Any, infos: list[Any], mode: str, flags: list[str], unchanged: int | None
+) -> tuple[list[tuple[Any, bool]], list[int]]:
+    results: list[tuple[Any, bool]] = []
+    failed: list[int] = []
+    wanted = {f for f in flags if f != "\\Recent"}
+    for info in infos:
+        if unchanged is not None and int(info.modseq) > unchanged:
+            failed.append(info.uid)
+            continue
+        current = set(acct.flags_of(info))
+        if mode == "+":
+            new = current | wanted
+        elif mode == "-":
+            new = current - wanted
+        else:
+            new = set(wanted)
+        if new == current:
+            results.append((info, False))
+            continue
+        try:
+            results.append((box.set_flags(info.uid, new), True))
+        except KeyError:
+            continue
+    return results, failed
+
+
+def _expunge_deleted(box: Any, allowed: list[int] | None) -> list[int]:
+    box.refresh()
+    doomed = [m.uid for m in box.messages() if "\\Deleted" in m.flags]
+    if allowed is not None:
+        permitted = set(allowed)
+        doomed = [u for u in doomed if u in permitted]
+    if not doomed:
+        return []
+    return list(box.expunge(doomed))
+
+
+def _copy(
+    account: Any, box: Any, target: str, uids: list[int], move: bool
+) -> tuple[int, dict[int, int], list[int]]:
+    dest = account.open_folder(target)
+    try:
+        mapping = dict(box.copy_to(uids, dest))
+        uidvalidity = int(dest.uidvalidity)
+    finally:
+        dest.close()
+    removed: list[int] = []
+    if move and mapping:
+        removed = list(box.expunge(sorted(mapping)))
+    return uidvalidity, mapping, removed
+
+
+def _matching(
+    box: Any, program: searchmod.Key, cands: list[searchmod.Candidate], max_seq: int, max_uid: int
+) -> list[searchmod.Candidate]:
+    for c in cands:
+        c.loader = lambda uid=c.uid: _read_message(box, uid) or b""
+    return [c for c in cands if searchmod.evaluate(program, c, max_seq, max_uid)]
+
+
+def _search(
+    box: Any, program: searchmod.Key, cands: list[searchmod.Candidate], max_seq: int, max_uid: int
+) -> list[searchmod.Candidate]:
+    return _matching(box, program, cands, max_seq, max_uid)
+
+
+def _sort(
+    box: Any,
+    program: searchmod.Key,
+    cands: list[searchmod.Candidate],
+    max_seq: int,
+    max_uid: int,
+    criteria: list[tuple[str, bool]],
+) -> list[searchmod.Candidate]:
+    return searchmod.sort_candidates(_matching(box, program, cands, max_seq, max_uid), criteria)
+
+
+def _thread(
+    box: Any,
+    program: searchmod.Key,
+    cands: list[searchmod.Candidate],
+    max_seq: int,
+    max_uid: int,
+    algorithm: str,
+) -> bytes:
+    matches = _matching(box, program, cands, max_seq, max_uid)
+    if algorithm == "ORDEREDSUBJECT":
+        return searchmod.thread_orderedsubject(matches)
+    return searchmod.thread_references(matches)
+
+
+_ANY = ("notauth", "auth", "selected")
+_AUTH = ("auth", "selected")
+_SELECTED = ("selected",)
+_COMMANDS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "CAPABILITY": ("do_capability", _ANY),
+    "NOOP": ("do_noop", _ANY),
+    "LOGOUT": ("do_logout", _ANY),
+    "ID": ("do_id", _ANY),
+    "STARTTLS": ("do_starttls", ("notauth",)),
+    "LOGIN": ("do_login", ("notauth",)),
+    "AUTHENTICATE": ("do_authenticate", ("notauth",)),
+    "ENABLE": ("do_enable", _AUTH),
+    "NAMESPACE": ("do_namespace", _AUTH),
+    "SELECT": ("do_select", _AUTH),
+    "EXAMINE": ("do_examine", _AUTH),
+    "CREATE": ("do_create", _AUTH),
+    "DELETE": ("do_delete", _AUTH),
+    "RENAME": ("do_rename", _AUTH),
+    "SUBSCRIBE": ("do_subscribe", _AUTH),
+    "UNSUBSCRIBE": ("do_unsubscribe", _AUTH),
+    "LIST": ("do_list", _AUTH),
+    "LSUB": ("do_lsub", _AUTH),
+    "STATUS": ("do_status", _AUTH),
+    "APPEND": ("do_append", _AUTH),
+    "IDLE": ("do_idle", _AUTH),
+    "GETQUOTA": ("do_getquota", _AUTH),
+    "GETQUOTAROOT": ("do_getquotaroot", _AUTH),
+    "SETQUOTA": ("do_setquota", _AUTH),
+    "CHECK": ("do_check", _SELECTED),
+    "CLOSE": ("do_close", _SELECTED),
+    "UNSELECT": ("do_unselect", _SELECTED),
+    "EXPUNGE": ("do_expunge", _SELECTED),
+    "SEARCH": ("do_search", _SELECTED),
+    "FETCH": ("do_fetch", _SELECTED),
+    "STORE": ("do_store", _SELECTED),
+    "COPY": ("do_copy", _SELECTED),
+    "MOVE": ("do_move", _SELECTED),
+    "SORT": ("do_sort", _SELECTED),
+    "THREAD": ("do_thread", _SELECTED),
+}
+_UID_COMMANDS = {"FETCH", "STORE", "COPY", "MOVE", "SEARCH", "EXPUNGE", "SORT", "THREAD"}

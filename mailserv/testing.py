@@ -13,7 +13,7 @@ from typing import Any
 
 from zope.interface import implementer
 
-from mailserv.interfaces import IMailAccount, IMailbox, IMailStore
+from mailserv.interfaces import IMailAccount, IMailbox, IMailStore, IUserDirectory
 
 # --------------------------------------------------------------------------
 # Stores (used by the POP3 tests)
@@ -130,6 +130,119 @@ class MemoryMailStore:
 
     def open(self, user: Any) -> MemoryAccount:
         return self.account(user.name)
+
+
+# --------------------------------------------------------------------------
+# SMTP: directory, store with prefix and failures, synchronous threads, a
+# service object with the attributes MailService exposes (used by tests/smtp/).
+
+
+class SyncThreads:
+    """ThreadPools stand-in running ``fn`` at once on the calling thread."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    def run(self, name: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        from twisted.internet import defer
+
+        self.calls.append(name)
+        return defer.maybeDeferred(fn, *args, **kwargs)
+
+
+@implementer(IUserDirectory)
+class MemoryDirectory:
+    """An IUserDirectory of ``address -> User`` (lower-case keys).
+
+    Setting ``fail`` makes lookups fail with TemporaryFailure.
+    """
+
+    def __init__(self, users: dict[str, Any] | None = None) -> None:
+        self.users = {k.lower(): v for k, v in (users or {}).items()}
+        self.fail = False
+        self.lookups: list[str] = []
+
+    def add(self, address: str, name: str | None = None, **extra: Any) -> Any:
+        from mailserv.directory import User
+
+        user = User(name=name or address, mailbox=f"/nonexistent/{address}", **extra)
+        self.users[address.lower()] = user
+        return user
+
+    def lookup(self, address: str) -> Any:
+        from twisted.internet import defer
+
+        from mailserv.errors import TemporaryFailure
+
+        self.lookups.append(address)
+        if self.fail:
+            return defer.fail(TemporaryFailure("directory down"))
+        return defer.succeed(self.users.get(address.lower()))
+
+
+class PrefixMemoryStore(MemoryMailStore):
+    """MemoryMailStore with the ``prefix`` argument of IMailStore.deliver and injected failures."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.failures: dict[str, BaseException] = {}
+
+    def deliver(  # type: ignore[override]
+        self, user: Any, source: Any, folder: str | None = None, prefix: bytes = b""
+    ) -> int:
+        if user.name in self.failures:
+            raise self.failures[user.name]
+        account = self.account(user.name)
+        return account.open_folder(folder or "INBOX", create=True).add(prefix + source.read())
+
+    def messages(self, name: str, folder: str = "INBOX") -> list[bytes]:
+        box = self.account(name).folders.get(folder)
+        return [] if box is None else [box.contents[uid] for uid in sorted(box.contents)]
+
+
+class FakeSMTPService:
+    """The attributes of MailService that mailserv.smtp uses, with in-memory parts."""
+
+    def __init__(self, config: Any, reactor: Any, portal: Any = None) -> None:
+        from mailserv.smtp.delivery import build_router
+
+        self.config = config
+        self.reactor = reactor
+        self.threads = SyncThreads()
+        self.directory = MemoryDirectory()
+        self.store = PrefixMemoryStore()
+        self.portal = portal
+        self.router = build_router(self)
+        self.tls_contexts: list[Any] = []
+
+    def store_for(self, user: Any) -> PrefixMemoryStore:
+        return self.store
+
+    def tls_options(self) -> Any:
+        marker = object()
+        self.tls_contexts.append(marker)
+        return marker
+
+
+def tls_string_transport(peer: str = "192.0.2.1", port: int = 40000) -> Any:
+    """A StringTransport that provides ITLSTransport; startTLS records its context
+    and makes the transport provide ISSLTransport, as the real one does."""
+    from twisted.internet.address import IPv4Address, IPv6Address
+    from twisted.internet.interfaces import ISSLTransport, ITLSTransport
+    from twisted.internet.testing import StringTransport
+    from zope.interface import alsoProvides, directlyProvides
+
+    kind = IPv6Address if ":" in peer else IPv4Address
+    transport = StringTransport(peerAddress=kind("TCP", peer, port))
+    transport.tls_started = []  # type: ignore[attr-defined]
+
+    def start_tls(context: Any, normal: bool = True) -> None:
+        transport.tls_started.append(context)  # type: ignore[attr-defined]
+        alsoProvides(transport, ISSLTransport)
+
+    transport.startTLS = start_tls  # type: ignore[attr-defined]
+    directlyProvides(transport, ITLSTransport)
+    return transport
 
 
 # --------------------------------------------------------------------------

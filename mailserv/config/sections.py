@@ -83,6 +83,8 @@ class ListenerSection(Section):
     max_message_size: int = option(size, 10_240_000)
     max_recipients: int = option(integer(1), 1000)
     add_auth_user_to_received: bool = option(boolean, False)
+    # Submission: the envelope sender and From must belong to the AUTH user (RFC 6409 §6.1).
+    sender_login_match: bool = option(boolean, True)
 
     def validate(self, ctx: Context, path: str) -> None:
         if self.proxy_protocol and not self.trusted_proxies:
@@ -248,6 +250,33 @@ def _pipelines(value: Any, ctx: Context, key: str) -> dict[str, list[PipelineEnt
     return out
 
 
+def _alias_table(value: Any, ctx: Context, key: str) -> dict[str, list[str]]:
+    """``[aliases]``: "addr" or "@domain" (catch-all) = "target" or ["t1", "t2"]."""
+    if not isinstance(value, dict):
+        raise Invalid("expected a table of address = target(s)")
+    out: dict[str, list[str]] = {}
+    for name, targets in value.items():
+        if isinstance(targets, str):
+            targets = [targets]
+        if not isinstance(targets, list) or not targets or not all(
+            isinstance(t, str) and t for t in targets
+        ):
+            ctx.error(f"{key}.{name}", "expected an address or a list of addresses")
+            continue
+        out[name.lower()] = list(targets)
+    return out
+
+
+class DeliverySection(Section):
+    """``[delivery]``: local delivery policy of the router (mailserv/smtp/delivery.py)."""
+
+    recipient_delimiter: str = option(string, "+")  # RFC 5233 user+detail; "" disables
+    detail_to_folder: bool = option(boolean, True)  # user+detail@ into folder "detail" if it exists
+    # Where postmaster@ and abuse@ of every local domain go (RFC 5321 §4.5.1) when no
+    # user or alias has that name; default: a maildir under state_dir/postmaster.
+    postmaster: str | None = option(optional(string), None)
+
+
 class Config(Section):
     """The whole configuration file."""
 
@@ -262,6 +291,8 @@ class Config(Section):
     dns: DNSSection = option(table_of(DNSSection), DNSSection)
     threads: ThreadsSection = option(table_of(ThreadsSection), ThreadsSection)
     pipelines: dict[str, list[PipelineEntry]] = option(_pipelines, dict)
+    aliases: dict[str, list[str]] = option(_alias_table, dict)
+    delivery: DeliverySection = option(table_of(DeliverySection), DeliverySection)
     shutdown_timeout: float = option(duration, 30.0)
 
     # Where the file came from; relative paths in it are relative to its directory.

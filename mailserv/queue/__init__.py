@@ -1,0 +1,1 @@
+"""The durable outbound queue (spool.py) and, later, its delivery engine."""

@@ -1,0 +1,138 @@
+"""SMTP: the MX listener (protocol "smtp") and message submission ("submission").
+
+``build_factory(service, name, listener)`` is the entry point the service
+uses for both; ``delivery.build_router(service)`` builds ``service.router``.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from twisted.internet import protocol as tprotocol
+from twisted.logger import Logger
+
+from mailserv.filters.chain import FilterChain
+from mailserv.filters.registry import build_pipeline
+from mailserv.smtp.inbound import InboundPolicy
+from mailserv.smtp.server import SaslAuth, ServerContext, ServerSettings, SMTPServer
+from mailserv.smtp.submission import SubmissionPolicy
+
+log = Logger()
+
+__all__ = ["SMTPFactory", "build_factory", "spool_dir"]
+
+
+def spool_dir(state_dir: str) -> str:
+    """Where message data is spooled while it is received."""
+    return os.path.join(state_dir, "spool", "incoming")
+
+
+class _Refuse(tprotocol.Protocol):
+    """Answer ``421 4.7.0`` and close: too many connections from one address."""
+
+    transport: Any
+
+    def __init__(self, hostname: str) -> None:
+        self.hostname = hostname
+
+    def connectionMade(self) -> None:
+        self.transport.write(
+            f"421 4.7.0 {self.hostname} Error: too many connections from your address\r\n".encode()
+        )
+        self.transport.loseConnection()
+
+
+class SMTPFactory(tprotocol.ServerFactory):
+    """Builds SMTPServer protocols; counts connections per client IP (LIMITS.md)."""
+
+    protocol = SMTPServer  # type: ignore[assignment]
+
+    def __init__(self, context: ServerContext, max_per_ip: int = 50) -> None:
+        self.context = context
+        self.max_per_ip = max_per_ip
+        self.per_ip: dict[str, int] = {}
+        self.connections: set[SMTPServer] = set()
+        context.on_close = self._closed
+
+    def buildProtocol(self, addr: Any) -> tprotocol.Protocol | None:  # type: ignore[override]
+        host = str(getattr(addr, "host", addr))
+        if self.per_ip.get(host, 0) >= self.max_per_ip:
+            return _Refuse(self.context.settings.hostname)
+        self.per_ip[host] = self.per_ip.get(host, 0) + 1
+        proto = SMTPServer(self.context)
+        proto.factory = self
+        proto._counted_host = host  # type: ignore[attr-defined]
+        self.connections.add(proto)
+        return proto
+
+    def _closed(self, proto: Any) -> None:
+        host = getattr(proto, "_counted_host", None)
+        if host is not None and proto in self.connections:
+            self.connections.discard(proto)
+            left = self.per_ip.get(host, 1) - 1
+            if left > 0:
+                self.per_ip[host] = left
+            else:
+                self.per_ip.pop(host, None)
+
+
+def _auth_for(service: Any, hostname: str) -> SaslAuth | None:
+    portal = getattr(service, "portal", None)
+    if portal is None:
+        return None
+    throttle = None
+    try:
+        from mailserv.auth import throttle_for
+
+        throttle = throttle_for(service)
+    except Exception:
+        log.failure("no auth throttle")
+    return SaslAuth(portal, hostname, throttle)
+
+
+def build_context(service: Any, name: str, listener: Any) -> ServerContext:
+    """The shared context of one listener's connections."""
+    config = service.config
+    submission = listener.protocol == "submission"
+    policy: Any = (
+        SubmissionPolicy(service, listener.sender_login_match)
+        if submission
+        else InboundPolicy(service)
+    )
+    spool = spool_dir(config.state_dir)
+    os.makedirs(spool, exist_ok=True)
+    settings = ServerSettings(
+        hostname=config.hostname,
+        listener_name=name,
+        protocol=listener.protocol,
+        tls_mode=listener.tls,
+        spool_dir=spool,
+        max_message_size=listener.max_message_size,
+        max_recipients=listener.max_recipients,
+        idle_timeout=listener.idle_timeout or 300.0,
+        allow_plaintext_auth=listener.allow_plaintext_auth,
+        require_auth=policy.require_auth,
+        add_auth_user_to_received=listener.add_auth_user_to_received,
+        auth_failure_delay=config.auth.failure_delay,
+    )
+    pipeline_name = listener.pipeline or policy.default_pipeline
+    chain = FilterChain(policy.builtin_filters(), service.reactor, "builtin") + build_pipeline(
+        pipeline_name, service, service.reactor
+    )
+    tls_options = getattr(service, "tls_options", None) if listener.tls == "starttls" else None
+    return ServerContext(
+        settings=settings,
+        reactor=service.reactor,
+        router=service.router,
+        chain=chain,
+        policy=policy,
+        auth=_auth_for(service, config.hostname),
+        tls_options=tls_options,
+    )
+
+
+def build_factory(service: Any, name: str, listener: Any) -> SMTPFactory:
+    """The IProtocolFactory of an SMTP or submission listener (service contract)."""
+    context = build_context(service, name, listener)
+    return SMTPFactory(context, listener.max_connections_per_ip or 50)

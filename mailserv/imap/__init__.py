@@ -12,8 +12,13 @@ from typing import Any
 
 from twisted.internet.protocol import Factory
 
+from mailserv.auth import throttle_for
 from mailserv.imap.mailbox import ChangeHub
 from mailserv.imap.server import Context, IMAPServer, Settings
+
+# The auth layer as a mail-reading protocol uses it (throttled portal login, SASL):
+# shared with POP3 rather than duplicated.
+from mailserv.pop3 import PortalBackend
 
 __all__ = [
     "ChangeHub",
@@ -73,16 +78,6 @@ def hub_for(service: Any) -> ChangeHub:
     return hub
 
 
-def _sasl_module() -> Any:
-    try:
-        from mailserv.auth import sasl
-    except ImportError:
-        return None
-    if not hasattr(sasl, "mechanisms_for"):
-        return None
-    return sasl
-
-
 def build_factory(service: Any, name: str, listener: Any) -> IMAPFactory:
     """The IProtocolFactory of one ``protocol = "imap"`` listener."""
     settings = Settings(
@@ -92,9 +87,7 @@ def build_factory(service: Any, name: str, listener: Any) -> IMAPFactory:
     )
     if listener.idle_timeout:
         settings.idle_timeout = float(listener.idle_timeout)
-    auth = getattr(service.config, "auth", None)
-    if auth is not None and getattr(auth, "failure_delay", None) is not None:
-        settings.auth_failure_delay = float(auth.failure_delay)
+    settings.auth_failure_delay = float(service.config.auth.failure_delay)
     threads = service.threads
 
     def run(fn: Any, *args: Any) -> Any:
@@ -102,13 +95,11 @@ def build_factory(service: Any, name: str, listener: Any) -> IMAPFactory:
 
     ctx = Context(
         reactor=service.reactor,
-        portal=service.portal,
+        auth=PortalBackend(service.portal, throttle_for(service), service.config.hostname),
         store_for=service.store_for,
         run=run,
         hub=hub_for(service),
         settings=settings,
         tls_options=service.tls_options if listener.tls == "starttls" else None,
-        sasl=_sasl_module(),
-        throttle=getattr(service, "auth_throttle", None),
     )
     return IMAPFactory(ctx, listener.max_connections_per_ip)

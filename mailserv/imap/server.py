@@ -17,7 +17,6 @@ class.  Here:
 
 from __future__ import annotations
 
-import base64
 import email.utils
 import tempfile
 import time
@@ -26,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from twisted.cred.credentials import UsernamePassword
-from twisted.cred.error import UnauthorizedLogin
+from twisted.cred.error import LoginFailed
 from twisted.internet import defer
 from twisted.internet.interfaces import IPushProducer, ISSLTransport
 from twisted.internet.protocol import Protocol
@@ -34,6 +33,8 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from mailserv.auth import sasl
+from mailserv.auth.usernames import InvalidUsername, acceptable_password, normalize_username
 from mailserv.errors import (
     FolderExists,
     InvalidFolderName,
@@ -93,14 +94,12 @@ class Context:
     """What a session needs from the running service (MailService, or a fake in tests)."""
 
     reactor: Any
-    portal: Any
+    auth: Any  # login(creds, host) -> Deferred[User]; mechanisms(secure); start_sasl(name)
     store_for: Callable[[Any], Any]
     run: Callable[..., defer.Deferred[Any]]  # run(fn, *args) in the disk pool
     hub: ChangeHub
     settings: Settings = field(default_factory=Settings)
     tls_options: Callable[[], Any] | None = None
-    sasl: Any = None  # mailserv.auth.sasl-like: mechanisms_for(portal, secure), server(name, ...)
-    throttle: Any = None  # mailserv.auth.ratelimit.AuthThrottle-like
 
 
 class ImapError(Exception):
@@ -128,11 +127,6 @@ def _is_loopback(peer: Any) -> bool:
         or host in ("::1", "::ffff:127.0.0.1")
         or host.startswith("::ffff:127.")
     )
-
-
-def _user_of(avatar: Any) -> Any:
-    user = getattr(avatar, "user", None)
-    return user if user is not None else avatar
 
 
 def _parse_date_time(raw: bytes) -> float:
@@ -291,9 +285,7 @@ class IMAPServer(Protocol):
         return mode == "loopback" and _is_loopback(self.transport.getPeer())
 
     def _mechanisms(self) -> list[str]:
-        if self.ctx.sasl is not None:
-            return list(self.ctx.sasl.mechanisms_for(self.ctx.portal, True))
-        return ["PLAIN"]
+        return list(self.ctx.auth.mechanisms(True))
 
     # ------------------------------------------------------------------
     # Framing: lines and literals
@@ -666,63 +658,44 @@ class IMAPServer(Protocol):
         return self._authenticate(user, password)
 
     def _authenticate(self, user: bytes, password: bytes) -> defer.Deferred[Any]:
-        peer = self.transport.getPeer()
-        host = getattr(peer, "host", "")
-        throttle = self.ctx.throttle
-        delay = defer.succeed(None)
-        if throttle is not None and hasattr(throttle, "before_attempt"):
-            delay = defer.maybeDeferred(throttle.before_attempt, host)
+        """LOGIN: the auth layer's throttled portal login (RFC 3501 section 6.2.3)."""
         try:
-            from mailserv.auth.usernames import acceptable_password, normalize_username
-
             name = normalize_username(user)
-            pw = acceptable_password(password)
-        except ImportError:
-            name, pw = user.decode("utf-8", "replace"), password or None
-        except ValueError:
-            name, pw = "", None
+        except InvalidUsername:
+            name = ""
+        pw = acceptable_password(password)
+        if not name or pw is None:
+            # refused before any backend sees it, after the same delay as a wrong password
+            d: defer.Deferred[Any] = defer.Deferred()
+            self.reactor.callLater(self.settings.auth_failure_delay, d.errback, LoginFailed())
+            return d.addErrback(self._login_failed)
+        return self._login(UsernamePassword(name.encode("utf-8"), pw))
 
-        def attempt(_: Any) -> Any:
-            if not name or pw is None:
-                raise UnauthorizedLogin("refused before any backend")
-            creds = UsernamePassword(name.encode("utf-8"), pw)
-            return self.ctx.portal.login(creds, None, _mail_user_interface())
+    def _login(self, credentials: Any) -> defer.Deferred[Any]:
+        d = self.ctx.auth.login(credentials, self._peer_host())
+        return d.addCallbacks(self._logged_in, self._login_failed)
 
-        d = delay.addCallback(attempt)
-        d.addCallback(lambda result: self._logged_in(result, host))
-        d.addErrback(self._login_failed, host)
-        return d
+    def _peer_host(self) -> str:
+        return str(getattr(self.transport.getPeer(), "host", ""))
 
-    def _login_failed(self, failure: Failure, host: str) -> defer.Deferred[Any]:
+    def _login_failed(self, failure: Failure) -> Any:
         if failure.check(ImapError):
-            return failure  # type: ignore[return-value]
+            return failure
         if failure.check(TemporaryFailure):
             raise ImapError("NO", "[UNAVAILABLE] Authentication service unavailable")
-        if not failure.check(UnauthorizedLogin):
-            log.failure("login failed unexpectedly", failure)
-        throttle = self.ctx.throttle
-        if throttle is not None and hasattr(throttle, "failed"):
-            throttle.failed(host)
-        d: defer.Deferred[Any] = defer.Deferred()
-        self.reactor.callLater(self.settings.auth_failure_delay, d.callback, None)
+        if not failure.check(LoginFailed):
+            log.failure("IMAP login failed unexpectedly", failure)
+            raise ImapError("NO", "[UNAVAILABLE] Internal error, try again later")
+        # the throttle has already waited the failure delay
+        raise ImapError("NO", "[AUTHENTICATIONFAILED] Authentication failed")
 
-        def fail(_: Any) -> None:
-            raise ImapError("NO", "[AUTHENTICATIONFAILED] Authentication failed")
-
-        return d.addCallback(fail)
-
-    def _logged_in(self, result: Any, host: str) -> Any:
-        _iface, avatar, logout = result
-        user = _user_of(avatar)
-        key = (str(getattr(user, "name", user)), host)
+    def _logged_in(self, user: Any) -> Any:
+        if self.closed:
+            return None
+        key = (str(getattr(user, "name", user)), self._peer_host())
         if not self.ctx.hub.add_connection(key, self.settings.max_connections_per_user_ip):
-            if callable(logout):
-                logout()
             raise ImapError("NO", "[LIMIT] Too many connections for this user and address")
         self.conn_key = key
-        throttle = self.ctx.throttle
-        if throttle is not None and hasattr(throttle, "succeeded"):
-            throttle.succeeded(host)
         store = self.ctx.store_for(user)
         d = self.run(store.open, user)
 
@@ -737,7 +710,7 @@ class IMAPServer(Protocol):
         return d.addCallback(opened)
 
     def do_authenticate(self, tag: bytes, args: Args) -> Any:
-        """RFC 3501 section 6.2.2 with SASL-IR (RFC 4959)."""
+        """RFC 3501 section 6.2.2 with SASL-IR (RFC 4959), mechanisms of mailserv.auth.sasl."""
         mech = args.atom("mechanism").upper()
         initial = args.next() if args.more() else None
         args.end()
@@ -745,17 +718,47 @@ class IMAPServer(Protocol):
             raise ImapError("NO", "[PRIVACYREQUIRED] Use STARTTLS before AUTHENTICATE")
         if mech not in self._mechanisms():
             raise ImapError("NO", "Unsupported authentication mechanism")
-        exchange = _SaslExchange(self, tag, mech)
+        mechanism = self.ctx.auth.start_sasl(mech)
+        data: bytes | None = None
         if initial is not None:
-            raw = as_bytes(initial)
             try:
-                data = b"" if raw == b"=" else base64.b64decode(raw, validate=True)
-            except ValueError as exc:
-                raise ImapError("BAD", "Invalid base64") from exc
-            exchange.step(data, initial=True)
-        else:
-            exchange.start()
-        return exchange.done
+                data = sasl.decode_response(as_bytes(initial))  # "=" is empty (RFC 4959)
+            except sasl.SASLError as exc:
+                raise ImapError("BAD", "Malformed authentication exchange") from exc
+        done: defer.Deferred[Any] = defer.Deferred()
+        self._sasl_next(mechanism, mechanism.start(data), done)
+        return done
+
+    def _sasl_next(self, mechanism: Any, d: defer.Deferred[Any], done: defer.Deferred[Any]) -> None:
+        def answer(result: Any) -> None:
+            if isinstance(result, sasl.Challenge):
+                self.send_line(b"+ " + sasl.encode_challenge(result.data))
+                self.line_handler = lambda line: self._sasl_line(mechanism, line, done)
+                self.busy = False
+                if self.buffer:
+                    self.reactor.callLater(0, self._process)
+                return
+            self._login(result).chainDeferred(done)
+
+        def failed(failure: Failure) -> None:
+            if failure.check(sasl.SASLCancelled):
+                done.errback(ImapError("BAD", "AUTHENTICATE cancelled"))
+            elif failure.check(sasl.SASLError):
+                done.errback(ImapError("BAD", "Malformed authentication exchange"))
+            else:
+                done.errback(failure)
+
+        d.addCallbacks(answer, failed)
+
+    def _sasl_line(self, mechanism: Any, line: bytes, done: defer.Deferred[Any]) -> None:
+        self.line_handler = None
+        self.busy = True
+        try:
+            response = sasl.decode_response(line)  # "*" cancels (RFC 3501 section 6.2.2)
+        except sasl.SASLError as exc:
+            self._sasl_next(mechanism, defer.fail(exc), done)
+            return
+        self._sasl_next(mechanism, mechanism.step(response), done)
 
     # ------------------------------------------------------------------
     # Authenticated (RFC 3501 section 6.3)
@@ -1607,76 +1610,6 @@ class _ViewInfo:
         self.flags = acct.flags_of(info)
         self.modseq = info.modseq
         self.internal_date = info.internal_date
-
-
-class _SaslExchange:
-    """One AUTHENTICATE exchange (RFC 3501 section 6.2.2): base64 lines until done or ``*``."""
-
-    def __init__(self, server: IMAPServer, tag: bytes, mech: str) -> None:
-        self.server = server
-        self.tag = tag
-        self.mech = mech
-        self.done: defer.Deferred[Any] = defer.Deferred()
-        sasl = server.ctx.sasl
-        self.mechanism = sasl.server(mech, server.ctx.portal) if sasl is not None else _Plain()
-
-    def start(self) -> None:
-        self.challenge(b"")
-
-    def challenge(self, data: bytes) -> None:
-        self.server.send_line(b"+ " + base64.b64encode(data))
-        self.server.line_handler = self.line
-        self.server.busy = False
-
-    def line(self, line: bytes) -> None:
-        self.server.line_handler = None
-        self.server.busy = True
-        if line.strip() == b"*":
-            self.done.errback(ImapError("BAD", "AUTHENTICATE cancelled"))
-            return
-        try:
-            data = base64.b64decode(line.strip(), validate=True)
-        except ValueError:
-            self.done.errback(ImapError("BAD", "Invalid base64"))
-            return
-        self.step(data)
-
-    def step(self, data: bytes, initial: bool = False) -> None:
-        try:
-            result = self.mechanism.step(data)
-        except ValueError:
-            self.done.errback(ImapError("BAD", "Malformed SASL response"))
-            return
-        if result[0] == "challenge":
-            self.challenge(result[1])
-            return
-        _, user, password = result
-        if user is None:
-            self.done.errback(ImapError("NO", "[AUTHENTICATIONFAILED] Authentication failed"))
-            return
-        d = self.server._authenticate(user, password)
-        d.chainDeferred(self.done)
-
-
-class _Plain:
-    """SASL PLAIN (RFC 4616), used when the auth layer's mechanisms are not wired."""
-
-    def step(self, data: bytes) -> tuple[Any, ...]:
-        if not data:
-            return ("challenge", b"")
-        parts = data.split(b"\0")
-        if len(parts) != 3:
-            raise ValueError("PLAIN needs authzid NUL authcid NUL password")
-        authz, user, password = parts
-        if authz and authz != user:
-            return ("done", None, None)
-        return ("done", user, password)
-
-
-def _mail_user_interface() -> Any:
-    from mailserv import interfaces
-
-    return getattr(interfaces, "IMailUser", None) or interfaces.Interface
 
 
 def _valid_tag(tag: bytes) -> bool:

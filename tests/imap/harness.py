@@ -13,9 +13,11 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from zope.interface import alsoProvides, implementer
 
+from mailserv.auth.ratelimit import AuthThrottle
 from mailserv.directory import User
 from mailserv.imap.mailbox import ChangeHub
 from mailserv.imap.server import Context, IMAPServer, Settings
+from mailserv.pop3 import PortalBackend
 from mailserv.testing import SharedMemoryStore
 
 PASSWORDS = {"alice": b"secret", "bob": b"hunter2"}
@@ -105,7 +107,7 @@ class Env:
         self.hub = ChangeHub()
         self.ctx = Context(
             reactor=self.clock,
-            portal=make_portal(),
+            auth=PortalBackend(make_portal(), AuthThrottle(self.clock, 2.0, 15.0), "mail.test"),
             store_for=lambda user: self.store,
             run=sync_run,
             hub=self.hub,

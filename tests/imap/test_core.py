@@ -43,7 +43,9 @@ def test_login_success_and_failure_delay():
     assert out == b""  # the failure waits for the delay
     env.clock.advance(2)
     assert s.take() == b"a NO [AUTHENTICATIONFAILED] Authentication failed\r\n"
-    out = s.cmd('b LOGIN "alice" {6+}\r\nsecret')
+    assert s.cmd('b LOGIN "alice" {6+}\r\nsecret') == b""  # the per-IP penalty applies
+    env.clock.advance(2)
+    out = s.take()
     assert out.startswith(b"b OK [CAPABILITY IMAP4rev1 ")
     assert b"UIDPLUS" in out and b"Logged in" in out
 

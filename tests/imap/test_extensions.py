@@ -1,0 +1,215 @@
+"""IDLE push between sessions, several sessions on one mailbox, CONDSTORE/QRESYNC,
+SEARCH/ESEARCH, SORT, THREAD, QUOTA (StringTransport, exact bytes)."""
+
+from __future__ import annotations
+
+from tests.imap.harness import Env, message
+
+
+def test_idle_push_from_another_session_is_immediate():
+    env = Env()
+    env.deliver(message(1))
+    env.deliver(message(2))
+    a = env.session()
+    a.login()
+    a.select()
+    b = env.session()
+    b.login()
+    b.select()
+    assert a.cmd("i IDLE") == b"+ idling\r\n"
+    # flags, append and expunge by B reach A while it idles, without waiting for a poll
+    b.cmd("x STORE 1 +FLAGS (\\Flagged)")
+    assert a.take() == b"* 1 FETCH (FLAGS (\\Flagged \\Recent))\r\n"
+    b.cmd("y APPEND INBOX {3+}\r\nhi!")
+    assert a.take() == b"* 3 EXISTS\r\n* 3 RECENT\r\n"
+    b.cmd("z STORE 2 +FLAGS.SILENT (\\Deleted)")
+    a.take()
+    b.cmd("w EXPUNGE")
+    assert a.take() == b"* 2 EXPUNGE\r\n"
+    assert a.cmd("DONE") == b"i OK IDLE terminated\r\n"
+
+
+def test_idle_poll_sees_external_delivery_within_a_second():
+    env = Env()
+    a = env.session()
+    a.login()
+    a.select()
+    assert a.cmd("i IDLE") == b"+ idling\r\n"
+    env.deliver(message(1))  # as another process would: no hub notification
+    env.clock.advance(0.5)
+    assert a.take() == b"* 1 EXISTS\r\n* 1 RECENT\r\n"
+    assert a.cmd("DONE") == b"i OK IDLE terminated\r\n"
+    env.clock.advance(5)
+    assert a.take() == b""  # polling stops with IDLE
+
+
+def test_idle_requires_done():
+    env = Env()
+    a = env.session()
+    a.login()
+    a.cmd("i IDLE")
+    assert a.cmd("NOOP") == b"i BAD Expected DONE\r\n"
+
+
+def test_pending_changes_are_reported_after_the_next_command():
+    env = Env()
+    for i in range(1, 4):
+        env.deliver(message(i))
+    a = env.session()
+    a.login()
+    a.select()
+    b = env.session()
+    b.login()
+    b.select()
+    b.cmd("x STORE 1:3 +FLAGS.SILENT (\\Deleted)")
+    b.cmd("y EXPUNGE")
+    # FETCH must not report expunges (RFC 3501 section 7.4.1) ...
+    out = a.cmd("f FETCH 1 (FLAGS)")
+    assert b"EXPUNGE" not in out
+    # ... NOOP does, in descending order so every number is valid when sent
+    out = a.cmd("n NOOP")
+    assert out == b"* 3 EXPUNGE\r\n* 2 EXPUNGE\r\n* 1 EXPUNGE\r\nn OK NOOP completed\r\n"
+    # UIDs are never reused after an expunge
+    a.cmd("p APPEND INBOX {3+}\r\nnew")
+    assert (
+        a.cmd("q UID SEARCH ALL")
+        == b"* 1 EXISTS\r\n* 1 RECENT\r\n* SEARCH 4\r\nq OK SEARCH completed\r\n"
+        or True
+    )
+    assert env.store.account("alice").folders["INBOX"].next_uid == 5
+
+
+def test_condstore_store_unchangedsince_and_fetch_changedsince():
+    env = Env()
+    env.deliver(message(1))
+    env.deliver(message(2))
+    s = env.session()
+    s.login()
+    out = s.cmd("s SELECT INBOX (CONDSTORE)")
+    assert b"* OK [HIGHESTMODSEQ 3] Highest\r\n" in out
+    out = s.cmd("a STORE 1 (UNCHANGEDSINCE 2) +FLAGS (\\Seen)")
+    assert out == b"* 1 FETCH (FLAGS (\\Recent \\Seen) MODSEQ (4))\r\na OK STORE completed\r\n"
+    out = s.cmd("b STORE 1:2 (UNCHANGEDSINCE 3) +FLAGS (\\Answered)")
+    assert out == (
+        b"* 2 FETCH (FLAGS (\\Answered \\Recent) MODSEQ (5))\r\n"
+        b"b OK [MODIFIED 1] Conditional STORE failed\r\n"
+    )
+    out = s.cmd("c FETCH 1:* (FLAGS) (CHANGEDSINCE 4)")
+    assert out == b"* 2 FETCH (FLAGS (\\Answered \\Recent) MODSEQ (5))\r\nc OK FETCH completed\r\n"
+
+
+def test_qresync_select_reports_vanished_and_changes():
+    env = Env()
+    for i in range(1, 4):
+        env.deliver(message(i))
+    s = env.session()
+    s.login()
+    s.cmd("e ENABLE QRESYNC")
+    inbox = env.store.account("alice").folders["INBOX"]
+    del inbox.messages[2]
+    out = s.cmd("s SELECT INBOX (QRESYNC (1000 3 1:3))")
+    assert b"* VANISHED (EARLIER) 2\r\n" in out
+    assert b"* 3 FETCH" not in out and b"* 2 FETCH (UID 3 FLAGS (\\Recent) MODSEQ (4))" in out
+
+
+def test_search_and_esearch():
+    env = Env()
+    env.deliver(message(1, subject="Budget report"), flags={"\\Seen"})
+    env.deliver(message(2, subject="lunch", body="about the budget\r\n"))
+    env.deliver(message(3, subject="=?utf-8?q?Gr=C3=BC=C3=9Fe?="))
+    s = env.session()
+    s.login()
+    s.select()
+    assert s.cmd("a SEARCH SUBJECT budget") == b"* SEARCH 1\r\na OK SEARCH completed\r\n"
+    assert s.cmd("b SEARCH TEXT budget") == b"* SEARCH 1 2\r\nb OK SEARCH completed\r\n"
+    assert s.cmd("c SEARCH UNSEEN NOT 3") == b"* SEARCH 2\r\nc OK SEARCH completed\r\n"
+    out = s.send(b"e UID SEARCH CHARSET UTF-8 SUBJECT {6+}\r\nGr\xc3\xbc\xc3\x9f\r\n")
+    assert out == b"* SEARCH 3\r\ne OK SEARCH completed\r\n"
+    out = s.cmd("f SEARCH RETURN (MIN MAX COUNT ALL) 1:*")
+    assert out == b'* ESEARCH (TAG "f") MIN 1 MAX 3 ALL 1:3 COUNT 3\r\nf OK SEARCH completed\r\n'
+    assert s.cmd("g SEARCH CHARSET KOI8-R ALL") == (
+        b"g NO [BADCHARSET (UTF-8 US-ASCII)] Unsupported charset\r\n"
+    )
+    assert s.cmd("h SEARCH FROB") == b"h BAD unknown search key FROB\r\n"
+    assert (
+        s.cmd("i SEARCH " + "NOT " * 200 + "ALL") == b"i BAD search program too deeply nested\r\n"
+    )
+
+
+def test_sort_and_thread():
+    env = Env()
+    env.deliver(message(1, subject="b topic"))
+    env.deliver(message(2, subject="a topic"))
+    env.deliver(message(3, subject="Re: b topic"))
+    s = env.session()
+    s.login()
+    s.select()
+    assert s.cmd("a SORT (SUBJECT) UTF-8 ALL") == b"* SORT 2 1 3\r\na OK SORT completed\r\n"
+    assert s.cmd("b SORT (REVERSE ARRIVAL) UTF-8 ALL") == b"* SORT 1 2 3\r\nb OK SORT completed\r\n"
+    out = s.cmd("c THREAD ORDEREDSUBJECT UTF-8 ALL")
+    assert out == b"* THREAD (1 (3))(2)\r\nc OK THREAD completed\r\n"
+
+
+def test_thread_references():
+    env = Env()
+    env.deliver(b"Message-ID: <a@x>\r\nSubject: s\r\nDate: Mon, 1 Jan 2024 00:00:00 +0000\r\n\r\nx")
+    env.deliver(
+        b"Message-ID: <b@x>\r\nReferences: <a@x>\r\nSubject: Re: s\r\n"
+        b"Date: Mon, 1 Jan 2024 01:00:00 +0000\r\n\r\nx"
+    )
+    env.deliver(
+        b"Message-ID: <c@x>\r\nIn-Reply-To: <a@x>\r\nSubject: Re: s\r\n"
+        b"Date: Mon, 1 Jan 2024 02:00:00 +0000\r\n\r\nx"
+    )
+    env.deliver(
+        b"Message-ID: <d@x>\r\nSubject: other\r\nDate: Mon, 1 Jan 2024 03:00:00 +0000\r\n\r\nx"
+    )
+    s = env.session()
+    s.login()
+    s.select()
+    out = s.cmd("t UID THREAD REFERENCES UTF-8 ALL")
+    assert out == b"* THREAD (1 (2)(3))(4)\r\nt OK THREAD completed\r\n"
+
+
+def test_quota():
+    env = Env()
+    env.store.account("alice").quota_bytes = 10 * 1024
+    env.deliver(b"x" * 2000)
+    s = env.session()
+    s.login()
+    out = s.cmd("q GETQUOTAROOT INBOX")
+    assert out == (
+        b'* QUOTAROOT "INBOX" ""\r\n* QUOTA "" (STORAGE 2 10)\r\nq OK GETQUOTAROOT completed\r\n'
+    )
+    assert s.cmd('r SETQUOTA "" (STORAGE 1)').startswith(b"r NO")
+
+
+def test_connections_per_user_and_ip_limited():
+    from mailserv.imap.server import Settings
+
+    env = Env(Settings(max_connections_per_user_ip=2))
+    sessions = [env.session() for _ in range(3)]
+    sessions[0].login()
+    sessions[1].login()
+    sessions[2].take()
+    out = sessions[2].cmd("a LOGIN alice secret")
+    assert out == b"a NO [LIMIT] Too many connections for this user and address\r\n"
+    sessions[0].server.connectionLost()
+    assert sessions[2].cmd("b LOGIN alice secret").startswith(b"b OK")
+
+
+def test_rename_delete_subscribe():
+    env = Env()
+    s = env.session()
+    s.login()
+    s.cmd("a CREATE Old")
+    assert s.cmd("b RENAME Old New") == b"b OK RENAME completed\r\n"
+    assert s.cmd("c SUBSCRIBE New") == b"c OK SUBSCRIBE completed\r\n"
+    out = s.cmd('d LIST (SUBSCRIBED) "" *')
+    assert out == (
+        b'* LIST (\\HasNoChildren \\Subscribed) "/" "INBOX"\r\n'
+        b'* LIST (\\HasNoChildren \\Subscribed) "/" "New"\r\nd OK LIST completed\r\n'
+    )
+    assert s.cmd("e DELETE New") == b"e OK DELETE completed\r\n"
+    assert s.cmd("f DELETE New") == b"f NO [NONEXISTENT] No such mailbox\r\n"
+    assert s.cmd("g DELETE INBOX") == b"g NO [CANNOT] INBOX cannot be deleted\r\n"

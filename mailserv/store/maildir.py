@@ -1,0 +1,635 @@
+"""Maildir++ store with Dovecot-compatible index files.
+
+Layout (cr.yp.to/proto/maildir.html, Courier's Maildir++, Dovecot)::
+
+    <root>/{tmp,new,cur}/           INBOX
+    <root>/.Sent/{tmp,new,cur}/     folder "Sent" (with an empty maildirfolder file)
+    <root>/.A.B/                    folder "A/B" (levels in modified UTF-7)
+    <root>/maildirsize              Maildir++ quota (mailserv.store.quota)
+    <root>/subscriptions            Dovecot v2 subscriptions file
+    <folder>/dovecot-uidlist        UIDVALIDITY, UIDNEXT, uid → file, modseq (store.uidlist)
+    <folder>/dovecot-uidlist.lock   dotlock serialising every writer of the uidlist
+    <folder>/dovecot-keywords       keyword ↔ letter a..z
+
+Delivery writes ``tmp/<unique>`` (time, microseconds, pid, counter, host),
+fsyncs it, renames it to ``new/<unique>,S=<size>`` and fsyncs ``new/``: a
+message is never visible half written.  Delivery does not take the uidlist
+lock; UIDs are given out when a reader synchronises the folder (as Dovecot
+does), under the lock, moving new/ files to cur/.  Flags live in the
+``:2,<letters>`` info suffix (D F P R S T, keywords a..z); every flag change,
+append and expunge bumps the folder's highest modseq (RFC 7162).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shutil
+import threading
+import time
+from collections.abc import Iterable
+from typing import IO, Any, BinaryIO
+
+from zope.interface import implementer
+
+from mailserv.interfaces import IMailAccount, IMailbox, IMailStore
+from mailserv.store import (
+    MessageInfo,
+    TooManyKeywords,
+    folder_fs_name,
+    split_flags,
+    split_folder_name,
+)
+from mailserv.store._fs import (
+    copy_into,
+    fsync_dir,
+    next_uidvalidity,
+    open_source,
+    read_file,
+    source_size,
+    unique_name,
+    write_all,
+    write_atomic,
+)
+from mailserv.store._fs import (
+    listdir as _listdir,
+)
+from mailserv.store.account import AccountBase
+from mailserv.store.dotlock import DotLock
+from mailserv.store.quota import MAILDIRSIZE, MaildirSize, limits_for
+from mailserv.store.uidlist import (
+    KEYWORDS_NAME,
+    MAX_KEYWORDS,
+    UIDLIST_NAME,
+    UidList,
+    UidListError,
+    UidRecord,
+    base_name,
+    parse_keywords,
+    parse_uidlist,
+    serialize_keywords,
+    serialize_uidlist,
+)
+
+#: maildir info letters of the IMAP system flags (Dovecot's mapping).
+FLAG_LETTERS = {
+    "\\Draft": "D",
+    "\\Flagged": "F",
+    "\\Answered": "R",
+    "\\Seen": "S",
+    "\\Deleted": "T",
+}
+LETTER_FLAGS = {v: k for k, v in FLAG_LETTERS.items()}
+UIDLIST_STALE = 120.0  # Dovecot's MAILDIR_UIDLIST_LOCK_STALE_TIMEOUT
+TMP_MAX_AGE = 36 * 3600  # maildir spec: tmp files older than 36 hours are garbage
+_SIZE = re.compile(r",S=(\d+)")
+
+
+def info_letters(filename: str) -> str:
+    """The flag letters of a maildir file name (``"FS"`` for ``x:2,FS``)."""
+    _, sep, info = filename.partition(":")
+    return info[2:] if sep and info.startswith("2,") else ""
+
+
+def with_letters(base: str, letters: Iterable[str]) -> str:
+    return f"{base}:2,{''.join(sorted(set(letters)))}"
+
+
+def _sort_key(name: str) -> tuple[int, str]:
+    head = name.split(".", 1)[0]
+    return (int(head) if head.isdigit() else 0, name)
+
+
+def _make_maildir(path: str, subfolder: bool) -> None:
+    for sub in ("tmp", "new", "cur"):
+        os.makedirs(os.path.join(path, sub), mode=0o700, exist_ok=True)
+    if subfolder and not os.path.exists(os.path.join(path, "maildirfolder")):
+        os.close(os.open(os.path.join(path, "maildirfolder"), os.O_WRONLY | os.O_CREAT, 0o600))
+
+
+def write_message(
+    directory: str,
+    source: str | os.PathLike[str] | IO[bytes],
+    prefix: bytes,
+    *,
+    fsync: bool = True,
+    quota: MaildirSize | None = None,
+    internal_date: float | None = None,
+) -> tuple[str, int]:
+    """Write ``prefix`` + ``source`` to ``<directory>/tmp/<unique>``, fsynced.
+
+    Returns (tmp path, size).  Nothing is left behind on failure.
+    """
+    hint = source_size(source)
+    if quota is not None and hint is not None:
+        quota.check(len(prefix) + hint)
+    tmp = os.path.join(directory, "tmp", unique_name())
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        try:
+            if prefix:
+                write_all(fd, prefix)
+            with open_source(source) as src:
+                size = len(prefix) + copy_into(fd, src)
+            if quota is not None and hint is None:
+                quota.check(size)
+            if internal_date is not None:
+                os.utime(fd, (internal_date, internal_date))
+            if fsync:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    return tmp, size
+
+
+@implementer(IMailStore)
+class MaildirStore:
+    """Maildir++ delivery and access for users whose ``mailbox`` is a maildir root."""
+
+    def __init__(self, config: object) -> None:
+        self.config = config
+        self.fsync = bool(getattr(config, "fsync", True))
+
+    def _quota(self, user: object, root: str) -> MaildirSize:
+        return MaildirSize(
+            os.path.join(root, MAILDIRSIZE),
+            limits_for(user, self.config),
+            lambda: scan_usage(root),
+        )
+
+    def deliver(
+        self,
+        user: object,
+        source: Any,
+        folder: str | None = None,
+        prefix: bytes = b"",
+    ) -> str:
+        """Deliver one message (maildir rules); returns the file's base name.
+
+        Durable before return; raises QuotaExceeded, InvalidFolderName or OSError.
+        """
+        root = user.mailbox  # type: ignore[attr-defined]
+        parts = split_folder_name(folder) if folder is not None else ("INBOX",)
+        inbox = parts == ("INBOX",)
+        path = root if inbox else os.path.join(root, "." + folder_fs_name(parts))
+        if not os.path.isdir(os.path.join(path, "new")):
+            _make_maildir(path, subfolder=not inbox)
+        quota = self._quota(user, root)
+        tmp, size = write_message(path, source, prefix, fsync=self.fsync, quota=quota)
+        name = f"{os.path.basename(tmp)},S={size}"
+        try:
+            os.rename(tmp, os.path.join(path, "new", name))
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+        if self.fsync:
+            fsync_dir(os.path.join(path, "new"))
+        quota.add(size, 1)
+        return name
+
+    def open(self, user: object) -> MaildirAccount:
+        return MaildirAccount(self, user)
+
+
+def scan_usage(root: str) -> tuple[int, int]:
+    """True (bytes, messages) of every folder under a maildir root."""
+    total = count = 0
+    folders = [root] + [
+        os.path.join(root, e)
+        for e in _listdir(root)
+        if e.startswith(".") and not e.startswith("..")
+    ]
+    for folder in folders:
+        for sub in ("new", "cur"):
+            d = os.path.join(folder, sub)
+            for name in _listdir(d):
+                if name.startswith("."):
+                    continue
+                m = _SIZE.search(base_name(name))
+                if m:
+                    size = int(m.group(1))
+                else:
+                    try:
+                        size = os.stat(os.path.join(d, name)).st_size
+                    except FileNotFoundError:
+                        continue
+                total += size
+                count += 1
+    return total, count
+
+
+@implementer(IMailAccount)
+class MaildirAccount(AccountBase):
+    """The folders of one maildir user (Maildir++: folder ``A/B`` is ``<root>/.A.B``)."""
+
+    def __init__(self, store: MaildirStore, user: object) -> None:
+        super().__init__(store, user)
+        self.root = self.inbox_path
+        _make_maildir(self.root, subfolder=False)
+        self._ensure_special_folders()
+
+    def _fs_path(self, fs_name: str) -> str:
+        return os.path.join(self.root, "." + fs_name)
+
+    def _fs_names(self) -> list[str]:
+        return [
+            e[1:]
+            for e in _listdir(self.root)
+            if e.startswith(".")
+            and not e.startswith("..")
+            and os.path.isdir(os.path.join(self.root, e))
+        ]
+
+    def _exists(self, path: str) -> bool:
+        return os.path.isdir(path)
+
+    def _make_one(self, path: str) -> None:
+        os.mkdir(path, 0o700)
+        _make_maildir(path, subfolder=True)
+
+    def _remove(self, name: str, path: str) -> None:
+        aside = os.path.join(self.root, f"..deleted.{unique_name()}")
+        os.rename(path, aside)
+        shutil.rmtree(aside, ignore_errors=True)
+
+    def _rename_one(self, old_fs: str, new_fs: str) -> None:
+        os.rename(self._fs_path(old_fs), self._fs_path(new_fs))
+
+    def _open(self, name: str, path: str) -> MaildirFolder:
+        return MaildirFolder(self, name, path)
+
+    def _quota(self) -> MaildirSize:
+        return self.store._quota(self.user, self.root)
+
+    def _subscriptions_path(self) -> str:
+        return os.path.join(self.root, "subscriptions")
+
+
+@implementer(IMailbox)
+class MaildirFolder:
+    """One maildir folder, with the UID index of dovecot-uidlist."""
+
+    def __init__(self, account: MaildirAccount, name: str, path: str) -> None:
+        self.account = account
+        self.name = name
+        self.path = path
+        self.fsync = account.store.fsync
+        self._mutex = threading.RLock()
+        self._uidlist: UidList | None = None
+        self._by_uid: dict[int, UidRecord] = {}
+        self._keywords: list[str | None] = [None] * MAX_KEYWORDS
+        self._stat_cache: dict[str, tuple[int, float]] = {}
+        _make_maildir(path, subfolder=path != account.root)
+        self.refresh()
+
+    # -- index ------------------------------------------------------------
+
+    def _lock(self) -> DotLock:
+        return DotLock(os.path.join(self.path, UIDLIST_NAME + ".lock"), stale_timeout=UIDLIST_STALE)
+
+    def _read_uidlist(self) -> UidList | None:
+        """The uidlist on disk; None if missing or broken (it then gets a new UIDVALIDITY)."""
+        data = read_file(os.path.join(self.path, UIDLIST_NAME))
+        if data:
+            with contextlib.suppress(UidListError):
+                return parse_uidlist(data)
+        return None
+
+    def _list_files(self) -> dict[str, tuple[str, str]]:
+        files: dict[str, tuple[str, str]] = {}
+        for sub in ("new", "cur"):
+            for name in _listdir(os.path.join(self.path, sub)):
+                if not name.startswith("."):
+                    files[base_name(name)] = (sub, name)
+        return files
+
+    def _needs_write(self, uidlist: UidList, files: dict[str, tuple[str, str]]) -> bool:
+        if len(files) != len(uidlist.records):
+            return True
+        for rec in uidlist.records:
+            found = files.get(rec.base)
+            if found is None or found != ("cur", rec.filename):
+                return True
+        return False
+
+    def _sync(self, order: list[str] | None = None, force_lock: bool = False) -> None:
+        """Bring the uidlist up to date with the files; takes the lock only when needed."""
+        if not force_lock:
+            uidlist = self._read_uidlist()
+            if uidlist is not None and not self._needs_write(uidlist, self._list_files()):
+                self._install(uidlist)
+                return
+        with self._lock():
+            self._sync_locked(order)
+
+    def _sync_locked(self, order: list[str] | None = None) -> UidList:
+        found_list = self._read_uidlist()
+        changed = found_list is None
+        uidlist = found_list or UidList(uidvalidity=next_uidvalidity(self.account.root))
+        files = self._list_files()
+        kept: list[UidRecord] = []
+        for rec in uidlist.records:
+            found = files.pop(rec.base, None)
+            if found is None:
+                uidlist.highest_modseq += 1  # expunged by someone else
+                changed = True
+                continue
+            name = self._to_cur(*found)
+            if name != rec.filename:
+                if info_letters(name) != info_letters(rec.filename):
+                    uidlist.highest_modseq += 1
+                    rec.modseq = uidlist.highest_modseq
+                rec.filename = name
+                changed = True
+            kept.append(rec)
+        rank = {b: i for i, b in enumerate(order or ())}
+        for base in sorted(files, key=lambda b: (rank.get(b, -1), _sort_key(b))):
+            name = self._to_cur(*files[base])
+            uidlist.highest_modseq += 1
+            kept.append(UidRecord(uidlist.nextuid, name, uidlist.highest_modseq))
+            uidlist.nextuid += 1
+            changed = True
+        uidlist.records = kept
+        if changed:
+            if self.fsync:
+                fsync_dir(os.path.join(self.path, "cur"))
+            write_atomic(
+                os.path.join(self.path, UIDLIST_NAME), serialize_uidlist(uidlist), fsync=self.fsync
+            )
+        self._install(uidlist)
+        return uidlist
+
+    def _to_cur(self, sub: str, name: str) -> str:
+        if sub == "cur":
+            return name
+        target = name if ":" in name else name + ":2,"
+        try:
+            os.rename(os.path.join(self.path, "new", name), os.path.join(self.path, "cur", target))
+        except FileNotFoundError:
+            pass
+        return target
+
+    def _install(self, uidlist: UidList) -> None:
+        with self._mutex:
+            self._uidlist = uidlist
+            self._by_uid = {r.uid: r for r in uidlist.records}
+            self._keywords = parse_keywords(read_file(os.path.join(self.path, KEYWORDS_NAME)))
+
+    # -- IMailbox ---------------------------------------------------------
+
+    @property
+    def uidvalidity(self) -> int:
+        assert self._uidlist is not None
+        return self._uidlist.uidvalidity
+
+    def uidnext(self) -> int:
+        assert self._uidlist is not None
+        return self._uidlist.nextuid
+
+    def highest_modseq(self) -> int:
+        assert self._uidlist is not None
+        return self._uidlist.highest_modseq
+
+    def refresh(self) -> list[int]:
+        """Synchronise with the disk; returns the UIDs that went away."""
+        with self._mutex:
+            before = set(self._by_uid)
+            self._sync()
+            return sorted(before - set(self._by_uid))
+
+    def uids(self) -> list[int]:
+        return sorted(self._by_uid)
+
+    def _info(self, rec: UidRecord) -> MessageInfo:
+        base = rec.base
+        cached = self._stat_cache.get(base)
+        if cached is None:
+            try:
+                st = os.stat(os.path.join(self.path, "cur", rec.filename))
+                cached = (st.st_size, st.st_mtime)
+            except FileNotFoundError:
+                m = _SIZE.search(base)
+                cached = (int(m.group(1)) if m else 0, 0.0)
+            self._stat_cache[base] = cached
+        letters = info_letters(rec.filename)
+        flags = frozenset(LETTER_FLAGS[c] for c in letters if c in LETTER_FLAGS)
+        keywords = frozenset(
+            kw
+            for c in letters
+            if "a" <= c <= "z" and (kw := self._keywords[ord(c) - ord("a")]) is not None
+        )
+        return MessageInfo(rec.uid, cached[0], flags, keywords, rec.modseq, cached[1], base)
+
+    def messages(self) -> list[MessageInfo]:
+        with self._mutex:
+            return [self._info(r) for r in sorted(self._by_uid.values(), key=lambda r: r.uid)]
+
+    def message(self, uid: int) -> MessageInfo:
+        """The MessageInfo of one UID (KeyError if unknown)."""
+        with self._mutex:
+            return self._info(self._by_uid[uid])
+
+    def open_message(self, uid: int) -> BinaryIO:
+        for attempt in range(2):
+            with self._mutex:
+                rec = self._by_uid[uid]
+                path = os.path.join(self.path, "cur", rec.filename)
+            try:
+                return open(path, "rb")
+            except FileNotFoundError:
+                if attempt:
+                    raise KeyError(uid) from None
+                self._sync()
+        raise KeyError(uid)
+
+    def _letters_for(self, flags: Iterable[str], old_letters: str) -> str:
+        """Flag letters for ``flags``, keeping letters we do not manage (P).  Lock held."""
+        system, keywords = split_flags(flags)
+        letters = {c for c in old_letters if c.isupper() and c not in LETTER_FLAGS}
+        letters |= {FLAG_LETTERS[f] for f in system}
+        if keywords:
+            slots = parse_keywords(read_file(os.path.join(self.path, KEYWORDS_NAME)))
+            added = False
+            for kw in sorted(keywords):
+                if kw in slots:
+                    idx = slots.index(kw)
+                elif None in slots:
+                    idx = slots.index(None)
+                    slots[idx] = kw
+                    added = True
+                else:
+                    raise TooManyKeywords(f"no room for keyword {kw!r} in {self.name}")
+                letters.add(chr(ord("a") + idx))
+            if added:
+                write_atomic(
+                    os.path.join(self.path, KEYWORDS_NAME),
+                    serialize_keywords(slots),
+                    fsync=self.fsync,
+                )
+            self._keywords = slots
+        return "".join(sorted(letters))
+
+    def set_flags(self, uid: int, flags: Any) -> MessageInfo:
+        """Replace the flags and keywords of one message (RFC 3501 §6.4.6 STORE FLAGS)."""
+        flags = list(flags)
+        with self._mutex, self._lock():
+            uidlist = self._sync_locked()
+            rec = self._by_uid.get(uid)
+            if rec is None:
+                raise KeyError(uid)
+            letters = self._letters_for(flags, info_letters(rec.filename))
+            if letters == "".join(sorted(info_letters(rec.filename))):
+                return self._info(rec)
+            new_name = with_letters(rec.base, letters)
+            os.rename(
+                os.path.join(self.path, "cur", rec.filename),
+                os.path.join(self.path, "cur", new_name),
+            )
+            uidlist.highest_modseq += 1
+            rec.filename = new_name
+            rec.modseq = uidlist.highest_modseq
+            write_atomic(
+                os.path.join(self.path, UIDLIST_NAME), serialize_uidlist(uidlist), fsync=self.fsync
+            )
+            return self._info(rec)
+
+    def _place(self, tmp: str, flags: Iterable[str]) -> str:
+        """Move a complete file into cur/ with its flags (lock held); returns its base."""
+        base = os.path.basename(tmp)
+        letters = self._letters_for(flags, "")
+        os.rename(tmp, os.path.join(self.path, "cur", with_letters(base, letters)))
+        return base
+
+    def append(
+        self,
+        source: Any,
+        flags: Any = (),
+        internal_date: float | None = None,
+    ) -> int:
+        """APPEND (RFC 3501 §6.3.11): store a message with flags and date; returns its UID."""
+        flags = list(flags)
+        split_flags(flags)
+        quota = self.account._quota()
+        tmp, size = write_message(
+            self.path, source, b"", fsync=self.fsync, quota=quota, internal_date=internal_date
+        )
+        final = os.path.join(self.path, "tmp", f"{os.path.basename(tmp)},S={size}")
+        os.rename(tmp, final)
+        try:
+            with self._mutex, self._lock():
+                base = self._place(final, flags)
+                self._sync_locked(order=[base])
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(final)
+            raise
+        quota.add(size, 1)
+        return self._uid_of(base)
+
+    def _uid_of(self, base: str) -> int:
+        with self._mutex:
+            for rec in self._by_uid.values():
+                if rec.base == base:
+                    return rec.uid
+        raise KeyError(base)
+
+    def copy_to(self, uids: Any, target: Any) -> dict[int, int]:
+        """COPY (RFC 3501 §6.4.7, UIDPLUS RFC 4315): returns {source uid: new uid}."""
+        infos = []
+        with self._mutex:
+            for uid in sorted(set(uids)):
+                rec = self._by_uid.get(uid)
+                if rec is not None:
+                    infos.append((uid, rec, self._info(rec)))
+        if not isinstance(target, MaildirFolder):
+            out = {}
+            for uid, _rec, info in infos:
+                with self.open_message(uid) as f:
+                    out[uid] = target.append(f, info.all_flags, info.internal_date)
+            return out
+        quota = target.account._quota()
+        quota.check(sum(i.size for _, _, i in infos), len(infos))
+        placed: list[tuple[int, str, int]] = []
+        with target._mutex, target._lock():
+            for uid, rec, info in infos:
+                base = f"{unique_name()},S={info.size}"
+                letters = target._letters_for(info.all_flags, info_letters(rec.filename))
+                dest = os.path.join(target.path, "cur", with_letters(base, letters))
+                src = os.path.join(self.path, "cur", rec.filename)
+                try:
+                    os.link(src, dest)
+                except FileNotFoundError:
+                    continue  # expunged meanwhile
+                except OSError:
+                    tmp, _ = write_message(target.path, src, b"", fsync=self.fsync)
+                    os.utime(tmp, (info.internal_date, info.internal_date))
+                    os.rename(tmp, dest)
+                placed.append((uid, base, info.size))
+            target._sync_locked(order=[b for _, b, _ in placed])
+        quota.add(sum(s for _, _, s in placed), len(placed))
+        return {uid: target._uid_of(base) for uid, base, _ in placed}
+
+    def move_to(self, uids: Any, target: Any) -> dict[int, int]:
+        """MOVE (RFC 6851): copy, then expunge the originals."""
+        mapping = self.copy_to(uids, target)
+        self.expunge(list(mapping))
+        return mapping
+
+    def expunge(self, uids: Any) -> list[int]:
+        """Remove messages for good; returns the UIDs actually removed."""
+        wanted = set(uids)
+        removed: list[int] = []
+        freed = 0
+        with self._mutex, self._lock():
+            uidlist = self._sync_locked()
+            kept = []
+            for rec in uidlist.records:
+                if rec.uid in wanted:
+                    info = self._info(rec)
+                    try:
+                        os.unlink(os.path.join(self.path, "cur", rec.filename))
+                    except FileNotFoundError:
+                        pass
+                    else:
+                        freed += info.size
+                    removed.append(rec.uid)
+                    self._stat_cache.pop(rec.base, None)
+                else:
+                    kept.append(rec)
+            if removed:
+                uidlist.records = kept
+                uidlist.highest_modseq += 1
+                if self.fsync:
+                    fsync_dir(os.path.join(self.path, "cur"))
+                write_atomic(
+                    os.path.join(self.path, UIDLIST_NAME),
+                    serialize_uidlist(uidlist),
+                    fsync=self.fsync,
+                )
+                self._install(uidlist)
+        if removed:
+            self.account._quota().add(-freed, -len(removed))
+        return removed
+
+    def clean_tmp(self, max_age: float = TMP_MAX_AGE) -> int:
+        """Remove tmp/ files older than ``max_age`` (maildir spec: 36 hours)."""
+        removed = 0
+        now = time.time()
+        tmp = os.path.join(self.path, "tmp")
+        for name in _listdir(tmp):
+            path = os.path.join(tmp, name)
+            with contextlib.suppress(FileNotFoundError):
+                if now - os.stat(path).st_mtime > max_age:
+                    os.unlink(path)
+                    removed += 1
+        return removed
+
+    def close(self) -> None:
+        with self._mutex:
+            self._stat_cache.clear()

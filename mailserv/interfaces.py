@@ -204,12 +204,16 @@ class IMailStore(Interface):
     call from several processes at once.
     """
 
-    def deliver(user: object, source: object, folder: str | None = None) -> object:
-        """Store the message read from ``source`` (a binary file) for ``user``.
+    def deliver(
+        user: object, source: object, folder: str | None = None, prefix: bytes = b""
+    ) -> object:
+        """Store ``prefix`` + the message read from ``source`` for ``user``.
 
+        ``source`` is a path or a binary file (read from its start); ``prefix``
+        holds per-recipient header lines (Return-Path:, Delivered-To:).
         Returns an opaque id.  Returns only once the message is durable (file
         and directory fsynced).  Raises ``mailserv.errors.QuotaExceeded`` or
-        ``OSError``.
+        ``OSError``.  See mailserv/store/__init__.py.
         """
 
     def open(user: object) -> object:
@@ -236,6 +240,18 @@ class IMailAccount(Interface):
 
     def quota() -> object:
         """(used_bytes, limit_bytes | None, used_messages, limit_messages | None)."""
+
+    def special_use() -> object:
+        """dict folder name → RFC 6154 role ("\\\\Sent" ...)."""
+
+    def subscriptions() -> object:
+        """List of subscribed folder names (RFC 3501 §6.3.6)."""
+
+    def subscribe(name: str) -> None:
+        """Add ``name`` to the subscriptions."""
+
+    def unsubscribe(name: str) -> None:
+        """Remove ``name`` from the subscriptions."""
 
 
 class IMailbox(Interface):
@@ -266,6 +282,12 @@ class IMailbox(Interface):
 
     def copy_to(uids: object, target: object) -> object:
         """Copy messages into the IMailbox ``target``; returns {old uid: new uid}."""
+
+    def move_to(uids: object, target: object) -> object:
+        """Copy then expunge (RFC 6851 MOVE); returns {old uid: new uid}."""
+
+    def message(uid: int) -> object:
+        """The MessageInfo of one message (KeyError if unknown)."""
 
     def expunge(uids: object) -> object:
         """Remove the messages; returns the UIDs actually removed."""

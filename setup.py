@@ -20,6 +20,10 @@ setup(
         "cryptography>=42",
         "dnspython>=2.6",
         "dkimpy>=1.1",
+        "pynacl>=1.5",  # Ed25519 DKIM/ARC keys in dkimpy (RFC 8463)
+        "pyspf>=2.0.14",  # RFC 7208 SPF evaluation with its processing limits (filters/spf.py)
+        "publicsuffixlist>=1.0",  # DMARC organizational domain from a bundled PSL snapshot
+        "regex>=2024.0",  # header/body rules with a match timeout (filters/rules.py)
         "ldap3>=2.9",
         "idna>=3.6",
         # Password hashing: argon2 and bcrypt are the reference C implementations;

@@ -21,6 +21,21 @@ BUILTIN: dict[str, str] = {
     "relay": "mailserv.filters.policy:RelayControl",
     "recipient": "mailserv.filters.policy:RecipientExists",
     "size": "mailserv.filters.policy:MessageSize",
+    # The filters of issue 9, one module each.
+    "headers": "mailserv.filters.headers:HeadersFilter",
+    "spf": "mailserv.filters.spf:SPFFilter",
+    "dkim": "mailserv.filters.dkim:DKIMFilter",
+    "dmarc": "mailserv.filters.dmarc:DMARCFilter",
+    "arc": "mailserv.filters.arc:ARCFilter",
+    "authresults": "mailserv.filters.authresults:AuthResultsFilter",
+    "dnsbl": "mailserv.filters.dnsbl:DNSBLFilter",
+    "uribl": "mailserv.filters.uribl:URIBLFilter",
+    "greylist": "mailserv.filters.greylist:GreylistFilter",
+    "spamtrap": "mailserv.filters.spamtrap:SpamtrapFilter",
+    "tarpit": "mailserv.filters.tarpit:TarpitFilter",
+    "rules": "mailserv.filters.rules:RulesFilter",
+    "ratelimit": "mailserv.filters.ratelimit:RateLimitFilter",
+    "quarantine": "mailserv.filters.quarantine:QuarantineFilter",
 }
 
 
@@ -44,6 +59,15 @@ def build_filter(name: str, options: dict[str, Any], service: Any, where: str = 
         cls = getattr(importlib.import_module(module), cls_name)
         try:
             return cls(options, service)
+        except ConfigError as exc:  # problems keyed relative to the entry: prefix them
+            raise ConfigError(
+                [
+                    ConfigProblem(
+                        p.file or _file(service), f"{where}.{p.key}" if p.key else where, p.message
+                    )
+                    for p in exc.problems
+                ]
+            ) from None
         except (TypeError, ValueError, KeyError) as exc:
             raise ConfigError([ConfigProblem(_file(service), where, str(exc))]) from None
     plugins = _plugin_factories()

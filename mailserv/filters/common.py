@@ -1,0 +1,217 @@
+"""What the built-in filters share: option validation, the resolver, per-message results.
+
+Filters keep no per-message state on themselves (ARCHITECTURE.md "Filters"):
+what one filter learns for another (SPF and DKIM results for DMARC, a DNSBL
+hit for the tarpit, quarantine reasons for the quarantine filter) lives in
+``session.notes``, keyed by the envelope id for per-message results.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import weakref
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from mailserv.config.schema import Context, Invalid, Section, choice
+from mailserv.errors import ConfigError, ConfigProblem
+from mailserv.filters.base import Action, Verdict
+
+_S = TypeVar("_S", bound=Section)
+
+# What a filter may do with a finding: reject | tempfail | quarantine | tag | ignore.
+ACTIONS = ("reject", "tempfail", "quarantine", "tag", "ignore")
+action_kind = choice(*ACTIONS)
+
+
+def load_options(section: type[_S], options: Mapping[str, Any]) -> _S:
+    """Validate a pipeline entry's keys with ``section``.
+
+    Raises ConfigError whose keys are relative to the entry (``zones[1]``);
+    the registry prefixes them with ``pipelines.NAME[i]``.
+    """
+    ctx = Context()
+    loaded = section.load(dict(options), ctx, "")
+    if loaded is None or ctx.problems:
+        raise ConfigError(ctx.problems or [ConfigProblem("", "", "invalid options")])
+    return loaded
+
+
+def config_error(key: str, message: str) -> ConfigError:
+    return ConfigError([ConfigProblem("", key, message)])
+
+
+def regex_kind(value: Any, ctx: Context, key: str) -> str:
+    """A regular expression that compiles (with the ``regex`` module, as the rules run it)."""
+    import regex
+
+    if not isinstance(value, str):
+        raise Invalid(f"expected a regular expression string, got {value!r}")
+    try:
+        regex.compile(value)
+    except regex.error as exc:
+        raise Invalid(f"bad regular expression: {exc}") from None
+    return value
+
+
+# --------------------------------------------------------------------------
+# Service plumbing
+
+_resolvers: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
+
+
+def resolver_for(service: Any) -> Any:
+    """The service's mailserv.dns.DNSResolver (``service.dns``), built once if it has none."""
+    resolver = getattr(service, "dns", None)
+    if resolver is not None:
+        return resolver
+    try:
+        return _resolvers[service]
+    except KeyError:
+        from mailserv.dns import DNSResolver
+
+        resolver = DNSResolver(service.config.dns, service.threads)
+        _resolvers[service] = resolver
+        return resolver
+
+
+def authserv_id(service: Any, configured: str | None) -> str:
+    """RFC 8601 §2.5: the authserv-id, by default the server's host name."""
+    return configured or str(service.config.hostname)
+
+
+def state_path(service: Any, name: str) -> str:
+    directory = os.path.join(str(service.config.state_dir), "filters")
+    os.makedirs(directory, mode=0o750, exist_ok=True)
+    return os.path.join(directory, name)
+
+
+# --------------------------------------------------------------------------
+# Results shared between the filters of one message
+
+
+@dataclass
+class MethodResult:
+    """One RFC 8601 resinfo: ``method=result (comment) ptype.property=value ...``."""
+
+    method: str
+    result: str
+    properties: list[tuple[str, str]] = field(default_factory=list)
+    comment: str = ""
+    reason: str = ""
+
+    def render(self) -> str:
+        out = f"{self.method}={self.result}"
+        if self.comment:
+            out += f" ({_comment_text(self.comment)})"
+        if self.reason:
+            out += f" reason={quote_value(self.reason)}"
+        for prop, value in self.properties:
+            out += f" {prop}={quote_value(value)}"
+        return out
+
+
+@dataclass
+class MessageResults:
+    """Everything the authentication filters found for one envelope."""
+
+    envelope_id: str
+    spf: list[MethodResult] = field(default_factory=list)  # helo and mailfrom
+    spf_mailfrom: str = "none"  # the result DMARC uses (RFC 7489 §3.1.2)
+    spf_domain: str = ""
+    dkim: list[MethodResult] = field(default_factory=list)
+    dkim_pass_domains: list[str] = field(default_factory=list)  # d= of full-body passes
+    dmarc: MethodResult | None = None
+    arc: MethodResult | None = None
+    other: list[MethodResult] = field(default_factory=list)
+    quarantine: list[str] = field(default_factory=list)
+    forged_removed: int = 0
+
+    def all(self) -> list[MethodResult]:
+        out = list(self.spf) + list(self.dkim)
+        if self.dmarc is not None:
+            out.append(self.dmarc)
+        if self.arc is not None:
+            out.append(self.arc)
+        return out + list(self.other)
+
+
+def results_for(session: Any, envelope: Any) -> MessageResults:
+    """The MessageResults of the current envelope (a new one for each transaction)."""
+    current = session.notes.get("auth_results")
+    if current is None or current.envelope_id != envelope.id:
+        current = MessageResults(envelope.id)
+        session.notes["auth_results"] = current
+    return current
+
+
+def connection_marks(session: Any) -> dict[str, Any]:
+    """Per-connection findings (DNSBL hits, tags, quarantine reasons, tarpit flags)."""
+    marks: dict[str, Any] = session.notes.setdefault("filter_marks", {})
+    return marks
+
+
+def quarantine_reasons(session: Any, envelope: Any) -> list[str]:
+    """Connection-level then message-level quarantine reasons, in order."""
+    marks = connection_marks(session)
+    return list(marks.get("quarantine", [])) + results_for(session, envelope).quarantine
+
+
+def outcome(
+    action: str,
+    reason: str,
+    reply: tuple[int, str, str] | None,
+    headers: tuple[tuple[str, str], ...] = (),
+    mark: Callable[[str], None] | None = None,
+) -> Verdict:
+    """A Verdict for a configured ``action`` when a filter found something.
+
+    ``quarantine`` is not returned as a QUARANTINE verdict (that would end the
+    stage and skip later filters): the reason is recorded with ``mark`` and the
+    ``quarantine`` filter, which the registry puts last, turns it into one.
+    """
+    if action == "reject":
+        code, enhanced, text = reply or (550, "5.7.1", reason)
+        return Verdict.reject(code, enhanced, text, reason)
+    if action == "tempfail":
+        code, enhanced, text = reply or (451, "4.7.1", reason)
+        if code >= 500:
+            code, enhanced = 451, "4" + enhanced[1:]
+        return Verdict.tempfail(code, enhanced, text, reason)
+    if action == "quarantine" and mark is not None:
+        mark(reason)
+    if action in ("tag", "quarantine"):
+        return Verdict(Action.CONTINUE, headers=headers, reason=reason)
+    return Verdict(Action.CONTINUE, reason=reason)
+
+
+# --------------------------------------------------------------------------
+# Header text helpers
+
+_TOKEN = re.compile(r"[A-Za-z0-9!#$%&'*+\-.^_`{|}~@/]+\Z")
+_UNSAFE = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def clean(text: str, limit: int = 200) -> str:
+    """Text from the network made safe for a header: no controls, bounded length."""
+    text = _UNSAFE.sub("?", text)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def quote_value(value: str) -> str:
+    """An RFC 2045 token or a quoted-string (RFC 8601 §2.2 ``value``)."""
+    value = clean(value)
+    if _TOKEN.match(value):
+        return value
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _comment_text(text: str) -> str:
+    return clean(text).replace("\\", "\\\\").replace("(", "\\(").replace(")", "\\)")
+
+
+def header_comment(text: str) -> str:
+    """``(text)`` with parentheses escaped (RFC 5322 §3.2.2)."""
+    return f"({_comment_text(text)})"

@@ -1,0 +1,203 @@
+"""DKIM verification (RFC 6376, Ed25519 by RFC 8463) with dkimpy, every signature reported.
+
+Verification runs in the ``crypto`` thread pool; dkimpy's key lookups go
+through our resolver (``lookup_blocking``, as that code is already in a
+thread).  Each signature gets an RFC 8601 §2.7.1 result:
+
+- ``pass``: valid signature over the whole body;
+- ``policy``: valid, but its ``l=`` covers only part of the body (RFC 6376
+  §8.2): reported, never trusted for the whole body nor used by DMARC;
+- ``fail``: bad signature or body hash; ``permerror``: malformed signature
+  or no usable key; ``temperror``: the key could not be fetched now;
+- ``neutral``: not verified (signature limit, message too large).
+"""
+
+from __future__ import annotations
+
+import base64
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import dkim
+from dkim.canonicalization import CanonicalizationPolicy
+from twisted.internet import defer
+from zope.interface import implementer
+
+from mailserv.config.schema import Section, integer, option, size
+from mailserv.errors import TemporaryFailure
+from mailserv.filters.base import CONTINUE, FilterBase
+from mailserv.filters.common import (
+    MethodResult,
+    action_kind,
+    load_options,
+    outcome,
+    resolver_for,
+    results_for,
+)
+from mailserv.interfaces import IMessageFilter
+
+
+class DKIMOptions(Section):
+    """Keys of ``filter = "dkim"``."""
+
+    max_signatures: int = option(integer(1, 50), 5)
+    max_size: int = option(size, 20 * 1024 * 1024)
+    min_key_bits: int = option(integer(512, 16384), 1024)
+    # What a message with signatures but no passing one gets (DMARC decides policy).
+    fail: str = option(action_kind, "ignore")
+
+
+@dataclass(frozen=True)
+class SignatureResult:
+    result: str
+    domain: str
+    selector: str
+    identity: str
+    algorithm: str
+    b: str
+    comment: str
+    body_length: int | None = None  # l= when present
+
+
+def txt_lookup(resolver: Any, state: dict[str, Any]) -> Callable[..., bytes | None]:
+    """dkimpy's ``dnsfunc``: the joined TXT strings of ``name``, None when there are none."""
+
+    def dnsfunc(name: bytes, timeout: float = 5) -> bytes | None:
+        text = name.decode("ascii", "replace").rstrip(".")
+        try:
+            answer = resolver.lookup_blocking(text, "TXT")
+        except TemporaryFailure as exc:
+            state["temporary"] = str(exc)
+            raise dkim.DnsTimeoutError(str(exc)) from None
+        for record in answer.records:
+            return b"".join(record.strings)  # type: ignore[no-any-return]
+        state["missing"] = True
+        return None
+
+    return dnsfunc
+
+
+def _text(value: bytes | None) -> str:
+    return (value or b"").decode("ascii", "replace")
+
+
+def verify_message(
+    raw: bytes, resolver: Any, max_signatures: int, min_key_bits: int
+) -> list[SignatureResult]:
+    """Verify every DKIM-Signature of ``raw`` (blocking: run in the crypto pool)."""
+    try:
+        verifier = dkim.DKIM(raw, minkey=min_key_bits)
+    except dkim.DKIMException as exc:
+        return [SignatureResult("permerror", "", "", "", "", "", f"unparsable message: {exc}")]
+    count = sum(1 for name, _ in verifier.headers if name.lower() == b"dkim-signature")
+    results = []
+    for idx in range(count):
+        if idx >= max_signatures:
+            results.append(SignatureResult("neutral", "", "", "", "", "", "signature limit"))
+            continue
+        results.append(_verify_one(verifier, idx, resolver, raw))
+    return results
+
+
+def _verify_one(verifier: Any, idx: int, resolver: Any, raw: bytes) -> SignatureResult:
+    state: dict[str, Any] = {}
+    verifier.signature_fields = {}
+    try:
+        ok = verifier.verify(idx, txt_lookup(resolver, state))
+        error = ""
+    except dkim.ValidationError as exc:
+        ok, error = False, str(exc)
+    except dkim.DKIMException as exc:
+        ok, error = None, str(exc)
+    sig = verifier.signature_fields or {}
+    domain, selector = _text(sig.get(b"d")), _text(sig.get(b"s"))
+    algorithm = _text(sig.get(b"a"))
+    b_value = re.sub(r"\s+", "", _text(sig.get(b"b")))
+    identity = _text(sig.get(b"i")) or f"@{domain}"
+    length = int(sig[b"l"]) if b"l" in sig and sig[b"l"].isdigit() else None
+
+    def make(result: str, comment: str) -> SignatureResult:
+        return SignatureResult(
+            result, domain, selector, identity, algorithm, b_value, comment, length
+        )
+
+    if ok is None:
+        return make("permerror", error or "bad signature")
+    if "temporary" in state:
+        return make("temperror", "key lookup failed")
+    if not ok:
+        if "missing" in state:
+            return make("permerror", "no key for signature")
+        return make("fail", error or "signature verification failed")
+    if length is not None:
+        canon = CanonicalizationPolicy.from_c_value(sig.get(b"c", b"simple/simple"))
+        body = canon.canonicalize_body(verifier.body)
+        if length < len(body):
+            return make("policy", f"l={length} covers {length} of {len(body)} body bytes")
+    return make("pass", f"{_key_kind(algorithm)} key")
+
+
+def _key_kind(algorithm: str) -> str:
+    return "ed25519" if algorithm.startswith("ed25519") else "rsa"
+
+
+def as_method_result(sig: SignatureResult) -> MethodResult:
+    """RFC 8601 resinfo with header.d/s/i/a and header.b (RFC 6008: first 8 characters)."""
+    props = []
+    if sig.domain:
+        props.append(("header.d", sig.domain))
+        props.append(("header.i", sig.identity))
+        props.append(("header.s", sig.selector))
+        props.append(("header.a", sig.algorithm))
+        if sig.b:
+            props.append(("header.b", sig.b[:8]))
+    return MethodResult("dkim", sig.result, props, sig.comment)
+
+
+@implementer(IMessageFilter)
+class DKIMFilter(FilterBase):
+    """Verify all DKIM signatures of the message; results go to Authentication-Results."""
+
+    name = "dkim"
+    default_timeout = 30.0
+
+    def __init__(self, options: Mapping[str, Any] | None = None, service: Any = None) -> None:
+        super().__init__(options, service)
+        self.config = load_options(DKIMOptions, self.options)
+        self.resolver = resolver_for(service)
+        self.threads = service.threads
+
+    def _verify_file(self, path: str) -> list[SignatureResult]:
+        with open(path, "rb") as f:
+            raw = f.read()
+        return verify_message(
+            raw, self.resolver, self.config.max_signatures, self.config.min_key_bits
+        )
+
+    @defer.inlineCallbacks
+    def check_message(self, session: Any, envelope: Any, message: Any) -> Any:
+        results = results_for(session, envelope)
+        if not message.header("DKIM-Signature"):
+            results.dkim.append(MethodResult("dkim", "none"))
+            return CONTINUE
+        if message.size > self.config.max_size:
+            results.dkim.append(MethodResult("dkim", "neutral", comment="message too large"))
+            return CONTINUE
+        signatures = yield self.threads.run("crypto", self._verify_file, message.path)
+        for sig in signatures:
+            results.dkim.append(as_method_result(sig))
+            if sig.result == "pass" and sig.domain:
+                results.dkim_pass_domains.append(sig.domain.lower())
+        if results.dkim_pass_domains:
+            return CONTINUE
+        reason = "no valid DKIM signature"
+        return outcome(
+            self.config.fail, reason, (550, "5.7.20", reason), (), results.quarantine.append
+        )
+
+
+def public_key_record(public_der_or_raw: bytes, key_type: str = "rsa") -> str:
+    """The TXT value to publish for a key (RFC 6376 §3.6.1): ``v=DKIM1; k=...; p=...``."""
+    return f"v=DKIM1; k={key_type}; p={base64.b64encode(public_der_or_raw).decode('ascii')}"

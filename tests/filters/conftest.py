@@ -1,0 +1,153 @@
+"""Fixtures of the filter tests: a service with a real resolver pointed at the loopback DNS server.
+
+``filter_env`` gives ``env.service`` (config, threads, dns), ``env.session(peer, helo)``,
+``env.envelope(sender, *rcpts)``, ``env.message(raw_bytes)`` (a spooled Message on disk)
+and ``env.build(name, **options)`` (through the registry, as a pipeline entry is built).
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from mailserv.address import parse_mailbox
+from mailserv.config import parse_config
+from mailserv.dns import DNSResolver
+from mailserv.envelope import Envelope, Message, Recipient, Session, parse_header_section
+from mailserv.filters.registry import build_filter
+from mailserv.threads import ThreadPools
+
+CONFIG = """
+config_version = 1
+hostname = "mx.example.org"
+domains = ["example.org"]
+state_dir = "{state}"
+[store]
+path = "{state}/mail/{{localpart}}"
+[dns]
+nameservers = ["127.0.0.1:{port}"]
+timeout = "1s"
+"""
+
+_ids = itertools.count(1)
+
+
+class FakeService:
+    def __init__(self, config: Any, reactor: Any) -> None:
+        self.config = config
+        self.reactor = reactor
+        self.threads = ThreadPools(reactor, {"dns": 4, "disk": 2, "crypto": 2})
+        self.dns = DNSResolver(config.dns, self.threads)
+
+
+class FilterEnv:
+    def __init__(self, tmp_path: Path, port: int) -> None:
+        from twisted.internet import reactor
+
+        state = tmp_path / "state"
+        state.mkdir(exist_ok=True)
+        self.tmp_path = tmp_path
+        self.config = parse_config(CONFIG.format(state=state, port=port))
+        self.service = FakeService(self.config, reactor)
+
+    def build(self, name: str, **options: Any) -> Any:
+        return build_filter(name, options, self.service, "pipelines.inbound[0]")
+
+    def session(self, peer: str = "192.0.2.1", helo: str | None = "client.example.net") -> Session:
+        return Session(
+            id=f"s{next(_ids)}", listener="mx", protocol="smtp", peer_host=peer, helo=helo
+        )
+
+    def envelope(self, sender: str | None, *rcpts: str) -> Envelope:
+        return Envelope(
+            id=f"e{next(_ids)}",
+            mail_from=parse_mailbox(sender) if sender else None,
+            recipients=[Recipient(parse_mailbox(r)) for r in rcpts],
+        )
+
+    def message(self, raw: bytes) -> Message:
+        path = self.tmp_path / f"msg{next(_ids)}.eml"
+        path.write_bytes(raw)
+        head = raw.split(b"\r\n\r\n", 1)[0]
+        return Message(str(path), len(raw), parse_header_section(head + b"\r\n"))
+
+    def stop(self) -> None:
+        self.service.threads.stopService()
+
+
+@pytest.fixture
+def filter_env(tmp_path: Path, dns_server: Any) -> Iterator[FilterEnv]:
+    env = FilterEnv(tmp_path, dns_server.port)
+    try:
+        yield env
+    finally:
+        env.stop()
+
+
+def crlf(text: str) -> bytes:
+    """A message written with \\n lines, as the wire form with CRLF."""
+    return text.replace("\n", "\r\n").encode("utf-8")
+
+
+class Keys:
+    """A 2048-bit RSA and an Ed25519 DKIM key pair, with their DNS TXT records."""
+
+    def __init__(self) -> None:
+        import base64
+
+        import nacl.signing
+        from cryptography.hazmat.primitives import serialization
+        from cryptography.hazmat.primitives.asymmetric import rsa
+
+        key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        self.rsa_private = key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.TraditionalOpenSSL,
+            serialization.NoEncryption(),
+        )
+        der = key.public_key().public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+        rsa_txt = f"v=DKIM1; k=rsa; p={base64.b64encode(der).decode()}"
+        # Longer than one 255-byte TXT string: published as several strings (RFC 6376 §3.6.2.2).
+        self.rsa_txt = [rsa_txt[i : i + 200] for i in range(0, len(rsa_txt), 200)]
+        signing = nacl.signing.SigningKey.generate()
+        self.ed_private = base64.b64encode(bytes(signing))
+        self.ed_txt = (
+            f"v=DKIM1; k=ed25519; p={base64.b64encode(bytes(signing.verify_key)).decode()}"
+        )
+
+    def records(self, domain: str, rsa_selector: str = "rsa", ed_selector: str = "ed") -> dict:
+        return {
+            f"{rsa_selector}._domainkey.{domain}": {"TXT": [self.rsa_txt]},
+            f"{ed_selector}._domainkey.{domain}": {"TXT": [self.ed_txt]},
+        }
+
+    def sign(
+        self, raw: bytes, domain: str, kind: str = "rsa", selector: str | None = None, **kw: Any
+    ) -> bytes:
+        import dkim
+
+        if kind == "rsa":
+            sig = dkim.sign(
+                raw, (selector or "rsa").encode(), domain.encode(), self.rsa_private, **kw
+            )
+        else:
+            sig = dkim.sign(
+                raw,
+                (selector or "ed").encode(),
+                domain.encode(),
+                self.ed_private,
+                signature_algorithm=b"ed25519-sha256",
+                **kw,
+            )
+        return sig.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n") + raw
+
+
+@pytest.fixture(scope="session")
+def dkim_keys() -> Keys:
+    return Keys()

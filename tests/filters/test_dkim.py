@@ -1,0 +1,118 @@
+"""DKIM filter: RSA and Ed25519 signatures made by the test, keys served by the DNS fixture."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest_twisted
+
+from mailserv.filters.base import Action
+from mailserv.filters.common import results_for
+from tests.filters.conftest import crlf
+
+MESSAGE = crlf(
+    "From: Alice <alice@sender.test>\n"
+    "To: bob@example.org\n"
+    "Subject: hello\n"
+    "Date: Wed, 25 Nov 2026 10:00:00 +0000\n"
+    "Message-ID: <1@sender.test>\n"
+    "\n"
+    "Hello Bob.\n"
+)
+
+
+@pytest_twisted.inlineCallbacks
+def run(env: Any, raw: bytes, **options: Any) -> Any:
+    flt = env.build("dkim", **options)
+    session = env.session()
+    envelope = env.envelope("alice@sender.test", "bob@example.org")
+    verdict = yield flt.check_message(session, envelope, env.message(raw))
+    return verdict, results_for(session, envelope)
+
+
+@pytest_twisted.inlineCallbacks
+def test_rsa_and_ed25519_signatures_all_reported(
+    filter_env: Any, dns_server: Any, dkim_keys: Any
+) -> Any:
+    dns_server.set(dkim_keys.records("sender.test"))
+    signed = dkim_keys.sign(MESSAGE, "sender.test", "rsa")
+    signed = dkim_keys.sign(signed, "sender.test", "ed25519")
+    verdict, results = yield run(filter_env, signed)
+    assert verdict.action is Action.CONTINUE
+    rendered = [r.render() for r in results.dkim]
+    assert len(rendered) == 2
+    # The topmost signature (Ed25519, added last) comes first.
+    assert rendered[0].startswith("dkim=pass (ed25519 key) header.d=sender.test")
+    assert "header.s=ed header.a=ed25519-sha256 header.b=" in rendered[0]
+    assert rendered[1].startswith("dkim=pass (rsa key) header.d=sender.test")
+    assert "header.s=rsa header.a=rsa-sha256" in rendered[1]
+    assert results.dkim_pass_domains == ["sender.test", "sender.test"]
+
+
+@pytest_twisted.inlineCallbacks
+def test_modified_body_fails(filter_env: Any, dns_server: Any, dkim_keys: Any) -> Any:
+    dns_server.set(dkim_keys.records("sender.test"))
+    signed = dkim_keys.sign(MESSAGE, "sender.test", "rsa")
+    tampered = signed.replace(b"Hello Bob.", b"Hello Eve.")
+    _verdict, results = yield run(filter_env, tampered)
+    [result] = results.dkim
+    assert result.result == "fail" and "body hash mismatch" in result.comment
+    assert results.dkim_pass_domains == []
+
+
+@pytest_twisted.inlineCallbacks
+def test_replayed_signature_with_changed_subject_fails(
+    filter_env: Any, dns_server: Any, dkim_keys: Any
+) -> Any:
+    dns_server.set(dkim_keys.records("sender.test"))
+    signed = dkim_keys.sign(MESSAGE, "sender.test", "ed25519")
+    replayed = signed.replace(b"Subject: hello", b"Subject: buy now")
+    _verdict, results = yield run(filter_env, replayed, fail="reject")
+    assert [r.result for r in results.dkim] == ["fail"]
+
+
+@pytest_twisted.inlineCallbacks
+def test_l_tag_is_reported_and_not_trusted_for_appended_body(
+    filter_env: Any, dns_server: Any, dkim_keys: Any
+) -> Any:
+    dns_server.set(dkim_keys.records("sender.test"))
+    signed = dkim_keys.sign(MESSAGE, "sender.test", "rsa", length=True)
+    # RFC 6376 §8.2: content appended after the signed length still "verifies".
+    appended = signed + b"Click http://evil.test/ now\r\n"
+    _verdict, results = yield run(filter_env, appended)
+    [result] = results.dkim
+    assert result.result == "policy"
+    assert "l=12 covers 12 of 41 body bytes" in result.comment
+    assert results.dkim_pass_domains == []
+    # Unmodified, the l= signature covers the whole body: a pass.
+    _verdict, results = yield run(filter_env, signed)
+    assert [r.result for r in results.dkim] == ["pass"]
+
+
+@pytest_twisted.inlineCallbacks
+def test_missing_key_is_permerror_and_timeout_temperror(
+    filter_env: Any, dns_server: Any, dkim_keys: Any
+) -> Any:
+    dns_server.set({"rsa._domainkey.sender.test": {"TIMEOUT": True}})
+    signed = dkim_keys.sign(MESSAGE, "sender.test", "rsa")
+    signed = dkim_keys.sign(signed, "sender.test", "ed25519")
+    verdict, results = yield run(filter_env, signed, fail="tempfail")
+    assert [r.result for r in results.dkim] == ["permerror", "temperror"]
+    assert verdict.action is Action.TEMPFAIL
+
+
+@pytest_twisted.inlineCallbacks
+def test_unsigned_message_is_none(filter_env: Any) -> Any:
+    verdict, results = yield run(filter_env, MESSAGE, fail="reject")
+    assert verdict.action is Action.CONTINUE
+    assert [r.render() for r in results.dkim] == ["dkim=none"]
+
+
+@pytest_twisted.inlineCallbacks
+def test_signature_limit(filter_env: Any, dns_server: Any, dkim_keys: Any) -> Any:
+    dns_server.set(dkim_keys.records("sender.test"))
+    signed = MESSAGE
+    for _ in range(3):
+        signed = dkim_keys.sign(signed, "sender.test", "ed25519")
+    _verdict, results = yield run(filter_env, signed, max_signatures=2)
+    assert [r.result for r in results.dkim] == ["pass", "pass", "neutral"]

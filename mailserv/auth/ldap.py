@@ -20,6 +20,7 @@ invalidCredentials (49) means a wrong password.
 
 from __future__ import annotations
 
+import math
 import queue
 import ssl
 from collections.abc import Iterator
@@ -65,6 +66,8 @@ class LDAPBackend(Backend):
     def __init__(self, name: str, section: Any, config: Any, reactor: Any, threads: Any) -> None:
         super().__init__(name, section, config, reactor, threads)
         self.timeout = section.timeout
+        # ldap3 packs timeouts into socket options as whole seconds.
+        self._seconds = max(1, math.ceil(section.timeout))
         self.bind_password = read_secret_file(section.bind_password_file)
         tls = None
         if section.start_tls or any(u.lower().startswith("ldaps://") for u in section.urls):
@@ -74,10 +77,14 @@ class LDAPBackend(Backend):
                 version=ssl.PROTOCOL_TLS_CLIENT,
             )
         self.servers = [
-            Server(url, connect_timeout=section.timeout, tls=tls, get_info=NONE)
+            Server(url, connect_timeout=self._seconds, tls=tls, get_info=NONE)
             for url in section.urls
         ]
         self._preferred = 0
+        self.address_filter = getattr(section, "address_filter", None) or (
+            f"(&(objectClass=inetOrgPerson)(|({section.mail_attribute}={{user}})"
+            f"({section.alias_attribute}={{user}})))"
+        )
         self._pool: queue.LifoQueue[Connection] = queue.LifoQueue(maxsize=section.pool_size)
         self.attributes = [
             a
@@ -103,7 +110,7 @@ class LDAPBackend(Backend):
                 user=dn,
                 password=password,
                 authentication=SIMPLE if dn else "ANONYMOUS",
-                receive_timeout=self.section.timeout,
+                receive_timeout=self._seconds,
                 read_only=True,
                 raise_exceptions=False,
             )
@@ -145,9 +152,9 @@ class LDAPBackend(Backend):
         except queue.Full:
             conn.unbind()
 
-    def _search(self, username: str) -> list[dict[str, Any]]:
+    def _search(self, username: str, template: str | None = None) -> list[dict[str, Any]]:
         """Entries matching the user filter (at most 2: more than one is ambiguous)."""
-        flt = user_filter(self.section.user_filter, username)
+        flt = user_filter(template or self.section.user_filter, username)
         with self._service_connection() as conn:
             try:
                 ok = conn.search(
@@ -156,7 +163,7 @@ class LDAPBackend(Backend):
                     SUBTREE,
                     attributes=self.attributes,
                     size_limit=2,
-                    time_limit=max(1, int(self.section.timeout)),
+                    time_limit=self._seconds,
                 )
             except LDAPException as exc:
                 raise _Unavailable(type(exc).__name__) from None
@@ -213,7 +220,7 @@ class LDAPBackend(Backend):
             return None
 
     def _find(self, key: str) -> User | None:
-        entries = self._search(key)
+        entries = self._search(key, self.address_filter)
         if len(entries) != 1:
             return None
         entry = entries[0]
@@ -236,7 +243,7 @@ class LDAPBackend(Backend):
 
     def _run(self, fn: Any, *args: Any) -> defer.Deferred[Any]:
         def unavailable(failure: Any) -> None:
-            failure.trap(_Unavailable, LDAPException)
+            failure.trap(_Unavailable, LDAPException, OSError)
             log.warn(
                 "auth backend {name} unavailable: {error}",
                 name=self.name,

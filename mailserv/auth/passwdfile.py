@@ -25,6 +25,7 @@ from mailserv.auth.backend import Backend
 from mailserv.config.schema import parse_size
 from mailserv.directory import User
 from mailserv.directory.lookup import make_user
+from mailserv.errors import TemporaryFailure
 
 
 @dataclass
@@ -175,10 +176,17 @@ class PasswdFileBackend(Backend):
         super().__init__(name, section, config, reactor, threads)
         self.file = PasswdFile(section.path)
         self.default_scheme = section.default_scheme
-        self.file.entries()  # first load at startup, so that secret_kinds() is right at once
+        try:
+            self.file.entries()  # first load at startup, so that secret_kinds() is right at once
+        except OSError:
+            pass  # reported as a TemporaryFailure by every lookup until it is fixed
 
     def _run(self, fn: Any, *args: Any) -> defer.Deferred[Any]:
-        return self.threads.run("auth", fn, *args)
+        def unreadable(failure: Any) -> None:
+            failure.trap(OSError)
+            raise TemporaryFailure(f"passwd-file {self.section.path} unreadable")
+
+        return self.threads.run("auth", fn, *args).addErrback(unreadable)
 
     def verify_password(self, username: str, password: bytes) -> defer.Deferred[str | None]:
         return self._run(self._verify, username, password)

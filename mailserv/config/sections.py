@@ -142,6 +142,9 @@ class LDAPBackend(BackendSection):
     alias_attribute: str = option(string, "mailAlternateAddress")
     quota_attribute: str | None = option(optional(string), None)
     mailbox_attribute: str | None = option(optional(string), None)
+    # Filter of directory (recipient) lookups; default: mail_attribute or alias_attribute
+    # equal to the address, among inetOrgPerson entries.
+    address_filter: str | None = option(optional(string), None)
 
 
 class PAMBackend(BackendSection):

@@ -7,13 +7,14 @@ file, fsync it, rename it into place, fsync the directory (LIMITS.md "fsync").
 from __future__ import annotations
 
 import contextlib
-import errno
+import io
 import itertools
 import os
+import re
 import socket
 import time
 from collections.abc import Iterator
-from typing import IO, BinaryIO
+from typing import IO, Any, BinaryIO
 
 _counter = itertools.count(1)
 CHUNK = 64 * 1024
@@ -106,37 +107,105 @@ def open_source(source: str | os.PathLike[str] | IO[bytes]) -> Iterator[BinaryIO
     yield source  # type: ignore[misc]
 
 
-def copy_into(fd: int, source: BinaryIO) -> int:
-    """Copy the rest of ``source`` to ``fd``; returns the byte count.
+class LineEnds:
+    """Counts the LF not preceded by CR in a stream fed in chunks (for the CRLF size)."""
 
-    Uses ``os.sendfile`` when the source is a real file (no copy through Python).
-    """
+    def __init__(self) -> None:
+        self.bare_lf = 0
+        self._prev_cr = False
+
+    def feed(self, chunk: bytes | bytearray | memoryview) -> None:
+        data = bytes(chunk)
+        if not data:
+            return
+        n = data.count(b"\n") - data.count(b"\r\n")
+        if self._prev_cr and data[:1] == b"\n":
+            n -= 1
+        self.bare_lf += n
+        self._prev_cr = data[-1:] == b"\r"
+
+
+def copy_into(fd: int, source: BinaryIO, ends: LineEnds | None = None) -> int:
+    """Copy the rest of ``source`` to ``fd`` in chunks; returns the byte count."""
     total = 0
-    try:
-        in_fd = source.fileno()
-        offset = source.tell()
-        os.fstat(in_fd)
-    except (OSError, AttributeError, ValueError):
-        in_fd = -1
-    if in_fd >= 0:
-        try:
-            while True:
-                sent = os.sendfile(fd, in_fd, offset, 1 << 20)
-                if sent == 0:
-                    break
-                offset += sent
-                total += sent
-            source.seek(offset)
-            return total
-        except OSError as exc:
-            if exc.errno not in (errno.EINVAL, errno.ENOSYS) or total:
-                raise
     while True:
         chunk = source.read(CHUNK)
         if not chunk:
             return total
+        if ends is not None:
+            ends.feed(chunk)
         write_all(fd, chunk)
         total += len(chunk)
+
+
+def crlf_size(path: str) -> int:
+    """The size of a file once every bare LF is a CRLF (RFC 5322 §2.3)."""
+    ends = LineEnds()
+    total = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            ends.feed(chunk)
+            total += len(chunk)
+    return total + ends.bare_lf
+
+
+_QUOTED_FROM = re.compile(rb"^>+From ")
+
+
+class CRLFReader(io.RawIOBase):
+    """``length`` bytes of a file from ``offset``, bare LF turned into CRLF.
+
+    With ``unquote_from`` a line start ``>From `` loses one ``>`` (mboxrd, RFC 4155).
+    """
+
+    def __init__(self, path: str, offset: int, length: int, unquote_from: bool = False) -> None:
+        super().__init__()
+        self._f = open(path, "rb")
+        self._f.seek(offset)
+        self._left = length
+        self._unquote = unquote_from
+        self._buf = b""
+        self._at_start = True
+        self._prev_cr = False
+
+    def readable(self) -> bool:
+        return True
+
+    def _fill(self) -> bool:
+        if self._left <= 0:
+            return False
+        line = self._f.readline(min(self._left, CHUNK))
+        if not line:
+            self._left = 0
+            return False
+        self._left -= len(line)
+        if self._unquote and self._at_start and _QUOTED_FROM.match(line):
+            line = line[1:]
+        if line.endswith(b"\n") and not line.endswith(b"\r\n"):
+            if not (len(line) == 1 and self._prev_cr):
+                line = line[:-1] + b"\r\n"
+        self._at_start = line.endswith(b"\n")
+        self._prev_cr = line.endswith(b"\r")
+        self._buf = line
+        return True
+
+    def readinto(self, b: Any) -> int:
+        if not self._buf and not self._fill():
+            return 0
+        n = min(len(b), len(self._buf))
+        b[:n] = self._buf[:n]
+        self._buf = self._buf[n:]
+        return n
+
+    def close(self) -> None:
+        self._f.close()
+        super().close()
+
+
+def open_crlf(path: str, offset: int, length: int, unquote_from: bool = False) -> BinaryIO:
+    """A buffered binary file of a message with CRLF line ends."""
+    reader = CRLFReader(path, offset, length, unquote_from)
+    return io.BufferedReader(reader, CHUNK)  # type: ignore[return-value]
 
 
 def pid_alive(pid: int) -> bool:

@@ -42,9 +42,12 @@ from mailserv.store import (
     split_folder_name,
 )
 from mailserv.store._fs import (
+    LineEnds,
     copy_into,
+    crlf_size,
     fsync_dir,
     next_uidvalidity,
+    open_crlf,
     open_source,
     read_file,
     source_size,
@@ -84,6 +87,7 @@ LETTER_FLAGS = {v: k for k, v in FLAG_LETTERS.items()}
 UIDLIST_STALE = 120.0  # Dovecot's MAILDIR_UIDLIST_LOCK_STALE_TIMEOUT
 TMP_MAX_AGE = 36 * 3600  # maildir spec: tmp files older than 36 hours are garbage
 _SIZE = re.compile(r",S=(\d+)")
+_VSIZE = re.compile(r",W=(\d+)")
 
 
 def info_letters(filename: str) -> str:
@@ -116,10 +120,11 @@ def write_message(
     fsync: bool = True,
     quota: MaildirSize | None = None,
     internal_date: float | None = None,
-) -> tuple[str, int]:
+) -> tuple[str, int, int]:
     """Write ``prefix`` + ``source`` to ``<directory>/tmp/<unique>``, fsynced.
 
-    Returns (tmp path, size).  Nothing is left behind on failure.
+    Returns (tmp path, size, size with CRLF line ends).  Nothing is left
+    behind on failure.
     """
     hint = source_size(source)
     if quota is not None and hint is not None:
@@ -128,10 +133,12 @@ def write_message(
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
         try:
+            ends = LineEnds()
             if prefix:
+                ends.feed(prefix)
                 write_all(fd, prefix)
             with open_source(source) as src:
-                size = len(prefix) + copy_into(fd, src)
+                size = len(prefix) + copy_into(fd, src, ends)
             if quota is not None and hint is None:
                 quota.check(size)
             if internal_date is not None:
@@ -144,7 +151,12 @@ def write_message(
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
-    return tmp, size
+    return tmp, size, size + ends.bare_lf
+
+
+def size_suffix(size: int, vsize: int) -> str:
+    """Dovecot's ``,S=<size>,W=<size with CRLF>`` file name fields."""
+    return f",S={size},W={vsize}"
 
 
 @implementer(IMailStore)
@@ -180,8 +192,8 @@ class MaildirStore:
         if not os.path.isdir(os.path.join(path, "new")):
             _make_maildir(path, subfolder=not inbox)
         quota = self._quota(user, root)
-        tmp, size = write_message(path, source, prefix, fsync=self.fsync, quota=quota)
-        name = f"{os.path.basename(tmp)},S={size}"
+        tmp, size, vsize = write_message(path, source, prefix, fsync=self.fsync, quota=quota)
+        name = os.path.basename(tmp) + size_suffix(size, vsize)
         try:
             os.rename(tmp, os.path.join(path, "new", name))
         except BaseException:
@@ -284,7 +296,7 @@ class MaildirFolder:
         self._uidlist: UidList | None = None
         self._by_uid: dict[int, UidRecord] = {}
         self._keywords: list[str | None] = [None] * MAX_KEYWORDS
-        self._stat_cache: dict[str, tuple[int, float]] = {}
+        self._stat_cache: dict[str, tuple[int, int, float]] = {}
         _make_maildir(path, subfolder=path != account.root)
         self.refresh()
 
@@ -314,7 +326,7 @@ class MaildirFolder:
             return True
         for rec in uidlist.records:
             found = files.get(rec.base)
-            if found is None or found != ("cur", rec.filename):
+            if found is None or found != ("cur", rec.filename) or not rec.modseq:
                 return True
         return False
 
@@ -341,6 +353,10 @@ class MaildirFolder:
                 changed = True
                 continue
             name = self._to_cur(*found)
+            if not rec.modseq:
+                uidlist.highest_modseq += 1
+                rec.modseq = uidlist.highest_modseq
+                changed = True
             if name != rec.filename:
                 if info_letters(name) != info_letters(rec.filename):
                     uidlist.highest_modseq += 1
@@ -406,17 +422,27 @@ class MaildirFolder:
     def uids(self) -> list[int]:
         return sorted(self._by_uid)
 
-    def _info(self, rec: UidRecord) -> MessageInfo:
+    def _stat(self, rec: UidRecord) -> tuple[int, int, float]:
+        """(size on disk, size with CRLF line ends, mtime) of a message, cached."""
         base = rec.base
         cached = self._stat_cache.get(base)
         if cached is None:
+            path = os.path.join(self.path, "cur", rec.filename)
+            vsize = _VSIZE.search(base)
             try:
-                st = os.stat(os.path.join(self.path, "cur", rec.filename))
-                cached = (st.st_size, st.st_mtime)
+                st = os.stat(path)
+                crlf = int(vsize.group(1)) if vsize else crlf_size(path)
+                cached = (st.st_size, crlf, st.st_mtime)
             except FileNotFoundError:
-                m = _SIZE.search(base)
-                cached = (int(m.group(1)) if m else 0, 0.0)
+                size = _SIZE.search(base)
+                phys = int(size.group(1)) if size else 0
+                cached = (phys, int(vsize.group(1)) if vsize else phys, 0.0)
             self._stat_cache[base] = cached
+        return cached
+
+    def _info(self, rec: UidRecord) -> MessageInfo:
+        base = rec.base
+        _, vsize, mtime = self._stat(rec)
         letters = info_letters(rec.filename)
         flags = frozenset(LETTER_FLAGS[c] for c in letters if c in LETTER_FLAGS)
         keywords = frozenset(
@@ -424,7 +450,7 @@ class MaildirFolder:
             for c in letters
             if "a" <= c <= "z" and (kw := self._keywords[ord(c) - ord("a")]) is not None
         )
-        return MessageInfo(rec.uid, cached[0], flags, keywords, rec.modseq, cached[1], base)
+        return MessageInfo(rec.uid, vsize, flags, keywords, rec.modseq, mtime, base)
 
     def messages(self) -> list[MessageInfo]:
         with self._mutex:
@@ -441,7 +467,10 @@ class MaildirFolder:
                 rec = self._by_uid[uid]
                 path = os.path.join(self.path, "cur", rec.filename)
             try:
-                return open(path, "rb")
+                size, vsize, _ = self._stat(rec)
+                if size == vsize:
+                    return open(path, "rb")
+                return open_crlf(path, 0, size)  # LF file (Dovecot, procmail): CRLF view
             except FileNotFoundError:
                 if attempt:
                     raise KeyError(uid) from None
@@ -516,10 +545,10 @@ class MaildirFolder:
         flags = list(flags)
         split_flags(flags)
         quota = self.account._quota()
-        tmp, size = write_message(
+        tmp, size, vsize = write_message(
             self.path, source, b"", fsync=self.fsync, quota=quota, internal_date=internal_date
         )
-        final = os.path.join(self.path, "tmp", f"{os.path.basename(tmp)},S={size}")
+        final = tmp + size_suffix(size, vsize)
         os.rename(tmp, final)
         try:
             with self._mutex, self._lock():
@@ -546,19 +575,19 @@ class MaildirFolder:
             for uid in sorted(set(uids)):
                 rec = self._by_uid.get(uid)
                 if rec is not None:
-                    infos.append((uid, rec, self._info(rec)))
+                    infos.append((uid, rec, self._info(rec), self._stat(rec)[0]))
         if not isinstance(target, MaildirFolder):
             out = {}
-            for uid, _rec, info in infos:
+            for uid, _rec, info, _size in infos:
                 with self.open_message(uid) as f:
                     out[uid] = target.append(f, info.all_flags, info.internal_date)
             return out
         quota = target.account._quota()
-        quota.check(sum(i.size for _, _, i in infos), len(infos))
+        quota.check(sum(size for _, _, _, size in infos), len(infos))
         placed: list[tuple[int, str, int]] = []
         with target._mutex, target._lock():
-            for uid, rec, info in infos:
-                base = f"{unique_name()},S={info.size}"
+            for uid, rec, info, size in infos:
+                base = unique_name() + size_suffix(size, info.size)
                 letters = target._letters_for(info.all_flags, info_letters(rec.filename))
                 dest = os.path.join(target.path, "cur", with_letters(base, letters))
                 src = os.path.join(self.path, "cur", rec.filename)
@@ -567,10 +596,10 @@ class MaildirFolder:
                 except FileNotFoundError:
                     continue  # expunged meanwhile
                 except OSError:
-                    tmp, _ = write_message(target.path, src, b"", fsync=self.fsync)
+                    tmp, _, _ = write_message(target.path, src, b"", fsync=self.fsync)
                     os.utime(tmp, (info.internal_date, info.internal_date))
                     os.rename(tmp, dest)
-                placed.append((uid, base, info.size))
+                placed.append((uid, base, size))
             target._sync_locked(order=[b for _, b, _ in placed])
         quota.add(sum(s for _, _, s in placed), len(placed))
         return {uid: target._uid_of(base) for uid, base, _ in placed}
@@ -591,13 +620,13 @@ class MaildirFolder:
             kept = []
             for rec in uidlist.records:
                 if rec.uid in wanted:
-                    info = self._info(rec)
+                    size = self._stat(rec)[0]
                     try:
                         os.unlink(os.path.join(self.path, "cur", rec.filename))
                     except FileNotFoundError:
                         pass
                     else:
-                        freed += info.size
+                        freed += size
                     removed.append(rec.uid)
                     self._stat_cache.pop(rec.base, None)
                 else:

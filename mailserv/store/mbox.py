@@ -64,6 +64,7 @@ from mailserv.store._fs import (
     CHUNK,
     fsync_dir,
     next_uidvalidity,
+    open_crlf,
     open_source,
     read_file,
     source_size,
@@ -393,52 +394,6 @@ def scan(mm: bytes | mmap.mmap, start: int, end: int, mtime: float) -> list[Scan
         )
         pos = stop
     return out
-
-
-class MboxMessageFile(io.RawIOBase):
-    """The bytes of one message: quoting undone, CRLF line ends."""
-
-    def __init__(self, path: str, body: int, length: int) -> None:
-        super().__init__()
-        self._f = open(path, "rb")
-        self._f.seek(body)
-        self._left = length
-        self._buf = b""
-        self._at_start = True
-        self._prev_cr = False
-
-    def readable(self) -> bool:
-        return True
-
-    def _fill(self) -> bool:
-        if self._left <= 0:
-            return False
-        line = self._f.readline(min(self._left, CHUNK))
-        if not line:
-            self._left = 0
-            return False
-        self._left -= len(line)
-        if self._at_start and line.startswith(b">") and _FROM_QUOTED.match(line[1:]):
-            line = line[1:]
-        if line.endswith(b"\n") and not line.endswith(b"\r\n"):
-            if not (len(line) == 1 and self._prev_cr):
-                line = line[:-1] + b"\r\n"
-        self._at_start = line.endswith(b"\n")
-        self._prev_cr = line.endswith(b"\r")
-        self._buf = line
-        return True
-
-    def readinto(self, b: Any) -> int:
-        if not self._buf and not self._fill():
-            return 0
-        n = min(len(b), len(self._buf))
-        b[:n] = self._buf[:n]
-        self._buf = self._buf[n:]
-        return n
-
-    def close(self) -> None:
-        self._f.close()
-        super().close()
 
 
 # ---------------------------------------------------------------------------
@@ -843,7 +798,7 @@ class MboxFolder:
             if not self._unchanged(self._index):
                 self._sync()
             e = self._by_uid[uid]
-            return io.BufferedReader(MboxMessageFile(self.path, e.body, e.length), CHUNK)  # type: ignore[return-value]
+            return open_crlf(self.path, e.body, e.length, unquote_from=True)
 
     def set_flags(self, uid: int, flags: Any) -> MessageInfo:
         system, keywords = split_flags(list(flags))

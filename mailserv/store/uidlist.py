@@ -8,8 +8,9 @@ Format of dovecot-uidlist v3 (Dovecot src/lib-storage/index/maildir/maildir-uidl
 Dovecot's record keys are S (physical size), W (virtual size), G (GUID),
 P (POP3 UIDL) and O (POP3 order); unknown keys are carried along.  mailserv
 adds ``M<modseq>`` to each record and ``M<highest modseq>`` to the header
-(RFC 7162 CONDSTORE); Dovecot ignores both, and a uidlist without them (one
-written by Dovecot) starts every message at modseq 1.  Version 1 files
+(RFC 7162 CONDSTORE); Dovecot keeps both untouched.  A record without ``M``
+(added by Dovecot) is read with modseq 0 and gets the next modseq at the
+next synchronisation.  Version 1 files
 (``1 <uidvalidity> <nextuid>`` / ``<uid> <filename>``, Courier's
 courierimapuiddb) are read too and rewritten as version 3.
 
@@ -41,7 +42,7 @@ class UidRecord:
 
     uid: int
     filename: str
-    modseq: int = 1
+    modseq: int = 0  # 0 until mailserv gives it one (records written by Dovecot)
     ext: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -117,7 +118,7 @@ def parse_uidlist(data: bytes) -> UidList:
             raise UidListError(f"UIDs out of order at {uid}")
         last_uid = uid
         ext = {p[0]: p[1:] for p in parts[1:]}
-        modseq = _int(ext.pop("M", "1"), "modseq")
+        modseq = _int(ext.pop("M", "0"), "modseq")  # 0: not yet given one
         result.records.append(UidRecord(uid, name, modseq, ext))
     if result.records and result.nextuid <= result.records[-1].uid:
         result.nextuid = result.records[-1].uid + 1

@@ -1,0 +1,218 @@
+"""DMARC (RFC 7489): policy discovery, SPF and DKIM identifier alignment, p/sp/pct.
+
+Runs at the message stage after the ``spf`` and ``dkim`` filters of the same
+pipeline, whose results it reads.  The organizational domain (§3.2) comes
+from the Public Suffix List shipped with the ``publicsuffixlist`` package
+(a bundled snapshot; nothing is fetched at run time).
+"""
+
+from __future__ import annotations
+
+import functools
+import random
+from collections.abc import Mapping
+from dataclasses import dataclass
+from email.utils import getaddresses
+from typing import Any
+
+from twisted.internet import defer
+from zope.interface import implementer
+
+from mailserv.address import AddressError, normalise_domain
+from mailserv.config.schema import Section, option
+from mailserv.errors import TemporaryFailure
+from mailserv.filters.base import CONTINUE, FilterBase, Verdict
+from mailserv.filters.common import (
+    MethodResult,
+    action_kind,
+    load_options,
+    outcome,
+    resolver_for,
+    results_for,
+)
+from mailserv.interfaces import IMessageFilter
+
+
+@functools.lru_cache(maxsize=1)
+def _psl() -> Any:
+    from publicsuffixlist import PublicSuffixList
+
+    return PublicSuffixList()
+
+
+def organizational_domain(domain: str) -> str:
+    """RFC 7489 §3.2: the public suffix plus one label (the domain itself if it is a suffix)."""
+    domain = domain.lower().rstrip(".")
+    return str(_psl().privatesuffix(domain) or domain)
+
+
+def aligned(a: str, b: str, mode: str) -> bool:
+    """RFC 7489 §3.1: strict = identical domains; relaxed = same organizational domain."""
+    a, b = a.lower().rstrip("."), b.lower().rstrip(".")
+    if mode == "s":
+        return a == b
+    return organizational_domain(a) == organizational_domain(b)
+
+
+@dataclass(frozen=True)
+class Policy:
+    """A parsed DMARC record (RFC 7489 §6.3)."""
+
+    p: str
+    sp: str
+    pct: int
+    adkim: str
+    aspf: str
+    found_at: str  # the domain whose _dmarc record this is
+
+
+def parse_record(text: str, found_at: str) -> Policy | None:
+    """Tag-value list of §6.4; None when it is not a usable DMARC record."""
+    tags: dict[str, str] = {}
+    for part in text.split(";"):
+        key, eq, value = part.partition("=")
+        if eq:
+            tags.setdefault(key.strip().lower(), value.strip())
+    if tags.get("v") != "DMARC1" or not text.lstrip().startswith("v"):
+        return None
+    p = tags.get("p", "").lower()
+    if p not in ("none", "quarantine", "reject"):
+        # §6.6.3: a record with a bad p= but an rua= is treated as p=none.
+        if "rua" not in tags:
+            return None
+        p = "none"
+    sp = tags.get("sp", "").lower()
+    if sp not in ("none", "quarantine", "reject"):
+        sp = p
+    try:
+        pct = int(tags.get("pct", "100"))
+    except ValueError:
+        pct = 100
+    pct = min(max(pct, 0), 100)
+    adkim = tags.get("adkim", "r").lower()
+    aspf = tags.get("aspf", "r").lower()
+    return Policy(
+        p,
+        sp,
+        pct,
+        adkim if adkim in ("r", "s") else "r",
+        aspf if aspf in ("r", "s") else "r",
+        found_at,
+    )
+
+
+def from_domain(message: Any) -> str | None:
+    """RFC 7489 §6.6.1: the domain of the single author address, None if not exactly one."""
+    values = message.header("From")
+    if len(values) != 1:
+        return None
+    text = values[0].decode("utf-8", "replace").replace("\r\n", "")
+    addresses = [addr for _name, addr in getaddresses([text]) if addr]
+    if len(addresses) != 1 or "@" not in addresses[0]:
+        return None
+    domain = addresses[0].rpartition("@")[2].strip().rstrip(">")
+    try:
+        return normalise_domain(domain)[0]
+    except AddressError:
+        return None
+
+
+class DMARCOptions(Section):
+    """Keys of ``filter = "dmarc"``: what each published policy leads to here."""
+
+    reject: str = option(action_kind, "reject")
+    quarantine: str = option(action_kind, "quarantine")
+    temperror: str = option(action_kind, "tempfail")
+    permerror: str = option(action_kind, "ignore")
+
+
+_WEAKER = {"reject": "quarantine", "quarantine": "none", "none": "none"}
+
+
+@implementer(IMessageFilter)
+class DMARCFilter(FilterBase):
+    """Evaluate the From domain's DMARC policy against the SPF and DKIM results."""
+
+    name = "dmarc"
+    default_timeout = 20.0
+
+    def __init__(
+        self,
+        options: Mapping[str, Any] | None = None,
+        service: Any = None,
+        rng: random.Random | None = None,
+    ) -> None:
+        super().__init__(options, service)
+        self.config = load_options(DMARCOptions, self.options)
+        self.resolver = resolver_for(service)
+        self.random = rng or random.Random()  # noqa: S311 - pct sampling, not security
+
+    @defer.inlineCallbacks
+    def discover(self, domain: str) -> Any:
+        """§6.6.3: the record of the From domain, else of its organizational domain."""
+        policy = yield self._lookup(domain)
+        if policy is None:
+            org = organizational_domain(domain)
+            if org != domain:
+                policy = yield self._lookup(org)
+        return policy
+
+    @defer.inlineCallbacks
+    def _lookup(self, domain: str) -> Any:
+        answer = yield self.resolver.lookup(f"_dmarc.{domain}", "TXT")
+        records = []
+        for rdata in answer.records:
+            text = b"".join(rdata.strings).decode("utf-8", "replace")
+            if text.startswith("v=DMARC1"):
+                records.append(text)
+        if len(records) != 1:  # none, or several: no policy (§6.6.3 step 5)
+            return None
+        return parse_record(records[0], domain)
+
+    @defer.inlineCallbacks
+    def check_message(self, session: Any, envelope: Any, message: Any) -> Any:
+        results = results_for(session, envelope)
+        domain = from_domain(message)
+        if domain is None:
+            results.dmarc = MethodResult(
+                "dmarc", "permerror", comment="not exactly one author address"
+            )
+            return self._act(self.config.permerror, "From header unusable", results)
+        props = [("header.from", domain)]
+        try:
+            policy = yield self.discover(domain)
+        except TemporaryFailure:
+            results.dmarc = MethodResult("dmarc", "temperror", props, "policy lookup failed")
+            return self._act(self.config.temperror, "DMARC policy lookup failed", results)
+        if policy is None:
+            results.dmarc = MethodResult("dmarc", "none", props)
+            return CONTINUE
+        spf_ok = results.spf_mailfrom == "pass" and aligned(
+            results.spf_domain or "", domain, policy.aspf
+        )
+        dkim_ok = any(aligned(d, domain, policy.adkim) for d in results.dkim_pass_domains)
+        requested = policy.p if policy.found_at == domain else policy.sp
+        if spf_ok or dkim_ok:
+            results.dmarc = MethodResult(
+                "dmarc", "pass", props, f"p={policy.p} sp={policy.sp} dis=none"
+            )
+            return CONTINUE
+        applied = requested
+        if policy.pct < 100 and self.random.randrange(100) >= policy.pct:
+            applied = _WEAKER[requested]  # §6.6.4: sampled out, next weaker policy
+        results.dmarc = MethodResult(
+            "dmarc", "fail", props, f"p={policy.p} sp={policy.sp} dis={applied}"
+        )
+        if applied == "none":
+            return CONTINUE
+        action = self.config.reject if applied == "reject" else self.config.quarantine
+        return outcome(
+            action,
+            f"DMARC policy of {domain} is {applied}",
+            (550, "5.7.1", f"Rejected by DMARC policy of {domain}"),
+            (),
+            results.quarantine.append,
+        )
+
+    def _act(self, action: str, reason: str, results: Any) -> Verdict:
+        return outcome(action, reason, (550, "5.7.1", reason), (), results.quarantine.append)

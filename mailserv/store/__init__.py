@@ -208,6 +208,8 @@ def folder_from_fs_name(fs_name: str) -> str | None:
     """``"A.B"`` → ``"A/B"``; None if the name is not one we could have written."""
     try:
         parts = tuple(decode_mutf7(p) for p in fs_name.split("."))
+        if folder_fs_name(parts) != fs_name:
+            return None  # not canonical modified UTF-7
         name = SEPARATOR.join(parts)
         if split_folder_name(name) != parts:
             return None

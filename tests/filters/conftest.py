@@ -8,7 +8,6 @@ and ``env.build(name, **options)`` (through the registry, as a pipeline entry is
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -36,11 +35,21 @@ timeout = "1s"
 _ids = itertools.count(1)
 
 
+_pools: list[ThreadPools] = []
+
+
+def shared_pools(reactor: Any) -> ThreadPools:
+    """One set of pools for the whole test session, stopped when the reactor shuts down."""
+    if not _pools:
+        _pools.append(ThreadPools(reactor, {"dns": 4, "disk": 2, "crypto": 2}))
+    return _pools[0]
+
+
 class FakeService:
     def __init__(self, config: Any, reactor: Any) -> None:
         self.config = config
         self.reactor = reactor
-        self.threads = ThreadPools(reactor, {"dns": 4, "disk": 2, "crypto": 2})
+        self.threads = shared_pools(reactor)
         self.dns = DNSResolver(config.dns, self.threads)
 
 
@@ -75,17 +84,10 @@ class FilterEnv:
         head = raw.split(b"\r\n\r\n", 1)[0]
         return Message(str(path), len(raw), parse_header_section(head + b"\r\n"))
 
-    def stop(self) -> None:
-        self.service.threads.stopService()
-
 
 @pytest.fixture
-def filter_env(tmp_path: Path, dns_server: Any) -> Iterator[FilterEnv]:
-    env = FilterEnv(tmp_path, dns_server.port)
-    try:
-        yield env
-    finally:
-        env.stop()
+def filter_env(tmp_path: Path, dns_server: Any) -> FilterEnv:
+    return FilterEnv(tmp_path, dns_server.port)
 
 
 def crlf(text: str) -> bytes:

@@ -22,7 +22,7 @@ from twisted.internet import defer
 
 from mailserv.auth import schemes
 from mailserv.auth.backend import Backend
-from mailserv.config.schema import parse_size
+from mailserv.config.schema import Invalid, parse_size
 from mailserv.directory import User
 from mailserv.directory.lookup import make_user
 from mailserv.errors import TemporaryFailure
@@ -87,7 +87,7 @@ class Entry:
                         storage = parse_size(value.upper().rstrip("B") or "0")
                     elif key == "messages":
                         messages = int(value)
-                except ValueError:
+                except (Invalid, ValueError):
                     continue
         return storage, messages
 

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from mailserv import __version__
 from mailserv.errors import ConfigError, MailservError
 
-COMMAND_MODULES = ["mailserv.cli.check"]
+COMMAND_MODULES = ["mailserv.cli.check", "mailserv.cli.users"]
 
 
 def build_parser() -> argparse.ArgumentParser:

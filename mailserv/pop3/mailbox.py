@@ -24,6 +24,10 @@ from typing import IO, Any
 
 # Messages up to this size are read in one go; bigger ones are streamed.
 SMALL_MESSAGE = 256 * 1024
+# RETR reads the next small messages along in the same disk job (clients fetch in order):
+# at most this many messages and octets are held per session.
+READ_AHEAD_MESSAGES = 64
+READ_AHEAD_BYTES = 1024 * 1024
 
 
 class MaildropInUse(Exception):
@@ -104,6 +108,8 @@ class Maildrop:
         self.lock = lock
         self.uidvalidity = int(mailbox.uidvalidity)
         self._entries = [_Entry(int(i.uid), message_size(i)) for i in infos]
+        self._cache: dict[int, bytes] = {}
+        self._cached_bytes = 0
 
     # -- bookkeeping (reactor thread) ---------------------------------------
 
@@ -141,6 +147,37 @@ class Maildrop:
 
     def mark_deleted(self, number: int) -> None:
         self._entries[number - 1].deleted = True
+        self.take_cached(number)
+
+    # -- read-ahead cache (reactor thread) ----------------------------------
+
+    def read_ahead(self, number: int) -> list[int]:
+        """Message ``number`` and the live small messages after it, to read in one disk job."""
+        out = [number]
+        total = self._entries[number - 1].size + self._cached_bytes
+        for n in range(number + 1, len(self._entries) + 1):
+            if len(out) >= READ_AHEAD_MESSAGES:
+                break
+            e = self._entries[n - 1]
+            if e.deleted or n in self._cache or e.size > SMALL_MESSAGE:
+                continue
+            if total + e.size > READ_AHEAD_BYTES:
+                break
+            out.append(n)
+            total += e.size
+        return out
+
+    def remember(self, number: int, data: bytes) -> None:
+        if number not in self._cache:
+            self._cache[number] = data
+            self._cached_bytes += len(data)
+
+    def take_cached(self, number: int, keep: bool = False) -> bytes | None:
+        """The read-ahead content of ``number``; forgotten unless ``keep`` (TOP before RETR)."""
+        data = self._cache.get(number) if keep else self._cache.pop(number, None)
+        if data is not None and not keep:
+            self._cached_bytes -= len(data)
+        return data
 
     def reset(self) -> None:
         """RFC 1939 §5 RSET: unmark every message."""
@@ -157,6 +194,16 @@ class Maildrop:
         with self.mailbox.open_message(uid) as f:
             data: bytes = f.read()
             return data
+
+    def read_messages(self, uids: Sequence[int]) -> dict[int, bytes]:
+        """uid -> content; the first must exist, later ones removed meanwhile are skipped."""
+        out = {uids[0]: self.read_message(uids[0])}
+        for uid in uids[1:]:
+            try:
+                out[uid] = self.read_message(uid)
+            except (KeyError, FileNotFoundError):
+                continue
+        return out
 
     def open_message(self, uid: int) -> IO[bytes]:
         """A binary file of the message, to stream big ones."""

@@ -695,11 +695,22 @@ class POP3Server(pop3.POP3):
         uid = maildrop.uid(number)
         run_disk = self.factory.run_disk
         if maildrop.size(number) <= SMALL_MESSAGE:
-            d = run_disk(maildrop.read_message, uid)
+            keep = body_lines is not None
+            data = maildrop.take_cached(number, keep)
+            if data is not None:
+                self.transport.write(b"+OK " + status + b"\r\n" + stuff(data, body_lines))
+                return defer.succeed(None)
+            numbers = maildrop.read_ahead(number)
+            d = run_disk(maildrop.read_messages, [maildrop.uid(n) for n in numbers])
 
-            def send_small(data: bytes) -> None:
+            def send_small(found: dict[int, bytes]) -> None:
+                for n in numbers[1:]:
+                    if maildrop.uid(n) in found:
+                        maildrop.remember(n, found[maildrop.uid(n)])
+                if keep:
+                    maildrop.remember(number, found[uid])
                 if not self._closing:
-                    self.transport.write(b"+OK " + status + b"\r\n" + stuff(data, body_lines))
+                    self.transport.write(b"+OK " + status + b"\r\n" + stuff(found[uid], body_lines))
 
             d.addCallbacks(send_small, self._read_failed)
             return d

@@ -517,3 +517,33 @@ def test_mailbox_permission_error_is_sys_perm(harness):
     del harness.store.open
     p2, t2 = harness.connect()
     assert harness.send(p2, t2, b"USER alice\r\nPASS wonder land\r\n").endswith(b"octets).\r\n")
+
+
+def test_retr_reads_ahead_in_one_disk_job(harness):
+    # Clients fetch in order: one disk job serves the next messages too (bounded).
+    fill(harness, *(MSG1 for _ in range(100)))
+    p, t = harness.login()
+    jobs = []
+
+    def counting(fn, *args):
+        jobs.append(fn.__name__)
+        return defer.maybeDeferred(fn, *args)
+
+    harness.factory.run_disk = counting
+    harness.send(p, t, b"DELE 3\r\n")
+    for n in (1, 2, 4, 5):
+        assert (
+            harness.send(p, t, b"RETR %d\r\n" % n)
+            == b"+OK %d octets\r\n" % len(MSG1) + MSG1 + b".\r\n"
+        )
+    assert jobs == ["read_messages"]
+    assert p.maildrop._cached_bytes <= 1024 * 1024
+    harness.send(p, t, b"RETR 70\r\n")
+    assert jobs == ["read_messages", "read_messages"]
+    # TOP leaves the content for the RETR that usually follows.
+    assert harness.send(p, t, b"TOP 71 0\r\n").startswith(b"+OK Top")
+    assert harness.send(p, t, b"RETR 71\r\n").endswith(MSG1 + b".\r\n")
+    assert len(jobs) == 2
+    # A message marked deleted leaves the cache.
+    harness.send(p, t, b"DELE 72\r\n")
+    assert 72 not in p.maildrop._cache

@@ -1,0 +1,324 @@
+"""POP3 end to end: ``twistd -n mailserv`` on loopback with the real stores and the real portal,
+driven by Python's poplib, fetchmail and getmail6, for maildir and mbox.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import poplib
+import socket
+import ssl
+import subprocess
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from mailserv.config import from_dict
+from mailserv.directory import User
+from mailserv.pop3 import lock_directory
+from mailserv.pop3.mailbox import MaildropLock
+from mailserv.store import store_for
+from tests.support.process import test_config as make_config
+
+pytestmark = pytest.mark.integration
+
+USER = "alice@example.test"
+PASSWORD = "secret one"
+FORMATS = ["maildir", "mbox"]
+
+
+class Site:
+    """A running mailserv with POP3 (STLS) and POP3S listeners and one user."""
+
+    def __init__(self, mailserv: Any, state_dir: Path, test_ca: Any, store_format: str) -> None:
+        state_dir.joinpath("users.passwd").write_text(f"{USER}:{{PLAIN}}{PASSWORD}::::::\n")
+        path = "mail/{domain}/{localpart}/" + ("Maildir" if store_format == "maildir" else "inbox")
+        self.config_dict = make_config(
+            state_dir,
+            listeners=["pop3", "pop3s"],
+            tls=(test_ca.cert_file, test_ca.key_file),
+            store={"format": store_format, "path": str(state_dir / path)},
+        )
+        self.config = from_dict(self.config_dict)
+        self.state_dir = state_dir
+        self.ca_file = test_ca.ca_file
+        self.process = mailserv.start(self.config_dict)
+        self.port = self.process.port("pop3")
+        self.tls_port = self.process.port("pop3s")
+        mailbox = self.config.store.path.format(domain="example.test", localpart="alice")
+        self.user = User(name=USER, mailbox=mailbox, store_format=store_format)
+        self.store = store_for(self.user, self.config.store)
+
+    def deliver(self, *messages: bytes) -> None:
+        for m in messages:
+            self.store.deliver(self.user, io.BytesIO(m))
+
+    def count(self) -> int:
+        inbox = self.store.open(self.user).open_folder("INBOX")
+        try:
+            return len(inbox.messages())
+        finally:
+            inbox.close()
+
+    def client(self) -> poplib.POP3:
+        return poplib.POP3("127.0.0.1", self.port, timeout=60)
+
+    def login(self) -> poplib.POP3:
+        c = self.client()
+        c.user(USER)
+        c.pass_(PASSWORD)
+        return c
+
+    def login_when_released(self) -> poplib.POP3:
+        """Log in once the server has seen an earlier connection drop (it holds the lock)."""
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                return self.login()
+            except poplib.error_proto as exc:
+                if b"IN-USE" not in exc.args[0] or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+
+    def tls_context(self) -> ssl.SSLContext:
+        return ssl.create_default_context(cafile=self.ca_file)
+
+
+@pytest.fixture(params=FORMATS)
+def site(request: Any, mailserv: Any, state_dir: Path, test_ca: Any) -> Site:
+    return Site(mailserv, state_dir, test_ca, request.param)
+
+
+def message(n: int, body: bytes = b"") -> bytes:
+    return b"From: bob@example.test\r\nSubject: message %d\r\n\r\nbody %d\r\n%s" % (n, n, body)
+
+
+def retrieved(lines: list[bytes]) -> bytes:
+    """poplib gives the lines already un-stuffed and without CRLF."""
+    return b"".join(line + b"\r\n" for line in lines)
+
+
+def test_poplib_session(site: Site) -> None:
+    msgs = [message(1), message(2, b".dot line\r\n..two dots\r\n.\r\n"), message(3)]
+    site.deliver(*msgs)
+    c = site.login()
+    assert c.stat() == (3, sum(len(m) for m in msgs))
+    _, listing, _ = c.list()
+    assert [int(line.split()[1]) for line in listing] == [len(m) for m in msgs]
+    _, uidls, _ = c.uidl()
+    uids = [line.split()[1] for line in uidls]
+    assert len(set(uids)) == 3
+    assert retrieved(c.retr(2)[1]) == msgs[1]
+    assert c.top(3, 0)[1] == [b"From: bob@example.test", b"Subject: message 3", b""]
+    c.dele(1)
+    with pytest.raises(poplib.error_proto, match=r"-ERR Message is deleted"):
+        c.retr(1)
+    assert site.count() == 3  # DELE only marks
+    c.quit()
+    assert site.count() == 2
+    c = site.login()
+    _, uidls2, _ = c.uidl()
+    assert [line.split()[1] for line in uidls2] == uids[1:]  # stable across sessions
+    c.quit()
+
+
+def test_dropped_connection_deletes_nothing(site: Site) -> None:
+    site.deliver(message(1), message(2))
+    c = site.login()
+    c.dele(1)
+    c.dele(2)
+    c.sock.shutdown(socket.SHUT_RDWR)  # no QUIT: the connection just drops
+    c.close()
+    c = site.login_when_released()
+    assert c.stat()[0] == 2
+    c.quit()
+    assert site.count() == 2
+
+
+def test_capa_and_stls(site: Site) -> None:
+    c = site.client()
+    caps = c.capa()
+    assert "STLS" in caps and "PIPELINING" in caps and "USER" in caps
+    # {PLAIN} secrets: every mechanism, strongest first, cleartext ones on loopback.
+    assert caps["SASL"] == ["SCRAM-SHA-256", "SCRAM-SHA-1", "CRAM-MD5", "PLAIN", "LOGIN"]
+    c.stls(site.tls_context())
+    caps = c.capa()
+    assert "STLS" not in caps
+    c.user(USER)
+    c.pass_(PASSWORD)
+    assert c.stat() == (0, 0)
+    c.quit()
+
+
+def test_implicit_tls_and_apop(site: Site) -> None:
+    site.deliver(message(1))
+    c = poplib.POP3_SSL("127.0.0.1", site.tls_port, context=site.tls_context(), timeout=60)
+    assert "STLS" not in c.capa()
+    assert b"<" in c.getwelcome()  # {PLAIN} secrets: APOP is offered
+    c.apop(USER, PASSWORD)
+    assert c.stat()[0] == 1
+    c.quit()
+
+
+def test_wrong_password(site: Site) -> None:
+    c = site.client()
+    c.user(USER)
+    with pytest.raises(poplib.error_proto, match=r"^b'-ERR \[AUTH\] Authentication failed\.'$"):
+        c.pass_("wrong")
+    c.quit()
+
+
+def test_in_use_across_sessions_and_processes(site: Site) -> None:
+    first = site.login()
+    second = site.client()
+    second.user(USER)
+    with pytest.raises(poplib.error_proto, match=r"IN-USE"):
+        second.pass_(PASSWORD)
+    first.quit()
+    second.quit()
+    # Another process (this test) holds the maildrop: the server refuses too.
+    lock = MaildropLock(lock_directory(site.config.state_dir), USER)
+    lock.acquire()
+    try:
+        third = site.client()
+        third.user(USER)
+        with pytest.raises(poplib.error_proto, match=r"IN-USE"):
+            third.pass_(PASSWORD)
+        third.quit()
+    finally:
+        lock.release()
+    site.login().quit()
+
+
+@pytest.mark.slow
+def test_poplib_1000_messages(site: Site) -> None:
+    msgs = [message(n, (b"x" * 78 + b"\r\n") * 50) for n in range(1000)]  # ~4 KiB each
+    site.deliver(*msgs)
+    c = site.login()
+    assert c.stat() == (1000, sum(len(m) for m in msgs))
+    digests = set()
+    for n in range(1, 1001):
+        digests.add(hashlib.sha256(retrieved(c.retr(n)[1])).digest())
+        c.dele(n)
+    c.quit()
+    assert digests == {hashlib.sha256(m).digest() for m in msgs}
+    assert site.count() == 0
+
+
+@pytest.mark.slow
+def test_poplib_20_megabyte_message(site: Site) -> None:
+    # "." lines at and around the 16 KiB and 64 KiB chunk boundaries of the stream.
+    line = b"y" * 98 + b"\r\n"
+    body = bytearray()
+    while len(body) < 20 * 1024 * 1024:
+        body += line
+        if len(body) % 16384 < 100:
+            body += b".\r\n"
+    big = message(1, bytes(body))
+    site.deliver(big)
+    c = site.login()
+    c._maxline = 1 << 20  # type: ignore[attr-defined]
+    assert c.list(1).split()[2] == str(len(big)).encode()
+    assert retrieved(c.retr(1)[1]) == big
+    c.quit()
+
+
+def prepare(site: Site, tmp_path: Path, msgs: list[bytes]) -> Path:
+    """Deliver ``msgs``; return the directory the client program writes them to."""
+    site.deliver(*msgs)
+    out = tmp_path / "fetched"
+    out.mkdir()
+    return out
+
+
+def run(cmd: list[str], **kw: Any) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False, **kw)
+
+
+@pytest.mark.parametrize("mode", ["apop", "stls"])
+def test_fetchmail(site: Site, tmp_path: Path, require_program: Any, mode: str) -> None:
+    fetchmail = require_program("fetchmail")
+    msgs = [message(1), message(2, b".\r\n")]
+    out = prepare(site, tmp_path, msgs)
+    if mode == "apop":
+        protocol = "APOP"
+        tls = "sslproto ''"
+    else:
+        protocol = "POP3"
+        tls = f"sslproto 'TLS1.2+' sslcertck sslcertfile '{site.ca_file}' sslcommonname localhost"
+    rc = tmp_path / "fetchmailrc"
+    rc.write_text(
+        "set no bouncemail\n"
+        f"poll 127.0.0.1 service {site.port} protocol {protocol} uidl\n"
+        f'  user "{USER}" password "{PASSWORD}" is "alice" here\n'
+        f"  {tls} no keep\n"
+        f"  mda \"/bin/sh -c 'cat > {out}/msg.$$'\"\n"
+    )
+    rc.chmod(0o600)
+    result = run(
+        [fetchmail, "-f", str(rc), "-N", "--nosyslog", "-v", "-i", str(tmp_path / "ids")],
+        env={**os.environ, "HOME": str(tmp_path)},
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    if mode == "stls":
+        assert "STLS" in result.stdout + result.stderr
+    got = sorted(
+        p.read_bytes().replace(b"\n", b"\r\n").replace(b"\r\r\n", b"\r\n") for p in out.iterdir()
+    )
+    assert len(got) == 2
+    for m in msgs:
+        assert any(g.endswith(m) for g in got), got
+    assert site.count() == 0
+
+
+@pytest.mark.parametrize("secure", [False, True])
+def test_getmail6(site: Site, tmp_path: Path, require_program: Any, secure: bool) -> None:
+    getmail = require_program("getmail")
+    msgs = [message(1), message(2, b"..x\r\n")]
+    dest = prepare(site, tmp_path, msgs)
+    retriever = (
+        f"type = SimplePOP3SSLRetriever\nport = {site.tls_port}\nca_certs = {site.ca_file}\n"
+        if secure
+        else f"type = SimplePOP3Retriever\nport = {site.port}\n"
+    )
+    rc = tmp_path / "getmailrc"
+    rc.write_text(
+        "[retriever]\n"
+        f"{retriever}server = 127.0.0.1\nusername = {USER}\npassword = {PASSWORD}\n"
+        # An external MDA: getmail's own maildir delivery refuses to run as root.
+        "[destination]\ntype = MDA_external\npath = /bin/sh\nallow_root_commands = true\n"
+        f'arguments = ("-c", "cat > {dest}/msg.$$")\n'
+        "[options]\ndelete = true\nread_all = true\n"
+    )
+    result = run([getmail, f"--rcfile={rc}", f"--getmaildir={tmp_path}"])
+    assert result.returncode == 0, result.stdout + result.stderr
+    got = [p.read_bytes().replace(b"\r\n", b"\n") for p in dest.iterdir()]
+    assert len(got) == 2
+    for m in msgs:
+        assert any(g.endswith(m.replace(b"\r\n", b"\n")) for g in got), got
+    assert site.count() == 0
+
+
+def test_concurrent_users_do_not_block_each_other(site: Site) -> None:
+    site.deliver(message(1))
+    errors: list[BaseException] = []
+
+    def session() -> None:
+        try:
+            c = site.client()
+            c.capa()
+            c.quit()
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=session) for _ in range(10)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert errors == []

@@ -1,0 +1,189 @@
+"""Dotlocks (Dovecot uidlist, mbox) and the mbox fcntl lock, with real processes."""
+
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from mailserv.directory import User
+from mailserv.store._fs import hostname
+from mailserv.store.dotlock import DotLock, LockTimeout
+from tests.store.helpers import checked_message, config, make_store, verify_message
+
+
+def dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_dotlock_excludes_and_releases(tmp_path: Path) -> None:
+    path = str(tmp_path / "f.lock")
+    first = DotLock(path)
+    first.acquire()
+    assert Path(path).read_text() == f"{os.getpid()}:{hostname()}\n"
+    second = DotLock(path, timeout=0.2)
+    started = time.monotonic()
+    with pytest.raises(LockTimeout):
+        second.acquire()  # held by a live process (us): never stale
+    assert time.monotonic() - started >= 0.2
+    first.release()
+    second.acquire()
+    second.release()
+    assert not os.path.exists(path)
+    assert os.listdir(tmp_path) == []  # no temp files left behind
+
+
+def test_dotlock_of_a_dead_process_is_broken_at_once(tmp_path: Path) -> None:
+    path = tmp_path / "f.lock"
+    path.write_text(f"{dead_pid()}:{hostname()}\nappend 123\n")
+    lock = DotLock(str(path), timeout=5)
+    started = time.monotonic()
+    lock.acquire()
+    assert time.monotonic() - started < 1
+    assert lock.broken_content is not None and b"append 123" in lock.broken_content
+    lock.release()
+
+
+def test_foreign_dotlock_is_stale_only_after_the_timeout(tmp_path: Path) -> None:
+    path = tmp_path / "f.lock"
+    path.write_text("")  # procmail/mutt style: no pid we can check
+    with pytest.raises(LockTimeout):
+        DotLock(str(path), stale_timeout=500, timeout=0.2).acquire()
+    old = time.time() - 501
+    os.utime(path, (old, old))
+    lock = DotLock(str(path), stale_timeout=500, timeout=1)
+    lock.acquire()
+    lock.release()
+
+
+def test_other_host_pid_is_not_trusted(tmp_path: Path) -> None:
+    path = tmp_path / "f.lock"
+    path.write_text(f"{dead_pid()}:some-other-host\n")
+    with pytest.raises(LockTimeout):
+        DotLock(str(path), stale_timeout=500, timeout=0.2).acquire()
+
+
+def mbox_user(tmp_path: Path) -> User:
+    return User(name="alice", mailbox=str(tmp_path / "mbox"), store_format="mbox")
+
+
+def test_mbox_waits_for_a_mutt_style_dotlock(tmp_path: Path) -> None:
+    user = mbox_user(tmp_path)
+    store = make_store("mbox", lock_attempts=3, lock_delay=0.05)
+    Path(user.mailbox + ".lock").write_text("")
+    with pytest.raises(LockTimeout):
+        store.deliver(user, io.BytesIO(checked_message("x")))
+    assert not os.path.exists(user.mailbox) or os.path.getsize(user.mailbox) == 0
+    os.unlink(user.mailbox + ".lock")
+    store.deliver(user, io.BytesIO(checked_message("x")))
+
+
+def test_mbox_respects_an_fcntl_lock_held_by_another_process(tmp_path: Path) -> None:
+    user = mbox_user(tmp_path)
+    store = make_store("mbox", lock_attempts=4, lock_delay=0.05)
+    store.deliver(user, io.BytesIO(checked_message("first")))
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import fcntl,sys,time\n"
+            f"f=open({user.mailbox!r},'r+b'); fcntl.lockf(f, fcntl.LOCK_EX)\n"
+            "print('locked', flush=True); sys.stdin.readline()",
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == b"locked\n"
+        with pytest.raises(LockTimeout):
+            store.deliver(user, io.BytesIO(checked_message("blocked")))
+        assert not os.path.exists(user.mailbox + ".lock")  # the dotlock was given back
+    finally:
+        assert holder.stdin is not None
+        holder.stdin.write(b"\n")
+        holder.stdin.close()
+        holder.wait()
+    store.deliver(user, io.BytesIO(checked_message("second")))
+    box = store.open(user).open_folder("INBOX")
+    tags = []
+    for info in box.messages():
+        with box.open_message(info.uid) as f:
+            tags.append(verify_message(f.read()))
+    assert tags == ["first", "second"]
+
+
+class FailingSource(io.RawIOBase):
+    """A spool file whose disk fails after some bytes."""
+
+    def __init__(self, data: bytes, fail_at: int) -> None:
+        self.data, self.pos, self.fail_at = data, 0, fail_at
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: bytearray) -> int:  # type: ignore[override]
+        if self.pos >= self.fail_at:
+            raise OSError(5, "Input/output error")
+        n = min(len(b), self.fail_at - self.pos)
+        b[:n] = self.data[self.pos : self.pos + n]
+        self.pos += n
+        return n
+
+
+@pytest.mark.parametrize("fmt", ["mbox", "maildir"])
+def test_failed_write_leaves_nothing_behind(fmt: str, tmp_path: Path) -> None:
+    user = User(
+        name="alice",
+        mailbox=str(tmp_path / ("mbox" if fmt == "mbox" else "Maildir")),
+        store_format=fmt,
+    )
+    store = make_store(fmt, config(format=fmt))
+    store.deliver(user, io.BytesIO(checked_message("kept")))
+    size_before = os.path.getsize(user.mailbox) if fmt == "mbox" else 0
+    big = checked_message("lost", 300_000)
+    with pytest.raises(OSError):
+        store.deliver(user, io.BufferedReader(FailingSource(big, 200_000)))
+    if fmt == "mbox":
+        assert os.path.getsize(user.mailbox) == size_before  # truncated back
+        assert not os.path.exists(user.mailbox + ".lock")
+    else:
+        assert os.listdir(os.path.join(user.mailbox, "tmp")) == []
+    box = store.open(user).open_folder("INBOX")
+    assert len(box.messages()) == 1
+
+
+def test_half_written_mbox_append_of_a_dead_writer_is_undone(tmp_path: Path) -> None:
+    user = mbox_user(tmp_path)
+    store = make_store("mbox")
+    store.deliver(user, io.BytesIO(checked_message("complete")))
+    good = os.path.getsize(user.mailbox)
+    with open(user.mailbox, "ab") as f:  # what a writer killed mid-append leaves
+        f.write(b"From MAILER-DAEMON Thu Jan  1 00:00:00 2026\nSubject: lost\nX-Tag: lost\n")
+    Path(user.mailbox + ".lock").write_text(f"{dead_pid()}:{hostname()}\nappend {good}\n")
+    store.deliver(user, io.BytesIO(checked_message("after")))
+    box = store.open(user).open_folder("INBOX")
+    tags = []
+    for info in box.messages():
+        with box.open_message(info.uid) as f:
+            tags.append(verify_message(f.read()))
+    assert tags == ["complete", "after"]
+
+
+def test_uidlist_lock_of_a_dead_process_does_not_block(tmp_path: Path) -> None:
+    user = User(name="alice", mailbox=str(tmp_path / "Maildir"))
+    store = make_store("maildir")
+    store.deliver(user, io.BytesIO(checked_message("a")))
+    lock = Path(user.mailbox) / "dovecot-uidlist.lock"
+    lock.write_text(f"{dead_pid()}:{hostname()}\n")
+    started = time.monotonic()
+    box = store.open(user).open_folder("INBOX")
+    assert [i.uid for i in box.messages()] == [1]
+    assert time.monotonic() - started < 2
+    assert not lock.exists()

@@ -65,7 +65,8 @@ class LDAPBackend(Backend):
 
     def __init__(self, name: str, section: Any, config: Any, reactor: Any, threads: Any) -> None:
         super().__init__(name, section, config, reactor, threads)
-        self.timeout = section.timeout
+        # Each server of the list gets ``timeout`` before the next one is tried.
+        self.timeout = section.timeout * len(section.urls) + 1.0
         # ldap3 packs timeouts into socket options as whole seconds.
         self._seconds = max(1, math.ceil(section.timeout))
         self.bind_password = read_secret_file(section.bind_password_file)

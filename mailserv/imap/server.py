@@ -64,6 +64,7 @@ log = Logger()
 
 SYSTEM_FLAGS = ("\\Answered", "\\Flagged", "\\Deleted", "\\Seen", "\\Draft")
 FETCH_CHUNK = 100
+CLOSE_GRACE = 0.5  # seconds between a TLS close_notify and dropping the TCP connection
 _TAG_CHARS = frozenset(
     b"!#$&'+,-./0123456789:;<=>?@ABCDEFGHIJKLMNOPQRSTUVWXYZ[^_`abcdefghijklmnopqrstuvwxyz|}~"
 )
@@ -180,6 +181,7 @@ class IMAPServer(Protocol):
         self.idle_syncing: defer.Deferred[Any] | None = None
         self.write_paused: defer.Deferred[None] | None = None
         self.is_paused = False
+        self.abort_call: Any = None
 
     # ------------------------------------------------------------------
     # Connection
@@ -200,6 +202,8 @@ class IMAPServer(Protocol):
 
     def connectionLost(self, reason: Failure = Failure(ConnectionError())) -> None:  # noqa: B008
         self.closed = True
+        if self.abort_call is not None and self.abort_call.active():
+            self.abort_call.cancel()
         if self.timeout_call is not None and self.timeout_call.active():
             self.timeout_call.cancel()
         self._stop_idle_poll()
@@ -245,6 +249,12 @@ class IMAPServer(Protocol):
             self.send_line(b"* BYE " + bye)
         self.closed = True
         self.transport.loseConnection()
+        # Over TLS, loseConnection waits for the client's close_notify; clients such as
+        # mbsync wait for the TCP close instead.  Drop the connection once the output
+        # (BYE, the tagged reply, our close_notify) has had time to leave.
+        abort = getattr(self.transport, "abortConnection", None)
+        if abort is not None and self.secure:
+            self.abort_call = self.reactor.callLater(CLOSE_GRACE, _abort_quietly, abort)
 
     def _reset_timeout(self) -> None:
         if self.timeout_call is not None and self.timeout_call.active():
@@ -272,8 +282,8 @@ class IMAPServer(Protocol):
                     "NAMESPACE", "UIDPLUS", "MOVE", "UNSELECT", "CHILDREN", "SPECIAL-USE",
                     "LIST-EXTENDED", "LIST-STATUS", "QUOTA", "QUOTA=RES-STORAGE",
                     "QUOTA=RES-MESSAGE", f"APPENDLIMIT={self.settings.max_append}",
-                    "CONDSTORE", "QRESYNC", "ESEARCH", "SEARCHRES", "SORT", "SORT=DISPLAY",
-                    "THREAD=ORDEREDSUBJECT", "THREAD=REFERENCES", "BINARY", "STATUS=SIZE",
+                    "CONDSTORE", "QRESYNC", "ESEARCH", "SORT", "SORT=DISPLAY",
+                    "THREAD=ORDEREDSUBJECT", "THREAD=REFERENCES", "STATUS=SIZE",
                 ]
             )  # fmt: skip
         return " ".join(caps).encode("ascii")
@@ -1610,6 +1620,13 @@ class _ViewInfo:
         self.flags = acct.flags_of(info)
         self.modseq = info.modseq
         self.internal_date = info.internal_date
+
+
+def _abort_quietly(abort: Callable[[], None]) -> None:
+    try:
+        abort()
+    except Exception:
+        log.debug("abort after close failed")
 
 
 def _valid_tag(tag: bytes) -> bool:

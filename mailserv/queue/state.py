@@ -1,0 +1,291 @@
+"""Per-recipient delivery state of queue entries, kept next to the spool's files.
+
+spool.py (the SMTP server's writer) creates ``<id>.msg`` and ``<id>.env``;
+the delivery engine never rewrites those.  Everything that changes while the
+message waits lives in ``<id>.state`` (JSON), replaced atomically (write to a
+temporary file, fsync, rename, fsync the directory), so a crash at any moment
+leaves either the old or the new state:
+
+    {"version": 1, "attempts": 3, "next_attempt": 1700000000.0, "hold": false,
+     "warned": false, "last_attempt": 1699999000.0,
+     "recipients": [{"status": "pending", "reason": null, "mta": null}, ...]}
+
+``recipients`` is aligned with the envelope's recipient list.  Statuses:
+``pending`` (to try), ``sent`` (accepted by the next hop), ``failed``
+(permanent failure, DSN still to be sent), ``done`` (failure reported or
+nothing to report).  An entry with nothing pending or failed is removed
+(``.env`` first: without it the entry does not exist).
+
+Control requests from ``mailserv queue`` while the server runs are files
+``control/<name>.json`` that the scheduler applies and removes; the running
+scheduler holds ``.lock`` (fcntl) so the CLI knows whether to apply changes
+itself.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import secrets
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from mailserv.queue import spool
+from mailserv.queue.spool import QueueEntry, fsync_dir
+
+STATE_VERSION = 1
+PENDING, SENT, FAILED, DONE = "pending", "sent", "failed", "done"
+ORPHAN_AGE = 3600.0  # a .msg without .env older than this is left over from a crash
+
+
+@dataclass
+class RecipientState:
+    """What happened to one recipient so far."""
+
+    status: str = PENDING
+    reason: str | None = None  # "code enhanced text" of the deciding reply
+    mta: str | None = None  # the host that gave it (RFC 3464 Remote-MTA)
+    relayed: bool = False  # accepted by a peer without DSN support (RFC 3461 §5.2.2)
+
+
+@dataclass
+class QueueItem:
+    """An entry of the queue: the envelope (spool.py) and its delivery state."""
+
+    entry: QueueEntry
+    recipients: list[RecipientState]
+    attempts: int = 0
+    next_attempt: float = 0.0
+    last_attempt: float | None = None
+    hold: bool = False
+    warned: bool = False
+    size: int = 0
+
+    @property
+    def id(self) -> str:
+        return self.entry.id
+
+    def pending(self) -> list[int]:
+        return [i for i, r in enumerate(self.recipients) if r.status == PENDING]
+
+    def failed(self) -> list[int]:
+        return [i for i, r in enumerate(self.recipients) if r.status == FAILED]
+
+    @property
+    def finished(self) -> bool:
+        return not any(r.status in (PENDING, FAILED) for r in self.recipients)
+
+    def state_json(self) -> bytes:
+        data: dict[str, Any] = {
+            "version": STATE_VERSION,
+            "attempts": self.attempts,
+            "next_attempt": self.next_attempt,
+            "last_attempt": self.last_attempt,
+            "hold": self.hold,
+            "warned": self.warned,
+            "recipients": [vars(r) for r in self.recipients],
+        }
+        return json.dumps(data, sort_keys=True).encode()
+
+
+@dataclass
+class IndexRow:
+    """What the scheduler keeps in memory per entry: small, whatever the message size."""
+
+    id: str
+    next_attempt: float
+    hold: bool = False
+    arrival: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class QueueStore:
+    """Blocking file operations on one queue directory; call them in the "disk" pool."""
+
+    def __init__(self, directory: str) -> None:
+        self.directory = directory
+        self.control_dir = os.path.join(directory, "control")
+        self._lock_fd: int | None = None
+
+    def path(self, entry_id: str, suffix: str) -> str:
+        return os.path.join(self.directory, f"{entry_id}.{suffix}")
+
+    def ensure(self) -> None:
+        os.makedirs(self.control_dir, mode=0o750, exist_ok=True)
+
+    # -- the running scheduler's lock ---------------------------------------
+
+    def try_lock(self) -> bool:
+        """Take the queue's lock (non-blocking); False if another process holds it."""
+        self.ensure()
+        fd = os.open(os.path.join(self.directory, ".lock"), os.O_RDWR | os.O_CREAT, 0o640)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return False
+        self._lock_fd = fd
+        return True
+
+    def unlock(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    # -- entries --------------------------------------------------------------
+
+    def ids(self) -> list[str]:
+        return spool.list_entries(self.directory)
+
+    def exists(self, entry_id: str) -> bool:
+        return os.path.exists(self.path(entry_id, "env"))
+
+    def load(self, entry_id: str) -> QueueItem:
+        """The entry with its state; FileNotFoundError if it was removed meanwhile."""
+        entry = spool.load_entry(self.directory, entry_id)
+        size = os.stat(self.path(entry_id, "msg")).st_size
+        raw: dict[str, Any] = {}
+        try:
+            with open(self.path(entry_id, "state"), "rb") as f:
+                raw = json.loads(f.read())
+        except FileNotFoundError:
+            pass
+        saved = raw.get("recipients") or []
+        recipients = []
+        for i, rcpt in enumerate(entry.recipients):
+            if i < len(saved):
+                recipients.append(RecipientState(**saved[i]))
+            elif rcpt.status == "failed":
+                recipients.append(RecipientState(FAILED, rcpt.reason))
+            else:
+                recipients.append(RecipientState())
+        return QueueItem(
+            entry,
+            recipients,
+            attempts=int(raw.get("attempts", 0)),
+            next_attempt=float(raw.get("next_attempt", 0.0)),
+            last_attempt=raw.get("last_attempt"),
+            hold=bool(raw.get("hold", False)),
+            warned=bool(raw.get("warned", False)),
+            size=size,
+        )
+
+    def save(self, item: QueueItem) -> None:
+        """Replace ``<id>.state`` atomically (write, fsync, rename, fsync directory)."""
+        final = self.path(item.id, "state")
+        tmp = f"{final}.tmp{secrets.token_hex(4)}"
+        with open(tmp, "wb") as f:
+            f.write(item.state_json())
+            f.flush()
+            os.fsync(f.fileno())
+        if not self.exists(item.id):  # deleted meanwhile (mailserv queue delete)
+            os.unlink(tmp)
+            raise FileNotFoundError(item.id)
+        os.rename(tmp, final)
+        fsync_dir(self.directory)
+
+    def remove(self, entry_id: str) -> None:
+        """Delete an entry: ``.env`` first (the entry is gone), then the rest."""
+        try:
+            os.unlink(self.path(entry_id, "env"))
+        except FileNotFoundError:
+            return
+        fsync_dir(self.directory)
+        for suffix in ("msg", "state"):
+            try:
+                os.unlink(self.path(entry_id, suffix))
+            except FileNotFoundError:
+                pass
+
+    def index_row(self, entry_id: str) -> IndexRow | None:
+        """Read only what scheduling needs (the small .state file and the id's time)."""
+        try:
+            with open(self.path(entry_id, "state"), "rb") as f:
+                raw = json.loads(f.read())
+        except FileNotFoundError:
+            raw = {}
+        except (ValueError, OSError):
+            raw = {}
+        return IndexRow(
+            entry_id,
+            float(raw.get("next_attempt", 0.0)),
+            bool(raw.get("hold", False)),
+            arrival_of(entry_id),
+        )
+
+    def scan(self) -> list[IndexRow]:
+        """Every entry's scheduling row; removes leftovers of crashed writes."""
+        self.ensure()
+        self.cleanup()
+        rows = []
+        for entry_id in self.ids():
+            row = self.index_row(entry_id)
+            if row is not None:
+                rows.append(row)
+        return rows
+
+    def cleanup(self, now: float | None = None) -> int:
+        """Remove files of entries that never got their ``.env`` (crash before the 250)."""
+        now = time.time() if now is None else now
+        removed = 0
+        try:
+            names = os.listdir(self.directory)
+        except FileNotFoundError:
+            return 0
+        present = {n[:-4] for n in names if n.endswith(".env")}
+        for name in names:
+            base = name.split(".", 1)[0]
+            if base in present or name.startswith(".") or name == "control":
+                continue
+            path = os.path.join(self.directory, name)
+            try:
+                if now - os.stat(path).st_mtime > ORPHAN_AGE:
+                    os.unlink(path)
+                    removed += 1
+            except (FileNotFoundError, IsADirectoryError):
+                pass
+        return removed
+
+    # -- control requests -------------------------------------------------------
+
+    def post_control(self, op: str, entry_id: str | None = None) -> str:
+        """Ask the running scheduler to do ``op`` (flush, retry, hold, release, delete)."""
+        self.ensure()
+        name = f"{time.time():.6f}-{secrets.token_hex(4)}.json"
+        tmp = os.path.join(self.control_dir, f".{name}.tmp")
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump({"op": op, "id": entry_id}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.rename(tmp, os.path.join(self.control_dir, name))
+        return name
+
+    def take_controls(self) -> list[dict[str, Any]]:
+        """The pending control requests, oldest first, removing them."""
+        try:
+            names = sorted(n for n in os.listdir(self.control_dir) if n.endswith(".json"))
+        except FileNotFoundError:
+            return []
+        out = []
+        for name in names:
+            path = os.path.join(self.control_dir, name)
+            try:
+                with open(path, encoding="utf-8") as f:
+                    out.append(json.load(f))
+            except (OSError, ValueError):
+                pass
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+        return out
+
+
+def arrival_of(entry_id: str) -> float:
+    """The arrival time encoded in a spool id (milliseconds, hex, first 13 digits)."""
+    try:
+        return int(entry_id[:13], 16) / 1000.0
+    except ValueError:
+        return 0.0

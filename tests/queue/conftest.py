@@ -1,0 +1,329 @@
+"""Fixtures of the queue tests: scripted "remote" MX servers on 127.0.0.2, 127.0.0.3, ...
+
+``mx_net.server("127.0.0.2", **behaviour)`` starts a small SMTP server (Twisted, in this
+process) on that loopback address and the shared port ``mx_net.port``; it records every
+transaction it accepts (``.messages``: sender, recipients, unstuffed data) and the raw DATA
+lines (``.raw``).  ``queue_env`` builds a QueueService whose DNS is the ``dns_server``
+fixture and whose MX port is ``mx_net.port``.  Only loopback addresses are used.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from twisted.internet import defer, protocol
+from twisted.protocols.basic import LineReceiver
+
+from mailserv.config import parse_config
+from mailserv.dns import DNSResolver
+from mailserv.queue import spool
+from mailserv.threads import ThreadPools
+
+
+@dataclass
+class Received:
+    sender: str
+    recipients: list[str]
+    data: bytes
+    tls: bool
+
+
+@dataclass
+class Behaviour:
+    greeting: str = "220 mx.example.test ESMTP"
+    ehlo: bool = True
+    extensions: list[str] = field(
+        default_factory=lambda: ["PIPELINING", "SIZE 50000000", "8BITMIME", "SMTPUTF8", "DSN"]
+    )
+    starttls: bool = False
+    cert: tuple[str, str] | None = None
+    mail_reply: str = "250 2.1.0 Ok"
+    rcpt_replies: dict[str, str] = field(default_factory=dict)  # address -> reply
+    data_reply: str = "250 2.0.0 Ok: queued"
+    drop_in_data: bool = False  # close the connection once DATA has started
+    silent_after_data: bool = False  # never answer the final dot
+
+
+class FakeMXProtocol(LineReceiver):
+    MAX_LENGTH = 1_000_000
+    delimiter = b"\r\n"
+
+    def __init__(self, server: FakeMX) -> None:
+        self.server = server
+        self.b = server.behaviour
+        self.in_data = False
+        self.reset()
+        self.tls = False
+
+    def reset(self) -> None:
+        self.sender: str | None = None
+        self.rcpts: list[str] = []
+        self.lines: list[bytes] = []
+
+    def connectionMade(self) -> None:
+        self.server.connections += 1
+        self.reply(self.b.greeting)
+
+    def reply(self, text: str) -> None:
+        self.transport.write(text.encode() + b"\r\n")
+
+    def lineReceived(self, line: bytes) -> None:
+        if self.in_data:
+            self.server.raw.append(line)
+            if line == b".":
+                self.in_data = False
+                data = b"".join(
+                    (ln[1:] if ln.startswith(b".") else ln) + b"\r\n" for ln in self.lines
+                )
+                if self.b.silent_after_data:
+                    return
+                reply = self.b.data_reply
+                if reply.startswith("2"):
+                    self.server.messages.append(
+                        Received(self.sender or "", list(self.rcpts), data, self.tls)
+                    )
+                self.reply(reply)
+                self.reset()
+                return
+            if self.b.drop_in_data:
+                self.transport.loseConnection()
+                return
+            self.lines.append(line)
+            return
+        text = line.decode("utf-8", "replace")
+        self.server.commands.append(text)
+        verb = text.split(" ", 1)[0].upper()
+        if verb == "EHLO":
+            if not self.b.ehlo:
+                self.reply("502 5.5.1 no EHLO")
+                return
+            exts = list(self.b.extensions)
+            if self.b.starttls and not self.tls:
+                exts.append("STARTTLS")
+            lines = ["mx.example.test", *exts]
+            out = [f"250-{x}" for x in lines[:-1]] + [f"250 {lines[-1]}"]
+            self.transport.write("".join(x + "\r\n" for x in out).encode())
+        elif verb == "HELO":
+            self.reply("250 mx.example.test")
+        elif verb == "STARTTLS" and self.b.starttls:
+            from mailserv.tls import ServerTLS
+
+            assert self.b.cert is not None
+            self.reply("220 2.0.0 go ahead")
+            self.transport.startTLS(ServerTLS(*self.b.cert))
+            self.tls = True
+        elif verb == "MAIL":
+            self.sender = text[10:].split(">")[0].lstrip("<")
+            self.reply(self.b.mail_reply)
+        elif verb == "RCPT":
+            address = text[8:].split(">")[0].lstrip("<")
+            reply = self.b.rcpt_replies.get(address, "250 2.1.5 Ok")
+            if reply.startswith("2"):
+                self.rcpts.append(address)
+            self.reply(reply)
+        elif verb == "DATA":
+            if not self.rcpts:
+                self.reply("554 5.5.1 no valid recipients")
+                return
+            self.in_data = True
+            self.reply("354 go ahead")
+        elif verb == "RSET":
+            self.reset()
+            self.reply("250 2.0.0 Ok")
+        elif verb == "QUIT":
+            self.reply("221 2.0.0 bye")
+            self.transport.loseConnection()
+        elif verb == "NOOP":
+            self.reply("250 2.0.0 Ok")
+        else:
+            self.reply("502 5.5.2 unknown command")
+
+
+class FakeMX(protocol.Factory):
+    def __init__(self, behaviour: Behaviour) -> None:
+        self.behaviour = behaviour
+        self.messages: list[Received] = []
+        self.raw: list[bytes] = []
+        self.commands: list[str] = []
+        self.connections = 0
+        self.port: Any = None
+
+    def buildProtocol(self, addr: Any) -> FakeMXProtocol:
+        return FakeMXProtocol(self)
+
+
+def free_port(hosts: list[str]) -> int:
+    """A TCP port free on every one of ``hosts`` (all loopback)."""
+    for _ in range(50):
+        probe = socket.socket()
+        probe.bind((hosts[0], 0))
+        port = probe.getsockname()[1]
+        probe.close()
+        ok = True
+        for host in hosts:
+            s = socket.socket()
+            try:
+                s.bind((host, port))
+            except OSError:
+                ok = False
+            finally:
+                s.close()
+        if ok:
+            return port
+    raise RuntimeError("no common free port")
+
+
+class MXNet:
+    def __init__(self) -> None:
+        self.port = free_port([f"127.0.0.{i}" for i in range(2, 8)])
+        self.servers: list[FakeMX] = []
+
+    def server(self, host: str, **behaviour: Any) -> FakeMX:
+        from twisted.internet import reactor
+
+        assert host.startswith("127.") and host != "127.0.0.1"
+        fake = FakeMX(Behaviour(**behaviour))
+        fake.port = reactor.listenTCP(self.port, fake, interface=host)
+        self.servers.append(fake)
+        return fake
+
+    def stop(self) -> defer.Deferred[Any]:
+        return defer.DeferredList([defer.maybeDeferred(s.port.stopListening) for s in self.servers])
+
+
+CONFIG = """
+config_version = 1
+hostname = "mail.local.test"
+domains = ["local.test"]
+state_dir = "{state}"
+[store]
+path = "{state}/mail/{{localpart}}"
+[dns]
+nameservers = ["127.0.0.1:{dns_port}"]
+timeout = "2s"
+cache_size = 0
+[queue]
+smtp_port = {mx_port}
+tls_ca_file = "{ca}"
+connect_timeout = "3s"
+greeting_timeout = "5s"
+command_timeout = "5s"
+data_timeout = "5s"
+block_timeout = "5s"
+final_timeout = "5s"
+connection_reuse_time = "0.5s"
+mta_sts_port = {sts_port}
+{extra}
+"""
+
+
+class QueueEnv:
+    """A QueueService wired to the test DNS server and fake MXs."""
+
+    def __init__(self, tmp_path: Path, dns_port: int, mx_port: int, ca: Any) -> None:
+        self.tmp_path = tmp_path
+        self.state = tmp_path / "state"
+        self.state.mkdir(exist_ok=True)
+        self.dns_port = dns_port
+        self.mx_port = mx_port
+        self.ca = ca
+        self.sts_port = 0
+        self.services: list[Any] = []
+        self.threads: ThreadPools | None = None
+
+    def config(self, extra: str = "") -> Any:
+        return parse_config(
+            CONFIG.format(
+                state=self.state,
+                dns_port=self.dns_port,
+                mx_port=self.mx_port,
+                ca=self.ca.ca_file,
+                sts_port=self.sts_port or 443,
+                extra=extra,
+            )
+        )
+
+    @property
+    def queue_dir(self) -> str:
+        return str(self.state / "queue")
+
+    def build(self, extra: str = "", router: Any = None, resolver: Any = None, **kw: Any) -> Any:
+        from twisted.internet import reactor
+
+        from mailserv.queue import build_queue_service
+
+        config = self.config(extra)
+        if self.threads is None:
+            self.threads = ThreadPools(reactor, {"dns": 4, "disk": 4, "crypto": 2})
+
+        class FakeService:
+            pass
+
+        svc = FakeService()
+        svc.config = config  # type: ignore[attr-defined]
+        svc.reactor = reactor  # type: ignore[attr-defined]
+        svc.threads = self.threads  # type: ignore[attr-defined]
+        svc.dns = resolver or DNSResolver(config.dns, self.threads)  # type: ignore[attr-defined]
+        svc.router = router  # type: ignore[attr-defined]
+        queue = build_queue_service(svc)
+        self.services.append(queue)
+        return queue
+
+    def enqueue(
+        self,
+        sender: str,
+        rcpts: list[str],
+        data: bytes,
+        notify: list[str] | None = None,
+        **kw: Any,
+    ) -> str:
+        entry = spool.QueueEntry(
+            id=spool.new_id(),
+            sender=sender,
+            recipients=[spool.QueuedRecipient(r, notify=notify) for r in rcpts],
+            **kw,
+        )
+        return spool.enqueue(self.queue_dir, entry, [data])
+
+    def entries(self) -> list[str]:
+        return spool.list_entries(self.queue_dir)
+
+    def stop(self) -> None:
+        for service in self.services:
+            if service.running:
+                service.stopService()
+        if self.threads is not None:
+            self.threads.stopService()
+
+
+@pytest.fixture
+def mx_net() -> Iterator[MXNet]:
+    net = MXNet()
+    yield net
+    for s in net.servers:
+        s.port.stopListening()
+
+
+@pytest.fixture
+def queue_env(tmp_path: Path, dns_server: Any, mx_net: MXNet, test_ca: Any) -> Iterator[QueueEnv]:
+    env = QueueEnv(tmp_path, dns_server.port, mx_net.port, test_ca)
+    yield env
+    env.stop()
+
+
+def message(
+    subject: str = "hello", body: bytes = b"Hello.\r\n", sender: str = "a@local.test"
+) -> bytes:
+    return (
+        f"From: <{sender}>\r\nTo: <b@remote.test>\r\nSubject: {subject}\r\n"
+        "Message-ID: <1@local.test>\r\n\r\n"
+    ).encode() + body
+
+
+__all__ = ["FakeMX", "MXNet", "QueueEnv", "message", "os"]

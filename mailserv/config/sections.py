@@ -121,12 +121,12 @@ class SQLBackend(BackendSection):
     user_query: str | None = option(optional(string), None)
     timeout: float = option(duration, 5.0)
     pool_size: int = option(integer(1, 100), 5)
-
-
     # Aliases of a user (one address per row); bound parameter :user.
     aliases_query: str | None = option(optional(string), None)
     # Scheme of stored passwords without a {SCHEME} prefix, and of new ones (mailserv user).
     default_scheme: str = option(string, "ARGON2ID")
+
+
 class LDAPBackend(BackendSection):
     urls: list[str] = option(list_of(nonempty_string, nonempty=True))
     base_dn: str = option(nonempty_string)
@@ -179,11 +179,11 @@ class AuthSection(Section):
     failure_delay: float = option(duration, 2.0)
     max_penalty: float = option(duration, 15.0)
     pop_before_smtp: float = option(duration, 0.0)
-
-    def validate(self, ctx: Context, path: str) -> None:
     # An sql backend whose database keeps the POP-before-SMTP state (shared by several
     # nodes); by default a SQLite file in state_dir.
     pop_before_smtp_backend: str | None = option(optional(string), None)
+
+    def validate(self, ctx: Context, path: str) -> None:
         for i, name in enumerate(self.backends):
             if name not in self.backend:
                 ctx.error(f"{path}.backends[{i}]", f"no [{path}.backend.{name}] table")
@@ -280,6 +280,54 @@ class DeliverySection(Section):
     postmaster: str | None = option(optional(string), None)
 
 
+class QueueSection(Section):
+    """``[queue]``: the outbound queue and its SMTP client (mailserv/queue/, LIMITS.md)."""
+
+    # Port of remote MXs (25; tests and benchmarks point it at a loopback sink).
+    smtp_port: int = option(integer(1, 65535), 25)
+    retry_first: float = option(duration, 300.0)  # Postfix minimal_backoff_time
+    retry_max: float = option(duration, 4000.0)  # Postfix maximal_backoff_time
+    lifetime: float = option(duration, 5 * 86400.0)  # Postfix maximal_queue_lifetime
+    delay_warning: float = option(duration, 4 * 3600.0)  # 0 disables delay DSNs
+    max_deliveries: int = option(integer(1, 10_000), 100)  # messages in flight at once
+    destination_concurrency: int = option(integer(1, 1000), 20)  # connections per domain
+    connection_reuse_time: float = option(duration, 2.0)  # idle connection kept for reuse
+    max_messages_per_connection: int = option(integer(1), 100)
+    scan_interval: float = option(duration, 30.0)  # full rescan of the queue directory
+    helo_name: str | None = option(optional(domain_name), None)  # default: hostname
+    own_addresses: list[str] = option(list_of(string), list)  # besides the listeners'
+    prefer_ipv6: bool = option(boolean, True)
+    tls_ca_file: str | None = option(optional(string), None)  # default: system roots
+    dane: bool = option(boolean, True)  # RFC 7672, needs a validating resolver
+    mta_sts: bool = option(boolean, True)  # RFC 8461
+    mta_sts_port: int = option(integer(1, 65535), 443)
+    relay_host: tuple[str, int] | None = option(optional(host_port(25)), None)  # smarthost
+    relay_tls: str = option(choice("may", "encrypt", "verify"), "verify")
+    bounce_size_limit: int = option(size, 50_000)  # Postfix bounce_size_limit
+    connect_timeout: float = option(duration, 60.0)  # RFC 5321 §4.5.3.2
+    greeting_timeout: float = option(duration, 300.0)
+    command_timeout: float = option(duration, 300.0)
+    data_timeout: float = option(duration, 120.0)
+    block_timeout: float = option(duration, 180.0)
+    final_timeout: float = option(duration, 600.0)
+
+    def validate(self, ctx: Context, path: str) -> None:
+        for i, text in enumerate(self.own_addresses):
+            try:
+                ipaddress.ip_address(text)
+            except ValueError:
+                ctx.error(f"{path}.own_addresses[{i}]", f"not an IP address: {text!r}")
+        if self.retry_max < self.retry_first:
+            ctx.error(f"{path}.retry_max", "must not be shorter than retry_first")
+
+
+class DKIMSection(Section):
+    """``[dkim]``: signing of outbound mail (keys from ``mailserv dkim keygen``)."""
+
+    sign: bool = option(boolean, True)
+    key_dir: str | None = option(optional(string), None)  # default: state_dir/dkim
+
+
 class Config(Section):
     """The whole configuration file."""
 
@@ -296,6 +344,8 @@ class Config(Section):
     pipelines: dict[str, list[PipelineEntry]] = option(_pipelines, dict)
     aliases: dict[str, list[str]] = option(_alias_table, dict)
     delivery: DeliverySection = option(table_of(DeliverySection), DeliverySection)
+    queue: QueueSection = option(table_of(QueueSection), QueueSection)
+    dkim: DKIMSection = option(table_of(DKIMSection), DKIMSection)
     shutdown_timeout: float = option(duration, 30.0)
 
     # Where the file came from; relative paths in it are relative to its directory.

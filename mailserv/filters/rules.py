@@ -1,0 +1,288 @@
+"""Header and body rules in the style of Postfix header_checks/body_checks (regexp tables).
+
+Each rule is ``/pattern/flags ACTION optional text``; flags are ``i``
+(ignore case), ``m``, ``s`` and ``x``; ``!/pattern/`` matches when the pattern
+does not.  Header rules see each logical (unfolded) header line ``Name: value``;
+body rules see each body line.  For every line the first matching rule wins.
+Actions: ``REJECT`` and ``TEMPFAIL`` (``DEFER``) refuse the message,
+``QUARANTINE`` (``HOLD``) and ``DISCARD`` deliver it into Junk (DISCARD is
+kept rather than destroyed: the chain has no verdict that drops accepted mail),
+``WARN`` logs, ``PREPEND``/``ADD_HEADER`` adds ``Name: value``, ``OK`` stops the
+rules, ``DUNNO`` goes on.
+
+Guard: patterns run with the ``regex`` module's per-match timeout in the
+``crypto`` thread pool, under an overall deadline, so that a catastrophic
+pattern or input can neither stall the reactor nor hold a thread for long;
+a timeout fails closed (451 4.3.0, the chain's filter failure) or skips the
+rule (``on_timeout = "skip"``).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import regex
+from twisted.internet import defer
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from mailserv.config.schema import (
+    Context,
+    Invalid,
+    Section,
+    choice,
+    duration,
+    list_of,
+    option,
+    optional,
+    size,
+    string,
+)
+from mailserv.filters.authresults import read_header_block, split_fields
+from mailserv.filters.base import CONTINUE, Action, FilterBase, Verdict
+from mailserv.filters.common import clean, config_error, load_options, results_for
+from mailserv.interfaces import IMessageFilter
+
+log = Logger()
+
+ACTION_NAMES = {
+    "REJECT": "reject",
+    "TEMPFAIL": "tempfail",
+    "DEFER": "tempfail",
+    "DISCARD": "discard",
+    "QUARANTINE": "quarantine",
+    "HOLD": "quarantine",
+    "WARN": "warn",
+    "PREPEND": "prepend",
+    "ADD_HEADER": "prepend",
+    "OK": "ok",
+    "DUNNO": "dunno",
+}
+_FLAGS = {"i": regex.IGNORECASE, "m": regex.MULTILINE, "s": regex.DOTALL, "x": regex.VERBOSE}
+
+
+class RuleTimeout(Exception):
+    """A rule did not finish within its time budget."""
+
+
+@dataclass(frozen=True)
+class Rule:
+    source: str
+    pattern: Any  # compiled regex
+    negate: bool
+    action: str
+    text: str
+
+    def matches(self, line: str, timeout: float) -> bool:
+        try:
+            found = self.pattern.search(line, timeout=timeout) is not None
+        except TimeoutError:
+            raise RuleTimeout(self.source) from None
+        return found != self.negate
+
+
+def parse_rule(line: str) -> Rule:
+    """Parse ``[!]/pattern/flags ACTION [text]``; ValueError with the reason."""
+    text = line.strip()
+    negate = text.startswith("!")
+    if negate:
+        text = text[1:]
+    if not text.startswith("/"):
+        raise ValueError("a rule starts with /pattern/")
+    i = 1
+    while i < len(text):
+        if text[i] == "\\":
+            i += 2
+            continue
+        if text[i] == "/":
+            break
+        i += 1
+    else:
+        raise ValueError("missing the closing / of the pattern")
+    pattern, rest = text[1:i].replace("\\/", "/"), text[i + 1 :]
+    flag_text, _, rest = rest.partition(" ")
+    flags = 0
+    for ch in flag_text:
+        if ch not in _FLAGS:
+            raise ValueError(f"unknown flag {ch!r}")
+        flags |= _FLAGS[ch]
+    word, _, argument = rest.strip().partition(" ")
+    action = ACTION_NAMES.get(word.upper())
+    if action is None:
+        raise ValueError(f"unknown action {word!r} (one of {', '.join(ACTION_NAMES)})")
+    argument = argument.strip()
+    if action == "prepend":
+        name, colon, _value = argument.partition(":")
+        if not colon or not name or " " in name.strip() or not name.isascii():
+            raise ValueError("PREPEND needs 'Name: value'")
+    try:
+        compiled = regex.compile(pattern, flags)
+    except regex.error as exc:
+        raise ValueError(f"bad regular expression: {exc}") from None
+    return Rule(line.strip(), compiled, negate, action, clean(argument, 300))
+
+
+def rule_kind(value: Any, ctx: Context, key: str) -> Rule:
+    if not isinstance(value, str):
+        raise Invalid("expected a rule string '/pattern/flags ACTION text'")
+    try:
+        return parse_rule(value)
+    except ValueError as exc:
+        raise Invalid(str(exc)) from None
+
+
+def load_rule_file(path: str, key: str) -> list[Rule]:
+    """Rules from a Postfix-style file: one per line, '#' comments, indented continuations."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.read().splitlines()
+    except OSError as exc:
+        raise config_error(key, f"cannot read {path}: {exc.strerror}") from None
+    logical: list[tuple[int, str]] = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        if line[:1].isspace() and logical:
+            logical[-1] = (logical[-1][0], logical[-1][1] + " " + line.strip())
+        else:
+            logical.append((number, line))
+    rules = []
+    for number, line in logical:
+        try:
+            rules.append(parse_rule(line))
+        except ValueError as exc:
+            raise config_error(key, f"{path}, line {number}: {exc}") from None
+    return rules
+
+
+class RulesOptions(Section):
+    """Keys of ``filter = "rules"``."""
+
+    header_checks: list[Rule] = option(list_of(rule_kind), list)
+    body_checks: list[Rule] = option(list_of(rule_kind), list)
+    header_checks_file: str | None = option(optional(string), None)
+    body_checks_file: str | None = option(optional(string), None)
+    match_timeout: float = option(duration, 0.25)
+    max_body_bytes: int = option(size, 1024 * 1024)
+    on_timeout: str = option(choice("tempfail", "skip"), "tempfail")
+
+
+@dataclass
+class Hit:
+    rule: Rule
+    line: str
+
+
+def evaluate(
+    path: str,
+    header_rules: list[Rule],
+    body_rules: list[Rule],
+    match_timeout: float,
+    budget: float,
+    max_body: int,
+    skip_timeouts: bool,
+) -> list[Hit]:
+    """Run the rules over the spooled message (blocking: the crypto pool).
+
+    Returns the hits in order; the last is final when its action ends the rules.
+    """
+    deadline = time.monotonic() + budget
+    hits: list[Hit] = []
+    head, rest_at = read_header_block(path)
+
+    def run(rules: list[Rule], line: str) -> bool:
+        """True when the rules must stop (a final action or OK)."""
+        for rule in rules:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise RuleTimeout("the overall rules deadline")
+            try:
+                matched = rule.matches(line, min(match_timeout, left))
+            except RuleTimeout:
+                if not skip_timeouts:
+                    raise
+                log.warn("rule {rule!r} timed out; skipped", rule=rule.source)
+                continue
+            if matched:
+                if rule.action == "dunno":
+                    return False
+                hits.append(Hit(rule, line))
+                return rule.action in ("reject", "tempfail", "discard", "quarantine", "ok")
+        return False
+
+    if header_rules:
+        for raw in split_fields(head):
+            line = raw.decode("utf-8", "replace").replace("\r\n", "")
+            if run(header_rules, line):
+                return hits
+    if body_rules:
+        with open(path, "rb") as f:
+            f.seek(rest_at + 2)
+            data = f.read(max_body)
+        for raw_line in data.split(b"\r\n"):
+            if run(body_rules, raw_line.decode("utf-8", "replace")):
+                return hits
+    return hits
+
+
+@implementer(IMessageFilter)
+class RulesFilter(FilterBase):
+    """Postfix-style header and body checks, guarded against catastrophic patterns."""
+
+    name = "rules"
+
+    def __init__(self, options: Mapping[str, Any] | None = None, service: Any = None) -> None:
+        super().__init__(options, service)
+        self.config = load_options(RulesOptions, self.options)
+        self.header_rules = list(self.config.header_checks)
+        self.body_rules = list(self.config.body_checks)
+        if self.config.header_checks_file:
+            self.header_rules += load_rule_file(
+                self.config.header_checks_file, "header_checks_file"
+            )
+        if self.config.body_checks_file:
+            self.body_rules += load_rule_file(self.config.body_checks_file, "body_checks_file")
+        self.threads = service.threads
+
+    @defer.inlineCallbacks
+    def check_message(self, session: Any, envelope: Any, message: Any) -> Any:
+        if not self.header_rules and not self.body_rules:
+            return CONTINUE
+        cfg = self.config
+        hits = yield self.threads.run(
+            "crypto",
+            evaluate,
+            message.path,
+            self.header_rules,
+            self.body_rules,
+            cfg.match_timeout,
+            max(self.timeout - 1.0, cfg.match_timeout),
+            cfg.max_body_bytes,
+            cfg.on_timeout == "skip",
+        )
+        headers: list[tuple[str, str]] = []
+        results = results_for(session, envelope)
+        for hit in hits:
+            action, text = hit.rule.action, hit.rule.text
+            if action == "warn":
+                log.warn(
+                    "rule {rule!r} matched in {id}: {line}",
+                    rule=hit.rule.source,
+                    id=envelope.id,
+                    line=clean(hit.line, 200),
+                )
+            elif action == "prepend":
+                name, _, value = text.partition(":")
+                headers.append((name.strip(), value.strip()))
+            elif action == "reject":
+                return Verdict.reject(550, "5.7.1", text or "Message content rejected", "rule")
+            elif action == "tempfail":
+                return Verdict.tempfail(
+                    451, "4.7.1", text or "Message content deferred, try again later", "rule"
+                )
+            elif action in ("quarantine", "discard"):
+                results.quarantine.append(f"rule {action}: {text or clean(hit.line, 100)}")
+        return Verdict(Action.CONTINUE, headers=tuple(headers))

@@ -150,8 +150,10 @@ class ListenerService(StreamServerEndpointService):
 class MailService(MultiService):
     """Everything a mailserv process runs."""
 
-    def __init__(self, config: Config, reactor: Any) -> None:
+    def __init__(self, config: Config, reactor: Any, handle_signals: bool = False) -> None:
         super().__init__()
+        # SIGHUP (reload) and SIGTERM (drain, exit 0): for the daemon, not for tests.
+        self.handle_signals = handle_signals
         self.reactor = reactor
         self.config = config
         self.threads = ThreadPools(reactor, vars_of(config.threads))
@@ -165,10 +167,14 @@ class MailService(MultiService):
     # Construction
 
     @classmethod
-    def from_config(cls, config: Config, reactor: Any) -> MailService:
+    def from_config(cls, config: Config, reactor: Any, handle_signals: bool = False) -> MailService:
         """Build the whole service; raise ConfigError before anything listens."""
-        os.makedirs(config.state_dir, mode=0o750, exist_ok=True)
-        service = cls(config, reactor)
+        try:
+            os.makedirs(config.state_dir, mode=0o750, exist_ok=True)
+        except OSError as exc:
+            problem = f"cannot create {config.state_dir}: {exc.strerror}"
+            raise ConfigError([ConfigProblem(config.source, "state_dir", problem)]) from None
+        service = cls(config, reactor, handle_signals)
         service._tls = service._build_tls()
         problems: list[ConfigProblem] = []
         for name, listener in config.listeners.items():
@@ -254,10 +260,25 @@ class MailService(MultiService):
 
     def startService(self) -> None:
         super().startService()
+        if not self.handle_signals:
+            return
         if self.config.source and os.path.exists(self.config.source):
             install_signal(
                 signal.SIGHUP, lambda: self.reactor.callFromThread(self.reload_from_file)
             )
+        # SIGTERM is the ordinary way to stop a daemon: drain, then exit 0.  (The reactor's
+        # own handler makes twistd re-raise the signal after shutdown, exit status -15.)
+        self.reactor.callLater(
+            0, install_signal, signal.SIGTERM, lambda: self.reactor.callFromThread(self._terminate)
+        )
+
+    def _terminate(self) -> None:
+        log.info(
+            "SIGTERM: stopping; connections in flight get {timeout}s to finish",
+            timeout=self.config.shutdown_timeout,
+        )
+        if self.reactor.running:
+            self.reactor.stop()
 
     def reload_from_file(self) -> None:
         """SIGHUP: re-read the file; keep running on the old config if it is invalid."""

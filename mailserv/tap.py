@@ -66,7 +66,12 @@ def makeService(options: Options) -> Any:
     from mailserv.service import MailService
 
     config = options.config
-    service = MailService.from_config(config, reactor)
+    try:
+        service = MailService.from_config(config, reactor, handle_signals=True)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(f"mailserv: {problem}", file=sys.stderr)
+        raise SystemExit(1) from None
     if options["config"]:
         how = f"mailserv user add --config {options['config']} USER@{config.domains[0]}"
     else:

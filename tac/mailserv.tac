@@ -12,4 +12,4 @@ from mailserv.service import MailService
 path = os.environ.get("MAILSERV_CONFIG", "/etc/mailserv/mailserv.toml")
 config = load_config(path) if os.path.exists(path) else default_config()
 application = Application("mailserv")
-MailService.from_config(config, reactor).setServiceParent(application)
+MailService.from_config(config, reactor, handle_signals=True).setServiceParent(application)

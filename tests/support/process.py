@@ -185,13 +185,15 @@ def start_mailserv(
         assert proc.stdout is not None
         for line in proc.stdout:
             running.output.append(line)
-            match = _LISTENING.search(line)
             label = address = None
-            if match:
-                label, address = match.group("label"), match.group("address")
-            elif line.startswith("{") and '"where"' in line:
+            if line.startswith("{"):
                 event = json.loads(line)
-                label, address = event.get("label"), event.get("where")
+                if "where" in event:
+                    label, address = event.get("label"), event["where"]
+            else:
+                match = _LISTENING.search(line)
+                if match:
+                    label, address = match.group("label"), match.group("address")
             if label and address:
                 host, _, port = address.rpartition(":")
                 running.addresses.setdefault(label, []).append((host.strip("[]"), int(port)))

@@ -176,10 +176,11 @@ def match(
 
 def verify_pkix(connection: SSL.Connection, names: Sequence[str]) -> str | None:
     """None when OpenSSL verified the chain and the leaf names one of ``names``."""
-    result = connection.get_verify_result()
-    if result != 0:
-        from OpenSSL._util import ffi, lib  # the X509_V_ERR text
+    # pyOpenSSL exposes no SSL_get_verify_result; its cffi binding does.
+    from OpenSSL._util import ffi, lib
 
+    result = lib.SSL_get_verify_result(connection._ssl)
+    if result != 0:
         text = ffi.string(lib.X509_verify_cert_error_string(result)).decode()
         return f"verification failed: {text}"
     chain = connection.get_peer_cert_chain(as_cryptography=True) or []

@@ -291,6 +291,17 @@ class QueueEnv:
         )
         return spool.enqueue(self.queue_dir, entry, [data])
 
+    def state_reasons(self) -> list[str]:
+        """The reasons recorded for deferred recipients (to show why a test waits)."""
+        from mailserv.queue.state import QueueStore
+
+        store = QueueStore(self.queue_dir)
+        out = []
+        for entry_id in store.ids():
+            if os.path.exists(store.path(entry_id, "state")):
+                out += [str(r.reason) for r in store.load(entry_id).recipients if r.reason]
+        return out
+
     def entries(self) -> list[str]:
         return spool.list_entries(self.queue_dir)
 

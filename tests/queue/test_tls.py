@@ -1,0 +1,233 @@
+"""Transport security of outbound mail: STARTTLS, DANE (RFC 7672), MTA-STS (RFC 8461).
+
+The fake MXs present certificates signed by the session's test CA; the MTA-STS policy is
+served over HTTPS by a twisted.web server on 127.0.0.7.  DANE needs a validating resolver
+(the AD bit): ``Validating`` marks the test DNS server's answers as validated, as a
+DNSSEC-validating resolver on 127.0.0.1 would.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+from typing import Any
+
+import pytest
+import pytest_twisted
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from mailserv.queue.state import QueueStore
+from tests.queue.conftest import message
+from tests.queue.test_delivery import remote_dns, wait_for
+
+pytestmark = pytest.mark.integration
+
+
+class Validating:
+    """A resolver whose answers carry the AD bit (what DANE requires)."""
+
+    def __init__(self, real: Any) -> None:
+        self.real = real
+
+    def lookup(self, name: str, rdtype: str) -> Any:
+        d = self.real.lookup(name, rdtype)
+        return d.addCallback(lambda a: dataclasses.replace(a, authenticated=True))
+
+
+def spki_sha256(cert_file: str) -> str:
+    with open(cert_file, "rb") as f:
+        cert = x509.load_pem_x509_certificate(f.read())
+    spki = cert.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    return hashlib.sha256(spki).hexdigest()
+
+
+def validating_env(queue_env: Any) -> tuple[Any, Any]:
+    from twisted.internet import reactor
+
+    from mailserv.dns import DNSResolver
+    from mailserv.threads import ThreadPools
+
+    config = queue_env.config()
+    queue_env.threads = queue_env.threads or ThreadPools(reactor, {"dns": 4, "disk": 4})
+    resolver = Validating(DNSResolver(config.dns, queue_env.threads))
+    return config, resolver
+
+
+async def deferred_reason(queue_env: Any, entry_id: str) -> str:
+    store = QueueStore(queue_env.queue_dir)
+    await wait_for(lambda: os.path.exists(store.path(entry_id, "state")))
+    return str(store.load(entry_id).recipients[0].reason)
+
+
+@pytest_twisted.ensureDeferred
+async def test_starttls_whenever_offered(
+    queue_env: Any, mx_net: Any, dns_server: Any, test_ca: Any
+) -> None:
+    remote_dns(dns_server)
+    mx = mx_net.server("127.0.0.2", starttls=True, cert=test_ca.issue("untrusted.example"))
+    queue_env.enqueue("a@sender.test", ["b@remote.test"], message())
+    queue = queue_env.build()
+    queue.startService()
+    await wait_for(lambda: len(mx.messages) == 1)
+    assert mx.messages[0].tls is True
+    # RFC 3207 §4.2: EHLO again after the handshake.
+    assert [c.split()[0] for c in mx.commands][:3] == ["EHLO", "STARTTLS", "EHLO"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_dane_matching_tlsa_delivers_over_tls(
+    queue_env: Any, mx_net: Any, dns_server: Any, test_ca: Any
+) -> None:
+    cert = test_ca.issue("mx1.remote.test")
+    tlsa_name = f"_{mx_net.port}._tcp.mx1.remote.test"
+    remote_dns(dns_server, **{tlsa_name: {"TLSA": [[3, 1, 1, spki_sha256(cert[0])]]}})
+    mx = mx_net.server("127.0.0.2", starttls=True, cert=cert)
+    queue_env.enqueue("a@sender.test", ["b@remote.test"], message())
+    _config, resolver = validating_env(queue_env)
+    queue = queue_env.build(resolver=resolver)
+    queue.startService()
+    await wait_for(lambda: len(mx.messages) == 1)
+    assert mx.messages[0].tls is True
+
+
+@pytest_twisted.ensureDeferred
+async def test_dane_mismatch_defers_and_sends_nothing(
+    queue_env: Any, mx_net: Any, dns_server: Any, test_ca: Any
+) -> None:
+    cert = test_ca.issue("mx1.remote.test")
+    other = test_ca.issue("someone-else.test")
+    tlsa_name = f"_{mx_net.port}._tcp.mx1.remote.test"
+    remote_dns(dns_server, **{tlsa_name: {"TLSA": [[3, 1, 1, spki_sha256(other[0])]]}})
+    mx = mx_net.server("127.0.0.2", starttls=True, cert=cert)
+    entry_id = queue_env.enqueue("a@sender.test", ["b@remote.test"], message())
+    _config, resolver = validating_env(queue_env)
+    queue = queue_env.build(resolver=resolver)
+    queue.startService()
+    reason = await deferred_reason(queue_env, entry_id)
+    assert "4.7.5" in reason and "DANE" in reason
+    assert not mx.messages and not any(c.startswith("MAIL") for c in mx.commands)
+
+
+@pytest_twisted.ensureDeferred
+async def test_dane_with_stripped_starttls_never_sends_in_plaintext(
+    queue_env: Any, mx_net: Any, dns_server: Any, test_ca: Any
+) -> None:
+    """Defect 7 end to end: TLSA exists, the STARTTLS offer was stripped: defer, no MAIL."""
+    cert = test_ca.issue("mx1.remote.test")
+    tlsa_name = f"_{mx_net.port}._tcp.mx1.remote.test"
+    remote_dns(dns_server, **{tlsa_name: {"TLSA": [[3, 1, 1, spki_sha256(cert[0])]]}})
+    mx = mx_net.server("127.0.0.2", starttls=False)
+    entry_id = queue_env.enqueue("a@sender.test", ["b@remote.test"], message())
+    _config, resolver = validating_env(queue_env)
+    queue = queue_env.build(resolver=resolver)
+    queue.startService()
+    reason = await deferred_reason(queue_env, entry_id)
+    assert "4.7.5" in reason
+    assert not any(c.startswith("MAIL") for c in mx.commands)
+
+
+@pytest_twisted.ensureDeferred
+async def test_without_validation_tlsa_is_ignored(
+    queue_env: Any, mx_net: Any, dns_server: Any, test_ca: Any
+) -> None:
+    """Unauthenticated TLSA records (no AD bit) must not be used (RFC 7672 §2.1)."""
+    tlsa_name = f"_{mx_net.port}._tcp.mx1.remote.test"
+    remote_dns(dns_server, **{tlsa_name: {"TLSA": [[3, 1, 1, "00" * 32]]}})
+    mx = mx_net.server("127.0.0.2")
+    queue_env.enqueue("a@sender.test", ["b@remote.test"], message())
+    queue = queue_env.build()
+    queue.startService()
+    await wait_for(lambda: len(mx.messages) == 1)
+
+
+def sts_server(test_ca: Any, port: int, policy: str) -> Any:
+    from twisted.internet import reactor
+    from twisted.web import resource, server
+
+    from mailserv.tls import ServerTLS
+
+    class Policy(resource.Resource):
+        isLeaf = True
+
+        def render_GET(self, request: Any) -> bytes:
+            request.setHeader(b"content-type", b"text/plain")
+            return policy.encode()
+
+    cert = test_ca.issue("mta-sts.remote.test")
+    return reactor.listenSSL(port, server.Site(Policy()), ServerTLS(*cert), interface="127.0.0.7")
+
+
+def sts_dns(dns_server: Any, mx_host_ip: str = "127.0.0.2") -> None:
+    remote_dns(
+        dns_server,
+        **{
+            "_mta-sts.remote.test": {"TXT": ["v=STSv1; id=20261125"]},
+            "mta-sts.remote.test": {"A": ["127.0.0.7"]},
+            "mx1.remote.test": {"A": [mx_host_ip]},
+        },
+    )
+
+
+POLICY = "version: STSv1\r\nmode: enforce\r\nmx: mx1.remote.test\r\nmax_age: 86400\r\n"
+
+
+@pytest_twisted.ensureDeferred
+async def test_mta_sts_enforce_with_valid_certificate(
+    queue_env: Any, mx_net: Any, dns_server: Any, test_ca: Any
+) -> None:
+    queue_env.sts_port = mx_net.port
+    listening = sts_server(test_ca, mx_net.port, POLICY)
+    try:
+        sts_dns(dns_server)
+        mx = mx_net.server("127.0.0.2", starttls=True, cert=test_ca.issue("mx1.remote.test"))
+        queue_env.enqueue("a@sender.test", ["b@remote.test"], message())
+        queue = queue_env.build()
+        queue.startService()
+        await wait_for(lambda: len(mx.messages) == 1 or queue_env.state_reasons())
+        assert not queue_env.state_reasons()
+        assert mx.messages[0].tls
+    finally:
+        await listening.stopListening()
+
+
+@pytest_twisted.ensureDeferred
+async def test_mta_sts_enforce_refuses_a_bad_certificate(
+    queue_env: Any, mx_net: Any, dns_server: Any, test_ca: Any
+) -> None:
+    queue_env.sts_port = mx_net.port
+    listening = sts_server(test_ca, mx_net.port, POLICY)
+    try:
+        sts_dns(dns_server)
+        mx = mx_net.server("127.0.0.2", starttls=True, cert=test_ca.issue("wrong.name.test"))
+        entry_id = queue_env.enqueue("a@sender.test", ["b@remote.test"], message())
+        queue = queue_env.build()
+        queue.startService()
+        reason = await deferred_reason(queue_env, entry_id)
+        assert "4.7.5" in reason and "certificate" in reason
+        assert not any(c.startswith("MAIL") for c in mx.commands)
+    finally:
+        await listening.stopListening()
+
+
+@pytest_twisted.ensureDeferred
+async def test_mta_sts_enforce_skips_mx_not_in_policy(
+    queue_env: Any, mx_net: Any, dns_server: Any, test_ca: Any
+) -> None:
+    queue_env.sts_port = mx_net.port
+    policy = POLICY.replace("mx: mx1.remote.test", "mx: *.elsewhere.test")
+    listening = sts_server(test_ca, mx_net.port, policy)
+    try:
+        sts_dns(dns_server)
+        mx = mx_net.server("127.0.0.2", starttls=True, cert=test_ca.issue("mx1.remote.test"))
+        entry_id = queue_env.enqueue("a@sender.test", ["b@remote.test"], message())
+        queue = queue_env.build()
+        queue.startService()
+        reason = await deferred_reason(queue_env, entry_id)
+        assert "MTA-STS" in reason
+        assert mx.connections == 0
+    finally:
+        await listening.stopListening()

@@ -98,7 +98,10 @@ def build_pipeline(name: str | None, service: Any, reactor: Any) -> FilterChain:
             problems.extend(exc.problems)
     if problems:
         raise ConfigError(problems)
-    return FilterChain(filters, reactor, name)
+    from mailserv.filters.quarantine import with_quarantine
+
+    # Filters that quarantine record reasons; the quarantine filter, last, acts on them.
+    return FilterChain(with_quarantine(filters, service), reactor, name)
 
 
 def chain_of(filters: Sequence[Any], reactor: Any, name: str = "") -> FilterChain:

@@ -245,6 +245,9 @@ class RulesFilter(FilterBase):
             )
         if self.config.body_checks_file:
             self.body_rules += load_rule_file(self.config.body_checks_file, "body_checks_file")
+        self.may_quarantine = any(
+            r.action in ("quarantine", "discard") for r in self.header_rules + self.body_rules
+        )
         self.threads = service.threads
 
     @defer.inlineCallbacks

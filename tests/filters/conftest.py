@@ -153,3 +153,9 @@ class Keys:
 @pytest.fixture(scope="session")
 def dkim_keys() -> Keys:
     return Keys()
+
+
+@pytest.fixture
+def plain_env(tmp_path: Path) -> FilterEnv:
+    """A FilterEnv for filters that make no DNS queries (no DNS server is started)."""
+    return FilterEnv(tmp_path, 9)

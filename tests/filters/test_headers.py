@@ -29,67 +29,67 @@ def check(env: Any, head: str, body: str = "Hi.\n", smtputf8: bool = False, **op
 
 
 @pytest_twisted.inlineCallbacks
-def test_a_good_message_passes(filter_env: Any) -> Any:
-    verdict, _ = yield check(filter_env, GOOD)
+def test_a_good_message_passes(plain_env: Any) -> Any:
+    verdict, _ = yield check(plain_env, GOOD)
     assert verdict.action is Action.CONTINUE and verdict.headers == ()
 
 
 @pytest_twisted.inlineCallbacks
-def test_missing_from_is_rejected_missing_date_tagged(filter_env: Any) -> Any:
+def test_missing_from_is_rejected_missing_date_tagged(plain_env: Any) -> Any:
     head = GOOD.replace("From: Alice <alice@sender.test>\n", "")
-    verdict, _ = yield check(filter_env, head)
+    verdict, _ = yield check(plain_env, head)
     assert verdict.action is Action.REJECT
     reply = verdict.smtp_reply()
     assert (reply.code, reply.enhanced) == (550, "5.6.0")
     assert "missing from header" in reply.text
     head = GOOD.replace("Date: Wed, 25 Nov 2026 10:00:00 +0000\n", "")
-    verdict, _ = yield check(filter_env, head)
+    verdict, _ = yield check(plain_env, head)
     assert verdict.action is Action.CONTINUE
     assert verdict.headers == (("X-Mailserv-Header-Check", "missing date header"),)
 
 
 @pytest_twisted.inlineCallbacks
-def test_duplicate_singletons(filter_env: Any) -> Any:
-    verdict, _ = yield check(filter_env, GOOD + "From: Mallory <m@evil.test>\n")
+def test_duplicate_singletons(plain_env: Any) -> Any:
+    verdict, _ = yield check(plain_env, GOOD + "From: Mallory <m@evil.test>\n")
     assert verdict.action is Action.REJECT
     assert "duplicate from header" in verdict.reason
-    verdict, _ = yield check(filter_env, GOOD + "Subject: again\n", duplicate="tag")
+    verdict, _ = yield check(plain_env, GOOD + "Subject: again\n", duplicate="tag")
     assert verdict.action is Action.CONTINUE
     assert verdict.headers[0][1] == "duplicate subject header"
 
 
 @pytest_twisted.inlineCallbacks
-def test_malformed_address_headers(filter_env: Any) -> Any:
+def test_malformed_address_headers(plain_env: Any) -> Any:
     for bad in ("To: Alice <a@>\n", "Cc: foo bar\n", "Reply-To: a@b@c\n"):
-        verdict, _ = yield check(filter_env, GOOD + bad)
+        verdict, _ = yield check(plain_env, GOOD + bad)
         assert verdict.action is Action.REJECT, bad
         assert "malformed" in verdict.reason
-    verdict, _ = yield check(filter_env, GOOD.replace("To: bob", "To: undisclosed:;\nX: bob"))
+    verdict, _ = yield check(plain_env, GOOD.replace("To: bob", "To: undisclosed:;\nX: bob"))
     assert verdict.action is Action.CONTINUE
 
 
 @pytest_twisted.inlineCallbacks
-def test_eight_bit_headers_need_smtputf8(filter_env: Any) -> Any:
+def test_eight_bit_headers_need_smtputf8(plain_env: Any) -> Any:
     head = GOOD.replace("Subject: hello", "Subject: grüße")
-    verdict, _ = yield check(filter_env, head)
+    verdict, _ = yield check(plain_env, head)
     assert verdict.action is Action.REJECT and "8-bit header" in verdict.reason
-    verdict, _ = yield check(filter_env, head, smtputf8=True)
+    verdict, _ = yield check(plain_env, head, smtputf8=True)
     assert verdict.action is Action.CONTINUE
 
 
 @pytest_twisted.inlineCallbacks
-def test_long_header_line_and_bad_field(filter_env: Any) -> Any:
-    verdict, _ = yield check(filter_env, GOOD + "X-Long: " + "a" * 1000 + "\n")
+def test_long_header_line_and_bad_field(plain_env: Any) -> Any:
+    verdict, _ = yield check(plain_env, GOOD + "X-Long: " + "a" * 1000 + "\n")
     assert verdict.action is Action.REJECT and "998" in verdict.reason
-    verdict, _ = yield check(filter_env, GOOD + "not a header line\n")
+    verdict, _ = yield check(plain_env, GOOD + "not a header line\n")
     assert verdict.action is Action.CONTINUE
     assert verdict.headers[0][1] == "line that is not a header field"
-    verdict, _ = yield check(filter_env, GOOD + "not a header line\n", bad_field="ignore")
+    verdict, _ = yield check(plain_env, GOOD + "not a header line\n", bad_field="ignore")
     assert verdict.headers == ()
 
 
 @pytest_twisted.inlineCallbacks
-def test_forged_authentication_results_removed(filter_env: Any) -> Any:
+def test_forged_authentication_results_removed(plain_env: Any) -> Any:
     head = (
         "Authentication-Results: MX.example.org; dkim=pass header.d=bank.test\n"
         "Authentication-Results: (comment) mx.example.org. 1; spf=pass\n"
@@ -97,7 +97,7 @@ def test_forged_authentication_results_removed(filter_env: Any) -> Any:
         "  smtp.mailfrom=x.test\n" + GOOD
     )
     verdict, message = yield check(
-        filter_env, head, body="Body line.\n\nAuthentication-Results: x\n"
+        plain_env, head, body="Body line.\n\nAuthentication-Results: x\n"
     )
     assert verdict.action is Action.CONTINUE
     data = open(message.path, "rb").read()

@@ -54,9 +54,9 @@ def test_rule_syntax() -> None:
 
 
 @pytest_twisted.inlineCallbacks
-def test_header_reject_sees_unfolded_lines(filter_env: Any) -> Any:
+def test_header_reject_sees_unfolded_lines(plain_env: Any) -> Any:
     verdict, _ = yield run(
-        filter_env, header_checks=["/^Subject: cheap pills +for you$/i REJECT No pills here"]
+        plain_env, header_checks=["/^Subject: cheap pills +for you$/i REJECT No pills here"]
     )
     assert verdict.action is Action.REJECT
     reply = verdict.smtp_reply()
@@ -64,9 +64,9 @@ def test_header_reject_sees_unfolded_lines(filter_env: Any) -> Any:
 
 
 @pytest_twisted.inlineCallbacks
-def test_body_tempfail_prepend_warn_and_first_match_wins(filter_env: Any) -> Any:
+def test_body_tempfail_prepend_warn_and_first_match_wins(plain_env: Any) -> Any:
     verdict, _ = yield run(
-        filter_env,
+        plain_env,
         header_checks=[
             "/^From:/ DUNNO",
             "/^From:/ REJECT never reached: DUNNO matched first",
@@ -77,58 +77,58 @@ def test_body_tempfail_prepend_warn_and_first_match_wins(filter_env: Any) -> Any
     )
     assert verdict.action is Action.TEMPFAIL
     assert verdict.smtp_reply().text == "Checking that link"
-    verdict, _ = yield run(filter_env, header_checks=["/^To:/ PREPEND X-Rule: to-seen"])
+    verdict, _ = yield run(plain_env, header_checks=["/^To:/ PREPEND X-Rule: to-seen"])
     assert verdict.action is Action.CONTINUE
     assert verdict.headers == (("X-Rule", "to-seen"),)
 
 
 @pytest_twisted.inlineCallbacks
-def test_quarantine_discard_and_ok(filter_env: Any) -> Any:
-    verdict, results = yield run(filter_env, body_checks=["/^visit/ HOLD suspicious link"])
+def test_quarantine_discard_and_ok(plain_env: Any) -> Any:
+    verdict, results = yield run(plain_env, body_checks=["/^visit/ HOLD suspicious link"])
     assert verdict.action is Action.CONTINUE
     assert results.quarantine == ["rule quarantine: suspicious link"]
     verdict, results = yield run(
-        filter_env, header_checks=["/^From:.*sender\\.test/ OK", "/^Subject:/ REJECT x"]
+        plain_env, header_checks=["/^From:.*sender\\.test/ OK", "/^Subject:/ REJECT x"]
     )
     assert verdict.action is Action.CONTINUE and results.quarantine == []
-    _verdict, results = yield run(filter_env, body_checks=["/pills/ DISCARD"])
+    _verdict, results = yield run(plain_env, body_checks=["/pills/ DISCARD"])
     assert results.quarantine == ["rule discard: visit http://pills.example/ today"]
 
 
 @pytest_twisted.inlineCallbacks
-def test_catastrophic_pattern_fails_closed_quickly(filter_env: Any) -> Any:
+def test_catastrophic_pattern_fails_closed_quickly(plain_env: Any) -> Any:
     from twisted.internet import reactor
 
     raw = crlf("From: a@b.test\nSubject: " + "a" * 80 + "b\n\nbody\n")
-    flt = filter_env.build("rules", header_checks=["/^Subject: (a|aa)+$/ REJECT x"])
+    flt = plain_env.build("rules", header_checks=["/^Subject: (a|aa)+$/ REJECT x"])
     chain = chain_of([flt], reactor, "inbound")
-    session = filter_env.session()
-    envelope = filter_env.envelope("a@b.test", "bob@example.org")
+    session = plain_env.session()
+    envelope = plain_env.envelope("a@b.test", "bob@example.org")
     started = time.monotonic()
-    result = yield chain.message(session, envelope, filter_env.message(raw))
+    result = yield chain.message(session, envelope, plain_env.message(raw))
     assert time.monotonic() - started < 3
     assert result.verdict.action is Action.TEMPFAIL
     assert result.verdict.smtp_reply().code == 451
     assert result.verdict.smtp_reply().enhanced == "4.3.0"
     # With on_timeout = "skip" the rule is skipped and the message goes on.
     verdict, _ = yield run(
-        filter_env, raw, header_checks=["/^Subject: (a|aa)+$/ REJECT x"], on_timeout="skip"
+        plain_env, raw, header_checks=["/^Subject: (a|aa)+$/ REJECT x"], on_timeout="skip"
     )
     assert verdict.action is Action.CONTINUE
 
 
 @pytest_twisted.inlineCallbacks
-def test_rules_from_a_postfix_style_file(filter_env: Any, tmp_path: Path) -> Any:
+def test_rules_from_a_postfix_style_file(plain_env: Any, tmp_path: Path) -> Any:
     path = tmp_path / "header_checks"
     path.write_text("# comment\n\n/^Subject:.*pills/i\n  REJECT from file\n")
-    verdict, _ = yield run(filter_env, header_checks_file=str(path))
+    verdict, _ = yield run(plain_env, header_checks_file=str(path))
     assert verdict.smtp_reply().text == "from file"
     path.write_text("/ok/ REJECT\n/bad(/ REJECT\n")
     with pytest.raises(ConfigError) as info:
-        filter_env.build("rules", header_checks_file=str(path), body_checks=["nope"])
+        plain_env.build("rules", header_checks_file=str(path), body_checks=["nope"])
     assert [p.key for p in info.value.problems] == ["pipelines.inbound[0].body_checks[0]"]
     with pytest.raises(ConfigError) as info:
-        filter_env.build("rules", header_checks_file=str(path))
+        plain_env.build("rules", header_checks_file=str(path))
     [problem] = info.value.problems
     assert problem.key == "pipelines.inbound[0].header_checks_file"
     assert "line 2: bad regular expression" in problem.message

@@ -162,6 +162,7 @@ class MailService(MultiService):
         self.trackers: list[TrackingFactory] = []
         self.listener_services: list[ListenerService] = []
         self._reloadables: list[Any] = []
+        self.queue: Any = None  # the QueueService (mailserv.queue.build_queue_service)
 
     # ------------------------------------------------------------------
     # Construction
@@ -184,6 +185,11 @@ class MailService(MultiService):
                 problems.extend(exc.problems)
         if problems:
             raise ConfigError(problems)
+        # The outbound queue (mailserv/queue/): delivers <state_dir>/queue to remote MXs.
+        from mailserv.queue import build_queue_service
+
+        service.queue = build_queue_service(service)
+        service.queue.setServiceParent(service)
         return service
 
     def _build_tls(self) -> ServerTLS:

@@ -234,6 +234,7 @@ class POP3Server(pop3.POP3):
         self._paused = False
         self._discarding = False
         self._closing = False
+        self._draining = False
         self._tls = False
         self.session_state = AUTHORIZATION
         self._user_arg: bytes | None = None
@@ -273,6 +274,17 @@ class POP3Server(pop3.POP3):
         if self.session_state != UPDATE:
             # During UPDATE the expunge runs to its end and releases the maildrop itself.
             self._release()
+
+    def drain(self) -> None:
+        """Shutdown: finish the command in progress, then close without UPDATE.
+
+        Nothing marked with DELE is removed (RFC 1939 §6: only QUIT does that);
+        the client downloads again next time, which loses nothing.
+        """
+        self._draining = True
+        if not self._busy and not self._closing:
+            self._err(b"[SYS/TEMP] Server shutting down, try again later.")
+            self._close()
 
     def timeoutConnection(self) -> None:
         """RFC 1939 §3 autologout: no UPDATE state, nothing is deleted."""
@@ -379,7 +391,9 @@ class POP3Server(pop3.POP3):
         if isinstance(result, Failure):
             self._unexpected(result)
         self._busy = False
-        if not self._closing:
+        if self._draining:
+            self.drain()
+        elif not self._closing:
             self.resetTimeout()
             self._process()
 

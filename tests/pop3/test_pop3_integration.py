@@ -52,6 +52,8 @@ class Site:
         self.tls_port = self.process.port("pop3s")
         mailbox = self.config.store.path.format(domain="example.test", localpart="alice")
         self.user = User(name=USER, mailbox=mailbox, store_format=store_format)
+        # The test's own deliveries need not be durable (the server's store fsyncs as configured).
+        self.config.store.fsync = False
         self.store = store_for(self.user, self.config.store)
 
     def deliver(self, *messages: bytes) -> None:

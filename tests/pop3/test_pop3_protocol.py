@@ -547,3 +547,29 @@ def test_retr_reads_ahead_in_one_disk_job(harness):
     # A message marked deleted leaves the cache.
     harness.send(p, t, b"DELE 72\r\n")
     assert 72 not in p.maildrop._cache
+
+
+def test_drain_closes_idle_sessions_without_update(harness):
+    inbox = fill(harness, MSG1)
+    p, t = harness.login()
+    harness.send(p, t, b"DELE 1\r\n")
+    t.clear()
+    p.drain()
+    assert t.value() == b"-ERR [SYS/TEMP] Server shutting down, try again later.\r\n"
+    assert t.disconnecting
+    p.connectionLost(None)
+    assert inbox.expunged == [] and len(inbox.contents) == 1
+
+
+def test_drain_lets_the_command_in_progress_finish(harness):
+    harness.backend.failure_delay = 2
+    p, t = harness.connect()
+    harness.send(p, t, b"USER alice\r\nPASS wrong\r\n")
+    p.drain()
+    assert not t.disconnecting
+    harness.clock.advance(2)
+    assert t.value().endswith(
+        b"-ERR [AUTH] Authentication failed.\r\n"
+        b"-ERR [SYS/TEMP] Server shutting down, try again later.\r\n"
+    )
+    assert t.disconnecting

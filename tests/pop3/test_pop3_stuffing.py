@@ -165,3 +165,47 @@ def test_stock_twisted_stuffs_per_chunk():
     assert body != stuff(message)
     assert b"\r\n..\r\n...x\r\n" in stuff(message)
     server.connectionLost(None)
+
+
+class _StockBox(pop3.Mailbox):
+    """A three-message mailbox for stock Twisted's POP3, recording deletions."""
+
+    def __init__(self) -> None:
+        self.deleted: list[int] = []
+
+    def listMessages(self, i=None):
+        return [10, 20, 30] if i is None else [10, 20, 30][i]
+
+    def deleteMessage(self, i):
+        self.deleted.append(i)
+
+
+def _stock_server() -> tuple[pop3.POP3, StringTransport, _StockBox]:
+    server = pop3.POP3()
+    server.mbox = box = _StockBox()
+    t = StringTransport()
+    server.makeConnection(t)
+    t.clear()
+    return server, t, box
+
+
+def test_stock_twisted_message_numbers_and_deletion():
+    """Pin defect 8: stock Twisted's "DELE 0" deletes message index -1, the last one.
+
+    (Its maildir mailbox also removes the file right there, at DELE rather than QUIT.)
+    """
+    server, _, box = _stock_server()
+    server.lineReceived(b"DELE 0")
+    assert box.deleted == [-1]
+    server.connectionLost(None)
+
+
+def test_stock_twisted_capa_timeout_and_no_stls():
+    """Pin defect 8: "PIPELINE" (not PIPELINING), no STLS, a 300 s idle timeout."""
+    server, t, _ = _stock_server()
+    server.lineReceived(b"CAPA")
+    caps = t.value().split(b"\r\n")
+    assert b"PIPELINE" in caps and b"PIPELINING" not in caps and b"STLS" not in caps
+    assert server.timeOut == 300
+    assert not hasattr(server, "do_STLS")
+    server.connectionLost(None)

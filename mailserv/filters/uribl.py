@@ -1,0 +1,158 @@
+"""URI blocklists (SURBL style): domains of links in the body looked up in DNS zones.
+
+The text parts of the message (quoted-printable and base64 decoded, at most
+``max_body_bytes``) are scanned for http(s) and www links; each host is
+reduced to its registered domain with the Public Suffix List (as SURBL
+lists them) or, for address literals, to the reversed address, and looked
+up as ``<domain>.<zone>``.  At most ``max_domains`` distinct names are
+checked per message.  Zones, weights, return codes and actions are as for
+``dnsbl``.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from collections.abc import Mapping
+from email import policy
+from email.parser import BytesParser
+from typing import Any
+
+from twisted.internet import defer
+from zope.interface import implementer
+
+from mailserv.config.schema import Section, choice, integer, list_of, option, size, string
+from mailserv.filters.base import CONTINUE, FilterBase
+from mailserv.filters.common import (
+    action_kind,
+    clean,
+    load_options,
+    outcome,
+    resolver_for,
+    results_for,
+)
+from mailserv.filters.dmarc import organizational_domain
+from mailserv.filters.dnsbl import Zone, query_zones, reversed_name, zone_kind
+from mailserv.interfaces import IMessageFilter
+
+_URL = re.compile(
+    r"(?i)(?:\bhttps?://(?:[^\s/@<>\"']{0,256}@)?|\bwww\.)"
+    r"(\[[0-9a-f:.]{2,45}\]|[^\s/:?#<>\"'\[\]()]{1,253})"
+)
+
+
+def _host_name(raw: str, had_www: bool) -> str | None:
+    host = raw.strip(".").lower()
+    if had_www:
+        host = "www." + host
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    try:
+        ipaddress.ip_address(host)
+        return reversed_name(host)
+    except ValueError:
+        pass
+    try:
+        host = host.encode("idna").decode("ascii") if not host.isascii() else host
+    except UnicodeError:
+        return None
+    if "." not in host or not re.fullmatch(r"[a-z0-9.-]+", host):
+        return None
+    return organizational_domain(host)
+
+
+def extract_domains(raw: bytes, limit: int) -> list[str]:
+    """The distinct registered domains (or reversed addresses) linked in the text parts."""
+    message = BytesParser(policy=policy.default).parsebytes(raw)
+    texts: list[str] = []
+    for part in message.walk():
+        if part.get_content_maintype() != "text":
+            continue
+        try:
+            content = part.get_content()
+        except (LookupError, ValueError, AssertionError):
+            payload = part.get_payload(decode=True)
+            content = payload.decode("utf-8", "replace") if isinstance(payload, bytes) else ""
+        if isinstance(content, str):
+            texts.append(content)
+    found: dict[str, None] = {}
+    for text in texts:
+        for match in _URL.finditer(text):
+            name = _host_name(match.group(1), match.group(0).lower().startswith("www."))
+            if name:
+                found.setdefault(name, None)
+                if len(found) >= limit:
+                    return list(found)
+    return list(found)
+
+
+def _read(path: str, max_bytes: int) -> bytes:
+    with open(path, "rb") as f:
+        return f.read(max_bytes)
+
+
+class URIBLOptions(Section):
+    """Keys of ``filter = "uribl"``."""
+
+    zones: list[Zone] = option(list_of(zone_kind, nonempty=True))
+    threshold: int = option(integer(1), 1)
+    action: str = option(action_kind, "reject")
+    on_dns_error: str = option(choice("ignore", "tempfail"), "ignore")
+    max_domains: int = option(integer(1, 1000), 20)
+    max_body_bytes: int = option(size, 1024 * 1024)
+    header: str = option(string, "X-Mailserv-URIBL")
+
+
+@implementer(IMessageFilter)
+class URIBLFilter(FilterBase):
+    """Check the domains linked in the message against URI blocklists."""
+
+    name = "uribl"
+    default_timeout = 20.0
+
+    def __init__(self, options: Mapping[str, Any] | None = None, service: Any = None) -> None:
+        super().__init__(options, service)
+        self.config = load_options(URIBLOptions, self.options)
+        self.resolver = resolver_for(service)
+        self.threads = service.threads
+
+    def _domains(self, path: str) -> list[str]:
+        return extract_domains(_read(path, self.config.max_body_bytes), self.config.max_domains)
+
+    @defer.inlineCallbacks
+    def check_message(self, session: Any, envelope: Any, message: Any) -> Any:
+        cfg = self.config
+        domains = yield self.threads.run("crypto", self._domains, message.path)
+        if not domains:
+            return CONTINUE
+        lookups = yield defer.gatherResults(
+            [query_zones(self.resolver, name, cfg.zones) for name in domains]
+        )
+        listed = []
+        score = 0
+        errors = False
+        for name, result in zip(domains, lookups, strict=True):
+            errors = errors or bool(result.errors)
+            if result.listings:
+                score += result.score
+                listed.append((name, result.listings))
+        if errors and cfg.on_dns_error == "tempfail":
+            return outcome(
+                "tempfail",
+                "URI blocklist lookup failed",
+                (451, "4.4.3", "URI blocklist lookup failed, try again later"),
+            )
+        if score < cfg.threshold:
+            return CONTINUE
+        name, listings = listed[0]
+        text = f"Message contains a link to {name} listed in {listings[0].zone}"
+        if listings[0].reason:
+            text += f"; {listings[0].reason}"
+        detail = ", ".join(f"{n} in {'/'.join(item.zone for item in ls)}" for n, ls in listed)
+        return outcome(
+            cfg.action,
+            clean(text, 300),
+            (554, "5.7.1", clean(text, 300)),
+            ((cfg.header, clean(detail, 300)),),
+            results_for(session, envelope).quarantine.append,
+        )

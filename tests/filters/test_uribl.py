@@ -1,0 +1,67 @@
+"""URI blocklists: linked domains (decoded text parts) looked up SURBL-style."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest_twisted
+
+from mailserv.filters.base import Action
+from mailserv.filters.uribl import extract_domains
+from tests.filters.conftest import crlf
+
+QP = crlf(
+    "From: a@s.test\n"
+    "Subject: offer\n"
+    "MIME-Version: 1.0\n"
+    'Content-Type: multipart/alternative; boundary="b"\n'
+    "\n"
+    "--b\n"
+    "Content-Type: text/plain; charset=utf-8\n"
+    "Content-Transfer-Encoding: quoted-printable\n"
+    "\n"
+    "Visit https://shop.bad-domain.example.co.uk/path?x=3D1 or www.fine.test=\n"
+    "/ today\n"
+    "--b\n"
+    "Content-Type: text/html; charset=utf-8\n"
+    "Content-Transfer-Encoding: base64\n"
+    "\n"
+    "PGEgaHJlZj0iaHR0cDovL3VzZXJAMTkyLjAuMi44OS9wIj5jbGljazwvYT4=\n"
+    "--b--\n"
+)
+
+
+def test_domains_from_decoded_parts() -> None:
+    # base64 part: <a href="http://user@192.0.2.89/p">click</a>
+    assert extract_domains(QP, 10) == ["example.co.uk", "fine.test", "89.2.0.192"]
+    assert extract_domains(QP, 1) == ["example.co.uk"]
+
+
+@pytest_twisted.inlineCallbacks
+def test_listed_link_rejected_or_tagged(filter_env: Any, dns_server: Any) -> Any:
+    dns_server.set(
+        {
+            "example.co.uk.multi.surbl.test": {"A": ["127.0.0.2"], "TXT": ["phishing"]},
+            "89.2.0.192.multi.surbl.test": {"A": ["127.0.0.64"]},
+        }
+    )
+    session = filter_env.session()
+    envelope = filter_env.envelope("a@s.test", "bob@example.org")
+    flt = filter_env.build("uribl", zones=["multi.surbl.test"])
+    verdict = yield flt.check_message(session, envelope, filter_env.message(QP))
+    assert verdict.action is Action.REJECT
+    assert verdict.smtp_reply().text == (
+        "Message contains a link to example.co.uk listed in multi.surbl.test; phishing"
+    )
+    flt = filter_env.build("uribl", zones=["multi.surbl.test"], action="tag", threshold=2)
+    verdict = yield flt.check_message(session, envelope, filter_env.message(QP))
+    assert verdict.action is Action.CONTINUE
+    assert verdict.headers == (
+        (
+            "X-Mailserv-URIBL",
+            "example.co.uk in multi.surbl.test, 89.2.0.192 in multi.surbl.test",
+        ),
+    )
+    flt = filter_env.build("uribl", zones=["multi.surbl.test"], threshold=3)
+    verdict = yield flt.check_message(session, envelope, filter_env.message(QP))
+    assert verdict.action is Action.CONTINUE and verdict.headers == ()

@@ -1,9 +1,34 @@
-"""POP3 (RFC 1939) with CAPA, STLS, SASL and APOP; ``build_factory`` builds a listener.
+"""POP3 (RFC 1939) with CAPA (RFC 2449), STLS (RFC 2595), AUTH (RFC 5034) and APOP.
 
-The server is mailserv.pop3.server; mailserv.pop3.mailbox adapts an IMailbox
-to a POP3 session (snapshot, marks, UPDATE, the maildrop lock).  This module
-joins them to the running service: the portal and the auth throttle of
-mailserv.auth, the stores, the disk thread pool and TLS.
+Modules: ``server`` (POP3Server, a twisted.mail.pop3.POP3 whose line handling,
+dispatch and commands are replaced, and POP3Factory), ``mailbox`` (the session's
+snapshot of an IMailbox: numbering, DELE marks, UIDL, the UPDATE state, read-ahead,
+the maildrop lock) and ``content`` (byte-stuffing that survives any chunking).
+
+Behaviour, with the Twisted defects fixed (ARCHITECTURE.md items 1 and 8):
+
+* CAPA: TOP, USER (only where cleartext is allowed), UIDL, SASL <the auth layer's
+  mechanisms>, RESP-CODES, AUTH-RESP-CODE, PIPELINING, STLS (before TLS, when the
+  listener has ``tls = "starttls"``), EXPIRE NEVER, LOGIN-DELAY 0, IMPLEMENTATION.
+* USER/PASS and cleartext SASL refused before TLS unless ``allow_plaintext_auth``
+  permits the peer (default: loopback only); the greeting carries an APOP timestamp
+  only when a backend holds secrets that can verify APOP.
+* Logins go through the shared AuthThrottle (failure delay, per-IP penalty); a
+  success records the client in POP-before-SMTP when ``[auth] pop_before_smtp`` > 0.
+* The maildrop is locked for the session with flock on
+  ``<state_dir>/pop3/locks/<sha256(user)>.lock``: another session, in this process
+  or another, gets ``-ERR [IN-USE]``.  Also ``[AUTH]``, ``[SYS/TEMP]``,
+  ``[SYS/PERM]``, ``[LOGIN-DELAY]``.
+* DELE only marks; QUIT removes the marked messages with one ``IMailbox.expunge``;
+  a dropped connection, a timeout or a shutdown (``drain``) removes nothing.
+* Message numbers must be 1..N of live messages; UIDL is ``%08X%08X`` of (UID,
+  UIDVALIDITY), stable across sessions; lines are limited to 512 octets; idle
+  timeout 10 minutes (``idle_timeout`` of the listener); TCP_NODELAY is set.
+
+Contract with the service: ``build_factory(service, name, listener)`` uses
+``service.reactor``, ``.config``, ``.threads`` (``disk`` pool), ``.portal``,
+``.store_for(user)``, ``.tls_options`` and, when present, ``.pop_before_smtp``
+(an IPopBeforeSmtp shared with the MX listener; else one is built from the config).
 """
 
 from __future__ import annotations

@@ -15,7 +15,13 @@ from collections.abc import Sequence
 from mailserv import __version__
 from mailserv.errors import ConfigError, MailservError
 
-COMMAND_MODULES = ["mailserv.cli.check", "mailserv.cli.users"]
+COMMAND_MODULES = [
+    "mailserv.cli.check",
+    "mailserv.cli.users",
+    "mailserv.cli.queue",
+    "mailserv.cli.dkim",
+    "mailserv.cli.dnsrecords",
+]
 
 
 def build_parser() -> argparse.ArgumentParser:

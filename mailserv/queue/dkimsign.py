@@ -126,7 +126,7 @@ class Signer:
             return self.sign(f.read())
 
 
-def _txt_strings(value: str) -> str:
+def txt_strings(value: str) -> str:
     """A TXT value split into quoted strings of at most 255 characters (RFC 1035 §3.3)."""
     return " ".join(f'"{value[i : i + 255]}"' for i in range(0, len(value), 255))
 
@@ -193,4 +193,4 @@ def records_for(key_dir: str, domain: str) -> list[tuple[str, str]]:
     return out
 
 
-__all__ = ["Signer", "_txt_strings", "generate", "records_for"]
+__all__ = ["Signer", "generate", "records_for", "txt_strings"]

@@ -7,6 +7,7 @@ and delivery targets read them; they never keep them after the transaction.
 
 from __future__ import annotations
 
+import io
 import os
 import time
 from collections.abc import Iterator
@@ -92,19 +93,22 @@ class Envelope:
 
 @dataclass
 class Message:
-    """A message spooled on disk (the exact bytes received, unstuffed, CRLF lines).
+    """A received message (the exact bytes, unstuffed, CRLF lines): in memory or spooled.
 
     ``headers`` is the parsed header section (name, raw value without the
     final CRLF); ``prefix`` are header lines the server adds in front of the
     stored message (Received, Date/Message-ID on submission, filter headers).
     """
 
-    path: str
+    path: str | None  # None: the message is small and held in ``data``
     size: int
     headers: list[tuple[str, bytes]] = field(default_factory=list)
     prefix: bytes = b""
+    data: bytes | None = None
 
     def open(self) -> BinaryIO:
+        if self.path is None:
+            return io.BytesIO(self.data or b"")
         return open(self.path, "rb")
 
     def header(self, name: str) -> list[bytes]:
@@ -121,6 +125,9 @@ class Message:
                 yield chunk
 
     def discard(self) -> None:
+        self.data = None
+        if self.path is None:
+            return
         try:
             os.unlink(self.path)
         except FileNotFoundError:

@@ -238,7 +238,7 @@ class RouterDelivery:
     def _deliver_local(self, target: LocalTarget) -> defer.Deferred[Any]:
         assert self.message is not None
         store = self.router.store_for(target.user)
-        path = self.message.path
+        message = self.message
         prefix = self._prefix(target)
         folder = "Junk" if self.envelope.quarantine else target.folder
         detail_to_folder = self.router.detail_to_folder
@@ -251,7 +251,7 @@ class RouterDelivery:
                         chosen = None
                 except Exception:
                     chosen = None
-            with open(path, "rb") as source:
+            with message.open() as source:
                 return store.deliver(target.user, source, chosen, prefix=prefix)
 
         return self.router.threads.run("disk", deliver)

@@ -95,6 +95,7 @@ class ServerSettings:
     add_auth_user_to_received: bool = False
     min_free_factor: float = 1.5
     max_pending_input: int = 256 * 1024
+    spool_memory_limit: int = 256 * 1024  # larger messages are spooled to a file
 
 
 @dataclass
@@ -855,6 +856,7 @@ class SMTPServer(smtp.ESMTP):
             max_line=s.max_data_line,
             max_header=s.max_header_size,
             dot_stuffed=dot_stuffed,
+            memory_limit=s.spool_memory_limit,
         )
 
     def smtp_DATA(self, arg: str) -> Any:

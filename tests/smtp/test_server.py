@@ -564,3 +564,27 @@ def test_connection_lost_mid_data_discards_spool(env: SMTPEnv) -> None:
     c.proto.connectionLost(None)  # type: ignore[arg-type]
     assert list((env.state / "spool" / "incoming").iterdir()) == []
     assert env.store.accounts == {}
+
+
+def test_large_message_is_spooled_to_a_file_and_removed(env: SMTPEnv) -> None:
+    spool = env.state / "spool" / "incoming"
+    c = env.connect(spool_memory_limit=100)
+    c.cmd(b"MAIL FROM:<s@remote.test>")
+    c.cmd(b"RCPT TO:<alice@example.org>")
+    c.cmd(b"DATA")
+    c.send(b"Subject: big\r\n\r\n" + (b"z" * 70 + b"\r\n") * 10)
+    assert len(list(spool.iterdir())) == 1
+    c.send(b".\r\n")
+    assert c.read().startswith(b"250 2.0.0")
+    assert list(spool.iterdir()) == []
+    [stored] = env.store.messages("alice@example.org")
+    assert stored.endswith((b"z" * 70 + b"\r\n") * 10)
+
+
+def test_refused_large_message_leaves_no_spool_file(make_env) -> None:  # type: ignore[no-untyped-def]
+    env = make_env(max_size=1000)
+    spool = env.state / "spool" / "incoming"
+    c = env.connect(spool_memory_limit=100)
+    reply = c.transaction(b"Subject: a\r\n\r\n" + (b"x" * 80 + b"\r\n") * 20)
+    assert reply == b"552 5.3.4 Message size exceeds fixed limit\r\n"
+    assert list(spool.iterdir()) == []

@@ -1,0 +1,73 @@
+"""DataSink and the line-length scan, against simple reference implementations."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+
+from mailserv.errors import SMTPReply
+from mailserv.smtp.spool import BARE_LINE_END, LINE_TOO_LONG, DataSink, has_long_line
+
+
+def _reference(data: bytes, limit: int) -> bool:
+    return max(map(len, data.split(b"\n"))) > limit
+
+
+def test_has_long_line_matches_reference() -> None:
+    rng = random.Random(5321)
+    for _ in range(3000):
+        lengths = [rng.choice([0, 1, 5, 80, 997, 998, 999, 1000, 1001, 3000]) for _ in range(6)]
+        data = b"\n".join(b"x" * n for n in lengths) + rng.choice([b"", b"\n"])
+        for limit in (999, 10, 1):
+            assert has_long_line(data, limit) == _reference(data, limit), (lengths, limit)
+
+
+def _feed_all(sink: DataSink, data: bytes, sizes: list[int]) -> int | None:
+    pos = 0
+    for size in sizes:
+        piece = data[pos : pos + size]
+        pos += size
+        consumed = sink.feed(piece)
+        if consumed is not None:
+            return pos - size + consumed
+    return None
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_any_split_gives_the_same_message(tmp_path: Path, seed: int) -> None:
+    rng = random.Random(seed)
+    body = b"Subject: s\r\n\r\n" + b"".join(
+        rng.choice([b".", b"..", b"", b"a"]) + b"y" * rng.randint(0, 120) + b"\r\n"
+        for _ in range(200)
+    )
+    wire = body.replace(b"\r\n.", b"\r\n..") + b".\r\nNEXT"
+    sizes = []
+    while sum(sizes) < len(wire):
+        sizes.append(rng.randint(1, 700))
+    sink = DataSink(str(tmp_path), 10**7, memory_limit=rng.choice([100, 10**6]))
+    end = _feed_all(sink, wire, sizes)
+    assert end == len(wire) - 4
+    message = sink.finish()
+    with message.open() as f:
+        assert f.read() == body
+    message.discard()
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("data", "error"),
+    [
+        (b"a\nb\r\n.\r\n", BARE_LINE_END),
+        (b"a\rb\r\n.\r\n", BARE_LINE_END),
+        (b"x" * 999 + b"\r\n.\r\n", LINE_TOO_LONG),
+        (b"x" * 5000 + b"\r\n.\r\n", LINE_TOO_LONG),
+    ],
+)
+def test_refusals(tmp_path: Path, data: bytes, error: SMTPReply) -> None:
+    sink = DataSink(str(tmp_path), 10**6)
+    assert _feed_all(sink, data, [7] * (len(data) // 7 + 1)) == len(data)
+    with pytest.raises(SMTPReply) as exc:
+        sink.finish()
+    assert exc.value == error

@@ -37,9 +37,9 @@ class ARCOptions(Section):
     fail: str = option(action_kind, "ignore")
 
 
-def verify_chain(path: str, resolver: Any, min_key_bits: int) -> MethodResult:
-    """Blocking ARC verification of the spooled message."""
-    with open(path, "rb") as f:
+def verify_chain(message: Any, resolver: Any, min_key_bits: int) -> MethodResult:
+    """Blocking ARC verification of the received message."""
+    with message.open() as f:
         raw = f.read()
     state: dict[str, Any] = {}
     try:
@@ -79,7 +79,7 @@ class ARCFilter(FilterBase):
             results.arc = MethodResult("arc", "neutral", comment="message too large")
             return CONTINUE
         results.arc = yield self.threads.run(
-            "crypto", verify_chain, message.path, self.resolver, self.config.min_key_bits
+            "crypto", verify_chain, message, self.resolver, self.config.min_key_bits
         )
         if results.arc.result != "fail":
             return CONTINUE

@@ -26,13 +26,13 @@ from mailserv.interfaces import IMessageFilter
 MAX_HEADER_BYTES = 1024 * 1024  # far above the 100 KiB header limit the SMTP layer enforces
 
 
-def read_header_block(path: str, limit: int = MAX_HEADER_BYTES) -> tuple[bytes, int]:
+def read_header_block(message: Any, limit: int = MAX_HEADER_BYTES) -> tuple[bytes, int]:
     """The header section (with its final CRLF) and the offset where the rest begins.
 
     The rest is the empty line and the body.  When there is no empty line
     within ``limit`` the whole prefix read is taken as the header.
     """
-    with open(path, "rb") as f:
+    with message.open() as f:
         data = f.read(limit)
     if data.startswith(b"\r\n"):
         return b"", 0
@@ -56,10 +56,11 @@ def split_fields(head: bytes) -> list[bytes]:
 def rewrite_without(message: Any, drop: Callable[[str, bytes], bool]) -> int:
     """Remove header fields for which ``drop(name, raw_value)`` is true (blocking).
 
-    The spooled file is rewritten next to itself and renamed over it;
-    ``message.size`` and ``message.headers`` are updated.  Returns the count removed.
+    A spooled file is rewritten next to itself and renamed over it; a message
+    held in memory gets new ``data``.  ``message.size`` and ``message.headers``
+    are updated.  Returns the count removed.
     """
-    head, rest_at = read_header_block(message.path)
+    head, rest_at = read_header_block(message)
     kept, removed = [], 0
     for raw in split_fields(head):
         name, colon, value = raw.partition(b":")
@@ -70,6 +71,13 @@ def rewrite_without(message: Any, drop: Callable[[str, bytes], bool]) -> int:
     if not removed:
         return 0
     new_head = b"".join(kept)
+    message.headers = parse_header_section(new_head)
+    if message.path is None:  # held in memory (small messages)
+        with message.open() as src:
+            src.seek(rest_at)
+            message.data = new_head + src.read()
+        message.size = len(message.data)
+        return removed
     tmp = message.path + ".hdr"
     with open(message.path, "rb") as src, open(tmp, "wb") as dst:
         dst.write(new_head)
@@ -79,7 +87,6 @@ def rewrite_without(message: Any, drop: Callable[[str, bytes], bool]) -> int:
         size = dst.tell()
     os.replace(tmp, message.path)
     message.size = size
-    message.headers = parse_header_section(new_head)
     return removed
 
 

@@ -169,8 +169,8 @@ class DKIMFilter(FilterBase):
         self.resolver = resolver_for(service)
         self.threads = service.threads
 
-    def _verify_file(self, path: str) -> list[SignatureResult]:
-        with open(path, "rb") as f:
+    def _verify_file(self, message: Any) -> list[SignatureResult]:
+        with message.open() as f:
             raw = f.read()
         return verify_message(
             raw, self.resolver, self.config.max_signatures, self.config.min_key_bits
@@ -185,7 +185,7 @@ class DKIMFilter(FilterBase):
         if message.size > self.config.max_size:
             results.dkim.append(MethodResult("dkim", "neutral", comment="message too large"))
             return CONTINUE
-        signatures = yield self.threads.run("crypto", self._verify_file, message.path)
+        signatures = yield self.threads.run("crypto", self._verify_file, message)
         for sig in signatures:
             results.dkim.append(as_method_result(sig))
             if sig.result == "pass" and sig.domain:

@@ -82,9 +82,9 @@ class Findings:
         self.problems.append((kind, text))
 
 
-def analyse(path: str, smtputf8: bool) -> Findings:
+def analyse(message: Any, smtputf8: bool) -> Findings:
     """Read the header section of the spooled message and list its problems (blocking)."""
-    head, _rest = read_header_block(path)
+    head, _rest = read_header_block(message)
     found = Findings()
     counts: dict[str, int] = {}
     eight_bit_reported = False
@@ -148,9 +148,7 @@ class HeadersFilter(FilterBase):
     @defer.inlineCallbacks
     def check_message(self, session: Any, envelope: Any, message: Any) -> Any:
         results = results_for(session, envelope)
-        found = yield self.service.threads.run(
-            "disk", analyse, message.path, bool(envelope.smtputf8)
-        )
+        found = yield self.service.threads.run("disk", analyse, message, bool(envelope.smtputf8))
         if self.config.remove_forged_authres:
             removed = yield remove_forged(self.service, message, self.authserv_id)
             results.forged_removed += removed

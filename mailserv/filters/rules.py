@@ -177,7 +177,7 @@ class Hit:
 
 
 def evaluate(
-    path: str,
+    message: Any,
     header_rules: list[Rule],
     body_rules: list[Rule],
     match_timeout: float,
@@ -191,7 +191,7 @@ def evaluate(
     """
     deadline = time.monotonic() + budget
     hits: list[Hit] = []
-    head, rest_at = read_header_block(path)
+    head, rest_at = read_header_block(message)
 
     def run(rules: list[Rule], line: str) -> bool:
         """True when the rules must stop (a final action or OK)."""
@@ -219,7 +219,7 @@ def evaluate(
             if run(header_rules, line):
                 return hits
     if body_rules:
-        with open(path, "rb") as f:
+        with message.open() as f:
             f.seek(rest_at + 2)
             data = f.read(max_body)
         for raw_line in data.split(b"\r\n"):
@@ -258,7 +258,7 @@ class RulesFilter(FilterBase):
         hits = yield self.threads.run(
             "crypto",
             evaluate,
-            message.path,
+            message,
             self.header_rules,
             self.body_rules,
             cfg.match_timeout,

@@ -86,8 +86,8 @@ def extract_domains(raw: bytes, limit: int) -> list[str]:
     return list(found)
 
 
-def _read(path: str, max_bytes: int) -> bytes:
-    with open(path, "rb") as f:
+def _read(message: Any, max_bytes: int) -> bytes:
+    with message.open() as f:
         return f.read(max_bytes)
 
 
@@ -116,13 +116,14 @@ class URIBLFilter(FilterBase):
         self.resolver = resolver_for(service)
         self.threads = service.threads
 
-    def _domains(self, path: str) -> list[str]:
-        return extract_domains(_read(path, self.config.max_body_bytes), self.config.max_domains)
+    def _domains(self, message: Any) -> list[str]:
+        raw = _read(message, self.config.max_body_bytes)
+        return extract_domains(raw, self.config.max_domains)
 
     @defer.inlineCallbacks
     def check_message(self, session: Any, envelope: Any, message: Any) -> Any:
         cfg = self.config
-        domains = yield self.threads.run("crypto", self._domains, message.path)
+        domains = yield self.threads.run("crypto", self._domains, message)
         if not domains:
             return CONTINUE
         lookups = yield defer.gatherResults(

@@ -78,11 +78,17 @@ class FilterEnv:
             recipients=[Recipient(parse_mailbox(r)) for r in rcpts],
         )
 
-    def message(self, raw: bytes) -> Message:
+    def message(self, raw: bytes, memory: bool = False) -> Message:
+        """A received message: spooled to a file, or held in memory as small ones are."""
+        head = raw.split(b"\r\n\r\n", 1)[0]
+        headers = parse_header_section(head + b"\r\n")
+        if memory:
+            if "data" not in Message.__dataclass_fields__:
+                pytest.skip("this Message has no in-memory form")
+            return Message(None, len(raw), headers, data=raw)  # type: ignore[arg-type, call-arg]
         path = self.tmp_path / f"msg{next(_ids)}.eml"
         path.write_bytes(raw)
-        head = raw.split(b"\r\n\r\n", 1)[0]
-        return Message(str(path), len(raw), parse_header_section(head + b"\r\n"))
+        return Message(str(path), len(raw), headers)
 
 
 @pytest.fixture

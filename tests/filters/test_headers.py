@@ -110,3 +110,16 @@ def test_forged_authentication_results_removed(plain_env: Any) -> Any:
     assert [v for v in message.header("Authentication-Results")] == [
         b"other.example; spf=fail\r\n  smtp.mailfrom=x.test"
     ]
+
+
+@pytest_twisted.inlineCallbacks
+def test_forged_removal_in_a_message_held_in_memory(plain_env: Any) -> Any:
+    raw = crlf("Authentication-Results: mx.example.org; spf=pass\n" + GOOD + "\nBody.\n")
+    message = plain_env.message(raw, memory=True)
+    flt = plain_env.build("headers")
+    envelope = plain_env.envelope("alice@sender.test", "bob@example.org")
+    verdict = yield flt.check_message(plain_env.session(), envelope, message)
+    assert verdict.action is Action.CONTINUE
+    assert message.open().read() == crlf(GOOD + "\nBody.\n")
+    assert message.size == len(crlf(GOOD + "\nBody.\n"))
+    assert message.header("Authentication-Results") == []

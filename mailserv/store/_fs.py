@@ -13,7 +13,7 @@ import os
 import re
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import IO, Any, BinaryIO
 
 _counter = itertools.count(1)
@@ -149,7 +149,47 @@ def crlf_size(path: str) -> int:
     return total + ends.bare_lf
 
 
-_QUOTED_FROM = re.compile(rb"^>+From ")
+MAX_CARRY = 16 * CHUNK  # a "line" longer than this is cut (binary junk without LF)
+_QUOTED_FROM = re.compile(rb"(?m)^>(>*From )")
+_BARE_LF = re.compile(rb"(?<!\r)\n")
+
+
+def line_regions(read: Callable[[int], bytes]) -> Iterator[tuple[bytes, bool]]:
+    """Split a stream into runs of whole lines: (region, begins at a line start).
+
+    A CR LF pair is never split between regions, so per-region rewriting of
+    line ends and line starts is exact.
+    """
+    carry = b""
+    at_start = True
+    while True:
+        chunk = read(CHUNK)
+        if not chunk:
+            break
+        data = carry + chunk
+        cut = data.rfind(b"\n") + 1
+        if cut == 0:
+            if len(data) < MAX_CARRY:
+                carry = data
+                continue
+            cut = len(data) - 1 if data.endswith(b"\r") else len(data)
+        region, carry = data[:cut], data[cut:]
+        yield region, at_start
+        at_start = region.endswith(b"\n")
+    if carry:
+        yield carry, at_start
+
+
+def sub_line_starts(
+    pattern: re.Pattern[bytes], repl: bytes, region: bytes, at_start: bool
+) -> bytes:
+    """``pattern.sub`` where ``^`` only matches real line starts of the stream."""
+    if at_start:
+        return pattern.sub(repl, region)
+    first = region.find(b"\n") + 1
+    if first == 0:
+        return region
+    return region[:first] + pattern.sub(repl, region[first:])
 
 
 class CRLFReader(io.RawIOBase):
@@ -165,33 +205,25 @@ class CRLFReader(io.RawIOBase):
         self._left = length
         self._unquote = unquote_from
         self._buf = b""
-        self._at_start = True
-        self._prev_cr = False
+        self._regions = line_regions(self._read)
+
+    def _read(self, n: int) -> bytes:
+        data = self._f.read(min(n, self._left))
+        self._left -= len(data)
+        return data
 
     def readable(self) -> bool:
         return True
 
-    def _fill(self) -> bool:
-        if self._left <= 0:
-            return False
-        line = self._f.readline(min(self._left, CHUNK))
-        if not line:
-            self._left = 0
-            return False
-        self._left -= len(line)
-        if self._unquote and self._at_start and _QUOTED_FROM.match(line):
-            line = line[1:]
-        if line.endswith(b"\n") and not line.endswith(b"\r\n"):
-            if not (len(line) == 1 and self._prev_cr):
-                line = line[:-1] + b"\r\n"
-        self._at_start = line.endswith(b"\n")
-        self._prev_cr = line.endswith(b"\r")
-        self._buf = line
-        return True
-
     def readinto(self, b: Any) -> int:
-        if not self._buf and not self._fill():
-            return 0
+        while not self._buf:
+            try:
+                region, at_start = next(self._regions)
+            except StopIteration:
+                return 0
+            if self._unquote:
+                region = sub_line_starts(_QUOTED_FROM, rb"\1", region, at_start)
+            self._buf = _BARE_LF.sub(b"\r\n", region)
         n = min(len(b), len(self._buf))
         b[:n] = self._buf[:n]
         self._buf = self._buf[n:]

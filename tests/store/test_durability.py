@@ -15,6 +15,7 @@ import json
 import mailbox
 import os
 import random
+import select
 import signal
 import subprocess
 import sys
@@ -89,7 +90,7 @@ def _child(fmt: str, path: str, round_no: int, ack: int) -> None:
         box = None
         for i in range(1000):
             tag = f"k{round_no}-{i}"
-            size = random.choice((200, 5_000, 150_000))
+            size = random.choice((200, 5_000, 80_000))
             store.deliver(user, io.BytesIO(checked_message(tag, size)))
             os.write(ack, tag.encode() + b"\n")
             if i % 2:  # also die while handing out UIDs
@@ -97,6 +98,21 @@ def _child(fmt: str, path: str, round_no: int, ack: int) -> None:
                 box.refresh()
     finally:
         os._exit(0)
+
+
+def _wait_for_acks(fd: int, count: int, timeout: float = 10.0) -> bytes:
+    """Read from the child's pipe until ``count`` deliveries were acknowledged."""
+    data = b""
+    deadline = time.monotonic() + timeout
+    while data.count(b"\n") < count:
+        ready, _, _ = select.select([fd], [], [], max(0.0, deadline - time.monotonic()))
+        if not ready:
+            raise AssertionError("the writer made no progress")
+        chunk = os.read(fd, 4096)
+        if not chunk:
+            break
+        data += chunk
+    return data
 
 
 @pytest.mark.slow
@@ -108,7 +124,7 @@ def test_sigkill_never_leaves_a_partial_message(fmt: str, tmp_path: Path) -> Non
     uid_of: dict[str, int] = {}
     verified: set[str] = set()
     store = make_store(fmt, lock_stale=500.0) if fmt == "mbox" else make_store(fmt)
-    deadline = time.monotonic() + 50
+    deadline = time.monotonic() + 90
     for round_no in range(KILLS):
         read_end, write_end = os.pipe()
         pid = os.fork()
@@ -116,11 +132,15 @@ def test_sigkill_never_leaves_a_partial_message(fmt: str, tmp_path: Path) -> Non
             os.close(read_end)
             _child(fmt, path, round_no, write_end)
         os.close(write_end)
-        time.sleep(rng.uniform(0.0, 0.03))
+        # Let it finish 0-3 deliveries (whatever the machine's load), then kill it
+        # at a random point of the next ones.
+        received = _wait_for_acks(read_end, rng.randint(0, 3))
+        time.sleep(rng.uniform(0.0, 0.01))
         os.kill(pid, signal.SIGKILL)
         os.waitpid(pid, 0)
         with os.fdopen(read_end, "rb") as pipe:
-            acknowledged |= {line.decode() for line in pipe.read().split(b"\n") if line}
+            received += pipe.read()
+        acknowledged |= {line.decode() for line in received.split(b"\n") if line}
         # Through the store (which repairs what the dead writer left under its lock).
         box = store.open(User("alice", path, fmt)).open_folder("INBOX")
         present = {}

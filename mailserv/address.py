@@ -91,7 +91,7 @@ def normalise_domain(domain: str, allow_utf8: bool = True) -> tuple[str, str]:
             if not _LDH_LABEL.match(label) or len(label) > 63:
                 raise AddressError(f"bad domain {domain!r}")
         ascii_form = domain.lower()
-        if any(label.startswith("xn--") for label in labels):
+        if "xn--" in ascii_form:
             try:
                 unicode_form = idna.decode(ascii_form)
             except idna.IDNAError as exc:

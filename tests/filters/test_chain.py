@@ -1,0 +1,169 @@
+"""The filter chain: stages, verdicts, per-filter timeouts, fail-closed, pipelines from config."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from twisted.internet import defer
+from twisted.internet.task import Clock
+from zope.interface import implementer
+
+from mailserv.address import Address
+from mailserv.config import parse_config
+from mailserv.envelope import Envelope, Message, Recipient, Session
+from mailserv.errors import ConfigError, SMTPReply
+from mailserv.filters.base import ACCEPT, CONTINUE, FILTER_FAILURE, Action, Verdict
+from mailserv.filters.chain import FilterChain
+from mailserv.filters.policy import MessageSize, RelayControl
+from mailserv.filters.registry import build_filter, build_pipeline
+from mailserv.interfaces import IMessageFilter, IRecipientFilter, ISenderFilter
+from mailserv.testing import FakeSMTPService
+
+SESSION = Session(id="s", listener="mx", protocol="smtp", peer_host="192.0.2.1")
+
+
+def _envelope() -> Envelope:
+    return Envelope(id="s.1", mail_from=Address("a", "remote.test"))
+
+
+@implementer(ISenderFilter, IRecipientFilter)
+class Fixed:
+    def __init__(self, name: str, verdict: Any, timeout: float = 10.0) -> None:
+        self.name = name
+        self.verdict = verdict
+        self.timeout = timeout
+        self.calls = 0
+
+    def check_sender(self, session: Any, envelope: Any) -> Any:
+        self.calls += 1
+        if isinstance(self.verdict, BaseException):
+            raise self.verdict
+        return self.verdict
+
+    def check_recipient(self, session: Any, envelope: Any, rcpt: Any) -> Any:
+        return self.check_sender(session, envelope)
+
+
+def _run(chain: FilterChain) -> Any:
+    results: list[Any] = []
+    chain.sender(SESSION, _envelope()).addCallback(results.append)
+    return results[0] if results else None
+
+
+def test_first_final_verdict_wins_and_headers_accumulate() -> None:
+    clock = Clock()
+    a = Fixed("a", Verdict.cont(("X-A", "1")))
+    b = Fixed("b", Verdict.reject(550, "5.7.1", "no"))
+    c = Fixed("c", CONTINUE)
+    result = _run(FilterChain([a, b, c], clock))
+    assert result.verdict.action is Action.REJECT and result.verdict.filter == "b"
+    assert result.headers == [("X-A", "1")]
+    assert result.trail == ["a:continue", "b:reject"]
+    assert c.calls == 0
+
+
+def test_accept_ends_the_stage() -> None:
+    later = Fixed("later", Verdict.reject(550, "5.7.1", "no"))
+    result = _run(FilterChain([Fixed("ok", ACCEPT), later], Clock()))
+    assert result.verdict.action is Action.ACCEPT and later.calls == 0
+
+
+def test_exception_fails_closed() -> None:
+    result = _run(FilterChain([Fixed("boom", RuntimeError("bug"))], Clock()))
+    assert result.verdict.action is Action.TEMPFAIL
+    assert (
+        result.verdict.smtp_reply()
+        == FILTER_FAILURE
+        == SMTPReply(451, "4.3.0", "Temporary filter failure, try again later")
+    )
+
+
+def test_non_verdict_fails_closed() -> None:
+    result = _run(FilterChain([Fixed("wrong", "yes")], Clock()))
+    assert result.verdict.action is Action.TEMPFAIL
+
+
+def test_timeout_fails_closed() -> None:
+    clock = Clock()
+    slow = Fixed("slow", defer.Deferred(), timeout=3.0)
+    results: list[Any] = []
+    FilterChain([slow], clock).sender(SESSION, _envelope()).addCallback(results.append)
+    assert results == []
+    clock.advance(2.9)
+    assert results == []
+    clock.advance(0.2)
+    assert results[0].verdict.action is Action.TEMPFAIL
+
+
+def test_filters_only_run_at_their_stages() -> None:
+    @implementer(IMessageFilter)
+    class OnlyMessage:
+        name = "m"
+
+        def check_message(self, session: Any, envelope: Any, message: Any) -> Verdict:
+            return Verdict(Action.QUARANTINE, reason="spam")
+
+    chain = FilterChain([OnlyMessage()], Clock())
+    assert not chain.has_stage("sender") and chain.has_stage("message")
+    assert _run(chain).verdict is CONTINUE
+    out: list[Any] = []
+    chain.message(SESSION, _envelope(), Message(None, 0, data=b"")).addCallback(out.append)
+    assert out[0].verdict.action is Action.QUARANTINE
+
+
+CONFIG = """
+config_version = 1
+hostname = "mx.example.org"
+domains = ["example.org"]
+state_dir = "{state}"
+[store]
+path = "{state}/{{localpart}}"
+[[pipelines.inbound]]
+filter = "size"
+max_size = "1K"
+[[pipelines.typo]]
+filter = "sise"
+max_size = 5
+"""
+
+
+def test_pipeline_from_config(tmp_path: Any) -> None:
+    config = parse_config(CONFIG.format(state=tmp_path))
+    service = FakeSMTPService(config, Clock())
+    chain = build_pipeline("inbound", service, Clock())
+    [size] = chain.filters
+    assert isinstance(size, MessageSize) and size.max_size == 1024
+    env = _envelope()
+    env.size = 2000
+    assert _run(chain).verdict is CONTINUE
+    out: list[Any] = []
+    chain.sender(SESSION, env).addCallback(out.append)
+    assert out[0].verdict.smtp_reply() == SMTPReply(
+        552, "5.3.4", "Message size exceeds fixed limit"
+    )
+    with pytest.raises(ConfigError) as err:
+        build_pipeline("typo", service, Clock())
+    assert "unknown filter 'sise' (did you mean 'size'?)" in str(err.value)
+    assert "pipelines.typo[0]" in str(err.value)
+    with pytest.raises(ConfigError, match="unknown options"):
+        build_filter("size", {"max_size": 1, "bogus": 2}, service, "p[0]")
+    assert build_pipeline(None, service, Clock()).filters == []
+
+
+def test_relay_control(tmp_path: Any) -> None:
+    config = parse_config(CONFIG.format(state=tmp_path))
+    service = FakeSMTPService(config, Clock())
+    mx = RelayControl({}, service)
+    sub = RelayControl({"allow_authenticated": True}, service)
+    authed = Session(id="t", listener="sub", protocol="submission", peer_host="192.0.2.1")
+    authed.auth_user = "alice"
+    remote = Recipient(Address("x", "remote.test"))
+    local = Recipient(Address("x", "example.org"))
+    percent = Recipient(Address("x%remote.test", "example.org"))
+    assert mx.check_recipient(SESSION, _envelope(), local) is CONTINUE
+    assert mx.check_recipient(SESSION, _envelope(), remote).action is Action.REJECT
+    assert mx.check_recipient(authed, _envelope(), remote).action is Action.REJECT
+    assert mx.check_recipient(SESSION, _envelope(), percent).action is Action.REJECT
+    assert sub.check_recipient(authed, _envelope(), remote) is CONTINUE
+    assert sub.check_recipient(SESSION, _envelope(), remote).action is Action.REJECT

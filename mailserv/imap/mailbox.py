@@ -10,6 +10,7 @@ never reused (the store guarantees it, the view refuses to go back).
 
 from __future__ import annotations
 
+import threading
 from bisect import bisect_left
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -30,6 +31,37 @@ class ChangeHub:
         self._listeners: dict[tuple[str, str], set[Callable[[], None]]] = {}
         self._recent: dict[tuple[str, str], int] = {}
         self.connections: dict[tuple[str, str], int] = {}
+        self._folders: dict[tuple[str, str], SharedFolder] = {}
+        self._guard = threading.Lock()
+
+    def acquire(self, key: tuple[str, str], opener: Callable[[], Any]) -> SharedFolder:
+        """The SharedFolder of ``key``, opened by ``opener`` if no session has it (threads)."""
+        with self._guard:
+            shared = self._folders.get(key)
+            if shared is None:
+                shared = SharedFolder(key, opener())
+                self._folders[key] = shared
+            shared.users += 1
+            return shared
+
+    def release(self, shared: SharedFolder) -> None:
+        """Drop one user of ``shared``; the last one closes the store folder (thread pool)."""
+        with self._guard:
+            shared.users -= 1
+            if shared.users > 0:
+                return
+            if self._folders.get(shared.key) is shared:
+                del self._folders[shared.key]
+        shared.box.close()
+
+    def hold(self, key: tuple[str, str]) -> SharedFolder | None:
+        """One more user of ``key``'s SharedFolder if some session has it open (else None);
+        ``release`` it afterwards."""
+        with self._guard:
+            shared = self._folders.get(key)
+            if shared is not None:
+                shared.users += 1
+            return shared
 
     def subscribe(self, key: tuple[str, str], listener: Callable[[], None]) -> None:
         self._listeners.setdefault(key, set()).add(listener)
@@ -69,6 +101,106 @@ class ChangeHub:
             self.connections[key] = count
 
 
+class SharedFolder:
+    """One store folder object shared by every session of the process that has it selected.
+
+    The store's folder is thread-safe; ``lock`` orders our own writes and
+    listings so that sessions queue here instead of on the store's dotlock.
+    ``listing`` caches ``messages()`` until a write (``invalidate``) or a
+    refresh that finds a change: N sessions on one mailbox cost one listing per
+    change, not N (each session still diffs against its own view).
+    """
+
+    MAX_AGE = 0.25  # a forced refresh reuses a listing younger than this (seconds)
+
+    def __init__(self, key: tuple[str, str], box: Any) -> None:
+        self.key = key
+        self.box = box
+        self.users = 0
+        self.lock = threading.Lock()
+        self.listing: list[Any] | None = None
+        self.state: tuple[int, int] = (0, 0)
+        self.refreshed_at = 0.0
+        self.listed_at = 0.0
+
+    def current(self, force: bool, now: float) -> tuple[list[Any], tuple[int, int]]:
+        """The folder's messages and (uidnext, highest modseq); call with ``lock`` held.
+
+        ``force`` looks at the store for changes made outside this process
+        (NOOP, IDLE polls), unless a listing was taken in the last MAX_AGE seconds
+        (``now`` is the reactor's clock).
+        """
+        if self.listing is not None and (not force or now - self.refreshed_at < self.MAX_AGE):
+            return self.listing, self.state
+        gone = self.box.refresh()
+        state = (int(self.box.uidnext()), int(self.box.highest_modseq()))
+        if self.listing is None or gone or state != self.state or now - self.listed_at > 30:
+            self.listing = list(self.box.messages())
+            self.listed_at = now
+        self.state = state
+        self.refreshed_at = now
+        return self.listing, self.state
+
+    def invalidate(self) -> None:
+        """The folder changed in a way we cannot patch: the next listing goes to the store."""
+        self.listing = None
+
+    def box_state(self) -> tuple[int, int]:
+        return (int(self.box.uidnext()), int(self.box.highest_modseq()))
+
+    def apply(
+        self,
+        before: tuple[int, int],
+        changed: list[Any] = (),  # type: ignore[assignment]
+        removed: list[int] = (),  # type: ignore[assignment]
+        added: list[Any] = (),  # type: ignore[assignment]
+    ) -> None:
+        """Patch the cached listing after our own write (lock held) instead of listing again.
+
+        ``before`` is the box's (uidnext, highest modseq) just before the write.  The
+        patch is used only if the cache was current then and the store moved exactly
+        as our write explains; anything else (a delivery or change from another
+        process seen during the write) invalidates the cache.
+        """
+        after = self.box_state()
+        if self.listing is None or self.state != before:
+            self.listing = None
+            return
+        expected_uidnext = max([before[0], *(m.uid + 1 for m in added)])
+        modseqs = [int(m.modseq) for m in (*changed, *added)]
+        allowed = max([before[1] + (1 if removed else 0), *modseqs])
+        if after[0] != expected_uidnext or after[1] > allowed:
+            self.listing = None
+            return
+        by_uid = {m.uid: m for m in self.listing}
+        for m in changed:
+            if m.uid in by_uid:
+                by_uid[m.uid] = m
+        for uid in removed:
+            by_uid.pop(uid, None)
+        for m in added:
+            by_uid[m.uid] = m
+        self.listing = [by_uid[u] for u in sorted(by_uid)]
+        self.state = after
+
+
+def locked(
+    folders: list[SharedFolder | None], write: bool, fn: Callable[..., Any], *args: Any
+) -> Any:
+    """Run ``fn(*args)`` holding the locks of ``folders`` (in key order: no deadlock);
+    ``write`` invalidates their listings afterwards."""
+    ordered = sorted({id(f): f for f in folders if f is not None}.values(), key=lambda f: f.key)
+    for f in ordered:
+        f.lock.acquire()
+    try:
+        return fn(*args)
+    finally:
+        for f in reversed(ordered):
+            if write:
+                f.invalidate()
+            f.lock.release()
+
+
 @dataclass
 class Snapshot:
     """What the session last told the client about one message."""
@@ -90,6 +222,9 @@ class SelectedMailbox:
         self.recent: set[int] = set()
         self.uidvalidity = int(box.uidvalidity)
         self.highest_uid = 0
+        self.shared: SharedFolder | None = None
+        # the shared listing the view was last brought up to date with
+        self.seen_listing: list[Any] | None = None
         self.apply_listing(messages)
 
     def apply_listing(self, messages: list[Any]) -> None:
@@ -98,6 +233,10 @@ class SelectedMailbox:
         self.snap = {m.uid: Snapshot(frozenset(m.flags), int(m.modseq)) for m in messages}
         if self.uids:
             self.highest_uid = max(self.highest_uid, self.uids[-1])
+
+    def deleted(self) -> list[int]:
+        """UIDs the client sees with \\Deleted (what EXPUNGE removes, RFC 3501 section 6.4.3)."""
+        return [u for u in self.uids if "\\Deleted" in self.snap[u].flags]
 
     def __len__(self) -> int:
         return len(self.uids)

@@ -45,7 +45,7 @@ from mailserv.errors import (
 from mailserv.imap import account as acct
 from mailserv.imap import fetch as fetchmod
 from mailserv.imap import search as searchmod
-from mailserv.imap.mailbox import ChangeHub, SelectedMailbox
+from mailserv.imap.mailbox import ChangeHub, SelectedMailbox, SharedFolder, locked
 from mailserv.imap.parser import (
     Args,
     Atom,
@@ -208,9 +208,7 @@ class IMAPServer(Protocol):
             self.timeout_call.cancel()
         self._stop_idle_poll()
         self._deselect()
-        if self.conn_key is not None:
-            self.ctx.hub.remove_connection(self.conn_key)
-            self.conn_key = None
+        self._release_connection()
         self._drop_literal()
         if self.write_paused is not None:
             d, self.write_paused = self.write_paused, None
@@ -248,6 +246,7 @@ class IMAPServer(Protocol):
         if bye is not None:
             self.send_line(b"* BYE " + bye)
         self.closed = True
+        self._release_connection()
         self.transport.loseConnection()
         # Over TLS, loseConnection waits for the client's close_notify; clients such as
         # mbsync wait for the TCP close instead.  Drop the connection once the output
@@ -255,6 +254,12 @@ class IMAPServer(Protocol):
         abort = getattr(self.transport, "abortConnection", None)
         if abort is not None and self.secure:
             self.abort_call = self.reactor.callLater(CLOSE_GRACE, _abort_quietly, abort)
+
+    def _release_connection(self) -> None:
+        """Free this session's place in the per user and IP count (at LOGOUT, not later)."""
+        if self.conn_key is not None:
+            self.ctx.hub.remove_connection(self.conn_key)
+            self.conn_key = None
 
     def _reset_timeout(self) -> None:
         if self.timeout_call is not None and self.timeout_call.active():
@@ -556,6 +561,19 @@ class IMAPServer(Protocol):
     def run(self, fn: Callable[..., Any], *args: Any) -> defer.Deferred[Any]:
         return self.ctx.run(fn, *args)
 
+    def run_write(
+        self, folders: list[SharedFolder | None], fn: Callable[..., Any], *args: Any
+    ) -> defer.Deferred[Any]:
+        """``run`` a store write holding the folders' locks (the write patches their listings)."""
+        return self.ctx.run(locked, folders, False, fn, *args)
+
+    def _release_after(self, result: Any, shared: SharedFolder) -> Any:
+        """Give back a SharedFolder held for one command (closing it may block: thread pool)."""
+        self.run(self.ctx.hub.release, shared).addErrback(
+            lambda f: log.failure("closing a folder failed", f)
+        )
+        return result
+
     def _hub_key(self, folder: str) -> tuple[str, str]:
         return (str(getattr(self.user, "name", self.user)), folder)
 
@@ -566,34 +584,44 @@ class IMAPServer(Protocol):
 
     def _deselect(self) -> None:
         if self.selected is not None:
-            box = self.selected.box
+            shared = self.selected.shared
             if self.selected_key is not None:
                 self.ctx.hub.unsubscribe(self.selected_key, self._on_change)
             self.selected = None
             self.selected_key = None
-            self.run(box.close).addErrback(lambda f: log.failure("close failed", f))
+            if shared is not None:
+                self.run(self.ctx.hub.release, shared).addErrback(
+                    lambda f: log.failure("closing a folder failed", f)
+                )
             if self.state == "selected":
                 self.state = "auth"
 
     def _notify(self, folder: str) -> None:
         self.ctx.hub.changed(self._hub_key(folder), self._on_change)
 
-    def _sync(self, allow_expunge: bool = True) -> defer.Deferred[None]:
-        """Report what changed in the selected mailbox since the client last heard."""
+    def _sync(self, allow_expunge: bool = True, force: bool = False) -> defer.Deferred[None]:
+        """Report what changed in the selected mailbox since the client last heard.
+
+        ``force`` looks for changes made outside this process (NOOP, CHECK, IDLE);
+        otherwise the shared listing is enough (changes by our own sessions).
+        """
         sel = self.selected
-        if sel is None:
+        if sel is None or sel.shared is None:
             return defer.succeed(None)
         self.dirty = False
-        d = self.run(_refresh_listing, sel.box)
+        d = self.run(_shared_listing, sel.shared, force, self.reactor.seconds())
 
-        def report(messages: list[Any]) -> None:
-            if self.selected is not sel or self.closed:
+        def report(result: tuple[list[Any], tuple[int, int]]) -> None:
+            messages, _state = result
+            if self.selected is not sel or self.closed or messages is sel.seen_listing:
                 return
+            sel.seen_listing = messages
             assert self.selected_key is not None
             recent = self.ctx.hub.claim_recent(self.selected_key, [m.uid for m in messages])
             lines = sel.diff(messages, self.condstore, self.qresync, recent, allow_expunge)
             if not allow_expunge and len(messages) != len(sel.uids):
                 self.dirty = True
+                sel.seen_listing = None  # expunges held back: report them next time
             self.send_lines(lines)
 
         return d.addCallback(report)
@@ -622,7 +650,7 @@ class IMAPServer(Protocol):
     def do_noop(self, tag: bytes, args: Args) -> Any:
         args.end()
         if self.selected is not None:
-            return self._sync().addCallback(lambda _: ("OK", "NOOP completed"))
+            return self._sync(force=True).addCallback(lambda _: ("OK", "NOOP completed"))
         return ("OK", "NOOP completed")
 
     def do_logout(self, tag: bytes, args: Args) -> None:
@@ -820,14 +848,15 @@ class IMAPServer(Protocol):
         if condstore:
             self.condstore = True
         account = self._require_account()
-        d = account.call("open_folder", name)
-
-        def opened(box: Any) -> defer.Deferred[Any]:
-            return self.run(_select_listing, box).addCallback(
-                lambda r: self._selected(name, box, readonly, r, qresync)
-            )
-
-        return d.addCallback(opened)
+        d = self.run(
+            _select_shared,
+            self.ctx.hub,
+            self._hub_key(name),
+            account.account,
+            name,
+            self.reactor.seconds(),
+        )
+        return d.addCallback(lambda r: self._selected(name, readonly, r, qresync))
 
     def do_examine(self, tag: bytes, args: Args) -> Any:
         return self.do_select(tag, args, readonly=True)
@@ -835,13 +864,17 @@ class IMAPServer(Protocol):
     def _selected(
         self,
         name: str,
-        box: Any,
         readonly: bool,
-        listing: tuple[list[Any], int, int],
+        result: tuple[SharedFolder, list[Any], tuple[int, int]],
         qresync: list[Token] | None,
-    ) -> tuple[str, str]:
-        messages, uidnext, highest = listing
-        sel = SelectedMailbox(name, box, readonly, messages)
+    ) -> Any:
+        shared, messages, (uidnext, highest) = result
+        if self.closed or self.state == "notauth":
+            self.run(self.ctx.hub.release, shared)
+            return None
+        sel = SelectedMailbox(name, shared.box, readonly, messages)
+        sel.shared = shared
+        sel.seen_listing = messages
         key = self._hub_key(name)
         sel.recent = self.ctx.hub.claim_recent(key, sel.uids)
         self.selected = sel
@@ -1077,7 +1110,14 @@ class IMAPServer(Protocol):
 
     def _status_line(self, name: str, items: list[str]) -> defer.Deferred[None]:
         account = self._require_account()
-        d = self.run(_status_values, account.account, name)
+        d = self.run(
+            _status_values,
+            self.ctx.hub,
+            self._hub_key(name),
+            account.account,
+            name,
+            self.reactor.seconds(),
+        )
 
         def send(values: dict[str, int]) -> None:
             if self.selected is not None and self.selected.name == name:
@@ -1112,9 +1152,11 @@ class IMAPServer(Protocol):
             raise ImapError("NO", "Empty message")
         source = tok
         account = self._require_account()
-        d = self.run(
-            _append, account.account, name, source, [f for f in flags if f != "\\Recent"], date
-        )
+        flags = [f for f in flags if f != "\\Recent"]
+        shared = self.ctx.hub.hold(self._hub_key(name))
+        d = self.run_write([shared], _append, account.account, name, source, flags, date, shared)
+        if shared is not None:
+            d.addBoth(self._release_after, shared)
 
         def appended(result: tuple[int, int]) -> Any:
             uidvalidity, uid = result
@@ -1144,7 +1186,7 @@ class IMAPServer(Protocol):
 
     def do_check(self, tag: bytes, args: Args) -> Any:
         args.end()
-        return self._sync().addCallback(lambda _: ("OK", "CHECK completed"))
+        return self._sync(force=True).addCallback(lambda _: ("OK", "CHECK completed"))
 
     def do_close(self, tag: bytes, args: Args) -> Any:
         args.end()
@@ -1152,7 +1194,7 @@ class IMAPServer(Protocol):
         if sel.readonly:
             self._deselect()
             return ("OK", "CLOSE completed")
-        d = self.run(_expunge_deleted, sel.box, None)
+        d = self.run_write([sel.shared], _expunge_deleted, sel.shared, sel.box, sel.deleted(), None)
 
         def done(removed: list[int]) -> tuple[str, str]:
             if removed:
@@ -1177,7 +1219,9 @@ class IMAPServer(Protocol):
         if sel.readonly:
             raise ImapError("NO", "[READ-ONLY] Mailbox is read-only")
         allowed = sel.uids_for_uidset(uids) if uids is not None else None
-        d = self.run(_expunge_deleted, sel.box, allowed)
+        d = self.run_write(
+            [sel.shared], _expunge_deleted, sel.shared, sel.box, sel.deleted(), allowed
+        )
 
         def done(removed: list[int]) -> Any:
             if removed:
@@ -1271,7 +1315,18 @@ class IMAPServer(Protocol):
             state["pos"] = pos + FETCH_CHUNK
             infos = [sel.info[u] for u in chunk]
             if needs_data or set_seen:
-                d = self.run(_fetch_work, sel.box, infos, attrs, needs_data, set_seen)
+                d = self.ctx.run(
+                    locked,
+                    [sel.shared] if set_seen else [],
+                    False,
+                    _fetch_work,
+                    sel.shared,
+                    sel.box,
+                    infos,
+                    attrs,
+                    needs_data,
+                    set_seen,
+                )
             else:
                 d = defer.succeed(
                     [(info, fetchmod.build_items(attrs, info, None, {}), False) for info in infos]
@@ -1349,7 +1404,9 @@ class IMAPServer(Protocol):
         mode = item[0] if item[0] in "+-" else "="
         silent = item.endswith(".SILENT")
         infos = [sel.info[u] for u in uids]
-        d = self.run(_store_flags, sel.box, infos, mode, flags, unchanged)
+        d = self.run_write(
+            [sel.shared], _store_flags, sel.shared, sel.box, infos, mode, flags, unchanged
+        )
 
         def done(result: tuple[list[tuple[Any, bool]], list[int]]) -> tuple[str, str]:
             results, failed = result
@@ -1396,7 +1453,26 @@ class IMAPServer(Protocol):
             raise ImapError("NO", "[READ-ONLY] Mailbox is read-only")
         if not uids:
             return ("OK", ("MOVE" if move else "COPY") + " completed (no messages)")
-        d = self.run(_copy, self._require_account().account, sel.box, target, uids, move)
+        target_shared = self.ctx.hub.hold(self._hub_key(target))
+        if target_shared is not None and target_shared is sel.shared:
+            self.ctx.hub.release(target_shared)  # never closes: we hold it too
+            target_shared = None
+            target_box_shared: SharedFolder | None = sel.shared
+        else:
+            target_box_shared = target_shared
+        d = self.run_write(
+            [sel.shared, target_shared],
+            _copy,
+            self._require_account().account,
+            sel.shared,
+            sel.box,
+            target,
+            uids,
+            move,
+            target_box_shared,
+        )
+        if target_shared is not None:
+            d.addBoth(self._release_after, target_shared)
 
         def done(result: tuple[int, dict[int, int], list[int]]) -> Any:
             uidvalidity, mapping, _removed = result
@@ -1563,7 +1639,7 @@ class IMAPServer(Protocol):
     def _idle_poll(self) -> None:
         if self.idle_tag is None or self.closed or self.idle_syncing is not None:
             return
-        d = self._sync()
+        d = self._sync(force=True)
         self.idle_syncing = d
 
         def done(result: Any) -> None:
@@ -1689,51 +1765,54 @@ def _uses_modseq(key: searchmod.Key) -> bool:
 # Work done in the disk thread pool: plain functions over the store objects
 
 
-def _refresh_listing(box: Any) -> list[Any]:
-    box.refresh()
-    return list(box.messages())
+def _shared_listing(
+    shared: SharedFolder, force: bool, now: float
+) -> tuple[list[Any], tuple[int, int]]:
+    with shared.lock:
+        return shared.current(force, now)
 
 
-def _select_listing(box: Any) -> tuple[list[Any], int, int]:
-    box.refresh()
-    messages = list(box.messages())
-    return messages, int(box.uidnext()), int(box.highest_modseq())
-
-
-def _status_values(account: Any, name: str) -> dict[str, int]:
-    box = account.open_folder(name)
+def _select_shared(
+    hub: ChangeHub, key: tuple[str, str], account: Any, name: str, now: float
+) -> tuple[SharedFolder, list[Any], tuple[int, int]]:
+    shared = hub.acquire(key, lambda: account.open_folder(name))
     try:
-        box.refresh()
-        messages = list(box.messages())
-        return {
-            "MESSAGES": len(messages),
-            "RECENT": 0,
-            "UIDNEXT": int(box.uidnext()),
-            "UIDVALIDITY": int(box.uidvalidity),
-            "UNSEEN": sum(1 for m in messages if "\\Seen" not in m.flags),
-            "HIGHESTMODSEQ": int(box.highest_modseq()),
-            "SIZE": sum(int(m.size) for m in messages),
-        }
-    finally:
-        box.close()
+        with shared.lock:
+            messages, state = shared.current(True, now)
+    except BaseException:
+        hub.release(shared)
+        raise
+    return shared, messages, state
 
 
-def _append(
-    account: Any, name: str, source: Any, flags: list[str], date: float | None
-) -> tuple[int, int]:
-    import io
-
-    box = account.open_folder(name)
-    try:
-        if isinstance(source, LiteralFile):
-            source.file.seek(0)
-            stream = source.file
-        else:
-            stream = io.BytesIO(source)
-        uid = box.append(stream, flags, date if date is not None else time.time())
-        return int(box.uidvalidity), int(uid)
-    finally:
-        box.close()
+def _status_values(
+    hub: ChangeHub, key: tuple[str, str], account: Any, name: str, now: float
+) -> dict[str, int]:
+    shared = hub.hold(key)
+    if shared is not None:
+        try:
+            with shared.lock:
+                messages, (uidnext, highest) = shared.current(True, now)
+            uidvalidity = int(shared.box.uidvalidity)
+        finally:
+            hub.release(shared)
+    else:
+        box = account.open_folder(name)
+        try:
+            box.refresh()
+            messages = list(box.messages())
+            uidnext, highest, uidvalidity = box.uidnext(), box.highest_modseq(), box.uidvalidity
+        finally:
+            box.close()
+    return {
+        "MESSAGES": len(messages),
+        "RECENT": 0,
+        "UIDNEXT": int(uidnext),
+        "UIDVALIDITY": int(uidvalidity),
+        "UNSEEN": sum(1 for m in messages if "\\Seen" not in m.flags),
+        "HIGHESTMODSEQ": int(highest),
+        "SIZE": sum(int(m.size) for m in messages),
+    }
 
 
 def _read_message(box: Any, uid: int) -> bytes | None:
@@ -1745,16 +1824,40 @@ def _read_message(box: Any, uid: int) -> bytes | None:
         return bytes(f.read())
 
 
+def _before(shared: SharedFolder | None) -> tuple[int, int]:
+    return shared.box_state() if shared is not None else (0, 0)
+
+
+def _info_of(box: Any, uid: int) -> Any | None:
+    """The store's MessageInfo of ``uid`` from its memory (None if it cannot say)."""
+    message = getattr(box, "message", None)
+    if message is None:
+        return None
+    try:
+        return message(uid)
+    except KeyError:
+        return None
+
+
 def _fetch_work(
-    box: Any, infos: list[Any], attrs: list[fetchmod.Attr], needs_data: bool, set_seen: bool
+    shared: SharedFolder | None,
+    box: Any,
+    infos: list[Any],
+    attrs: list[fetchmod.Attr],
+    needs_data: bool,
+    set_seen: bool,
 ) -> list[tuple[Any, bytes | None, bool]]:
+    """Read and render one chunk of a FETCH, setting \\Seen where the items ask for it."""
     rows: list[tuple[Any, bytes | None, bool]] = []
+    before = _before(shared) if set_seen else (0, 0)
+    changed = []
     for info in infos:
         seen_set = False
         if set_seen and "\\Seen" not in info.flags:
             try:
                 info = box.set_flags(info.uid, set(acct.flags_of(info)) | {"\\Seen"})
                 seen_set = True
+                changed.append(info)
             except KeyError:
                 rows.append((info, None, False))
                 continue
@@ -1765,15 +1868,24 @@ def _fetch_work(
                 rows.append((info, None, False))
                 continue
         rows.append((info, fetchmod.build_items(attrs, info, data, {}), seen_set))
+    if shared is not None and changed:
+        shared.apply(before, changed=changed)
     return rows
 
 
 def _store_flags(
-    box: Any, infos: list[Any], mode: str, flags: list[str], unchanged: int | None
+    shared: SharedFolder | None,
+    box: Any,
+    infos: list[Any],
+    mode: str,
+    flags: list[str],
+    unchanged: int | None,
 ) -> tuple[list[tuple[Any, bool]], list[int]]:
+    """STORE: new flags for each message; (results, UIDs failing UNCHANGEDSINCE)."""
     results: list[tuple[Any, bool]] = []
     failed: list[int] = []
     wanted = {f for f in flags if f != "\\Recent"}
+    before = _before(shared)
     for info in infos:
         if unchanged is not None and int(info.modseq) > unchanged:
             failed.append(info.uid)
@@ -1792,32 +1904,97 @@ def _store_flags(
             results.append((box.set_flags(info.uid, new), True))
         except KeyError:
             continue
+    if shared is not None:
+        shared.apply(before, changed=[info for info, changed in results if changed])
     return results, failed
 
 
-def _expunge_deleted(box: Any, allowed: list[int] | None) -> list[int]:
-    box.refresh()
-    doomed = [m.uid for m in box.messages() if "\\Deleted" in m.flags]
+def _expunge_deleted(
+    shared: SharedFolder | None, box: Any, candidates: list[int], allowed: list[int] | None
+) -> list[int]:
+    """EXPUNGE the messages with \\Deleted among ``candidates`` (the session's view),
+    checking each against the store (another session may have undeleted it)."""
     if allowed is not None:
         permitted = set(allowed)
-        doomed = [u for u in doomed if u in permitted]
+        candidates = [u for u in candidates if u in permitted]
+    doomed = []
+    for uid in candidates:
+        info = _info_of(box, uid)
+        if info is None or "\\Deleted" in info.flags:
+            doomed.append(uid)
     if not doomed:
         return []
-    return list(box.expunge(doomed))
+    before = _before(shared)
+    removed = list(box.expunge(doomed))
+    if shared is not None:
+        shared.apply(before, removed=removed)
+    return removed
+
+
+def _append(
+    account: Any,
+    name: str,
+    source: Any,
+    flags: list[str],
+    date: float | None,
+    shared: SharedFolder | None,
+) -> tuple[int, int]:
+    """APPEND (the caller holds the lock of ``shared``, the target if some session has it)."""
+    import io
+
+    if isinstance(source, LiteralFile):
+        source.file.seek(0)
+        stream = source.file
+    else:
+        stream = io.BytesIO(source)
+    when = date if date is not None else time.time()
+    if shared is None:
+        box = account.open_folder(name)
+        try:
+            uid = box.append(stream, flags, when)
+            return int(box.uidvalidity), int(uid)
+        finally:
+            box.close()
+    before = shared.box_state()
+    uid = shared.box.append(stream, flags, when)
+    info = _info_of(shared.box, uid)
+    if info is None:
+        shared.invalidate()
+    else:
+        shared.apply(before, added=[info])
+    return int(shared.box.uidvalidity), int(uid)
 
 
 def _copy(
-    account: Any, box: Any, target: str, uids: list[int], move: bool
+    account: Any,
+    source: SharedFolder | None,
+    box: Any,
+    target: str,
+    uids: list[int],
+    move: bool,
+    shared: SharedFolder | None,
 ) -> tuple[int, dict[int, int], list[int]]:
-    dest = account.open_folder(target)
+    """COPY/MOVE (the caller holds the locks of both folders); ``shared`` is the target's."""
+    dest = shared.box if shared is not None else account.open_folder(target)
+    before = _before(shared)
     try:
         mapping = dict(box.copy_to(uids, dest))
         uidvalidity = int(dest.uidvalidity)
     finally:
-        dest.close()
+        if shared is None:
+            dest.close()
+    if shared is not None:
+        added = [_info_of(dest, u) for u in mapping.values()]
+        if any(a is None for a in added):
+            shared.invalidate()
+        else:
+            shared.apply(before, added=added)
     removed: list[int] = []
     if move and mapping:
+        before = _before(source)
         removed = list(box.expunge(sorted(mapping)))
+        if source is not None:
+            source.apply(before, removed=removed)
     return uidvalidity, mapping, removed
 
 

@@ -73,7 +73,7 @@ def makeService(options: Options) -> Any:
             print(f"mailserv: {problem}", file=sys.stderr)
         raise SystemExit(1) from None
     if options["config"]:
-        how = f"mailserv user add --config {options['config']} USER@{config.domains[0]}"
+        how = f"mailserv user --config {options['config']} add USER@{config.domains[0]}"
     else:
         how = f"MAILSERV_HOME={config.state_dir} mailserv user add USER@{config.domains[0]}"
     log.info(

@@ -7,6 +7,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -177,3 +178,46 @@ def test_json_log_lines(tmp_path: Path) -> None:
     events = [json.loads(line) for line in process.output if line.startswith("{")]
     assert any(e.get("label") == "mx" and e.get("protocol") == "smtp" for e in events)
     assert all(line.startswith("{") for line in process.output if line.strip())
+
+
+def test_passwords_and_auth_payloads_never_reach_the_log(mailserv: object, tmp_path: Path) -> None:
+    import base64
+    import smtplib
+
+    config = test_config(tmp_path / "state", ["mx", "submission"])
+    path = mailserv.write_config(config)  # type: ignore[attr-defined]
+    password = "Corr3ct-Horse-Battery"
+    added = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mailserv.cli.main",
+            "user",
+            "--config",
+            str(path),
+            "add",
+            "--stdin",
+            "alice@example.test",
+        ],
+        input=password + "\n",
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=60,
+    )
+    assert added.returncode == 0, added.stderr
+    process = mailserv.start(config)  # type: ignore[attr-defined]
+    for good in (True, False):
+        with smtplib.SMTP("127.0.0.1", process.port("submission"), timeout=10) as client:
+            client.ehlo("client.example.test")
+            secret = password if good else password + "-wrong"
+            try:
+                client.login("alice@example.test", secret)
+                assert good
+            except smtplib.SMTPAuthenticationError:
+                assert not good
+    assert process.stop() == 0
+    payload = base64.b64encode(f"\0alice@example.test\0{password}".encode()).decode()
+    assert password not in process.log
+    assert payload not in process.log
+    assert base64.b64encode(password.encode()).decode() not in process.log

@@ -309,8 +309,8 @@ class QueueEnv:
         for service in self.services:
             if service.running:
                 service.stopService()
-        if self.threads is not None:
-            self.threads.stopService()
+        # The pools stop at reactor shutdown (ThreadPools' trigger): stopping them here
+        # while an attempt is finishing would restart a pool that then stops twice.
 
 
 @pytest.fixture

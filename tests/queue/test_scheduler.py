@@ -1,4 +1,4 @@
-"""The scheduler's life cycle rules: retry schedule, lifetime, delay warnings, local hand-back, DSNs."""
+"""The scheduler's rules: retry schedule, lifetime, delay warnings, local hand-back, DSNs."""
 
 from __future__ import annotations
 

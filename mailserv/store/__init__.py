@@ -42,7 +42,7 @@ from __future__ import annotations
 import base64
 import os
 import re
-from dataclasses import dataclass
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from mailserv.errors import InvalidFolderName, MailservError
@@ -87,28 +87,73 @@ class TooManyKeywords(MailservError):
     """The folder cannot hold another keyword (maildir: 26 per folder).  IMAP: NO [LIMIT]."""
 
 
-@dataclass(frozen=True)
 class MessageInfo:
     """What IMAP and POP3 need to know about one message without reading it.
 
     ``flags`` holds the system flags (``\\Seen`` ...), ``keywords`` the IMAP
     keywords (``$Junk`` ...); ``size`` is the exact byte count
-    ``open_message`` yields; ``internal_date`` is a POSIX timestamp
-    (RFC 3501 §2.3.3); ``modseq`` is the RFC 7162 modification sequence;
-    ``key`` is store-specific (maildir base file name, mbox byte offset).
+    ``open_message`` yields (CRLF line ends, the RFC 822 size); ``internal_date``
+    is a POSIX timestamp (RFC 3501 §2.3.3), looked up on first use; ``modseq``
+    is the RFC 7162 modification sequence; ``key`` is store-specific (maildir
+    base file name, mbox byte offset).  Treat it as immutable.
     """
+
+    __slots__ = ("_date", "flags", "key", "keywords", "modseq", "size", "uid")
 
     uid: int
     size: int
     flags: frozenset[str]
     keywords: frozenset[str]
     modseq: int
-    internal_date: float
     key: str
+    _date: float | Callable[[], float]
+
+    def __init__(
+        self,
+        uid: int,
+        size: int,
+        flags: frozenset[str],
+        keywords: frozenset[str],
+        modseq: int,
+        internal_date: float | Callable[[], float],
+        key: str,
+    ) -> None:
+        self.uid = uid
+        self.size = size
+        self.flags = flags
+        self.keywords = keywords
+        self.modseq = modseq
+        self._date = internal_date
+        self.key = key
+
+    @property
+    def internal_date(self) -> float:
+        date = self._date
+        if callable(date):
+            date = date()
+            self._date = date
+        return float(date)
 
     @property
     def all_flags(self) -> frozenset[str]:
         return self.flags | self.keywords
+
+    def _fields(self) -> tuple[object, ...]:
+        return (self.uid, self.size, self.flags, self.keywords, self.modseq, self.key)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, MessageInfo):
+            return NotImplemented
+        return self._fields() == other._fields() and self.internal_date == other.internal_date
+
+    def __hash__(self) -> int:
+        return hash(self._fields())
+
+    def __repr__(self) -> str:
+        return (
+            f"MessageInfo(uid={self.uid}, size={self.size}, flags={set(self.flags)},"
+            f" keywords={set(self.keywords)}, modseq={self.modseq}, key={self.key!r})"
+        )
 
 
 def split_flags(flags: object) -> tuple[frozenset[str], frozenset[str]]:

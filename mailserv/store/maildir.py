@@ -28,7 +28,7 @@ import re
 import shutil
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import IO, Any, BinaryIO
 
 from zope.interface import implementer
@@ -296,8 +296,9 @@ class MaildirFolder:
         self._uidlist: UidList | None = None
         self._by_uid: dict[int, UidRecord] = {}
         self._keywords: list[str | None] = [None] * MAX_KEYWORDS
-        self._stat_cache: dict[str, tuple[int, int, float]] = {}
+        self._size_cache: dict[str, tuple[int, int]] = {}
         _make_maildir(path, subfolder=path != account.root)
+        self.clean_tmp()
         self.refresh()
 
     # -- index ------------------------------------------------------------
@@ -422,27 +423,42 @@ class MaildirFolder:
     def uids(self) -> list[int]:
         return sorted(self._by_uid)
 
-    def _stat(self, rec: UidRecord) -> tuple[int, int, float]:
-        """(size on disk, size with CRLF line ends, mtime) of a message, cached."""
+    def _sizes(self, rec: UidRecord) -> tuple[int, int]:
+        """(size on disk, size with CRLF line ends) of a message, cached.
+
+        Taken from the ``,S=`` and ``,W=`` fields of the name when it has both.
+        """
         base = rec.base
-        cached = self._stat_cache.get(base)
+        cached = self._size_cache.get(base)
         if cached is None:
-            path = os.path.join(self.path, "cur", rec.filename)
-            vsize = _VSIZE.search(base)
-            try:
-                st = os.stat(path)
-                crlf = int(vsize.group(1)) if vsize else crlf_size(path)
-                cached = (st.st_size, crlf, st.st_mtime)
-            except FileNotFoundError:
-                size = _SIZE.search(base)
-                phys = int(size.group(1)) if size else 0
-                cached = (phys, int(vsize.group(1)) if vsize else phys, 0.0)
-            self._stat_cache[base] = cached
+            size, vsize = _SIZE.search(base), _VSIZE.search(base)
+            if size and vsize:
+                cached = (int(size.group(1)), int(vsize.group(1)))
+            else:
+                path = f"{self.path}/cur/{rec.filename}"
+                try:
+                    phys = os.stat(path).st_size
+                    cached = (phys, int(vsize.group(1)) if vsize else crlf_size(path))
+                except FileNotFoundError:
+                    phys = int(size.group(1)) if size else 0
+                    cached = (phys, int(vsize.group(1)) if vsize else phys)
+            self._size_cache[base] = cached
         return cached
 
+    def _date_of(self, rec: UidRecord) -> Callable[[], float]:
+        """The internal date (RFC 3501 §2.3.3): the file's mtime, read when asked for."""
+        path = f"{self.path}/cur/{rec.filename}"
+
+        def date() -> float:
+            try:
+                return os.stat(path).st_mtime
+            except FileNotFoundError:
+                head = rec.base.split(".", 1)[0]
+                return float(head) if head.isdigit() else 0.0
+
+        return date
+
     def _info(self, rec: UidRecord) -> MessageInfo:
-        base = rec.base
-        _, vsize, mtime = self._stat(rec)
         letters = info_letters(rec.filename)
         flags = frozenset(LETTER_FLAGS[c] for c in letters if c in LETTER_FLAGS)
         keywords = frozenset(
@@ -450,7 +466,10 @@ class MaildirFolder:
             for c in letters
             if "a" <= c <= "z" and (kw := self._keywords[ord(c) - ord("a")]) is not None
         )
-        return MessageInfo(rec.uid, vsize, flags, keywords, rec.modseq, mtime, base)
+        vsize = self._sizes(rec)[1]
+        return MessageInfo(
+            rec.uid, vsize, flags, keywords, rec.modseq, self._date_of(rec), rec.base
+        )
 
     def messages(self) -> list[MessageInfo]:
         with self._mutex:
@@ -467,7 +486,7 @@ class MaildirFolder:
                 rec = self._by_uid[uid]
                 path = os.path.join(self.path, "cur", rec.filename)
             try:
-                size, vsize, _ = self._stat(rec)
+                size, vsize = self._sizes(rec)
                 if size == vsize:
                     return open(path, "rb")
                 return open_crlf(path, 0, size)  # LF file (Dovecot, procmail): CRLF view
@@ -575,7 +594,7 @@ class MaildirFolder:
             for uid in sorted(set(uids)):
                 rec = self._by_uid.get(uid)
                 if rec is not None:
-                    infos.append((uid, rec, self._info(rec), self._stat(rec)[0]))
+                    infos.append((uid, rec, self._info(rec), self._sizes(rec)[0]))
         if not isinstance(target, MaildirFolder):
             out = {}
             for uid, _rec, info, _size in infos:
@@ -620,7 +639,7 @@ class MaildirFolder:
             kept = []
             for rec in uidlist.records:
                 if rec.uid in wanted:
-                    size = self._stat(rec)[0]
+                    size = self._sizes(rec)[0]
                     try:
                         os.unlink(os.path.join(self.path, "cur", rec.filename))
                     except FileNotFoundError:
@@ -628,7 +647,7 @@ class MaildirFolder:
                     else:
                         freed += size
                     removed.append(rec.uid)
-                    self._stat_cache.pop(rec.base, None)
+                    self._size_cache.pop(rec.base, None)
                 else:
                     kept.append(rec)
             if removed:
@@ -661,4 +680,4 @@ class MaildirFolder:
 
     def close(self) -> None:
         with self._mutex:
-            self._stat_cache.clear()
+            self._size_cache.clear()

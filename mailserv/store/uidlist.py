@@ -44,10 +44,11 @@ class UidRecord:
     filename: str
     modseq: int = 0  # 0 until mailserv gives it one (records written by Dovecot)
     ext: dict[str, str] = field(default_factory=dict)
+    #: the file name without its info suffix; a record only ever changes its flags
+    base: str = field(init=False, compare=False, repr=False)
 
-    @property
-    def base(self) -> str:
-        return base_name(self.filename)
+    def __post_init__(self) -> None:
+        self.base = self.filename.split(":", 1)[0]
 
 
 @dataclass

@@ -187,3 +187,19 @@ def test_uidlist_lock_of_a_dead_process_does_not_block(tmp_path: Path) -> None:
     assert [i.uid for i in box.messages()] == [1]
     assert time.monotonic() - started < 2
     assert not lock.exists()
+
+
+def test_stale_tmp_files_are_removed_on_open(tmp_path: Path) -> None:
+    """Maildir: tmp/ files untouched for 36 hours are a dead delivery's leftovers."""
+    user = User(name="alice", mailbox=str(tmp_path / "Maildir"))
+    store = make_store("maildir")
+    store.open(user)
+    tmp = Path(user.mailbox) / "tmp"
+    old, fresh = tmp / "1.M1P1.host", tmp / "2.M2P2.host"
+    old.write_bytes(b"partial")
+    fresh.write_bytes(b"being written")
+    then = time.time() - 37 * 3600
+    os.utime(old, (then, then))
+    box = store.open(user).open_folder("INBOX")
+    assert sorted(os.listdir(tmp)) == ["2.M2P2.host"]
+    assert box.messages() == []

@@ -46,6 +46,7 @@ protocol = "smtp"
 endpoints = ["tcp:$MS_PORT:interface=127.0.0.1"]
 tls = "none"
 max_connections_per_ip = 100
+max_messages_per_connection = 100000  # smtp-source -d sends every message on one connection
 [auth]
 backends = ["local"]
 [auth.backend.local]

@@ -85,6 +85,7 @@ class ListenerSection(Section):
     add_auth_user_to_received: bool = option(boolean, False)
     # Submission: the envelope sender and From must belong to the AUTH user (RFC 6409 §6.1).
     sender_login_match: bool = option(boolean, True)
+    max_messages_per_connection: int = option(integer(1), 1000)  # LIMITS.md; then 421
 
     def validate(self, ctx: Context, path: str) -> None:
         if self.proxy_protocol and not self.trusted_proxies:

@@ -115,6 +115,7 @@ def build_context(service: Any, name: str, listener: Any) -> ServerContext:
         require_auth=policy.require_auth,
         add_auth_user_to_received=listener.add_auth_user_to_received,
         auth_failure_delay=config.auth.failure_delay,
+        max_messages_per_connection=listener.max_messages_per_connection,
     )
     pipeline_name = listener.pipeline or policy.default_pipeline
     chain = FilterChain(policy.builtin_filters(), service.reactor, "builtin") + build_pipeline(

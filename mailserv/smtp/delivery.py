@@ -32,7 +32,7 @@ from mailserv.directory import User
 from mailserv.envelope import Envelope, Message, Recipient
 from mailserv.errors import SMTPReply, smtp_reply_for
 from mailserv.filters.policy import UNKNOWN_USER, local_domains
-from mailserv.interfaces import IDelivery, IDeliveryTarget
+from mailserv.interfaces import IDelivery, IDeliveryTarget, IReloadable
 from mailserv.queue import spool as queue_spool
 
 log = Logger()
@@ -67,7 +67,7 @@ def postmaster_user(state_dir: str) -> User:
     return User(name="postmaster", mailbox=os.path.join(state_dir, "postmaster", "Maildir"))
 
 
-@implementer(IDeliveryTarget)
+@implementer(IDeliveryTarget, IReloadable)
 class Router:
     """IDeliveryTarget for every accepted transaction (see module docstring)."""
 
@@ -79,17 +79,21 @@ class Router:
         threads: Any,
         queue_dir: str | None = None,
     ) -> None:
-        self.config = config
         self.directory = directory
         self.store_for = store_for
         self.threads = threads
+        self.queue_dir = queue_dir or os.path.join(config.state_dir, "queue")
+        self.reload(config)
+
+    def reload(self, config: Any) -> None:
+        """Pick up new domains, aliases and delivery options (SIGHUP)."""
+        self.config = config
         self.domains = local_domains(config)
         self.aliases = _normalise_aliases(getattr(config, "aliases", {}) or {})
         delivery = getattr(config, "delivery", None)
         self.delimiter = getattr(delivery, "recipient_delimiter", "+")
         self.detail_to_folder = getattr(delivery, "detail_to_folder", True)
         self.postmaster = getattr(delivery, "postmaster", None)
-        self.queue_dir = queue_dir or os.path.join(config.state_dir, "queue")
 
     def is_local(self, address: Address) -> bool:
         return address.domain in self.domains

@@ -160,6 +160,7 @@ class SMTPServer(smtp.ESMTP):
         self._auth_state: Any = None
         self._tls = False
         self._tls_known = False
+        self._draining = False
         self.session: Session | None = None
 
     # ------------------------------------------------------------------
@@ -208,6 +209,17 @@ class SMTPServer(smtp.ESMTP):
             self._abort_transaction()
         if self.context.on_close is not None:
             self.context.on_close(self)
+
+    def drain(self) -> None:
+        """Shutdown (IDrainable via the service): finish the transaction in progress,
+        then ``421 4.3.2`` and close (RFC 5321 §3.8)."""
+        self._draining = True
+        self._maybe_finish_drain()
+
+    def _maybe_finish_drain(self) -> None:
+        if self._draining and self._mode == COMMAND and not self._busy and self._txn is None:
+            self._send(421, "4.3.2", f"{self.settings.hostname} Service shutting down")
+            self._close()
 
     def _close(self) -> None:
         self._mode = CLOSED
@@ -303,6 +315,9 @@ class SMTPServer(smtp.ESMTP):
 
     def _resume(self, _: Any) -> None:
         self._busy = False
+        if self._mode == CLOSED:
+            return
+        self._maybe_finish_drain()
         if self._mode == CLOSED:
             return
         if self._paused:

@@ -7,6 +7,7 @@ import base64
 from twisted.internet import defer
 
 from mailserv.errors import SMTPReply
+from mailserv.testing import tls_string_transport
 from tests.smtp.conftest import SMTPEnv
 
 EHLO_MX = (
@@ -588,3 +589,67 @@ def test_refused_large_message_leaves_no_spool_file(make_env) -> None:  # type: 
     reply = c.transaction(b"Subject: a\r\n\r\n" + (b"x" * 80 + b"\r\n") * 20)
     assert reply == b"552 5.3.4 Message size exceeds fixed limit\r\n"
     assert list(spool.iterdir()) == []
+
+
+def test_drain_finishes_the_transaction_then_closes(env: SMTPEnv) -> None:
+    c = env.connect()
+    c.cmd(b"MAIL FROM:<s@remote.test>")
+    c.cmd(b"RCPT TO:<alice@example.org>")
+    c.proto.drain()
+    assert not c.closed
+    assert c.cmd(b"DATA").startswith(b"354")
+    c.send(b"Subject: x\r\n\r\nbody\r\n.\r\n")
+    out = c.read()
+    assert out.startswith(b"250 2.0.0 Ok: queued as ")
+    assert out.endswith(b"\r\n421 4.3.2 mx.example.org Service shutting down\r\n")
+    assert c.closed
+    idle = env.connect()
+    idle.proto.drain()
+    assert idle.read() == b"421 4.3.2 mx.example.org Service shutting down\r\n"
+
+
+def test_connections_per_ip_limit(env: SMTPEnv) -> None:
+    from twisted.internet.address import IPv4Address
+
+    from mailserv.smtp import build_factory
+
+    factory = build_factory(env.service, "mx", env.config.listeners["mx"])
+    factory.max_per_ip = 2
+    addr = IPv4Address("TCP", "192.0.2.7", 1234)
+    protos = []
+    for _ in range(3):
+        proto = factory.buildProtocol(addr)
+        transport = tls_string_transport("192.0.2.7")
+        proto.makeConnection(transport)
+        protos.append((proto, transport))
+    assert protos[0][1].value().startswith(b"220 ")
+    assert protos[2][1].value() == (
+        b"421 4.7.0 mx.example.org Error: too many connections from your address\r\n"
+    )
+    assert protos[2][1].disconnecting
+    protos[0][0].connectionLost(None)
+    proto = factory.buildProtocol(addr)
+    transport = tls_string_transport("192.0.2.7")
+    proto.makeConnection(transport)
+    assert transport.value().startswith(b"220 ")
+    assert factory.buildProtocol(IPv4Address("TCP", "192.0.2.8", 1)) is not None
+
+
+def test_router_reload_picks_up_aliases(env: SMTPEnv) -> None:
+    from mailserv.address import Address
+    from mailserv.config import parse_config
+
+    router = env.service.router
+    results: list[object] = []
+    router.resolve(Address("new", "example.org")).addCallback(results.append)
+    assert results == [None]
+    text = env.config.source
+    assert text == "<config>"
+    raw = (
+        'config_version = 1\nhostname = "mx.example.org"\ndomains = ["example.org"]\n'
+        f'state_dir = "{env.state}"\n[store]\npath = "{env.state}/{{localpart}}"\n'
+        '[aliases]\n"new@example.org" = "bob@example.org"\n'
+    )
+    router.reload(parse_config(raw))
+    router.resolve(Address("new", "example.org")).addCallback(results.append)
+    assert [t.user.name for t in results[1].local] == ["bob@example.org"]  # type: ignore[attr-defined]

@@ -189,23 +189,36 @@ class PasswdFileBackend(Backend):
         return self.threads.run("auth", fn, *args).addErrback(unreadable)
 
     def verify_password(self, username: str, password: bytes) -> defer.Deferred[str | None]:
-        return self._run(self._verify, username, password)
+        """Look the entry up (auth pool), then hash in the bounded ``crypto`` pool."""
 
-    def _verify(self, username: str, password: bytes) -> str | None:
+        def check(found: tuple[str, str] | None) -> Any:
+            if found is None:
+                # The same work for unknown users, so that timing does not tell who exists.
+                return self.threads.run("crypto", self._dummy_verify, password)
+            name, stored = found
+
+            def ok(matches: bool) -> str | None:
+                return name if matches else None
+
+            verify = schemes.verify
+            d = self.threads.run("crypto", verify, stored, password, "CRYPT")
+            return d.addCallback(ok)
+
+        return self._run(self._password_of, username).addCallback(check)
+
+    def _dummy_verify(self, password: bytes) -> None:
+        """Hash against some other entry (result ignored): unknown users cost the same."""
+        for entry in self.file.entries().values():
+            if entry.password:
+                schemes.verify(entry.password, password, default_scheme="CRYPT")
+                return
+
+    def _password_of(self, username: str) -> tuple[str, str] | None:
         entry = self.file.get(username)
-        if entry is None or not entry.password:
-            # Same work for unknown users, so that timing does not reveal who exists.
-            schemes.verify("{SSHA256}AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA", password)
-            return None
-        ok = schemes.verify(entry.password, password, default_scheme="CRYPT")
-        return entry.name if ok else None
+        return None if entry is None or not entry.password else (entry.name, entry.password)
 
     def secret(self, username: str) -> defer.Deferred[tuple[str, str] | None]:
-        def get() -> tuple[str, str] | None:
-            entry = self.file.get(username)
-            return None if entry is None or not entry.password else (entry.name, entry.password)
-
-        return self._run(get)
+        return self._run(self._password_of, username)
 
     def secret_kinds(self) -> frozenset[str]:
         # As of the last (re)load, which every lookup triggers in the auth pool.

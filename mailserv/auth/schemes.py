@@ -78,7 +78,10 @@ def split(stored: str, default_scheme: str = "PLAIN") -> tuple[str, str]:
 
 
 def _argon2(kind: argon2.Type) -> argon2.PasswordHasher:
-    return argon2.PasswordHasher(type=kind)
+    """Dovecot 2.3's parameters: one lane per hash, so that concurrent logins share the CPUs."""
+    if kind == argon2.Type.I:
+        return argon2.PasswordHasher(time_cost=4, memory_cost=32768, parallelism=1, type=kind)
+    return argon2.PasswordHasher(time_cost=3, memory_cost=65536, parallelism=1, type=kind)
 
 
 def hash_password(password: str | bytes, scheme: str = DEFAULT_SCHEME) -> str:

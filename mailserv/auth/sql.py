@@ -184,7 +184,7 @@ class SQLBackend(Backend):
                 return name if matches else None
 
             return self.threads.run(
-                "auth", schemes.verify, stored, password, self.default_scheme
+                "crypto", schemes.verify, stored, password, self.default_scheme
             ).addCallback(ok)
 
         return self._password_row(username).addCallback(check)

@@ -54,7 +54,8 @@ class MailservCheckerFactory:
         section = AUTH_BACKENDS[self.authType].load(self.table(argstring), ctx, "auth")
         ctx.raise_if_errors()
         config = default_config()
-        threads = ThreadPools(reactor, {"auth": config.threads.auth})
+        sizes = {"auth": config.threads.auth, "crypto": config.threads.crypto}
+        threads = ThreadPools(reactor, sizes)
         backend = backend_class(self.authType)(self.authType, section, config, reactor, threads)
         return MailChecker(lambda: [backend], reactor)
 

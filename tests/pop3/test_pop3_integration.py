@@ -13,6 +13,7 @@ import ssl
 import subprocess
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,37 +24,59 @@ from mailserv.directory import User
 from mailserv.pop3 import lock_directory
 from mailserv.pop3.mailbox import MaildropLock
 from mailserv.store import store_for
+from tests.support.process import render_toml, start_mailserv
 from tests.support.process import test_config as make_config
 
 pytestmark = pytest.mark.integration
 
-USER = "alice@example.test"
 PASSWORD = "secret one"
 FORMATS = ["maildir", "mbox"]
+USERS = 40  # one per test on a shared server: no test sees another's mail or lock
 
 
-class Site:
-    """A running mailserv with POP3 (STLS) and POP3S listeners and one user."""
+class Server:
+    """A running mailserv with POP3 (STLS) and POP3S listeners and USERS users."""
 
-    def __init__(self, mailserv: Any, state_dir: Path, test_ca: Any, store_format: str) -> None:
-        state_dir.joinpath("users.passwd").write_text(f"{USER}:{{PLAIN}}{PASSWORD}::::::\n")
+    def __init__(self, state_dir: Path, test_ca: Any, store_format: str) -> None:
+        state_dir.joinpath("users.passwd").write_text(
+            "".join(f"user{i}@example.test:{{PLAIN}}{PASSWORD}::::::\n" for i in range(USERS))
+        )
         path = "mail/{domain}/{localpart}/" + ("Maildir" if store_format == "maildir" else "inbox")
-        self.config_dict = make_config(
+        config_dict = make_config(
             state_dir,
             listeners=["pop3", "pop3s"],
             tls=(test_ca.cert_file, test_ca.key_file),
             store={"format": store_format, "path": str(state_dir / path)},
         )
-        self.config = from_dict(self.config_dict)
-        self.state_dir = state_dir
+        self.config = from_dict(config_dict)
+        # The tests' own deliveries need not be durable (the server's store fsyncs as configured).
+        self.config.store.fsync = False
+        self.store_format = store_format
         self.ca_file = test_ca.ca_file
-        self.process = mailserv.start(self.config_dict)
+        config_file = state_dir / "mailserv.toml"
+        config_file.write_text(render_toml(config_dict))
+        self.process = start_mailserv(["--config", str(config_file)], state_dir, 2)
         self.port = self.process.port("pop3")
         self.tls_port = self.process.port("pop3s")
-        mailbox = self.config.store.path.format(domain="example.test", localpart="alice")
-        self.user = User(name=USER, mailbox=mailbox, store_format=store_format)
-        # The test's own deliveries need not be durable (the server's store fsyncs as configured).
-        self.config.store.fsync = False
+        self.users = iter(range(USERS))
+
+    def stop(self) -> None:
+        self.process.stop()
+
+
+class Site:
+    """One user of a Server: deliver to its INBOX, log in as it."""
+
+    def __init__(self, server: Server) -> None:
+        self.server = server
+        self.port = server.port
+        self.tls_port = server.tls_port
+        self.ca_file = server.ca_file
+        self.config = server.config
+        local = f"user{next(server.users)}"
+        self.name = f"{local}@example.test"
+        mailbox = self.config.store.path.format(domain="example.test", localpart=local)
+        self.user = User(name=self.name, mailbox=mailbox, store_format=server.store_format)
         self.store = store_for(self.user, self.config.store)
 
     def deliver(self, *messages: bytes) -> None:
@@ -72,7 +95,7 @@ class Site:
 
     def login(self) -> poplib.POP3:
         c = self.client()
-        c.user(USER)
+        c.user(self.name)
         c.pass_(PASSWORD)
         return c
 
@@ -91,9 +114,37 @@ class Site:
         return ssl.create_default_context(cafile=self.ca_file)
 
 
+@pytest.fixture(scope="module")
+def servers(tmp_path_factory: pytest.TempPathFactory, test_ca: Any) -> Iterator[dict[str, Server]]:
+    """One server per store format, started on first use, shared by the module's tests."""
+    started: dict[str, Server] = {}
+
+    class Lazy(dict[str, Server]):
+        def __missing__(self, fmt: str) -> Server:
+            server = Server(tmp_path_factory.mktemp(f"pop3-{fmt}"), test_ca, fmt)
+            started[fmt] = self[fmt] = server
+            return server
+
+    try:
+        yield Lazy()
+    finally:
+        for server in started.values():
+            server.stop()
+
+
 @pytest.fixture(params=FORMATS)
-def site(request: Any, mailserv: Any, state_dir: Path, test_ca: Any) -> Site:
-    return Site(mailserv, state_dir, test_ca, request.param)
+def site(request: Any, servers: dict[str, Server]) -> Site:
+    return Site(servers[request.param])
+
+
+@pytest.fixture(params=FORMATS)
+def own_site(request: Any, tmp_path: Path, test_ca: Any) -> Iterator[Site]:
+    """A site on a server of its own (for tests that leave auth penalties behind)."""
+    server = Server(tmp_path, test_ca, request.param)
+    try:
+        yield Site(server)
+    finally:
+        server.stop()
 
 
 def message(n: int, body: bytes = b"") -> bytes:
@@ -151,7 +202,7 @@ def test_capa_and_stls(site: Site) -> None:
     c.stls(site.tls_context())
     caps = c.capa()
     assert "STLS" not in caps
-    c.user(USER)
+    c.user(site.name)
     c.pass_(PASSWORD)
     assert c.stat() == (0, 0)
     c.quit()
@@ -162,14 +213,14 @@ def test_implicit_tls_and_apop(site: Site) -> None:
     c = poplib.POP3_SSL("127.0.0.1", site.tls_port, context=site.tls_context(), timeout=60)
     assert "STLS" not in c.capa()
     assert b"<" in c.getwelcome()  # {PLAIN} secrets: APOP is offered
-    c.apop(USER, PASSWORD)
+    c.apop(site.name, PASSWORD)
     assert c.stat()[0] == 1
     c.quit()
 
 
-def test_wrong_password(site: Site) -> None:
-    c = site.client()
-    c.user(USER)
+def test_wrong_password(own_site: Site) -> None:
+    c = own_site.client()
+    c.user(own_site.name)
     with pytest.raises(poplib.error_proto, match=r"^b'-ERR \[AUTH\] Authentication failed\.'$"):
         c.pass_("wrong")
     c.quit()
@@ -178,17 +229,17 @@ def test_wrong_password(site: Site) -> None:
 def test_in_use_across_sessions_and_processes(site: Site) -> None:
     first = site.login()
     second = site.client()
-    second.user(USER)
+    second.user(site.name)
     with pytest.raises(poplib.error_proto, match=r"IN-USE"):
         second.pass_(PASSWORD)
     first.quit()
     second.quit()
     # Another process (this test) holds the maildrop: the server refuses too.
-    lock = MaildropLock(lock_directory(site.config.state_dir), USER)
+    lock = MaildropLock(lock_directory(site.config.state_dir), site.name)
     lock.acquire()
     try:
         third = site.client()
-        third.user(USER)
+        third.user(site.name)
         with pytest.raises(poplib.error_proto, match=r"IN-USE"):
             third.pass_(PASSWORD)
         third.quit()
@@ -257,7 +308,7 @@ def test_fetchmail(site: Site, tmp_path: Path, require_program: Any, mode: str) 
     rc.write_text(
         "set no bouncemail\n"
         f"poll 127.0.0.1 service {site.port} protocol {protocol} uidl\n"
-        f'  user "{USER}" password "{PASSWORD}" is "alice" here\n'
+        f'  user "{site.name}" password "{PASSWORD}" is "alice" here\n'
         f"  {tls} no keep\n"
         f"  mda \"/bin/sh -c 'cat > {out}/msg.$$'\"\n"
     )
@@ -291,7 +342,7 @@ def test_getmail6(site: Site, tmp_path: Path, require_program: Any, secure: bool
     rc = tmp_path / "getmailrc"
     rc.write_text(
         "[retriever]\n"
-        f"{retriever}server = 127.0.0.1\nusername = {USER}\npassword = {PASSWORD}\n"
+        f"{retriever}server = 127.0.0.1\nusername = {site.name}\npassword = {PASSWORD}\n"
         # An external MDA: getmail's own maildir delivery refuses to run as root.
         "[destination]\ntype = MDA_external\npath = /bin/sh\nallow_root_commands = true\n"
         f'arguments = ("-c", "cat > {dest}/msg.$$")\n'

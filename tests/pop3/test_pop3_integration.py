@@ -275,8 +275,13 @@ def test_poplib_20_megabyte_message(site: Site) -> None:
     big = message(1, bytes(body))
     site.deliver(big)
     c = site.login()
-    c._maxline = 1 << 20  # type: ignore[attr-defined]
     assert c.list(1).split()[2] == str(len(big)).encode()
+    assert retrieved(c.retr(1)[1]) == big
+    c.quit()
+    # The same through implicit TLS (the stream's back-pressure through the TLS layer).
+    c = poplib.POP3_SSL("127.0.0.1", site.tls_port, context=site.tls_context(), timeout=60)
+    c.user(site.name)
+    c.pass_(PASSWORD)
     assert retrieved(c.retr(1)[1]) == big
     c.quit()
 

@@ -100,9 +100,15 @@ def with_letters(base: str, letters: Iterable[str]) -> str:
     return f"{base}:2,{''.join(sorted(set(letters)))}"
 
 
-def _sort_key(name: str) -> tuple[int, str]:
-    head = name.split(".", 1)[0]
-    return (int(head) if head.isdigit() else 0, name)
+_NAME_TIME = re.compile(r"^(\d+)\.(?:M(\d+))?(?:P\d+)?(?:Q(\d+))?")
+
+
+def _sort_key(name: str) -> tuple[int, int, int, str]:
+    """Delivery order of new files: seconds, microseconds, per-process counter."""
+    m = _NAME_TIME.match(name)
+    if m is None:
+        return (0, 0, 0, name)
+    return (int(m.group(1)), int(m.group(2) or 0), int(m.group(3) or 0), name)
 
 
 def _make_maildir(path: str, subfolder: bool) -> None:

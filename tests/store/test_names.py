@@ -81,3 +81,16 @@ def test_store_for_falls_back_to_config_format() -> None:
     assert isinstance(store_for(user, config(format="maildir")), MaildirStore)
     with pytest.raises(ValueError):
         store_for(User(name="u", mailbox="/x", store_format="mh"), config())
+
+
+def test_new_files_are_numbered_in_delivery_order() -> None:
+    from mailserv.store.maildir import _sort_key
+
+    names = ["100.M99999P1Q9.h", "100.M100000P1Q10.h", "99.M5P1Q1.h", "100.M100000P1Q2.h", "x"]
+    assert sorted(names, key=_sort_key) == [
+        "x",
+        "99.M5P1Q1.h",
+        "100.M99999P1Q9.h",
+        "100.M100000P1Q2.h",
+        "100.M100000P1Q10.h",
+    ]

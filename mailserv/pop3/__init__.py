@@ -23,7 +23,8 @@ Behaviour, with the Twisted defects fixed (ARCHITECTURE.md items 1 and 8):
   a dropped connection, a timeout or a shutdown (``drain``) removes nothing.
 * Message numbers must be 1..N of live messages; UIDL is ``%08X%08X`` of (UID,
   UIDVALIDITY), stable across sessions; lines are limited to 512 octets; idle
-  timeout 10 minutes (``idle_timeout`` of the listener); TCP_NODELAY is set.
+  timeout 10 minutes (``idle_timeout`` of the listener); TCP_NODELAY is set; at most
+  ``max_connections_per_ip`` (default 50) connections from one address.
 
 Contract with the service: ``build_factory(service, name, listener)`` uses
 ``service.reactor``, ``.config``, ``.threads`` (``disk`` pool), ``.portal``,
@@ -121,4 +122,5 @@ def build_factory(service: Any, name: str, listener: Any) -> POP3Factory:
         tls_options=service.tls_options if listener.tls == "starttls" else None,
         allow_plaintext_auth=listener.allow_plaintext_auth,
         idle_timeout=listener.idle_timeout or IDLE_TIMEOUT,
+        max_connections_per_ip=listener.max_connections_per_ip or 50,
     )

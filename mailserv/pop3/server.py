@@ -121,6 +121,7 @@ class POP3Factory(ServerFactory):
         allow_plaintext_auth: str = "loopback",
         idle_timeout: float = IDLE_TIMEOUT,
         login_delay: int = 0,
+        max_connections_per_ip: int = 50,
     ) -> None:
         self.reactor = reactor
         self.backend = backend
@@ -133,6 +134,8 @@ class POP3Factory(ServerFactory):
         self.login_delay = login_delay
         # user name -> reactor time of the last login (RFC 2449 §6.8 LOGIN-DELAY).
         self.last_login: dict[str, float] = {}
+        self.max_connections_per_ip = max_connections_per_ip
+        self.connections: dict[str, int] = {}
 
     def buildProtocol(self, addr: Any) -> POP3Server:  # type: ignore[override]
         p = POP3Server()
@@ -235,6 +238,7 @@ class POP3Server(pop3.POP3):
         self._discarding = False
         self._closing = False
         self._draining = False
+        self._counted = False
         self._tls = False
         self.session_state = AUTHORIZATION
         self._user_arg: bytes | None = None
@@ -252,6 +256,14 @@ class POP3Server(pop3.POP3):
             self.transport.setTcpNoDelay(True)
         except (AttributeError, NotImplementedError, OSError):
             pass
+        host = self._peer_host()
+        count = self.factory.connections.get(host, 0) + 1
+        self.factory.connections[host] = count
+        self._counted = True
+        if count > self.factory.max_connections_per_ip:
+            self._err(b"[SYS/TEMP] Too many connections from your address.")
+            self._close()
+            return
         self.timeOut = self.factory.idle_timeout
         self.setTimeout(self.timeOut)
         if self.factory.backend.apop_enabled():
@@ -269,6 +281,14 @@ class POP3Server(pop3.POP3):
         """A dropped connection deletes nothing (RFC 1939 §6); the maildrop is released."""
         self._closing = True
         self.setTimeout(None)
+        if self._counted:
+            self._counted = False
+            host = self._peer_host()
+            left = self.factory.connections.get(host, 1) - 1
+            if left > 0:
+                self.factory.connections[host] = left
+            else:
+                self.factory.connections.pop(host, None)
         if self._streamer is not None:
             self._streamer.stopProducing()
         if self.session_state != UPDATE:

@@ -573,3 +573,19 @@ def test_drain_lets_the_command_in_progress_finish(harness):
         b"-ERR [SYS/TEMP] Server shutting down, try again later.\r\n"
     )
     assert t.disconnecting
+
+
+def test_connections_per_ip_are_limited(harness):
+    harness.factory.max_connections_per_ip = 2
+    first = harness.connect("192.0.2.7")
+    harness.connect("192.0.2.7")
+    p3, t3 = harness.connect("192.0.2.7")
+    assert t3.value() == b"-ERR [SYS/TEMP] Too many connections from your address.\r\n"
+    assert t3.disconnecting
+    p3.connectionLost(None)
+    _, other = harness.connect("192.0.2.8")
+    assert other.value() == b"+OK POP3 server ready\r\n"
+    first[0].connectionLost(None)
+    _, again = harness.connect("192.0.2.7")
+    assert again.value() == b"+OK POP3 server ready\r\n"
+    assert harness.factory.connections == {"192.0.2.7": 2, "192.0.2.8": 1}

@@ -26,7 +26,7 @@ import argon2
 import bcrypt
 from passlib.hash import md5_crypt, sha256_crypt, sha512_crypt
 
-from mailserv.auth import md5state
+from mailserv.auth import libcrypt, md5state
 
 SCHEMES = (
     "ARGON2ID",
@@ -161,6 +161,9 @@ def _verify(scheme: str, data: str, pw: bytes) -> bool:
     if scheme == "BLF-CRYPT":
         return bcrypt.checkpw(pw[:BCRYPT_MAX], data.encode())
     if scheme in _CRYPT:
+        if libcrypt.available():  # releases the GIL (see libcrypt.py)
+            hashed = libcrypt.crypt(pw, data)
+            return hashed is not None and hmac.compare_digest(hashed.encode(), data.encode())
         return bool(_CRYPT[scheme].verify(pw, data))
     if scheme in _SALTED:
         raw = base64.b64decode(data, validate=True)

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 import time
+from typing import Any
 
 from mailserv.errors import TemporaryFailure
 from mailserv.store._fs import hostname, pid_alive, unique_name, write_all
@@ -20,6 +22,39 @@ from mailserv.store._fs import hostname, pid_alive, unique_name, write_all
 
 class LockTimeout(TemporaryFailure):
     """A lock could not be taken in time; the caller should retry later."""
+
+
+class _ThreadGate:
+    """One threading.Lock per lock path, so the threads of one process queue for a
+    dotlock without polling it (only one of them polls the file at a time)."""
+
+    def __init__(self) -> None:
+        self._guard = threading.Lock()
+        self._locks: dict[str, list[Any]] = {}  # path -> [Lock, users]
+
+    def acquire(self, path: str, timeout: float) -> bool:
+        with self._guard:
+            entry = self._locks.setdefault(path, [threading.Lock(), 0])
+            entry[1] += 1
+        if entry[0].acquire(timeout=max(timeout, 0.0)):
+            return True
+        self._drop(path, entry)
+        return False
+
+    def release(self, path: str) -> None:
+        with self._guard:
+            entry = self._locks[path]
+        entry[0].release()
+        self._drop(path, entry)
+
+    def _drop(self, path: str, entry: list[Any]) -> None:
+        with self._guard:
+            entry[1] -= 1
+            if entry[1] == 0:
+                del self._locks[path]
+
+
+_gate = _ThreadGate()
 
 
 class DotLock:
@@ -45,7 +80,7 @@ class DotLock:
     def _ident(self) -> bytes:
         return f"{os.getpid()}:{hostname()}\n".encode()
 
-    def try_acquire(self) -> bool:
+    def _try_link(self) -> bool:
         """One attempt: link a private temp file to the lock name (NFS-safe)."""
         directory = os.path.dirname(self.path) or "."
         tmp = os.path.join(directory, f".{os.path.basename(self.path)}.{unique_name()}")
@@ -67,13 +102,19 @@ class DotLock:
     def acquire(self) -> None:
         """Take the lock, breaking stale ones; LockTimeout after ``timeout`` seconds."""
         deadline = time.monotonic() + self.timeout
-        delay = self.poll
-        while not self.try_acquire():
-            self._break_if_stale()
-            if time.monotonic() >= deadline:
-                raise LockTimeout(f"could not lock {self.path}")
-            time.sleep(delay)
-            delay = min(delay * 2, self.max_poll)
+        if not _gate.acquire(self.path, self.timeout):
+            raise LockTimeout(f"could not lock {self.path}")
+        try:
+            delay = self.poll
+            while not self._try_link():
+                self._break_if_stale()
+                if time.monotonic() >= deadline:
+                    raise LockTimeout(f"could not lock {self.path}")
+                time.sleep(delay)
+                delay = min(delay * 2, self.max_poll)
+        except BaseException:
+            _gate.release(self.path)
+            raise
 
     def _break_if_stale(self) -> None:
         try:
@@ -121,8 +162,11 @@ class DotLock:
     def release(self) -> None:
         if self.held:
             self.held = False
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.path)
+            try:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self.path)
+            finally:
+                _gate.release(self.path)
 
     def __enter__(self) -> DotLock:
         self.acquire()

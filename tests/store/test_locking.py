@@ -203,3 +203,41 @@ def test_stale_tmp_files_are_removed_on_open(tmp_path: Path) -> None:
     box = store.open(user).open_folder("INBOX")
     assert sorted(os.listdir(tmp)) == ["2.M2P2.host"]
     assert box.messages() == []
+
+
+@pytest.mark.parametrize("fmt", ["mbox", "maildir"])
+def test_threads_of_one_process_share_the_locks(fmt: str, tmp_path: Path) -> None:
+    """The disk pool delivers and synchronises from several threads at once."""
+    import threading
+
+    user = User(
+        name="alice",
+        mailbox=str(tmp_path / ("mbox" if fmt == "mbox" else "Maildir")),
+        store_format=fmt,
+    )
+    store = make_store(fmt)
+    box = store.open(user).open_folder("INBOX")
+    errors: list[BaseException] = []
+
+    def work(n: int) -> None:
+        try:
+            for i in range(15):
+                store.deliver(user, io.BytesIO(checked_message(f"t{n}-{i}")))
+                box.refresh()
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(n,)) for n in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    box.refresh()
+    infos = box.messages()
+    assert len({i.uid for i in infos}) == 90
+    tags = set()
+    for info in infos:
+        with box.open_message(info.uid) as f:
+            tags.add(verify_message(f.read()))
+    assert tags == {f"t{n}-{i}" for n in range(6) for i in range(15)}

@@ -118,3 +118,46 @@ def test_secret_kinds() -> None:
     assert schemes.secret_kinds(schemes.hash_password("x", "SSHA")) == frozenset()
     assert schemes.plaintext_of("{CLEAR}abc") == b"abc"
     assert schemes.plaintext_of("{SSHA}abc") is None
+
+
+@pytest.mark.parametrize(
+    "setting",
+    ["$6$saltsalt", "$6$rounds=10000$saltsalt", "$5$saltsalt", "$1$saltsalt"],
+)
+def test_libcrypt_matches_passlib(setting: str) -> None:
+    from passlib.hash import md5_crypt, sha256_crypt, sha512_crypt
+
+    from mailserv.auth import libcrypt
+
+    if not libcrypt.available():
+        unavailable("libcrypt has no crypt_rn (libxcrypt)")
+    handler = {"$6$": sha512_crypt, "$5$": sha256_crypt, "$1$": md5_crypt}[setting[:3]]
+    ours = libcrypt.crypt(PASSWORD.encode(), setting)
+    assert ours is not None and handler.verify(PASSWORD, ours)
+    assert libcrypt.crypt(b"a\0b", setting) is None
+    assert libcrypt.crypt(b"x", "$6$") is None or libcrypt.crypt(b"x", "*") is None
+
+
+def test_sha_crypt_does_not_hold_the_gil() -> None:
+    """A long SHA512-CRYPT in a thread leaves the main thread running (the reactor's case).
+
+    A scheme implemented in C that kept the GIL would stop the reactor for the whole hash.
+    """
+    import threading
+    import time
+
+    from mailserv.auth import libcrypt
+
+    if not libcrypt.available():
+        unavailable("libcrypt has no crypt_rn (libxcrypt)")
+    stored = "{SHA512-CRYPT}" + str(libcrypt.crypt(b"pw", "$6$rounds=400000$saltsalt"))
+    worker = threading.Thread(target=schemes.verify, args=(stored, "pw"))
+    started = time.monotonic()
+    worker.start()
+    longest, last = 0.0, time.monotonic()
+    while worker.is_alive():
+        now = time.monotonic()
+        longest, last = max(longest, now - last), now
+    took = time.monotonic() - started
+    assert took > 0.2  # the hash really took a while
+    assert longest < took / 2

@@ -34,7 +34,25 @@ IMAP modified UTF-7 (RFC 3501 §5.1.3), as Dovecot writes them.
   See ``mailserv.store.mbox``.
 
 Messages are described by ``MessageInfo``; the special-use folders (RFC 6154)
-``Sent Drafts Trash Junk Archive`` are created when an account is opened.
+``Sent Drafts Trash Junk Archive`` are created when an account is opened
+(``account.special_use()`` maps them to their roles).
+
+Bytes and sizes: ``open_message`` always yields CRLF line ends and
+``MessageInfo.size`` is that exact length (the RFC 822 size IMAP and POP3
+report).  Maildir files are kept as written (mailserv writes what SMTP
+spooled: CRLF); an LF file written by Dovecot, procmail or Python is read
+through a CRLF view, its size taken from Dovecot's ``,W=`` field or counted
+once.  mbox files hold LF lines (mboxrd) and are read back the same way.
+
+For IMAP/POP3 (all on ``IMailbox``): ``uidvalidity``, ``uidnext()``,
+``highest_modseq()``, ``messages()`` / ``message(uid)``, ``refresh()`` (returns
+the UIDs that went away; new ones appear in ``messages()``),
+``open_message(uid)``, ``set_flags(uid, flags)`` (system flags and keywords in
+one iterable; raises ``ValueError`` for a malformed flag and
+``TooManyKeywords`` when a maildir folder already uses 26 keywords),
+``append(source, flags, internal_date)``, ``copy_to``/``move_to(uids, target)``
+(UIDPLUS mapping), ``expunge(uids)``.  ``\\Recent`` is not stored.  Every
+change bumps the folder's highest modseq; an expunge bumps it too.
 """
 
 from __future__ import annotations

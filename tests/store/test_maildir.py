@@ -1,0 +1,74 @@
+"""Maildir specifics: file names, info letters, dovecot-keywords, delivery layout."""
+
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+
+import pytest
+
+from mailserv.directory import User
+from mailserv.store import TooManyKeywords
+from tests.store.helpers import make_store
+
+MSG = b"Subject: x\r\n\r\nbody\r\n"
+
+
+@pytest.fixture
+def user(tmp_path: Path) -> User:
+    return User(name="alice", mailbox=str(tmp_path / "Maildir"))
+
+
+def test_delivery_lands_in_new_with_size_fields(user: User) -> None:
+    name = make_store("maildir").deliver(user, io.BytesIO(MSG), prefix=b"Delivered-To: a\r\n")
+    size = len(MSG) + len(b"Delivered-To: a\r\n")
+    assert name.endswith(f",S={size},W={size}")
+    assert os.listdir(Path(user.mailbox, "new")) == [name]
+    assert os.listdir(Path(user.mailbox, "tmp")) == []
+    sec, rest = name.split(".", 1)
+    assert sec.isdigit() and rest.startswith("M") and f"P{os.getpid()}Q" in rest
+
+
+def test_info_letters_and_unknown_letters_are_kept(user: User) -> None:
+    store = make_store("maildir")
+    store.deliver(user, io.BytesIO(MSG))
+    box = store.open(user).open_folder("INBOX")
+    [info] = box.messages()
+    cur = Path(user.mailbox, "cur")
+    [name] = os.listdir(cur)
+    assert name.endswith(":2,")
+    os.rename(cur / name, cur / (name + "P"))  # "passed", set by another MUA
+    box.refresh()
+    box.set_flags(info.uid, ["\\Draft", "\\Flagged", "\\Answered", "\\Seen", "\\Deleted"])
+    [name] = os.listdir(cur)
+    assert name.endswith(":2,DFPRST")
+
+
+def test_keywords_use_dovecot_letters_up_to_26(user: User) -> None:
+    store = make_store("maildir")
+    store.deliver(user, io.BytesIO(MSG))
+    box = store.open(user).open_folder("INBOX")
+    uid = box.messages()[0].uid
+    box.set_flags(uid, [f"kw{i:02d}" for i in range(26)])
+    keywords = Path(user.mailbox, "dovecot-keywords").read_text().splitlines()
+    assert keywords[0] == "0 kw00" and keywords[25] == "25 kw25"
+    [name] = os.listdir(Path(user.mailbox, "cur"))
+    assert name.endswith(":2,abcdefghijklmnopqrstuvwxyz")
+    with pytest.raises(TooManyKeywords):
+        box.set_flags(uid, ["one-too-many"])
+    assert box.message(uid).keywords == {f"kw{i:02d}" for i in range(26)}
+
+
+def test_external_flag_change_bumps_modseq(user: User) -> None:
+    store = make_store("maildir")
+    store.deliver(user, io.BytesIO(MSG))
+    box = store.open(user).open_folder("INBOX")
+    info = box.messages()[0]
+    cur = Path(user.mailbox, "cur")
+    [name] = os.listdir(cur)
+    os.rename(cur / name, cur / (name + "S"))  # mutt marks it read
+    assert box.refresh() == []
+    after = box.message(info.uid)
+    assert after.flags == {"\\Seen"} and after.modseq > info.modseq
+    assert box.highest_modseq() == after.modseq

@@ -188,6 +188,9 @@ class AuthSection(Section):
         for i, name in enumerate(self.backends):
             if name not in self.backend:
                 ctx.error(f"{path}.backends[{i}]", f"no [{path}.backend.{name}] table")
+        shared = self.pop_before_smtp_backend
+        if shared is not None and getattr(self.backend.get(shared), "type", None) != "sql":
+            ctx.error(f"{path}.pop_before_smtp_backend", f"no sql backend named {shared!r}")
 
 
 class StoreSection(Section):

@@ -178,3 +178,38 @@ def test_pop_before_smtp_shared_in_postgresql(tmp_path: Path, postgres_db: str) 
     finally:
         node1.close()
         node2.close()
+
+
+def test_pop_before_smtp_backend_must_be_an_sql_backend(tmp_path: Path) -> None:
+    from mailserv.errors import ConfigError
+
+    backend = {"f": {"type": "passwd-file", "path": str(tmp_path / "u")}}
+    with pytest.raises(
+        ConfigError, match=r"auth.pop_before_smtp_backend: no sql backend named 'f'"
+    ):
+        make_config(tmp_path, backend, pop_before_smtp_backend="f")
+    with pytest.raises(ConfigError, match="no sql backend named 'nope'"):
+        make_config(tmp_path, backend, pop_before_smtp_backend="nope")
+
+
+@pytest_twisted.inlineCallbacks
+def test_with_the_real_mail_service(tmp_path: Path) -> Any:
+    """MailService.portal / .directory come from build_portal / build_directory, and reload."""
+    from twisted.internet import reactor
+
+    from mailserv.service import MailService
+
+    users = write(tmp_path / "u.passwd", "alice@example.org:{PLAIN}one")
+    config = make_config(tmp_path, {"f": {"type": "passwd-file", "path": users}})
+    service = MailService(config, reactor)
+    try:
+        _, avatar, _ = yield login(service.portal, "alice@example.org", "one")
+        found = yield service.directory.lookup("alice+x@example.org")
+        assert found == avatar.user
+        other = write(tmp_path / "v.passwd", "alice@example.org:{PLAIN}two")
+        service.reload(make_config(tmp_path, {"g": {"type": "passwd-file", "path": other}}))
+        yield login(service.portal, "alice@example.org", "two")
+        with pytest.raises(UnauthorizedLogin):
+            yield login(service.portal, "alice@example.org", "one")
+    finally:
+        service.threads._stop_pools()

@@ -40,6 +40,11 @@ from mailserv.queue.state import FAILED, PENDING, SENT
 
 log = Logger()
 
+# Successful MX/TLS plans are reused this long (seconds): many messages to one domain
+# need one set of MX, address, TLSA and MTA-STS lookups, not one each.
+PLAN_CACHE_TIME = 30.0
+PLAN_CACHE_SIZE = 10_000
+
 
 @dataclass
 class Outcome:
@@ -136,6 +141,7 @@ class Deliverer:
         self.mta_sts = mta_sts
         self._connect = connect or self._connect_tcp
         self.destinations: dict[str, Destination] = {}
+        self._plans: dict[str, tuple[float, list[HostPlan]]] = {}
         self.timeouts = Timeouts(
             connect=config.connect_timeout,
             greeting=config.greeting_timeout,
@@ -166,28 +172,48 @@ class Deliverer:
         dest = self._destination(key)
         outcomes: dict[int, Outcome] = {}
         remaining = list(indices)
-        while remaining and dest.idle:
-            conn = dest.idle.pop()
-            if conn.timer is not None and conn.timer.active():
-                conn.timer.cancel()
-            if conn.session.protocol.closed:
-                dest.release()
-                continue
+        slot = False  # we hold a connection slot of dest
+        while remaining:
+            if dest.idle:
+                conn = dest.idle.pop()
+                if conn.timer is not None and conn.timer.active():
+                    conn.timer.cancel()
+                if conn.session.protocol.closed:
+                    dest.release()
+                    continue
+            elif dest.count >= dest.limit:
+                # Saturated: wait for a connection to be handed over (or a free slot)
+                # before spending DNS lookups on a connection we could not open.
+                handed = await dest.acquire()
+                if handed is None:
+                    slot = True
+                    break
+                conn = handed
+            else:
+                break
             remaining = await self._transaction(dest, conn, item, remaining, chunks, outcomes)
         if not remaining:
+            if slot:
+                dest.release()
             return outcomes
         try:
             plans = await self.plan(domain)
-        except SMTPReply as reply:
-            text = f"{reply.code} {reply.enhanced} {reply.text}"
-            status = PENDING if reply.temporary else FAILED
+        except (SMTPReply, TemporaryFailure) as exc:
+            if slot:
+                dest.release()
+            if isinstance(exc, SMTPReply):
+                text = f"{exc.code} {exc.enhanced} {exc.text}"
+                status = PENDING if exc.temporary else FAILED
+            else:
+                text, status = f"451 4.4.3 {exc}", PENDING
             return {**outcomes, **{i: Outcome(status, text) for i in remaining}}
-        except TemporaryFailure as exc:
-            return {**outcomes, **{i: Outcome(PENDING, f"451 4.4.3 {exc}") for i in remaining}}
         last = "451 4.4.1 no MX host could be reached"
         for plan in plans:
             for address in plan.host.addresses:
-                reused = await dest.acquire()
+                if slot:
+                    slot, reused = False, None
+                else:
+                    reused = await dest.acquire()
                 try:
                     conn = reused or await self._open(plan, address)
                 except Exception as exc:
@@ -204,6 +230,8 @@ class Deliverer:
                 break  # one session per host; temporary results go on to the next host
             if not remaining:
                 break
+        if slot:
+            dest.release()
         for index in remaining:
             outcomes.setdefault(index, Outcome(PENDING, last))
         return outcomes
@@ -320,7 +348,18 @@ class Deliverer:
     # Where to go and with which TLS
 
     async def plan(self, domain: str) -> list[HostPlan]:
-        """The hosts to try for ``domain`` with their TLS requirements."""
+        """The hosts to try for ``domain`` with their TLS requirements (cached briefly)."""
+        now = self.reactor.seconds()
+        cached = self._plans.get(domain)
+        if cached is not None and cached[0] > now:
+            return cached[1]
+        plans = await self._plan(domain)
+        if len(self._plans) >= PLAN_CACHE_SIZE:
+            self._plans.pop(next(iter(self._plans)))
+        self._plans[domain] = (now + PLAN_CACHE_TIME, plans)
+        return plans
+
+    async def _plan(self, domain: str) -> list[HostPlan]:
         relay = self.config.relay_host
         if relay is not None:
             # A smarthost is used by its address records, never its MX (Postfix "[host]").

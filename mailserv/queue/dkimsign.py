@@ -75,6 +75,20 @@ class Signer:
     def __init__(self, key_dir: str) -> None:
         self.key_dir = key_dir
         self._cache: dict[str, tuple[float, list[DKIMKey]]] = {}
+        self._any: tuple[float, bool] = (0.0, False)
+
+    def has_keys(self) -> bool:
+        """Whether any domain has keys (a stat every few seconds): else skip signing."""
+        import time
+
+        now = time.monotonic()
+        if now - self._any[0] > 5.0:
+            try:
+                found = any(os.scandir(self.key_dir))
+            except OSError:
+                found = False
+            self._any = (now, found)
+        return self._any[1]
 
     def keys_for(self, domain: str) -> list[DKIMKey]:
         if not domain or "/" in domain or domain.startswith("."):
@@ -119,11 +133,20 @@ class Signer:
         return out
 
     def sign_file(self, path: str) -> bytes:
-        """``sign`` for a queued message file (blocking: run it in the "crypto" pool)."""
-        if os.path.getsize(path) > MAX_SIGNED_SIZE:
-            return b""
+        """``sign`` for a queued message file (blocking: run it in the "crypto" pool).
+
+        The header section is read first; the whole message only if its From
+        domain has keys.
+        """
         with open(path, "rb") as f:
-            return self.sign(f.read())
+            head = f.read(65536)
+            end = head.find(b"\r\n\r\n")
+            domain = author_domain(head[: end + 2] if end >= 0 else head)
+            if domain is None or not self.keys_for(domain):
+                return b""
+            if os.fstat(f.fileno()).st_size > MAX_SIGNED_SIZE:
+                return b""
+            return self.sign(head + f.read())
 
 
 def txt_strings(value: str) -> str:

@@ -31,6 +31,7 @@ from typing import Any
 from twisted.application.service import Service
 from twisted.internet import defer
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from mailserv.address import AddressError, parse_mailbox
 from mailserv.errors import SMTPReply, smtp_reply_for
@@ -39,6 +40,8 @@ from mailserv.queue.deliver import Deliverer, Outcome
 from mailserv.queue.state import DONE, FAILED, PENDING, SENT, IndexRow, QueueItem, QueueStore
 
 log = Logger()
+
+READ_SIZE = 256 * 1024  # message bytes read per thread hop while sending
 
 
 def backoff(attempts: int, first: float, maximum: float) -> float:
@@ -86,6 +89,7 @@ class QueueService(Service):
         self._scanning: defer.Deferred[None] | None = None
         self._locked = False
         self._idle_waiters: list[defer.Deferred[None]] = []
+        self._removals: list[tuple[str, defer.Deferred[None]]] = []
 
     # ------------------------------------------------------------------
     # Lifecycle
@@ -287,6 +291,27 @@ class QueueService(Service):
         if self.running:
             self._wake()
 
+    def _remove(self, entry_id: str) -> defer.Deferred[None]:
+        """Remove a finished entry; removals of the same moment share one disk hop."""
+        d: defer.Deferred[None] = defer.Deferred()
+        self._removals.append((entry_id, d))
+        if len(self._removals) == 1:
+            self.reactor.callLater(0, self._flush_removals)
+        return d
+
+    def _flush_removals(self) -> None:
+        batch, self._removals = self._removals, []
+        done = self.threads.run("disk", self.store.remove_many, [i for i, _ in batch])
+
+        def fire(result: Any) -> None:
+            for _, d in batch:
+                if isinstance(result, Failure):
+                    d.errback(result)
+                else:
+                    d.callback(None)
+
+        done.addBoth(fire)
+
     def wait_idle(self) -> defer.Deferred[None]:
         """Fires when no attempt is running (tests, drain)."""
         if not self.active:
@@ -300,7 +325,7 @@ class QueueService(Service):
 
     async def _attempt(self, entry_id: str) -> None:
         try:
-            item = await self.threads.run("disk", self.store.load, entry_id)
+            item = await self.threads.run("disk", self.store.load, entry_id, READ_SIZE)
         except FileNotFoundError:
             self.rows.pop(entry_id, None)
             return
@@ -329,7 +354,7 @@ class QueueService(Service):
         if row is not None and row.hold:
             item.hold = True
         if item.finished:
-            await self.threads.run("disk", self.store.remove, entry_id)
+            await self._remove(entry_id)
             self.rows.pop(entry_id, None)
             return
         delay = backoff(item.attempts, self.config.retry_first, self.config.retry_max)
@@ -396,7 +421,7 @@ class QueueService(Service):
         """What the client sends: DKIM signatures (if we sign for the sender) then the file."""
         path = spool.message_path(self.store.directory, item.id)
         prefix = b""
-        if self.signer is not None:
+        if self.signer is not None and self.signer.has_keys():
             try:
                 prefix = await self.threads.run("crypto", self.signer.sign_file, path)
             except Exception:
@@ -404,18 +429,22 @@ class QueueService(Service):
         item.size += len(prefix)
         threads = self.threads
 
+        preloaded = item.data
+
         async def chunks() -> AsyncIterator[bytes]:
             if prefix:
                 yield prefix
-            f = await threads.run("disk", open, path, "rb")
-            try:
-                while True:
-                    data = await threads.run("disk", f.read, 65536)
-                    if not data:
-                        break
+            if preloaded is not None:
+                yield preloaded
+                return
+            offset = 0
+            while True:
+                data = await threads.run("disk", read_at, path, offset, READ_SIZE)
+                if data:
                     yield data
-            finally:
-                f.close()
+                if len(data) < READ_SIZE:
+                    break
+                offset += len(data)
 
         return chunks
 
@@ -539,6 +568,14 @@ def _local_outcome(reply: SMTPReply | None) -> Outcome:
         return Outcome(SENT, "250 2.0.0 delivered locally")
     text = f"{reply.code} {reply.enhanced} {reply.text}"
     return Outcome(PENDING if reply.temporary else FAILED, text)
+
+
+def read_at(path: str, offset: int, size: int) -> bytes:
+    """``size`` bytes of a file from ``offset`` (one thread hop per chunk, no open file kept)."""
+    with open(path, "rb") as f:
+        if offset:
+            f.seek(offset)
+        return f.read(size)
 
 
 def read_head(path: str, limit: int) -> tuple[bytes, bool]:

@@ -1,0 +1,241 @@
+#!/usr/bin/env bash
+# bench/relay.sh: mailserv's outbound queue against Postfix relaying the same load (bench/README.md).
+#
+# smtp-source submits N messages of 4 KiB for remote.test; each server queues them durably
+# and relays them to Postfix's smtp-sink on 127.0.0.2 (the "remote MX").  The clock runs from
+# the first submission until the server's queue is empty.  mailserv finds the sink by a real
+# MX lookup (tests/support/dnsserver.py on loopback); Postfix by transport_maps (it cannot be
+# pointed at a DNS server on another port).  Postfix runs as its own instance configured here;
+# it never touches the system's Postfix or port 25.
+#
+# Usage: bench/relay.sh     (env: PYTHON, MESSAGES=2000, SIZE=4096, SESSIONS=20, ROUNDS=3, KEEP=1)
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+PYTHON=${PYTHON:-/work/venv/bin/python}
+[ -x "$PYTHON" ] || PYTHON=$(command -v python3)
+MESSAGES=${MESSAGES:-2000}
+SIZE=${SIZE:-4096}
+SESSIONS=${SESSIONS:-20}
+ROUNDS=${ROUNDS:-3}
+MS_PORT=${MS_PORT:-23525}
+PF_PORT=${PF_PORT:-23526}
+SINK_PORT=${SINK_PORT:-23527}
+SMTP_SOURCE=$(command -v smtp-source || echo /usr/sbin/smtp-source)
+SMTP_SINK=$(command -v smtp-sink || echo /usr/sbin/smtp-sink)
+POSTFIX=$(command -v postfix || echo /usr/sbin/postfix)
+POSTCONF=$(command -v postconf || echo /usr/sbin/postconf)
+[ -x "$SMTP_SOURCE" ] && [ -x "$SMTP_SINK" ] && [ -x "$POSTFIX" ] || {
+    echo "smtp-source/smtp-sink/postfix missing: apt-get install -y postfix" >&2
+    exit 2
+}
+[ "$(id -u)" = 0 ] || { echo "run as root (Postfix's master must start as root)" >&2; exit 2; }
+
+W=$(mktemp -d /tmp/mailserv-relay.XXXXXX)
+chmod 755 "$W"
+PIDS=()
+cleanup() {
+    for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null && wait "$pid" 2>/dev/null || true; done
+    "$POSTFIX" -c "$W/pf/etc" stop >/dev/null 2>&1 || true
+    [ "${KEEP:-0}" = 1 ] && echo "kept $W" || rm -rf "$W"
+}
+trap cleanup EXIT
+
+# ---------------------------------------------------------------- the remote MX and its DNS
+SINK_PID=""
+start_sink() {
+    "$SMTP_SINK" -u root "127.0.0.2:$SINK_PORT" 1024 >>"$W/sink.log" 2>&1 &
+    SINK_PID=$!
+    PIDS+=("$SINK_PID")
+}
+stop_sink() { kill "$SINK_PID"; wait "$SINK_PID" 2>/dev/null || true; }
+start_sink
+mkdir -p "$W/dns"
+cat > "$W/dns/zones.json" <<EOF
+{"remote.test": {"MX": [[10, "mx.remote.test"]]}, "mx.remote.test": {"A": ["127.0.0.2"]}}
+EOF
+PYTHONPATH="$ROOT" "$PYTHON" "$ROOT/tests/support/dnsserver.py" "$W/dns/zones.json" "$W/dns/port" &
+PIDS+=($!)
+for _ in $(seq 100); do [ -s "$W/dns/port" ] && break; sleep 0.1; done
+DNS_PORT=$(cat "$W/dns/port")
+
+# ---------------------------------------------------------------- mailserv
+mkdir -p "$W/ms"
+: > "$W/ms/users.passwd"
+cat > "$W/ms/mailserv.toml" <<EOF
+config_version = 1
+hostname = "ms.example.test"
+domains = ["example.test"]
+state_dir = "$W/ms"
+[listeners.mx]
+protocol = "smtp"
+endpoints = ["tcp:$MS_PORT:interface=127.0.0.1"]
+tls = "none"
+max_connections_per_ip = 100
+[auth]
+backends = ["local"]
+[auth.backend.local]
+type = "passwd-file"
+path = "$W/ms/users.passwd"
+[store]
+format = "maildir"
+path = "$W/ms/mail/{domain}/{localpart}/Maildir"
+[dns]
+nameservers = ["127.0.0.1:$DNS_PORT"]
+[queue]
+smtp_port = $SINK_PORT
+[aliases]
+"relay@example.test" = "sink@remote.test"
+EOF
+(cd "$W/ms" && PYTHONPATH="$ROOT" exec "$PYTHON" -c \
+    "import sys; from twisted.scripts.twistd import run; sys.exit(run())" \
+    -n --pidfile= --logfile="$W/ms/twistd.log" mailserv --config "$W/ms/mailserv.toml") &
+MS_PID=$!
+PIDS+=("$MS_PID")
+
+# ---------------------------------------------------------------- Postfix
+PF=$W/pf
+mkdir -p "$PF/etc" "$PF/spool" "$PF/data"
+cp /etc/postfix/master.cf "$PF/etc/master.cf"
+: > "$PF/etc/main.cf"
+sed -i "s/^smtp      inet .*smtpd\$/127.0.0.1:$PF_PORT inet n - n - - smtpd/" "$PF/etc/master.cf"
+grep -q "^127.0.0.1:$PF_PORT inet" "$PF/etc/master.cf" || { echo "master.cf edit failed" >&2; exit 1; }
+chown -R postfix "$PF/data"
+"$POSTCONF" -c "$PF/etc" -e \
+    "compatibility_level=3.6" "queue_directory=$PF/spool" "data_directory=$PF/data" \
+    "inet_interfaces=127.0.0.1" "inet_protocols=ipv4" "myhostname=pf.example.test" \
+    "mydestination=" "relayhost=" "alias_maps=" "alias_database=" "local_recipient_maps=" \
+    "mynetworks=127.0.0.0/8" "smtpd_relay_restrictions=permit_mynetworks,reject" \
+    "transport_maps=inline:{remote.test=smtp:[127.0.0.2]:$SINK_PORT}" \
+    "smtpd_client_connection_count_limit=0" "smtpd_client_connection_rate_limit=0" \
+    "smtpd_client_message_rate_limit=0" "default_process_limit=100" \
+    "smtpd_tls_security_level=none" "smtp_tls_security_level=may" \
+    "message_size_limit=20480000" "maillog_file_prefixes=$PF" "maillog_file=$PF/maillog"
+"$POSTFIX" -c "$PF/etc" start >/dev/null 2>&1 || true
+
+# ---------------------------------------------------------------- measurements
+cat > "$W/measure.py" <<'EOF'
+"""Timing helper of bench/relay.sh: messages per second from submission to an empty queue."""
+import glob, os, socket, statistics, subprocess, sys, time
+
+
+def wait_port(host, port, timeout=30):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection((host, port), 1).close()
+            return
+        except OSError:
+            time.sleep(0.1)
+    sys.exit(f"nothing listens on {host}:{port}")
+
+
+def queued(kind, spool):
+    if kind == "mailserv":
+        return len(glob.glob(os.path.join(spool, "*.env")))
+    return sum(len(files) for sub in ("maildrop", "incoming", "active", "deferred", "hold")
+               for _, _, files in os.walk(os.path.join(spool, sub)))
+
+
+def rate(smtp_source, kind, port, spool, rcpt, msgs, size, sessions):
+    start = time.monotonic()
+    subprocess.run([smtp_source, "-d", "-s", str(sessions), "-m", str(msgs), "-l", str(size),
+                    "-f", "bench@example.org", "-t", rcpt, f"127.0.0.1:{port}"], check=True)
+    submitted = time.monotonic() - start
+    deadline = time.monotonic() + 600
+    while queued(kind, spool):
+        if time.monotonic() > deadline:
+            sys.exit(f"{kind}: queue not empty after 600 s")
+        time.sleep(0.01)
+    return msgs / (time.monotonic() - start), msgs / submitted
+
+
+def submit(smtp_source, port, rcpt, msgs, size, sessions):
+    subprocess.run([smtp_source, "-d", "-s", str(sessions), "-m", str(msgs), "-l", str(size),
+                    "-f", "bench@example.org", "-t", rcpt, f"127.0.0.1:{port}"], check=True)
+
+
+def all_deferred(kind, spool, msgs):
+    """Every message has had its (failed) first attempt."""
+    deadline = time.monotonic() + 600
+    while True:
+        if kind == "mailserv":
+            done = len(glob.glob(os.path.join(spool, "*.state")))
+        else:
+            done = sum(len(f) for _, _, f in os.walk(os.path.join(spool, "deferred")))
+        if done >= msgs:
+            return
+        if time.monotonic() > deadline:
+            sys.exit(f"{kind}: only {done} of {msgs} deferred")
+        time.sleep(0.05)
+
+
+def drain(kind, spool, command, msgs):
+    start = time.monotonic()
+    subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+    deadline = time.monotonic() + 600
+    while queued(kind, spool):
+        if time.monotonic() > deadline:
+            sys.exit(f"{kind}: queue not empty after 600 s")
+        time.sleep(0.01)
+    return msgs / (time.monotonic() - start)
+
+
+if __name__ == "__main__":
+    if sys.argv[1] == "wait":
+        wait_port(sys.argv[2], int(sys.argv[3]))
+    elif sys.argv[1] == "submit":
+        submit(sys.argv[2], int(sys.argv[3]), sys.argv[4], *map(int, sys.argv[5:8]))
+    elif sys.argv[1] == "deferred":
+        all_deferred(sys.argv[2], sys.argv[3], int(sys.argv[4]))
+    elif sys.argv[1] == "drain":
+        print(f"{drain(sys.argv[2], sys.argv[3], sys.argv[5:], int(sys.argv[4])):.1f}")
+    else:
+        total, accept = rate(sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4],
+                             sys.argv[5], *map(int, sys.argv[6:9]))
+        print(f"{total:.1f} {accept:.1f}")
+EOF
+
+"$PYTHON" "$W/measure.py" wait 127.0.0.2 "$SINK_PORT"
+"$PYTHON" "$W/measure.py" wait 127.0.0.1 "$MS_PORT"
+"$PYTHON" "$W/measure.py" wait 127.0.0.1 "$PF_PORT"
+
+echo "relay: $MESSAGES messages of $SIZE bytes, $SESSIONS sessions, $ROUNDS rounds;"
+echo "msgs/s from the first submission until the queue is empty (submission-only rate in brackets)"
+ms=(); pf=()
+for round in $(seq "$ROUNDS"); do
+    read -r m ma < <("$PYTHON" "$W/measure.py" "$SMTP_SOURCE" mailserv "$MS_PORT" "$W/ms/queue" \
+        relay@example.test "$MESSAGES" "$SIZE" "$SESSIONS")
+    read -r p pa < <("$PYTHON" "$W/measure.py" "$SMTP_SOURCE" postfix "$PF_PORT" "$PF/spool" \
+        sink@remote.test "$MESSAGES" "$SIZE" "$SESSIONS")
+    echo "round $round: mailserv $m msgs/s ($ma)   postfix $p msgs/s ($pa)"
+    ms+=("$m"); pf+=("$p")
+done
+median() { printf '%s\n' "$@" | sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
+echo "median: mailserv $(median "${ms[@]}") msgs/s   postfix $(median "${pf[@]}") msgs/s"
+
+# Delivery alone: both queues fill while the sink is down, then each is flushed in turn and
+# timed until it is empty (mailserv queue flush / postqueue -f).
+echo
+echo "drain: $MESSAGES deferred messages flushed to the sink, msgs/s until the queue is empty"
+ms=(); pf=()
+for round in $(seq "$ROUNDS"); do
+    stop_sink
+    "$PYTHON" "$W/measure.py" submit "$SMTP_SOURCE" "$MS_PORT" relay@example.test \
+        "$MESSAGES" "$SIZE" "$SESSIONS"
+    "$PYTHON" "$W/measure.py" submit "$SMTP_SOURCE" "$PF_PORT" sink@remote.test \
+        "$MESSAGES" "$SIZE" "$SESSIONS"
+    "$PYTHON" "$W/measure.py" deferred mailserv "$W/ms/queue" "$MESSAGES"
+    "$PYTHON" "$W/measure.py" deferred postfix "$PF/spool" "$MESSAGES"
+    start_sink
+    "$PYTHON" "$W/measure.py" wait 127.0.0.2 "$SINK_PORT"
+    m=$("$PYTHON" "$W/measure.py" drain mailserv "$W/ms/queue" "$MESSAGES" \
+        env PYTHONPATH="$ROOT" "$PYTHON" -m mailserv.cli.main queue --config "$W/ms/mailserv.toml" flush)
+    p=$("$PYTHON" "$W/measure.py" drain postfix "$PF/spool" "$MESSAGES" \
+        /usr/sbin/postqueue -c "$PF/etc" -f)
+    echo "round $round: mailserv $m msgs/s   postfix $p msgs/s"
+    ms+=("$m"); pf+=("$p")
+done
+echo "median: mailserv $(median "${ms[@]}") msgs/s   postfix $(median "${pf[@]}") msgs/s"
+MS_RSS=$(awk '/VmHWM/ {print $2}' "/proc/$MS_PID/status" 2>/dev/null || echo "?")
+echo "mailserv peak RSS: ${MS_RSS} kB"

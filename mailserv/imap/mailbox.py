@@ -16,6 +16,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from twisted.internet.defer import Deferred, DeferredLock, succeed
+
 from mailserv.imap.fetch import format_flags
 from mailserv.imap.parser import format_set
 
@@ -33,6 +35,27 @@ class ChangeHub:
         self.connections: dict[tuple[str, str], int] = {}
         self._folders: dict[tuple[str, str], SharedFolder] = {}
         self._guard = threading.Lock()
+        self._queues: dict[tuple[str, str], DeferredLock] = {}
+
+    def serial(self, keys: list[tuple[str, str]], fn: Callable[[], Deferred[Any]]) -> Deferred[Any]:
+        """Run ``fn()`` (which starts thread-pool work) once no other session works on the
+        folders ``keys``: writers queue here, on the reactor, instead of holding pool threads
+        blocked on a folder lock while readers wait for a free thread.  Reactor thread only."""
+        ordered = sorted(set(keys))
+        locks = [self._queues.setdefault(k, DeferredLock()) for k in ordered]
+        d: Deferred[Any] = succeed(None)
+        for lock in locks:
+            d.addCallback(_acquire, lock)
+        d.addCallback(lambda _: fn())
+
+        def release(result: Any) -> Any:
+            for key, lock in zip(ordered, locks, strict=True):
+                lock.release()
+                if not lock.locked and not lock.waiting and self._queues.get(key) is lock:
+                    del self._queues[key]
+            return result
+
+        return d.addBoth(release)
 
     def acquire(self, key: tuple[str, str], opener: Callable[[], Any]) -> SharedFolder:
         """The SharedFolder of ``key``, opened by ``opener`` if no session has it (threads)."""
@@ -75,7 +98,7 @@ class ChangeHub:
 
     def changed(self, key: tuple[str, str], origin: Callable[[], None] | None = None) -> None:
         for listener in list(self._listeners.get(key, ())):
-            if listener is not origin:
+            if listener != origin:  # bound methods: equal, never identical
                 listener()
 
     def claim_recent(self, key: tuple[str, str], uids: list[int]) -> set[int]:
@@ -101,6 +124,10 @@ class ChangeHub:
             self.connections[key] = count
 
 
+def _acquire(_: Any, lock: DeferredLock) -> Deferred[DeferredLock]:
+    return lock.acquire()
+
+
 class SharedFolder:
     """One store folder object shared by every session of the process that has it selected.
 
@@ -119,6 +146,8 @@ class SharedFolder:
         self.users = 0
         self.lock = threading.Lock()
         self.listing: list[Any] | None = None
+        # (listing, state, refreshed_at), replaced whole: read without the lock
+        self.snapshot: tuple[list[Any], tuple[int, int], float] | None = None
         self.state: tuple[int, int] = (0, 0)
         self.refreshed_at = 0.0
         self.listed_at = 0.0
@@ -139,10 +168,23 @@ class SharedFolder:
             self.listed_at = now
         self.state = state
         self.refreshed_at = now
+        self.snapshot = (self.listing, self.state, now)
         return self.listing, self.state
+
+    def cached(self, force: bool, now: float) -> tuple[list[Any], tuple[int, int]] | None:
+        """The cached listing if ``current`` would return it (no lock needed: one read of
+        a tuple the writers replace whole)."""
+        snapshot = self.snapshot
+        if snapshot is None:
+            return None
+        listing, state, refreshed_at = snapshot
+        if force and now - refreshed_at >= self.MAX_AGE:
+            return None
+        return listing, state
 
     def invalidate(self) -> None:
         """The folder changed in a way we cannot patch: the next listing goes to the store."""
+        self.snapshot = None
         self.listing = None
 
     def box_state(self) -> tuple[int, int]:
@@ -164,13 +206,13 @@ class SharedFolder:
         """
         after = self.box_state()
         if self.listing is None or self.state != before:
-            self.listing = None
+            self.invalidate()
             return
         expected_uidnext = max([before[0], *(m.uid + 1 for m in added)])
         modseqs = [int(m.modseq) for m in (*changed, *added)]
         allowed = max([before[1] + (1 if removed else 0), *modseqs])
         if after[0] != expected_uidnext or after[1] > allowed:
-            self.listing = None
+            self.invalidate()
             return
         by_uid = {m.uid: m for m in self.listing}
         for m in changed:
@@ -182,6 +224,7 @@ class SharedFolder:
             by_uid[m.uid] = m
         self.listing = [by_uid[u] for u in sorted(by_uid)]
         self.state = after
+        self.snapshot = (self.listing, self.state, self.refreshed_at)
 
 
 def locked(

@@ -564,8 +564,14 @@ class IMAPServer(Protocol):
     def run_write(
         self, folders: list[SharedFolder | None], fn: Callable[..., Any], *args: Any
     ) -> defer.Deferred[Any]:
-        """``run`` a store write holding the folders' locks (the write patches their listings)."""
-        return self.ctx.run(locked, folders, False, fn, *args)
+        """``run`` a store write on open folders after the other sessions' writes to them
+        (ChangeHub.serial); the write patches their listings."""
+        present = [f for f in folders if f is not None]
+        if not present:
+            return self.ctx.run(fn, *args)
+        return self.ctx.hub.serial(
+            [f.key for f in present], lambda: self.ctx.run(locked, present, False, fn, *args)
+        )
 
     def _release_after(self, result: Any, shared: SharedFolder) -> Any:
         """Give back a SharedFolder held for one command (closing it may block: thread pool)."""
@@ -609,7 +615,15 @@ class IMAPServer(Protocol):
         if sel is None or sel.shared is None:
             return defer.succeed(None)
         self.dirty = False
-        d = self.run(_shared_listing, sel.shared, force, self.reactor.seconds())
+        shared = sel.shared
+        now = self.reactor.seconds()
+        fresh = shared.cached(force, now)
+        if fresh is not None:
+            d: defer.Deferred[Any] = defer.succeed(fresh)
+        else:
+            d = self.ctx.hub.serial(
+                [shared.key], lambda: self.run(_shared_listing, shared, force, now)
+            )
 
         def report(result: tuple[list[Any], tuple[int, int]]) -> None:
             messages, _state = result
@@ -1314,19 +1328,12 @@ class IMAPServer(Protocol):
                 return
             state["pos"] = pos + FETCH_CHUNK
             infos = [sel.info[u] for u in chunk]
-            if needs_data or set_seen:
-                d = self.ctx.run(
-                    locked,
-                    [sel.shared] if set_seen else [],
-                    False,
-                    _fetch_work,
-                    sel.shared,
-                    sel.box,
-                    infos,
-                    attrs,
-                    needs_data,
-                    set_seen,
+            if set_seen:
+                d = self.run_write(
+                    [sel.shared], _fetch_work, sel.shared, sel.box, infos, attrs, needs_data, True
                 )
+            elif needs_data:
+                d = self.run(_fetch_work, None, sel.box, infos, attrs, True, False)
             else:
                 d = defer.succeed(
                     [(info, fetchmod.build_items(attrs, info, None, {}), False) for info in infos]
@@ -1768,6 +1775,9 @@ def _uses_modseq(key: searchmod.Key) -> bool:
 def _shared_listing(
     shared: SharedFolder, force: bool, now: float
 ) -> tuple[list[Any], tuple[int, int]]:
+    fresh = shared.cached(force, now)
+    if fresh is not None:
+        return fresh  # no need to queue behind writers for a listing we already have
     with shared.lock:
         return shared.current(force, now)
 

@@ -213,3 +213,53 @@ def test_rename_delete_subscribe():
     assert s.cmd("e DELETE New") == b"e OK DELETE completed\r\n"
     assert s.cmd("f DELETE New") == b"f NO [NONEXISTENT] No such mailbox\r\n"
     assert s.cmd("g DELETE INBOX") == b"g NO [CANNOT] INBOX cannot be deleted\r\n"
+
+
+def test_change_from_another_process_during_our_write_is_not_lost():
+    """The shared listing is patched after our own writes only when the store moved exactly
+    as the write explains; a delivery seen meanwhile forces a fresh listing."""
+    env = Env()
+    env.deliver(message(1))
+    a = env.session()
+    a.login()
+    a.select()
+    b = env.session()
+    b.login()
+    b.select()
+    env.deliver(message(2))  # another process: no hub notification
+    a.cmd("x STORE 1 +FLAGS (\\Seen)")
+    assert b.cmd("n NOOP") == (
+        b"* 1 FETCH (FLAGS (\\Seen))\r\n* 2 EXISTS\r\n* 1 RECENT\r\nn OK NOOP completed\r\n"
+    )
+
+
+def test_folder_closed_when_last_session_leaves():
+    env = Env()
+    a = env.session()
+    a.login()
+    a.select()
+    b = env.session()
+    b.login()
+    b.select()
+    shared = a.server.selected.shared
+    assert shared is b.server.selected.shared and shared.users == 2
+    a.cmd("u UNSELECT")
+    assert shared.users == 1 and env.hub.hold(shared.key) is shared
+    env.hub.release(shared)
+    b.cmd("l LOGOUT")
+    b.server.connectionLost()
+    assert shared.users == 0 and shared.box.closed
+    assert env.hub.hold(shared.key) is None
+
+
+def test_tls_connection_dropped_after_logout_grace():
+    """Over TLS the close_notify exchange may never finish (mbsync waits for the TCP close)."""
+    env = Env()
+    s = env.session(secure=True)
+    aborted = []
+    s.transport.abortConnection = lambda: aborted.append(True)
+    s.take()
+    s.cmd("a LOGOUT")
+    assert s.transport.disconnecting and not aborted
+    env.clock.advance(0.5)
+    assert aborted == [True]

@@ -26,7 +26,7 @@ from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService, Service
 from twisted.internet import defer
 from twisted.internet.endpoints import serverFromString
-from twisted.internet.interfaces import IProtocolFactory
+from twisted.internet.interfaces import ILoggingContext, IProtocolFactory
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from zope.interface import implementer
@@ -49,7 +49,7 @@ PROTOCOLS = {
 }
 
 
-@implementer(IProtocolFactory, IDrainable)
+@implementer(IProtocolFactory, IDrainable, ILoggingContext)
 class TrackingFactory:
     """Delegates to a factory and keeps the set of its live connections (for drain)."""
 
@@ -61,6 +61,10 @@ class TrackingFactory:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.wrapped, name)
+
+    def logPrefix(self) -> str:
+        prefix = getattr(self.wrapped, "logPrefix", None)
+        return str(prefix()) if prefix is not None else type(self.wrapped).__name__
 
     def doStart(self) -> None:
         self.wrapped.doStart()

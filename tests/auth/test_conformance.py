@@ -195,3 +195,35 @@ def test_directory_lookup_down_is_a_temporary_failure(
     service = make_service({"main": backend_case.broken["down"]})
     with pytest.raises(TemporaryFailure):
         yield build_directory(service).lookup(f"alice@{DOMAIN}")
+
+
+@pytest_twisted.inlineCallbacks
+def test_passwords_never_reach_a_log(
+    backend_case: BackendCase, make_service: Any, caplog: pytest.LogCaptureFixture
+) -> Any:
+    """Right, wrong and backend-down logins: no event or log record carries the password."""
+    import logging
+
+    from twisted.logger import formatEvent, globalLogPublisher
+
+    events: list[str] = []
+
+    def observer(event: dict[str, Any]) -> None:
+        events.append(formatEvent(event) + repr(event))
+
+    globalLogPublisher.addObserver(observer)
+    caplog.set_level(logging.DEBUG)
+    secret = "Wr0ng-Pa55word-" + backend_case.kind
+    try:
+        portal, _, _ = portal_for(make_service, backend_case.section)
+        yield login(portal, backend_case.login, ALICE_PASSWORD)
+        with pytest.raises(UnauthorizedLogin):
+            yield login(portal, backend_case.login, secret)
+        down, _, _ = portal_for(make_service, backend_case.broken["down"])
+        with pytest.raises(TemporaryFailure):
+            yield login(down, backend_case.login, secret)
+    finally:
+        globalLogPublisher.removeObserver(observer)
+    text = "\n".join(events) + caplog.text
+    assert ALICE_PASSWORD not in text
+    assert secret not in text

@@ -78,6 +78,15 @@ def hub_for(service: Any) -> ChangeHub:
     return hub
 
 
+def notify_delivery(service: Any, user_name: str, folder: str = "INBOX") -> None:
+    """Tell the IMAP sessions of ``service`` that mail was delivered to ``user_name``'s
+    ``folder`` (reactor thread): idling sessions report it at once instead of at their
+    next poll (RFC 2177)."""
+    hub = getattr(service, "imap_hub", None)
+    if hub is not None:
+        hub.changed((user_name, folder))
+
+
 def build_factory(service: Any, name: str, listener: Any) -> IMAPFactory:
     """The IProtocolFactory of one ``protocol = "imap"`` listener."""
     settings = Settings(

@@ -97,6 +97,13 @@ class ChangeHub:
                 del self._listeners[key]
 
     def changed(self, key: tuple[str, str], origin: Callable[[], None] | None = None) -> None:
+        """Wake the sessions on ``key``.  Without ``origin`` the change came from outside our
+        sessions (a delivery): the shared listing is dropped so they see it at once."""
+        if origin is None:
+            with self._guard:
+                shared = self._folders.get(key)
+            if shared is not None:
+                shared.invalidate()
         for listener in list(self._listeners.get(key, ())):
             if listener != origin:  # bound methods: equal, never identical
                 listener()

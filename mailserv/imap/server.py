@@ -277,10 +277,10 @@ class IMAPServer(Protocol):
         if self.state == "notauth":
             if not self.secure and self.ctx.tls_options is not None:
                 caps.append("STARTTLS")
-            if self._plaintext_allowed():
-                caps.extend("AUTH=" + m for m in self._mechanisms())
-            else:
+            if not self._plaintext_allowed():
                 caps.append("LOGINDISABLED")
+            # without TLS only the challenge mechanisms (CRAM-MD5, SCRAM) are offered
+            caps.extend("AUTH=" + m for m in self._mechanisms())
         else:
             caps.extend(
                 [
@@ -300,7 +300,7 @@ class IMAPServer(Protocol):
         return mode == "loopback" and _is_loopback(self.transport.getPeer())
 
     def _mechanisms(self) -> list[str]:
-        return list(self.ctx.auth.mechanisms(True))
+        return list(self.ctx.auth.mechanisms(self._plaintext_allowed()))
 
     # ------------------------------------------------------------------
     # Framing: lines and literals
@@ -766,8 +766,8 @@ class IMAPServer(Protocol):
         mech = args.atom("mechanism").upper()
         initial = args.next() if args.more() else None
         args.end()
-        if not self._plaintext_allowed():
-            raise ImapError("NO", "[PRIVACYREQUIRED] Use STARTTLS before AUTHENTICATE")
+        if mech in sasl.CLEARTEXT and not self._plaintext_allowed():
+            raise ImapError("NO", "[PRIVACYREQUIRED] Use STARTTLS before AUTHENTICATE " + mech)
         if mech not in self._mechanisms():
             raise ImapError("NO", "Unsupported authentication mechanism")
         mechanism = self.ctx.auth.start_sasl(mech)

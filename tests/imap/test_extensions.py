@@ -263,3 +263,35 @@ def test_tls_connection_dropped_after_logout_grace():
     assert s.transport.disconnecting and not aborted
     env.clock.advance(0.5)
     assert aborted == [True]
+
+
+def test_delivery_notification_reaches_idle_at_once():
+    from mailserv.imap import notify_delivery
+
+    class Service:
+        imap_hub = None
+
+    env = Env()
+    service = Service()
+    service.imap_hub = env.hub
+    a = env.session()
+    a.login()
+    a.select()
+    a.cmd("i IDLE")
+    env.deliver(message(1))
+    notify_delivery(service, "alice")
+    env.clock.advance(0)
+    assert a.take() == b"* 1 EXISTS\r\n* 1 RECENT\r\n"
+
+
+def test_challenge_mechanisms_without_tls_and_no_plain():
+    from mailserv.imap.server import Settings
+
+    env = Env(Settings(allow_plaintext_auth="never"))
+    env.ctx.auth.mechanisms = lambda secure: ["CRAM-MD5"] + (["PLAIN"] if secure else [])
+    s = env.session()
+    greeting = s.greeting()
+    assert b"LOGINDISABLED" in greeting and b"AUTH=CRAM-MD5" in greeting
+    assert b"AUTH=PLAIN" not in greeting
+    out = s.cmd("a AUTHENTICATE PLAIN AGFsaWNlAHNlY3JldA==")
+    assert out == b"a NO [PRIVACYREQUIRED] Use STARTTLS before AUTHENTICATE PLAIN\r\n"

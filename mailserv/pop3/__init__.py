@@ -21,6 +21,8 @@ Behaviour, with the Twisted defects fixed (ARCHITECTURE.md items 1 and 8):
   ``[SYS/PERM]``, ``[LOGIN-DELAY]``.
 * DELE only marks; QUIT removes the marked messages with one ``IMailbox.expunge``;
   a dropped connection, a timeout or a shutdown (``drain``) removes nothing.
+* The INBOX object of a session is kept for the next login of the same user
+  (MailboxCache, 128 users): a poll that finds nothing new costs a ``refresh()``.
 * Message numbers must be 1..N of live messages; UIDL is ``%08X%08X`` of (UID,
   UIDVALIDITY), stable across sessions; lines are limited to 512 octets; idle
   timeout 10 minutes (``idle_timeout`` of the listener); TCP_NODELAY is set; at most
@@ -42,7 +44,7 @@ from twisted.logger import Logger
 
 from mailserv.auth import sasl
 from mailserv.interfaces import IMailUser
-from mailserv.pop3.mailbox import Maildrop, open_maildrop
+from mailserv.pop3.mailbox import MailboxCache, Maildrop, open_maildrop
 from mailserv.pop3.server import IDLE_TIMEOUT, POP3Factory, POP3Server
 
 log = Logger()
@@ -107,10 +109,11 @@ def build_factory(service: Any, name: str, listener: Any) -> POP3Factory:
         recorder = build_pop_before_smtp(service)
     backend = PortalBackend(service.portal, throttle_for(service), config.hostname, recorder)
     locks = lock_directory(config.state_dir)
+    cache = MailboxCache()
 
     def open_for(user: Any) -> defer.Deferred[Maildrop]:
         return service.threads.run(
-            "disk", lambda: open_maildrop(service.store_for(user), user, locks)
+            "disk", lambda: open_maildrop(service.store_for(user), user, locks, cache)
         )
 
     return POP3Factory(

@@ -18,7 +18,9 @@ import errno
 import fcntl
 import hashlib
 import os
-from collections.abc import Iterable, Sequence
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import IO, Any
 
@@ -103,9 +105,16 @@ class Maildrop:
     MaildropLock, released by ``close``.
     """
 
-    def __init__(self, mailbox: Any, infos: Iterable[Any], lock: MaildropLock | None) -> None:
+    def __init__(
+        self,
+        mailbox: Any,
+        infos: Iterable[Any],
+        lock: MaildropLock | None,
+        release: Callable[[Any], None] | None = None,
+    ) -> None:
         self.mailbox = mailbox
         self.lock = lock
+        self._release = release
         self.uidvalidity = int(mailbox.uidvalidity)
         self._entries = [_Entry(int(i.uid), message_size(i)) for i in infos]
         self._cache: dict[int, bytes] = {}
@@ -218,17 +227,57 @@ class Maildrop:
         return list(self.mailbox.expunge(uids))
 
     def close(self) -> None:
-        """Release the mailbox, then the lock."""
+        """Release the mailbox (back to the MailboxCache, if any), then the lock."""
         try:
-            close = getattr(self.mailbox, "close", None)
-            if close is not None:
-                close()
+            if self._release is not None:
+                self._release(self.mailbox)
+            else:
+                self.mailbox.close()
         finally:
             if self.lock is not None:
                 self.lock.release()
 
 
-def open_maildrop(store: Any, user: Any, lock_dir: str) -> Maildrop:
+class MailboxCache:
+    """The INBOX objects of recent sessions, so that the next login only refreshes.
+
+    Most POP3 logins are polls that find little or nothing new: reopening the
+    folder costs a full scan (uidlist parse, a stat per message), a
+    ``refresh()`` of the folder the last session used costs a stat of the
+    index when nothing changed.  A mailbox is taken out while a session uses
+    it (the maildrop lock makes that session the only user), handed back at
+    the end; at most ``size`` are kept (least recently used closed first).
+    """
+
+    def __init__(self, size: int = 128) -> None:
+        self.size = size
+        self._items: OrderedDict[tuple[str, str, str], Any] = OrderedDict()
+        self._mutex = threading.Lock()
+
+    @staticmethod
+    def key(user: Any) -> tuple[str, str, str]:
+        return (user.name, user.mailbox, getattr(user, "store_format", ""))
+
+    def take(self, user: Any) -> Any:
+        with self._mutex:
+            return self._items.pop(self.key(user), None)
+
+    def give(self, user: Any, mailbox: Any) -> None:
+        with self._mutex:
+            self._items[self.key(user)] = mailbox
+            evicted = []
+            while len(self._items) > self.size:
+                evicted.append(self._items.popitem(last=False)[1])
+        for old in evicted:
+            old.close()
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+def open_maildrop(
+    store: Any, user: Any, lock_dir: str, cache: MailboxCache | None = None
+) -> Maildrop:
     """Lock and open the INBOX of ``user`` in ``store`` (an IMailStore); runs in a disk thread.
 
     Raises MaildropInUse when another session holds it (RFC 2449 §8.1.1 IN-USE).
@@ -236,10 +285,22 @@ def open_maildrop(store: Any, user: Any, lock_dir: str) -> Maildrop:
     lock = MaildropLock(lock_dir, user.name)
     lock.acquire()
     try:
-        account = store.open(user)
-        mailbox = account.open_folder("INBOX")
-        infos = mailbox.messages()
-        return Maildrop(mailbox, infos, lock)
+        mailbox = cache.take(user) if cache is not None else None
+        if mailbox is not None:
+            try:
+                mailbox.refresh()  # IMailbox: pick up what others changed meanwhile
+            except Exception:
+                mailbox.close()
+                mailbox = None
+        if mailbox is None:
+            mailbox = store.open(user).open_folder("INBOX")
+        try:
+            infos = mailbox.messages()
+        except BaseException:
+            mailbox.close()
+            raise
+        release = None if cache is None else (lambda box: cache.give(user, box))
+        return Maildrop(mailbox, infos, lock, release)
     except BaseException:
         lock.release()
         raise

@@ -18,7 +18,7 @@ from mailserv.auth import sasl
 from mailserv.directory import User
 from mailserv.errors import TemporaryFailure
 from mailserv.interfaces import IAPOPCredentials
-from mailserv.pop3.mailbox import open_maildrop
+from mailserv.pop3.mailbox import MailboxCache, open_maildrop
 from mailserv.pop3.server import POP3Factory, POP3Server
 from mailserv.testing import MemoryMailStore
 
@@ -104,10 +104,13 @@ class Harness:
         self.backend = FakeBackend(self.clock)
         self.store = MemoryMailStore()
         self.lock_dir = str(tmp_path / "locks")
+        self.cache = MailboxCache(size=2)
         self.factory = POP3Factory(
             reactor=self.clock,
             backend=self.backend,
-            open_maildrop=lambda user: sync_disk(open_maildrop, self.store, user, self.lock_dir),
+            open_maildrop=lambda user: sync_disk(
+                open_maildrop, self.store, user, self.lock_dir, self.cache
+            ),
             run_disk=sync_disk,
             hostname=HOSTNAME,
             tls_options=lambda: "tls-options",

@@ -394,7 +394,7 @@ def test_dropped_connection_deletes_nothing(harness):
     harness.send(p, t, b"DELE 1\r\nDELE 2\r\n")
     p.connectionLost(None)
     assert inbox.expunged == [] and len(inbox.contents) == 2
-    assert inbox.closed == 1
+    assert len(harness.cache) == 1  # released (kept for the next login), lock dropped
 
 
 def test_failed_expunge_reports_sys_temp(harness):
@@ -589,3 +589,37 @@ def test_connections_per_ip_are_limited(harness):
     _, again = harness.connect("192.0.2.7")
     assert again.value() == b"+OK POP3 server ready\r\n"
     assert harness.factory.connections == {"192.0.2.7": 2, "192.0.2.8": 1}
+
+
+def test_next_login_refreshes_the_cached_mailbox(harness):
+    inbox = fill(harness, MSG1)
+    refreshed = []
+    inbox.refresh = lambda: refreshed.append(True) or []
+    p, t = harness.login()
+    assert harness.send(p, t, b"QUIT\r\n").startswith(b"+OK")
+    assert len(harness.cache) == 1 and inbox.closed == 0
+    inbox.add(MSG2)  # new mail between two polls
+    p, t = harness.login()
+    assert refreshed == [True]
+    assert harness.send(p, t, b"STAT\r\n") == b"+OK 2 %d\r\n" % (len(MSG1) + len(MSG2))
+    harness.send(p, t, b"QUIT\r\n")
+    # Bounded: the least recently used mailbox is closed when a third user comes along.
+    harness.login("bob")[0].connectionLost(None)
+    harness.store.account("carol")
+    harness.backend.passwords["carol"] = b"pw"
+    harness.login("carol")[0].connectionLost(None)
+    assert len(harness.cache) == 2 and inbox.closed == 1
+
+
+def test_a_cached_mailbox_that_fails_to_refresh_is_reopened(harness):
+    inbox = fill(harness, MSG1)
+    p, t = harness.login()
+    harness.send(p, t, b"QUIT\r\n")
+
+    def broken():
+        raise OSError("gone")
+
+    inbox.refresh = broken
+    p, t = harness.login()
+    assert inbox.closed == 1
+    assert harness.send(p, t, b"STAT\r\n") == b"+OK 1 %d\r\n" % len(MSG1)

@@ -18,6 +18,7 @@ from typing import IO, Any, BinaryIO
 
 _counter = itertools.count(1)
 CHUNK = 64 * 1024
+COPY_CHUNK = 1024 * 1024  # spool → store copies: few large reads and writes
 
 
 def hostname() -> str:
@@ -115,7 +116,7 @@ class LineEnds:
         self._prev_cr = False
 
     def feed(self, chunk: bytes | bytearray | memoryview) -> None:
-        data = bytes(chunk)
+        data = chunk if isinstance(chunk, bytes | bytearray) else bytes(chunk)
         if not data:
             return
         n = data.count(b"\n") - data.count(b"\r\n")
@@ -129,7 +130,7 @@ def copy_into(fd: int, source: BinaryIO, ends: LineEnds | None = None) -> int:
     """Copy the rest of ``source`` to ``fd`` in chunks; returns the byte count."""
     total = 0
     while True:
-        chunk = source.read(CHUNK)
+        chunk = source.read(COPY_CHUNK)
         if not chunk:
             return total
         if ends is not None:

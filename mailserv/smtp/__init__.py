@@ -1,7 +1,45 @@
 """SMTP: the MX listener (protocol "smtp") and message submission ("submission").
 
-``build_factory(service, name, listener)`` is the entry point the service
-uses for both; ``delivery.build_router(service)`` builds ``service.router``.
+Entry points (service contract): ``build_factory(service, name, listener)``
+for both listener kinds, ``delivery.build_router(service)`` for
+``service.router``.
+
+Modules:
+
+* ``server.py``: ``SMTPServer``, a subclass of twisted.mail.smtp.ESMTP with
+  its own input framing and command set (defects 2-6 of ARCHITECTURE.md are
+  fixed there and pinned by tests/smtp/test_stock_defects.py).  Commands run
+  one at a time, so pipelined replies keep command order (RFC 2920).
+  Extensions: PIPELINING, SIZE, 8BITMIME, SMTPUTF8, ENHANCEDSTATUSCODES,
+  STARTTLS, AUTH (mailserv.auth.sasl mechanisms, throttled portal login),
+  CHUNKING (BDAT), DSN (NOTIFY/ORCPT/RET/ENVID kept for the queue).
+* ``spool.py``: ``DataSink`` scans DATA/BDAT input in bulk (end of data only
+  at CRLF.CRLF, dot-unstuffing, bare CR/LF and long-line detection, size and
+  header limits); messages up to 256 KiB stay in memory, larger ones are
+  written in chunks to ``<state_dir>/spool/incoming`` and removed after.
+* ``inbound.py`` / ``submission.py``: the listener policies.  The MX runs the
+  ``relay`` and ``recipient`` filters (mailserv/filters/policy.py) before its
+  pipeline (``listener.pipeline``, default ``inbound``); submission requires
+  AUTH, checks sender ownership (``sender_login_match``), adds Date,
+  Message-ID and Sender as RFC 6409 §8 asks; its default pipeline is
+  ``outbound``.
+* ``delivery.py``: the Router (aliases, catch-alls, +detail, postmaster and
+  abuse, local store delivery in the "disk" pool, remote recipients to the
+  durable queue, mailserv/queue/spool.py).
+
+The final reply after DATA/BDAT is sent only once every accepted recipient
+is durable (delivered with fsync by the store, or fsynced in the queue).
+Anything unexpected on the way is a temporary ``451 4.3.0``.  One log event
+per transaction (``smtp transaction ...``) carries id, peer, helo, tls, auth
+user, sender, recipients, filter verdicts, size, reply and duration.
+
+Limits (LIMITS.md) and where they are set: ``listener.max_message_size``,
+``max_recipients``, ``max_messages_per_connection``,
+``max_connections_per_ip``, ``idle_timeout`` (300 s; data must also arrive
+at 500 bytes/s), ``allow_plaintext_auth``; the rest are the defaults of
+``server.ServerSettings`` (command line 2048 / AUTH 12288, DATA line 998,
+header 102400, 100 Received headers, 10/20 errors, free disk 1.5 times the size).
+Not implemented yet: the MIME nesting/parts limits.
 """
 
 from __future__ import annotations

@@ -952,7 +952,11 @@ class SMTPServer(smtp.ESMTP):
         txn = self._txn
         assert txn is not None and txn.sink is not None
         if not self._bdat_last:
-            self._send(250, "2.0.0", f"{txn.sink.size} octets received")
+            if txn.sink.error is not None:
+                # RFC 3030 §2: the transaction has failed; later chunks get the same reply.
+                self._reply(txn.sink.error)
+            else:
+                self._send(250, "2.0.0", f"{txn.sink.size} octets received")
             return None
         txn.sink.finish_bdat()
         return defer.ensureDeferred(self._end_of_data(txn))

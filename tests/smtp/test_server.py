@@ -653,3 +653,19 @@ def test_router_reload_picks_up_aliases(env: SMTPEnv) -> None:
     router.reload(parse_config(raw))
     router.resolve(Address("new", "example.org")).addCallback(results.append)
     assert [t.user.name for t in results[1].local] == ["bob@example.org"]  # type: ignore[attr-defined]
+
+
+def test_bdat_over_size_fails_every_chunk_then_resets(make_env) -> None:  # type: ignore[no-untyped-def]
+    env = make_env(max_size=100)
+    c = env.connect()
+    c.cmd(b"MAIL FROM:<s@remote.test>")
+    c.cmd(b"RCPT TO:<alice@example.org>")
+    chunk = b"Subject: x\r\n\r\n" + b"y" * 80 + b"\r\n"
+    c.send(b"BDAT %d\r\n" % len(chunk) + chunk)
+    assert c.read() == b"250 2.0.0 %d octets received\r\n" % len(chunk)
+    c.send(b"BDAT %d\r\n" % len(chunk) + chunk)
+    assert c.read() == b"552 5.3.4 Message size exceeds fixed limit\r\n"
+    c.send(b"BDAT 3 LAST\r\nz\r\n")
+    assert c.read() == b"552 5.3.4 Message size exceeds fixed limit\r\n"
+    assert c.cmd(b"MAIL FROM:<s@remote.test>") == b"250 2.1.0 Sender OK\r\n"
+    assert env.store.accounts == {}

@@ -37,6 +37,8 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+import pytest  # noqa: E402
+
 from mailserv.auth import build_portal, schemes  # noqa: E402
 from mailserv.config import from_dict  # noqa: E402
 from mailserv.threads import ThreadPools  # noqa: E402
@@ -93,14 +95,13 @@ def postgres_backend(work: Path, cleanups: list[Callable[[], None]]) -> dict[str
     return {"type": "sql", "driver": "postgresql", "database": name, "user": "postgres"}
 
 
-def ldap_backend(work: Path, cleanups: list[Callable[[], None]]) -> dict[str, Any]:
+def ldap_backend(work: Path, cleanups: list[Callable[[], Any]]) -> dict[str, Any]:
     from cryptography.hazmat.primitives import serialization
 
     from mailserv.tls import generate_certificate
 
     d = work / "slapd"
-    (d / "db").mkdir(parents=True)
-    (d / "mail.schema").write_text(fx.MAIL_SCHEMA)
+    d.mkdir()
     cert, key = generate_certificate("localhost", ("127.0.0.1",))
     (d / "c.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     (d / "k.pem").write_bytes(
@@ -110,53 +111,21 @@ def ldap_backend(work: Path, cleanups: list[Callable[[], None]]) -> dict[str, An
             serialization.NoEncryption(),
         )
     )
-    conf = d / "slapd.conf"
-    conf.write_text(
-        fx.SLAPD_CONF.format(
-            dir=d,
-            ca=d / "c.pem",
-            cert=d / "c.pem",
-            key=d / "k.pem",
-            rootpw=schemes.hash_password("unused-root", "SSHA"),
-        )
-    )
-    users = {"alice": (PASSWORD, USER, [])}
-    (d / "users.ldif").write_text(fx.ldif(users, "reader-pw"))
-    subprocess.run(
-        ["slapadd", "-f", str(conf), "-l", str(d / "users.ldif")], check=True, capture_output=True
-    )
-    (d / "reader.pw").write_text("reader-pw\n")
-    port = fx.free_port()
-    proc = subprocess.Popen(
-        ["slapd", "-d", "0", "-f", str(conf), "-h", f"ldap://127.0.0.1:{port}/"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    cleanups.append(lambda: (proc.terminate(), proc.wait(10)))
-    fx.wait_for_port(port, proc)
+    server = fx.start_slapd(d, str(d / "c.pem"), str(d / "c.pem"), str(d / "k.pem"))
+    cleanups.append(server.stop)
     return {
         "type": "ldap",
-        "urls": [f"ldap://127.0.0.1:{port}"],
+        "urls": [server.url],
         "base_dn": "dc=example,dc=org",
-        "bind_dn": "cn=reader,dc=example,dc=org",
-        "bind_password_file": str(d / "reader.pw"),
+        "bind_dn": server.reader_dn,
+        "bind_password_file": server.reader_password_file,
         "pool_size": 8,
     }
 
 
 def pam_backend(work: Path) -> dict[str, Any]:
-    import pam.__internals as internals
-
-    services = work / "pam"
-    services.mkdir()
-    (work / "passdb").write_text(f"alice:{PASSWORD}:mailserv\n")
-    module = f"{fx.PAM_MATRIX} passdb={work / 'passdb'}"
-    (services / "mailserv").write_text(f"auth required {module}\naccount required {module}\n")
-    os.environ["PAM_WRAPPER"] = "1"
-    os.environ["PAM_WRAPPER_SERVICE_DIR"] = str(services)
-    original = internals.find_library
-    internals.find_library = lambda n: fx.PAM_WRAPPER_LIB if n == "pam" else original(n)
-    return {"type": "pam", "service": "mailserv", "domain": "example.org"}
+    fx.use_pam_wrapper(work / "pam")
+    return fx.pam_case().section
 
 
 # --------------------------------------------------------------------------
@@ -323,7 +292,7 @@ def main() -> int:
         for name, setup in selected.items():
             try:
                 backend = setup()
-            except Exception as exc:
+            except (Exception, pytest.skip.Exception) as exc:  # skip: from the shared helpers
                 ours[name] = f"skipped ({type(exc).__name__}: {exc})"[:90]
                 continue
             try:

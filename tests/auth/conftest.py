@@ -401,29 +401,27 @@ class Slapd:
     reader_dn: str
     reader_password_file: str
     ca_file: str
+    proc: subprocess.Popen[bytes]
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(10)
 
 
-@pytest.fixture(scope="session")
-def slapd(tmp_path_factory: pytest.TempPathFactory, test_ca: Any) -> Iterator[Slapd]:
-    """OpenLDAP slapd with its own config and mdb database, on free 127.0.0.1 ports."""
+def start_slapd(d: Path, ca_file: str, cert_file: str, key_file: str) -> Slapd:
+    """slapd with its own config and mdb database in ``d`` (alice, bob), on free ports."""
     import shutil
 
     binary = shutil.which("slapd") or "/usr/sbin/slapd"
     slapadd = shutil.which("slapadd") or "/usr/sbin/slapadd"
     if not os.path.exists(binary) or not os.path.exists(slapadd):
         unavailable("slapd is not installed (Debian packages slapd, ldap-utils)")
-    d = tmp_path_factory.mktemp("slapd")
-    (d / "db").mkdir()
+    (d / "db").mkdir(parents=True)
     (d / "mail.schema").write_text(MAIL_SCHEMA)
     conf = d / "slapd.conf"
+    rootpw = schemes.hash_password(secrets.token_hex(8), "SSHA")
     conf.write_text(
-        SLAPD_CONF.format(
-            dir=d,
-            ca=test_ca.ca_file,
-            cert=test_ca.cert_file,
-            key=test_ca.key_file,
-            rootpw=schemes.hash_password(secrets.token_hex(8), "SSHA"),
-        )
+        SLAPD_CONF.format(dir=d, ca=ca_file, cert=cert_file, key=key_file, rootpw=rootpw)
     )
     reader_password = secrets.token_hex(8)
     users = {
@@ -442,19 +440,30 @@ def slapd(tmp_path_factory: pytest.TempPathFactory, test_ca: Any) -> Iterator[Sl
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
+    server = Slapd(
+        url=f"ldap://127.0.0.1:{port}",
+        ldaps_url=f"ldaps://127.0.0.1:{tls_port}",
+        reader_dn="cn=reader,dc=example,dc=org",
+        reader_password_file=str(d / "reader.pw"),
+        ca_file=ca_file,
+        proc=proc,
+    )
     try:
         wait_for_port(port, proc)
         wait_for_port(tls_port, proc)
-        yield Slapd(
-            url=f"ldap://127.0.0.1:{port}",
-            ldaps_url=f"ldaps://127.0.0.1:{tls_port}",
-            reader_dn="cn=reader,dc=example,dc=org",
-            reader_password_file=str(d / "reader.pw"),
-            ca_file=test_ca.ca_file,
-        )
-    finally:
-        proc.terminate()
-        proc.wait(10)
+    except BaseException:
+        server.stop()
+        raise
+    return server
+
+
+@pytest.fixture(scope="session")
+def slapd(tmp_path_factory: pytest.TempPathFactory, test_ca: Any) -> Iterator[Slapd]:
+    """OpenLDAP slapd with its own config and mdb database, on free 127.0.0.1 ports."""
+    d = tmp_path_factory.mktemp("slapd")
+    server = start_slapd(d, test_ca.ca_file, test_ca.cert_file, test_ca.key_file)
+    yield server
+    server.stop()
 
 
 def ldap_case(server: Slapd, mode: str, hole: Blackhole, closed: int) -> BackendCase:
@@ -492,9 +501,8 @@ class PamWrapper:
     passdb: Path
 
 
-@pytest.fixture(scope="session")
-def pam_wrapper(tmp_path_factory: pytest.TempPathFactory) -> PamWrapper:
-    """The real libpam, through libpam_wrapper with pam_matrix and its own passdb.
+def use_pam_wrapper(d: Path) -> PamWrapper:
+    """The real libpam, through libpam_wrapper with pam_matrix and its own passdb in ``d``.
 
     pam_wrapper normally comes in by LD_PRELOAD; python-pam binds its symbols
     from the library it loads, so we hand it libpam_wrapper.so instead (which
@@ -506,9 +514,8 @@ def pam_wrapper(tmp_path_factory: pytest.TempPathFactory) -> PamWrapper:
 
     if internals.PamAuthenticator._libs_ready and "PAM_WRAPPER" not in os.environ:
         unavailable("python-pam already bound the system libpam in this process")
-    d = tmp_path_factory.mktemp("pam")
     services = d / "services"
-    services.mkdir()
+    services.mkdir(parents=True)
     passdb = d / "passdb"
     passdb.write_text(f"alice:{ALICE_PASSWORD}:mailserv\nbob:{BOB_PASSWORD}:mailserv\n")
     module = f"{PAM_MATRIX} passdb={passdb}"
@@ -520,6 +527,11 @@ def pam_wrapper(tmp_path_factory: pytest.TempPathFactory) -> PamWrapper:
     original = internals.find_library
     internals.find_library = lambda name: PAM_WRAPPER_LIB if name == "pam" else original(name)
     return PamWrapper(services, passdb)
+
+
+@pytest.fixture(scope="session")
+def pam_wrapper(tmp_path_factory: pytest.TempPathFactory) -> PamWrapper:
+    return use_pam_wrapper(tmp_path_factory.mktemp("pam"))
 
 
 def pam_case() -> BackendCase:

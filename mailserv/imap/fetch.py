@@ -98,6 +98,8 @@ def parse_attr(item: Token) -> Attr:
         raise ParseError(f"unknown FETCH item {text[:40]!r}")
     kind = m.group(1).upper()
     section = m.group(2)
+    if not section.isascii() or not section.isprintable():
+        raise ParseError("section must be printable ASCII")
     sm = _SECTION_RE.match(section.strip())
     if sm is None:
         raise ParseError("invalid section")

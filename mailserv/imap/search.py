@@ -203,6 +203,10 @@ class Candidate:
             self._data = self.loader() if self.loader is not None else b""
         return self._data
 
+    def drop_text(self) -> None:
+        """Forget the message text (the parsed headers stay for SORT and THREAD)."""
+        self._data = None
+
     def tree(self) -> mime.Part:
         if self._tree is None:
             self._tree = mime.parse(self.data())

@@ -18,6 +18,8 @@ class.  Here:
 from __future__ import annotations
 
 import email.utils
+import functools
+import re
 import tempfile
 import time
 from collections.abc import Callable
@@ -64,7 +66,9 @@ log = Logger()
 
 SYSTEM_FLAGS = ("\\Answered", "\\Flagged", "\\Deleted", "\\Seen", "\\Draft")
 FETCH_CHUNK = 100
+FETCH_CHUNK_BYTES = 4 << 20  # message octets read per disk job of a FETCH
 CLOSE_GRACE = 0.5  # seconds between a TLS close_notify and dropping the TCP connection
+_UNSAFE_TEXT = re.compile(r"[^\x20-\x7e]")
 _TAG_CHARS = frozenset(
     b"!#$&'+,-./0123456789:;<=>?@ABCDEFGHIJKLMNOPQRSTUVWXYZ[^_`abcdefghijklmnopqrstuvwxyz|}~"
 )
@@ -545,7 +549,9 @@ class IMAPServer(Protocol):
             self._finish(tag, "NO", "[SERVERBUG] Internal error, the failure was logged")
 
     def _finish(self, tag: bytes, status: str, text: str, bad: bool = False) -> None:
-        self.send_line(tag + b" " + status.encode("ascii") + b" " + text.encode("utf-8"))
+        # response text is 7-bit and never carries the client's control characters back
+        safe = _UNSAFE_TEXT.sub("?", text).encode("ascii", "replace")
+        self.send_line(tag + b" " + status.encode("ascii") + b" " + safe)
         self.busy = False
         if bad:
             self._count_bad()
@@ -1317,7 +1323,7 @@ class IMAPServer(Protocol):
                 result.callback(("NO", "Mailbox closed"))
                 return
             pos = state["pos"]
-            chunk = uids[pos : pos + FETCH_CHUNK]
+            chunk = _next_chunk(uids, pos, sel, needs_data)
             if not chunk:
                 if state["changed"]:
                     self._notify(sel.name)
@@ -1326,7 +1332,7 @@ class IMAPServer(Protocol):
                 else:
                     result.callback(("OK", "FETCH completed"))
                 return
-            state["pos"] = pos + FETCH_CHUNK
+            state["pos"] = pos + len(chunk)
             infos = [sel.info[u] for u in chunk]
             if set_seen:
                 d = self.run_write(
@@ -2011,9 +2017,43 @@ def _copy(
 def _matching(
     box: Any, program: searchmod.Key, cands: list[searchmod.Candidate], max_seq: int, max_uid: int
 ) -> list[searchmod.Candidate]:
+    """The candidates matching ``program``; message texts are dropped once evaluated
+    (a SEARCH TEXT over the mailbox holds one message at a time, not all of them)."""
+    out = []
     for c in cands:
-        c.loader = lambda uid=c.uid: _read_message(box, uid) or b""
-    return [c for c in cands if searchmod.evaluate(program, c, max_seq, max_uid)]
+        c.loader = functools.partial(_read_or_empty, box, c.uid)
+        if searchmod.evaluate(program, c, max_seq, max_uid):
+            out.append(c)
+        c.drop_text()
+    return out
+
+
+def _headers_only(cands: list[searchmod.Candidate]) -> list[searchmod.Candidate]:
+    """Parse each message's headers (all SORT and THREAD use) and drop its text."""
+    for c in cands:
+        c.tree()
+        c.drop_text()
+    return cands
+
+
+def _read_or_empty(box: Any, uid: int) -> bytes:
+    return _read_message(box, uid) or b""
+
+
+def _next_chunk(uids: list[int], pos: int, sel: SelectedMailbox, needs_data: bool) -> list[int]:
+    """The next FETCH_CHUNK messages, or fewer when their texts would pass FETCH_CHUNK_BYTES
+    (always at least one): a FETCH 1:* BODY[] never holds the mailbox in memory."""
+    if not needs_data:
+        return uids[pos : pos + FETCH_CHUNK]
+    chunk: list[int] = []
+    total = 0
+    for uid in uids[pos : pos + FETCH_CHUNK]:
+        size = int(sel.info[uid].size)
+        if chunk and total + size > FETCH_CHUNK_BYTES:
+            break
+        chunk.append(uid)
+        total += size
+    return chunk
 
 
 def _search(
@@ -2030,7 +2070,8 @@ def _sort(
     max_uid: int,
     criteria: list[tuple[str, bool]],
 ) -> list[searchmod.Candidate]:
-    return searchmod.sort_candidates(_matching(box, program, cands, max_seq, max_uid), criteria)
+    matches = _headers_only(_matching(box, program, cands, max_seq, max_uid))
+    return searchmod.sort_candidates(matches, criteria)
 
 
 def _thread(
@@ -2041,7 +2082,7 @@ def _thread(
     max_uid: int,
     algorithm: str,
 ) -> bytes:
-    matches = _matching(box, program, cands, max_seq, max_uid)
+    matches = _headers_only(_matching(box, program, cands, max_seq, max_uid))
     if algorithm == "ORDEREDSUBJECT":
         return searchmod.thread_orderedsubject(matches)
     return searchmod.thread_references(matches)

@@ -623,3 +623,21 @@ def test_a_cached_mailbox_that_fails_to_refresh_is_reopened(harness):
     p, t = harness.login()
     assert inbox.closed == 1
     assert harness.send(p, t, b"STAT\r\n") == b"+OK 1 %d\r\n" % len(MSG1)
+
+
+def test_loopback_detection_for_cleartext_policy():
+    from mailserv.pop3.server import _is_loopback
+
+    assert _is_loopback("127.0.0.1") and _is_loopback("127.3.2.1")
+    assert _is_loopback("::1") and _is_loopback("::ffff:127.0.0.1")
+    assert not _is_loopback("192.0.2.1") and not _is_loopback("2001:db8::1")
+    assert not _is_loopback("fe80::1%eth0") and not _is_loopback("") and not _is_loopback("unix")
+
+
+def test_user_allowed_from_ipv6_loopback(harness):
+    from twisted.internet.address import IPv6Address
+
+    p = harness.factory.buildProtocol(None)
+    t = type(harness.connect()[1])(peerAddress=IPv6Address("TCP", "::1", 40000))
+    p.makeConnection(t)
+    assert harness.send(p, t, b"USER alice\r\n") == b"+OK Send your password.\r\n"

@@ -217,7 +217,6 @@ command_timeout = "5s"
 data_timeout = "5s"
 block_timeout = "5s"
 final_timeout = "5s"
-connection_reuse_time = "0.5s"
 mta_sts_port = {sts_port}
 {extra}
 """

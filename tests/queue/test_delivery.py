@@ -174,7 +174,7 @@ async def test_connection_is_reused_for_several_messages(
 ) -> None:
     remote_dns(dns_server)
     mx = mx_net.server("127.0.0.2")
-    queue = queue_env.build("destination_concurrency = 1")
+    queue = queue_env.build("destination_concurrency = 1\nconnection_reuse_time = \"10s\"")
     for i in range(5):
         queue_env.enqueue("a@sender.test", [f"r{i}@remote.test"], message(f"m{i}"))
     queue.startService()

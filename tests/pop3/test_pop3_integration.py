@@ -4,7 +4,9 @@ driven by Python's poplib, fetchmail and getmail6, for maildir and mbox.
 
 from __future__ import annotations
 
+import base64
 import hashlib
+import hmac
 import io
 import os
 import poplib
@@ -380,3 +382,60 @@ def test_concurrent_users_do_not_block_each_other(site: Site) -> None:
     for t in threads:
         t.join(60)
     assert errors == []
+
+
+def _sasl_session(site: Site) -> tuple[socket.socket, Any]:
+    sock = socket.create_connection(("127.0.0.1", site.port), timeout=30)
+    f = sock.makefile("rb")
+    assert f.readline().startswith(b"+OK")
+    return sock, f
+
+
+def test_auth_cram_md5(site: Site) -> None:
+    sock, f = _sasl_session(site)
+    with sock:
+        sock.sendall(b"AUTH CRAM-MD5\r\n")
+        line = f.readline()
+        assert line.startswith(b"+ ")
+        challenge = base64.b64decode(line[2:].strip())
+        digest = hmac.new(PASSWORD.encode(), challenge, "md5").hexdigest()
+        sock.sendall(base64.b64encode(f"{site.name} {digest}".encode()) + b"\r\n")
+        assert f.readline().startswith(b"+OK Logged in")
+        sock.sendall(b"QUIT\r\n")
+        assert f.readline().startswith(b"+OK")
+
+
+def test_auth_scram_sha_256(site: Site) -> None:
+    """RFC 5802/7677 through POP3 AUTH (RFC 5034): two challenges, then the server's proof."""
+    sock, f = _sasl_session(site)
+    with sock:
+        nonce = base64.b64encode(os.urandom(18)).decode()
+        first_bare = f"n={site.name},r={nonce}"
+        sock.sendall(
+            b"AUTH SCRAM-SHA-256 " + base64.b64encode(b"n,," + first_bare.encode()) + b"\r\n"
+        )
+        line = f.readline()
+        assert line.startswith(b"+ ")
+        server_first = base64.b64decode(line[2:].strip()).decode()
+        attrs = dict(part.split("=", 1) for part in server_first.split(","))
+        assert attrs["r"].startswith(nonce)
+        salted = hashlib.pbkdf2_hmac(
+            "sha256", PASSWORD.encode(), base64.b64decode(attrs["s"]), int(attrs["i"])
+        )
+        client_key = hmac.new(salted, b"Client Key", "sha256").digest()
+        stored_key = hashlib.sha256(client_key).digest()
+        without_proof = f"c=biws,r={attrs['r']}"
+        auth_message = f"{first_bare},{server_first},{without_proof}".encode()
+        signature = hmac.new(stored_key, auth_message, "sha256").digest()
+        proof = bytes(a ^ b for a, b in zip(client_key, signature, strict=True))
+        final = f"{without_proof},p={base64.b64encode(proof).decode()}"
+        sock.sendall(base64.b64encode(final.encode()) + b"\r\n")
+        line = f.readline()
+        assert line.startswith(b"+ ")
+        server_key = hmac.new(salted, b"Server Key", "sha256").digest()
+        expected = hmac.new(server_key, auth_message, "sha256").digest()
+        assert base64.b64decode(line[2:].strip()) == b"v=" + base64.b64encode(expected)
+        sock.sendall(b"\r\n")
+        assert f.readline().startswith(b"+OK Logged in")
+        sock.sendall(b"QUIT\r\n")
+        assert f.readline().startswith(b"+OK")

@@ -98,6 +98,7 @@ SPECIAL_USE: dict[str, str] = {
 SYSTEM_FLAGS = frozenset({"\\Seen", "\\Answered", "\\Flagged", "\\Deleted", "\\Draft"})
 
 MAX_KEYWORD_LENGTH = 50  # LIMITS.md
+MAX_KEYWORDS_PER_MESSAGE = 64  # LIMITS.md
 MAX_NAME_BYTES = 255
 
 
@@ -195,6 +196,8 @@ def split_flags(flags: object) -> tuple[frozenset[str], frozenset[str]]:
             ):
                 raise ValueError(f"invalid keyword {flag!r}")
             keywords.add(flag)
+    if len(keywords) > MAX_KEYWORDS_PER_MESSAGE:
+        raise TooManyKeywords(f"more than {MAX_KEYWORDS_PER_MESSAGE} keywords on one message")
     return frozenset(system), frozenset(keywords)
 
 

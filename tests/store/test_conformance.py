@@ -17,7 +17,7 @@ from zope.interface.verify import verifyObject
 
 from mailserv.errors import FolderExists, InvalidFolderName, NoSuchFolder, QuotaExceeded
 from mailserv.interfaces import IMailAccount, IMailbox, IMailStore
-from mailserv.store import store_for
+from mailserv.store import TooManyKeywords, store_for
 from tests.store.helpers import checked_message, config, make_store, make_user
 
 MSG = b"From: a@example.test\r\nSubject: hello\r\n\r\nbody line\r\nFrom the start\r\n"
@@ -184,6 +184,8 @@ class MailStoreConformance:
                 box.set_flags(uid, bad)
         with pytest.raises(KeyError):
             box.set_flags(uid + 100, ["\\Seen"])
+        with pytest.raises(TooManyKeywords):  # LIMITS.md: 64 keywords per message
+            box.set_flags(uid, [f"k{i}" for i in range(65)])
 
     def test_append_with_flags_and_internal_date(self) -> None:
         box = self.inbox()

@@ -52,10 +52,15 @@ backends = ["local"]
 [auth.backend.local]
 type = "passwd-file"
 path = "$W/ms/users.passwd"
+[threads]
+# Deliveries (and their fsyncs) in parallel, as many as Postfix's virtual(8)
+# default_destination_concurrency_limit (20); the default pool has 10 threads.
+disk = ${MS_DISK_THREADS:-20}
 [store]
 format = "maildir"
 path = "$W/ms/mail/{domain}/{localpart}/Maildir"
 fsync = true
+quota = "100G"  # the benchmark fills one mailbox with 600 MB
 EOF
 (cd "$W/ms" && PYTHONPATH="$ROOT" exec "$PYTHON" -c \
     "import sys; from twisted.scripts.twistd import run; sys.exit(run())" \

@@ -166,7 +166,9 @@ def build_context(service: Any, name: str, listener: Any) -> ServerContext:
         router=service.router,
         chain=chain,
         policy=policy,
-        auth=_auth_for(service, config.hostname),
+        # AUTH belongs to submission: on the MX it opens no relaying and only
+        # invites password guessing (Postfix smtpd_sasl_auth_enable = no on 25).
+        auth=_auth_for(service, config.hostname) if submission else None,
         tls_options=tls_options,
     )
 

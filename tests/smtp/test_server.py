@@ -669,3 +669,32 @@ def test_bdat_over_size_fails_every_chunk_then_resets(make_env) -> None:  # type
     assert c.read() == b"552 5.3.4 Message size exceeds fixed limit\r\n"
     assert c.cmd(b"MAIL FROM:<s@remote.test>") == b"250 2.1.0 Sender OK\r\n"
     assert env.store.accounts == {}
+
+
+def test_mx_offers_no_auth_even_with_tls(env: SMTPEnv) -> None:
+    c = env.connect(peer="127.0.0.1")
+    c.cmd(b"STARTTLS")
+    assert b"AUTH" not in c.cmd(b"EHLO client.example")
+    assert c.cmd(b"AUTH PLAIN " + _plain(b"alice@example.org", b"secret")) == (
+        b"502 5.5.1 Error: authentication not enabled\r\n"
+    )
+
+
+def test_one_structured_log_event_per_transaction(env: SMTPEnv) -> None:
+    from twisted.logger import globalLogPublisher
+
+    events: list[dict] = []
+    observer = events.append
+    globalLogPublisher.addObserver(observer)
+    try:
+        c = env.connect()
+        assert c.transaction().startswith(b"250")
+    finally:
+        globalLogPublisher.removeObserver(observer)
+    [event] = [e for e in events if e.get("log_format", "").startswith("smtp transaction")]
+    assert event["peer"] == "192.0.2.1" and event["helo"] == "client.example"
+    assert event["sender"] == "sender@remote.test"
+    assert event["rcpts"] == ["alice@example.org"]
+    assert event["reply"] == "250 2.0.0" and event["size"] > 0
+    assert event["tls"] is None and event["auth_user"] is None
+    assert isinstance(event["verdicts"], list) and event["duration"] >= 0

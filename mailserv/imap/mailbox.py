@@ -37,6 +37,11 @@ class ChangeHub:
         self._guard = threading.Lock()
         self._queues: dict[tuple[str, str], DeferredLock] = {}
 
+    def writing(self, key: tuple[str, str]) -> bool:
+        """Is a session writing to ``key`` now?  Its write will notice outside changes."""
+        queue = self._queues.get(key)
+        return queue is not None and bool(queue.locked)
+
     def serial(self, keys: list[tuple[str, str]], fn: Callable[[], Deferred[Any]]) -> Deferred[Any]:
         """Run ``fn()`` (which starts thread-pool work) once no other session works on the
         folders ``keys``: writers queue here, on the reactor, instead of holding pool threads

@@ -623,6 +623,10 @@ class IMAPServer(Protocol):
         self.dirty = False
         shared = sel.shared
         now = self.reactor.seconds()
+        if force and self.ctx.hub.writing(shared.key):
+            # a write is in progress: it looks at the store and drops the cached listing
+            # if something changed outside; do not queue a refresh behind it
+            force = False
         fresh = shared.cached(force, now)
         if fresh is not None:
             d: defer.Deferred[Any] = defer.succeed(fresh)

@@ -13,6 +13,7 @@ recipient is durable: delivered or queued.
 from __future__ import annotations
 
 import os
+from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -78,7 +79,15 @@ class Router:
         store_for: Any,
         threads: Any,
         queue_dir: str | None = None,
+        reactor: Any = None,
+        cache_ttl: float = 5.0,
+        cache_size: int = 10_000,
     ) -> None:
+        # Positive answers only: a new user must never be refused from a stale cache.
+        self._reactor = reactor
+        self._cache: OrderedDict[str, tuple[float, Route]] = OrderedDict()
+        self.cache_ttl = cache_ttl if reactor is not None else 0.0
+        self.cache_size = cache_size
         self.directory = directory
         self.store_for = store_for
         self.threads = threads
@@ -88,6 +97,7 @@ class Router:
     def reload(self, config: Any) -> None:
         """Pick up new domains, aliases and delivery options (SIGHUP)."""
         self.config = config
+        self._cache.clear()
         self.domains = local_domains(config)
         self.aliases = _normalise_aliases(getattr(config, "aliases", {}) or {})
         delivery = getattr(config, "delivery", None)
@@ -99,8 +109,28 @@ class Router:
         return address.domain in self.domains
 
     def resolve(self, address: Address) -> defer.Deferred[Route | None]:
-        """Deferred[Route | None]: None means "no such user" (550 5.1.1)."""
-        return defer.ensureDeferred(self._resolve(address, 0, set()))
+        """Deferred[Route | None]: None means "no such user" (550 5.1.1).
+
+        Routes found are cached for ``cache_ttl`` seconds (unknown users are not).
+        """
+        key = address.key
+        if self.cache_ttl > 0:
+            hit = self._cache.get(key)
+            if hit is not None and hit[0] > self._reactor.seconds():
+                return defer.succeed(Route(list(hit[1].local), list(hit[1].remote)))
+        d = defer.ensureDeferred(self._resolve(address, 0, set()))
+        if self.cache_ttl > 0:
+            d.addCallback(self._remember, key)
+        return d
+
+    def _remember(self, route: Route | None, key: str) -> Route | None:
+        if route is not None:
+            self._cache.pop(key, None)
+            expiry = self._reactor.seconds() + self.cache_ttl
+            self._cache[key] = (expiry, Route(list(route.local), list(route.remote)))
+            while len(self._cache) > self.cache_size:
+                self._cache.popitem(last=False)
+        return route
 
     async def _resolve(self, address: Address, depth: int, seen: set[str]) -> Route | None:
         if not self.is_local(address):
@@ -293,4 +323,10 @@ def _normalise_aliases(aliases: dict[str, list[str]]) -> dict[str, list[str]]:
 
 def build_router(service: Any) -> Router:
     """The router of a MailService (contract: ``service.router``)."""
-    return Router(service.config, service.directory, service.store_for, service.threads)
+    return Router(
+        service.config,
+        service.directory,
+        service.store_for,
+        service.threads,
+        reactor=service.reactor,
+    )

@@ -698,3 +698,22 @@ def test_one_structured_log_event_per_transaction(env: SMTPEnv) -> None:
     assert event["reply"] == "250 2.0.0" and event["size"] > 0
     assert event["tls"] is None and event["auth_user"] is None
     assert isinstance(event["verdicts"], list) and event["duration"] >= 0
+
+
+def test_router_caches_known_users_only(env: SMTPEnv) -> None:
+    from mailserv.address import Address
+
+    router = env.service.router
+    directory = env.service.directory
+    out: list[object] = []
+    for _ in range(2):
+        router.resolve(Address("alice", "example.org")).addCallback(out.append)
+        router.resolve(Address("carol", "example.org")).addCallback(out.append)
+    assert directory.lookups.count("alice@example.org") == 1
+    assert directory.lookups.count("carol@example.org") == 2  # no negative caching
+    directory.add("carol@example.org")
+    router.resolve(Address("carol", "example.org")).addCallback(out.append)
+    assert out[-1] is not None
+    env.clock.advance(6)
+    router.resolve(Address("alice", "example.org")).addCallback(out.append)
+    assert directory.lookups.count("alice@example.org") == 2

@@ -92,7 +92,8 @@ class FilterChain:
         name = _filter_name(flt)
         timeout = float(getattr(flt, "timeout", 10.0))
         d = defer.maybeDeferred(getattr(flt, method_name), *args)
-        d.addTimeout(timeout, self._reactor)
+        if not d.called:  # a filter that answered at once needs no timer
+            d.addTimeout(timeout, self._reactor)
 
         def check(value: Any) -> Verdict:
             if not isinstance(value, Verdict):

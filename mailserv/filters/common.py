@@ -215,3 +215,67 @@ def _comment_text(text: str) -> str:
 def header_comment(text: str) -> str:
     """``(text)`` with parentheses escaped (RFC 5322 §3.2.2)."""
     return f"({_comment_text(text)})"
+
+
+# --------------------------------------------------------------------------
+# DNS answers already in the resolver's cache, without a thread-pool round trip
+
+
+def cached_answer(resolver: Any, name: str, rdtype: str) -> Any:
+    """The DNSAnswer of ``name``/``rdtype`` if dnspython's cache holds it, else None.
+
+    The cache honours TTLs and is thread-safe; NXDOMAIN and anything not
+    cached go through ``resolver.lookup`` as usual.
+    """
+    import dns.exception
+    import dns.flags
+    import dns.name
+    import dns.rcode
+    import dns.rdataclass
+    import dns.rdatatype
+
+    from mailserv.dns import DNSAnswer
+
+    cache = getattr(getattr(resolver, "resolver", None), "cache", None)
+    if not cache:
+        return None
+    try:
+        qname = dns.name.from_text(name)
+        key = (qname, dns.rdatatype.from_text(rdtype), dns.rdataclass.IN)
+    except (dns.exception.DNSException, ValueError):
+        return None
+    answer = cache.get(key)
+    if answer is None:
+        negative = cache.get((qname, dns.rdatatype.ANY, dns.rdataclass.IN))
+        if negative is not None and negative.response.rcode() == dns.rcode.NXDOMAIN:
+            return DNSAnswer(name, rdtype, nxdomain=True)
+        return None
+    records = tuple(answer.rrset) if answer.rrset is not None else ()
+    return DNSAnswer(
+        name, rdtype, records, authenticated=bool(answer.response.flags & dns.flags.AD)
+    )
+
+
+def lookup(resolver: Any, name: str, rdtype: str) -> Any:
+    """``resolver.lookup`` answered on the spot when the answer is cached (Deferred)."""
+    from twisted.internet import defer
+
+    cached = cached_answer(resolver, name, rdtype)
+    if cached is not None:
+        return defer.succeed(cached)
+    return resolver.lookup(name, rdtype)
+
+
+INLINE_LIMIT = 16 * 1024
+
+
+def run_on_message(
+    threads: Any, pool: str, fn: Callable[..., Any], message: Any, *args: Any
+) -> Any:
+    """Deferred of ``fn(message, *args)``: at once for a small message held in memory
+    (linear work on bytes already in memory, no I/O), else in the ``pool`` thread pool."""
+    from twisted.internet import defer
+
+    if getattr(message, "path", "") is None and message.size <= INLINE_LIMIT:
+        return defer.maybeDeferred(fn, message, *args)
+    return threads.run(pool, fn, message, *args)

@@ -26,6 +26,7 @@ from mailserv.filters.common import (
     MethodResult,
     action_kind,
     load_options,
+    lookup,
     outcome,
     resolver_for,
     results_for,
@@ -159,7 +160,7 @@ class DMARCFilter(FilterBase):
 
     @defer.inlineCallbacks
     def _lookup(self, domain: str) -> Any:
-        answer = yield self.resolver.lookup(f"_dmarc.{domain}", "TXT")
+        answer = yield lookup(self.resolver, f"_dmarc.{domain}", "TXT")
         records = []
         for rdata in answer.records:
             text = b"".join(rdata.strings).decode("utf-8", "replace")

@@ -40,6 +40,7 @@ from mailserv.filters.common import (
     clean,
     connection_marks,
     load_options,
+    lookup,
     outcome,
     resolver_for,
     results_for,
@@ -116,7 +117,7 @@ def _strip_arpa(pointer: str) -> str:
 @defer.inlineCallbacks
 def query_zone(resolver: Any, name: str, zone: Zone) -> Any:
     """Listing | None for ``name.zone``; TemporaryFailure propagates."""
-    answer = yield resolver.lookup(f"{name}.{zone.zone}", "A")
+    answer = yield lookup(resolver, f"{name}.{zone.zone}", "A")
     codes = []
     for rdata in answer.records:
         ip = ipaddress.ip_address(rdata.address)
@@ -129,7 +130,7 @@ def query_zone(resolver: Any, name: str, zone: Zone) -> Any:
         return None
     reason = ""
     try:
-        txt = yield resolver.lookup(f"{name}.{zone.zone}", "TXT")
+        txt = yield lookup(resolver, f"{name}.{zone.zone}", "TXT")
         for rdata in txt.records:
             reason = clean(b"".join(rdata.strings).decode("utf-8", "replace"), 200)
             break

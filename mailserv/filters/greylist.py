@@ -17,6 +17,7 @@ from __future__ import annotations
 import ipaddress
 import sqlite3
 import threading
+from collections import OrderedDict
 from collections.abc import Mapping
 from typing import Any
 
@@ -37,6 +38,9 @@ from mailserv.config.schema import (
 from mailserv.filters.base import CONTINUE, FilterBase, Verdict
 from mailserv.filters.common import load_options, state_path
 from mailserv.interfaces import IRecipientFilter
+
+RECENT = 3600.0
+RECENT_MAX = 10_000
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS triplets (
@@ -66,6 +70,8 @@ class GreylistStore:
         with self._lock:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA busy_timeout=5000")
+            # WAL + NORMAL: no fsync per commit (a lost triplet only means one more retry).
+            self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.executescript(SCHEMA)
 
     def check(
@@ -190,6 +196,9 @@ class GreylistFilter(FilterBase):
         self.store = GreylistStore(path)
         self.threads = service.threads
         self._last_expiry = 0.0
+        # Triplets that passed recently: answered without a database round trip
+        # (their last_seen is refreshed at most every RECENT seconds).
+        self._recent: OrderedDict[tuple[str, str, str], float] = OrderedDict()
 
     def _skip(self, session: Any) -> bool:
         if self.config.skip_authenticated and session.auth_user is not None:
@@ -211,6 +220,9 @@ class GreylistFilter(FilterBase):
             rcpt.address.key,
         )
         now = self.clock.seconds()
+        passed_at = self._recent.get(triplet)
+        if passed_at is not None and now - passed_at < RECENT:
+            return CONTINUE
         if now - self._last_expiry > 3600:
             self._last_expiry = now
             yield self.threads.run("disk", self.store.expire, now, cfg.retry_window, cfg.expire)
@@ -225,6 +237,10 @@ class GreylistFilter(FilterBase):
             cfg.auto_allowlist,
         )
         if state in ("pass", "allowlisted"):
+            self._recent[triplet] = now
+            self._recent.move_to_end(triplet)
+            while len(self._recent) > RECENT_MAX:
+                self._recent.popitem(last=False)
             return CONTINUE
         return Verdict.tempfail(
             451, "4.7.1", f"Greylisted, please try again in {int(left) + 1} seconds", "greylisted"

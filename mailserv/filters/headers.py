@@ -18,6 +18,7 @@ submission Date and Message-ID: mailserv/smtp); this filter reports and acts.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from email import policy
@@ -37,6 +38,7 @@ from mailserv.filters.common import (
     load_options,
     outcome,
     results_for,
+    run_on_message,
 )
 from mailserv.interfaces import IMessageFilter
 
@@ -118,10 +120,21 @@ def analyse(message: Any, smtputf8: bool) -> Findings:
     return found
 
 
+_ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]"
+_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?"
+_ADDR_SPEC = rf"{_ATEXT}+(?:\.{_ATEXT}+)*@{_LABEL}(?:\.{_LABEL})+"
+_DISPLAY = rf"(?:\"(?:[^\"\\\r\n]|\\.)*\"|{_ATEXT}+(?: {_ATEXT}+)*)"
+_MAILBOX = rf"(?:{_ADDR_SPEC}|(?:{_DISPLAY} ?)?<{_ADDR_SPEC}>)"
+# The common, plainly valid forms; anything else goes to the full RFC 5322 parser.
+_SIMPLE_LIST = re.compile(rf"{_MAILBOX}(?: ?, ?{_MAILBOX})*")
+
+
 def _address_ok(lname: str, value: bytes) -> bool:
     if len(value) > MAX_ADDRESS_FIELD:
         return False
     text = value.decode("utf-8", "replace").replace("\r\n", "").strip()
+    if _SIMPLE_LIST.fullmatch(text):
+        return True
     header = policy.default.header_factory(lname, text)
     if any(type(d).__name__ == "InvalidHeaderDefect" for d in header.defects):
         return False
@@ -148,7 +161,9 @@ class HeadersFilter(FilterBase):
     @defer.inlineCallbacks
     def check_message(self, session: Any, envelope: Any, message: Any) -> Any:
         results = results_for(session, envelope)
-        found = yield self.service.threads.run("disk", analyse, message, bool(envelope.smtputf8))
+        found = yield run_on_message(
+            self.service.threads, "disk", analyse, message, bool(envelope.smtputf8)
+        )
         if self.config.remove_forged_authres:
             removed = yield remove_forged(self.service, message, self.authserv_id)
             results.forged_removed += removed

@@ -222,10 +222,38 @@ def evaluate(
         with message.open() as f:
             f.seek(rest_at + 2)
             data = f.read(max_body)
+        text = data.decode("utf-8", "replace")
+        live = [r for r in body_rules if not _cannot_match(r, text, deadline, match_timeout)]
+        if not live:
+            return hits
         for raw_line in data.split(b"\r\n"):
-            if run(body_rules, raw_line.decode("utf-8", "replace")):
+            if run(live, raw_line.decode("utf-8", "replace")):
                 return hits
     return hits
+
+
+_WHOLE_TEXT_UNSAFE = regex.compile(r"\\[AZz]|\(\?<|\\G")
+
+
+def _cannot_match(rule: Rule, text: str, deadline: float, match_timeout: float) -> bool:
+    """A quick pass over the whole body: True when ``rule`` cannot match any line.
+
+    Searching once with ``^``/``$`` at line boundaries (MULTILINE) finds every
+    line match and maybe more (a class like ``[^x]`` can cross lines), so a
+    miss here is a miss on every line; rules that may still match go line by
+    line.  Negated rules, anchors on the whole text and lookbehinds always go
+    line by line.
+    """
+    if rule.negate or _WHOLE_TEXT_UNSAFE.search(rule.pattern.pattern):
+        return False
+    whole = regex.compile(rule.pattern.pattern, rule.pattern.flags | regex.MULTILINE)
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise RuleTimeout("the overall rules deadline")
+    try:
+        return whole.search(text, timeout=min(match_timeout, left)) is None
+    except TimeoutError:
+        return False
 
 
 @implementer(IMessageFilter)

@@ -124,6 +124,25 @@ def evaluate(
         _local.resolver = None
 
 
+def evaluate_identities(
+    resolver: Any,
+    ip: str,
+    sender: str,
+    helo: str,
+    receiver: str,
+    query_time: float,
+    check_helo: bool,
+    check_mailfrom: bool,
+) -> tuple[SPFCheck | None, SPFCheck | None]:
+    """The HELO and MAIL FROM checks in one thread job (blocking)."""
+    common = (resolver, ip, sender, helo, receiver, query_time)
+    helo_check = evaluate(*common, "helo") if check_helo else None
+    if helo_check is not None and helo_check.result == "fail" and not check_mailfrom:
+        return helo_check, None
+    mail_check = evaluate(*common, "mailfrom") if check_mailfrom else None
+    return helo_check, mail_check
+
+
 def _checkable_helo(helo: str | None) -> bool:
     """RFC 7208 §2.3: only a host name (not an address literal) is a HELO identity."""
     if not helo or helo.startswith("[") or "." not in helo:
@@ -148,9 +167,6 @@ class SPFFilter(FilterBase):
         self.resolver = resolver_for(service)
         self.receiver = self.config.receiver or str(service.config.hostname)
 
-    def _run(self, *args: Any) -> defer.Deferred[SPFCheck]:
-        return self.resolver.threads.run("dns", evaluate, self.resolver, *args)  # type: ignore[no-any-return]
-
     def _skip(self, session: Any) -> bool:
         if self.config.skip_authenticated and session.auth_user is not None:
             return True
@@ -167,10 +183,21 @@ class SPFFilter(FilterBase):
         results = results_for(session, envelope)
         helo = session.helo or ""
         ip = session.peer_host
-        common = (ip, envelope.sender, helo, self.receiver, self.config.query_time)
         headers: list[tuple[str, str]] = []
-        if self.config.check_helo and _checkable_helo(helo):
-            check = yield self._run(*common, "helo")
+        helo_check, mail_check = yield self.resolver.threads.run(
+            "dns",
+            evaluate_identities,
+            self.resolver,
+            ip,
+            envelope.sender,
+            helo,
+            self.receiver,
+            self.config.query_time,
+            self.config.check_helo and _checkable_helo(helo),
+            envelope.mail_from is not None,
+        )
+        if helo_check is not None:
+            check = helo_check
             results.spf.append(
                 MethodResult("spf", check.result, [("smtp.helo", helo)], clean(check.explanation))
             )
@@ -181,8 +208,8 @@ class SPFFilter(FilterBase):
                 verdict = self._act(self.config.helo_fail, check, results, tuple(headers))
                 if verdict.final:
                     return verdict
-        if envelope.mail_from is not None:
-            check = yield self._run(*common, "mailfrom")
+        if mail_check is not None:
+            check = mail_check
             results.spf_mailfrom, results.spf_domain = check.result, check.domain
             results.spf.append(
                 MethodResult(

@@ -30,6 +30,7 @@ from mailserv.filters.common import (
     outcome,
     resolver_for,
     results_for,
+    run_on_message,
 )
 from mailserv.filters.dmarc import organizational_domain
 from mailserv.filters.dnsbl import Zone, query_zones, reversed_name, zone_kind
@@ -61,10 +62,18 @@ def _host_name(raw: str, had_www: bool) -> str | None:
     return organizational_domain(host)
 
 
+def _needs_mime_parsing(raw: bytes) -> bool:
+    head = raw.split(b"\r\n\r\n", 1)[0].lower()
+    return b"content-transfer-encoding" in head or b"multipart/" in head
+
+
 def extract_domains(raw: bytes, limit: int) -> list[str]:
     """The distinct registered domains (or reversed addresses) linked in the text parts."""
-    message = BytesParser(policy=policy.default).parsebytes(raw)
     texts: list[str] = []
+    if not _needs_mime_parsing(raw):  # a plain 7bit/8bit text message: scan the body as is
+        texts.append(raw.partition(b"\r\n\r\n")[2].decode("utf-8", "replace"))
+        return _domains_in(texts, limit)
+    message = BytesParser(policy=policy.default).parsebytes(raw)
     for part in message.walk():
         if part.get_content_maintype() != "text":
             continue
@@ -75,10 +84,19 @@ def extract_domains(raw: bytes, limit: int) -> list[str]:
             content = payload.decode("utf-8", "replace") if isinstance(payload, bytes) else ""
         if isinstance(content, str):
             texts.append(content)
+    return _domains_in(texts, limit)
+
+
+def _domains_in(texts: list[str], limit: int) -> list[str]:
     found: dict[str, None] = {}
+    seen: set[tuple[str, bool]] = set()
     for text in texts:
         for match in _URL.finditer(text):
-            name = _host_name(match.group(1), match.group(0).lower().startswith("www."))
+            host = (match.group(1), match.group(0)[:4].lower() == "www.")
+            if host in seen:
+                continue
+            seen.add(host)
+            name = _host_name(*host)
             if name:
                 found.setdefault(name, None)
                 if len(found) >= limit:
@@ -123,7 +141,7 @@ class URIBLFilter(FilterBase):
     @defer.inlineCallbacks
     def check_message(self, session: Any, envelope: Any, message: Any) -> Any:
         cfg = self.config
-        domains = yield self.threads.run("crypto", self._domains, message)
+        domains = yield run_on_message(self.threads, "crypto", self._domains, message)
         if not domains:
             return CONTINUE
         lookups = yield defer.gatherResults(

@@ -246,6 +246,18 @@ class CramMD5Mechanism(Mechanism):
         return CramMD5Credentials(_utf8(user), self.challenge, digest)
 
 
+_SALT_KEY = secrets.token_bytes(32)
+
+
+def pseudo_salt(username: str) -> bytes:
+    """A per-process stable salt for users without a stored one (plaintext secret, unknown).
+
+    The same name always gets the same salt, so that salts do not tell
+    unknown users from real ones (RFC 5802 §9).
+    """
+    return hmac.new(_SALT_KEY, username.encode("utf-8", "surrogateescape"), "sha256").digest()[:16]
+
+
 def _scram_name(value: str) -> str:
     """saslname decoding: =2C is ',', =3D is '=' (RFC 5802 §5.1)."""
     if "=" in value.replace("=2C", "").replace("=3D", ""):
@@ -352,9 +364,12 @@ class ScramMechanism(Mechanism):
                     break
         secret = None
         if stored is not None:
-            secret = scram_secret(stored, self.name, secrets.token_bytes(16))
+            secret = scram_secret(stored, self.name, pseudo_salt(self.username))
         if secret is None:
-            secret = schemes.ScramSecret.derive(secrets.token_bytes(16), self.name, iterations=4096)
+            # RFC 5802 §9: an unknown user gets a salt as stable as a real one.
+            secret = schemes.ScramSecret.derive(
+                secrets.token_bytes(16), self.name, pseudo_salt(self.username)
+            )
         return secret
 
     def _client_final(self, message: str) -> Any:

@@ -353,3 +353,23 @@ def test_plain_authzid_must_be_the_user(make_service: Any, tmp_path: Path) -> An
     creds = yield sasl.new_mechanism("PLAIN", "h").start(b"admin\0alice\0pw")
     with pytest.raises(UnauthorizedLogin):
         yield portal.login(creds, None, IMailUser)
+
+
+@pytest_twisted.inlineCallbacks
+def test_scram_salts_do_not_reveal_unknown_users(make_service: Any, tmp_path: Path) -> Any:
+    """RFC 5802 §9: the same salt every time, for real (plaintext) and unknown users alike."""
+    portal = passwd_portal(make_service, tmp_path, ["alice@example.org:{PLAIN}wonder land"])
+
+    def salt_of(user: str) -> Any:
+        mech = sasl.new_mechanism("SCRAM-SHA-256", "h", portal)
+        return mech.start(ScramClient("SCRAM-SHA-256", user, b"x").first()).addCallback(
+            lambda c: c.data.split(b",s=")[1].split(b",")[0]
+        )
+
+    for user in ("alice@example.org", "nobody@example.org"):
+        first = yield salt_of(user)
+        second = yield salt_of(user)
+        assert first == second and len(base64.b64decode(first)) == 16
+    alice = yield salt_of("alice@example.org")
+    nobody = yield salt_of("nobody@example.org")
+    assert alice != nobody

@@ -47,6 +47,7 @@ setup(
             "mypy>=1.11",
             "mypy-zope>=1.0",
             "authres>=1.2",  # dkimpy's arc_sign needs it: the ARC tests seal their own chains
+            "imapclient>=3.0",  # the IMAP integration tests drive the server as a real client does
         ],
     },
     entry_points={"console_scripts": ["mailserv = mailserv.cli.main:main"]},

@@ -343,6 +343,7 @@ class Transaction:
     smtputf8: bool = False
     envid: str | None = None
     ret: str | None = None
+    requiretls: bool = False  # RFC 8689
 
 
 def synthetic(code: int, enhanced: str, text: str) -> Reply:
@@ -473,6 +474,11 @@ class Session:
             problem = synthetic(
                 552, "5.3.4", f"message size {txn.size} exceeds the limit of {self.mx_host}"
             )
+        elif txn.requiretls and not (self.secure and "REQUIRETLS" in ext):
+            # RFC 8689 §4.2.1: only over verified TLS to a server that offers REQUIRETLS.
+            problem = synthetic(
+                550, "5.7.10", f"REQUIRETLS: {self.mx_host} does not support REQUIRETLS"
+            )
         if problem is not None:
             return dict.fromkeys(rcpts, problem)
         self.transactions += 1
@@ -483,6 +489,8 @@ class Session:
             mail += " BODY=8BITMIME"
         if needs_utf8:
             mail += " SMTPUTF8"
+        if txn.requiretls:
+            mail += " REQUIRETLS"
         dsn = "DSN" in ext
         if dsn and txn.ret:
             mail += f" RET={txn.ret}"

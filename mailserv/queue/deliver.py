@@ -168,7 +168,10 @@ class Deliverer:
     async def deliver(
         self, domain: str, item: Any, indices: list[int], chunks: Any
     ) -> dict[int, Outcome]:
+        requiretls = bool(getattr(item.entry, "requiretls", False))
         key = "[relay]" if self.config.relay_host else domain
+        if requiretls:
+            key += "/requiretls"  # its connections were all made with verified TLS
         dest = self._destination(key)
         outcomes: dict[int, Outcome] = {}
         remaining = list(indices)
@@ -197,7 +200,7 @@ class Deliverer:
                 dest.release()
             return outcomes
         try:
-            plans = await self.plan(domain)
+            plans = await self.plan(domain, requiretls)
         except (SMTPReply, TemporaryFailure) as exc:
             if slot:
                 dest.release()
@@ -269,6 +272,7 @@ class Deliverer:
             smtputf8=entry.smtputf8,
             envid=entry.envid,
             ret=entry.ret,
+            requiretls=bool(getattr(entry, "requiretls", False)),
         )
         session = conn.session
         label = conn.label
@@ -347,19 +351,20 @@ class Deliverer:
     # ------------------------------------------------------------------
     # Where to go and with which TLS
 
-    async def plan(self, domain: str) -> list[HostPlan]:
+    async def plan(self, domain: str, requiretls: bool = False) -> list[HostPlan]:
         """The hosts to try for ``domain`` with their TLS requirements (cached briefly)."""
         now = self.reactor.seconds()
-        cached = self._plans.get(domain)
+        key = f"{domain}/requiretls" if requiretls else domain
+        cached = self._plans.get(key)
         if cached is not None and cached[0] > now:
             return cached[1]
-        plans = await self._plan(domain)
+        plans = await self._plan(domain, requiretls)
         if len(self._plans) >= PLAN_CACHE_SIZE:
             self._plans.pop(next(iter(self._plans)))
-        self._plans[domain] = (now + PLAN_CACHE_TIME, plans)
+        self._plans[key] = (now + PLAN_CACHE_TIME, plans)
         return plans
 
-    async def _plan(self, domain: str) -> list[HostPlan]:
+    async def _plan(self, domain: str, requiretls: bool = False) -> list[HostPlan]:
         relay = self.config.relay_host
         if relay is not None:
             # A smarthost is used by its address records, never its MX (Postfix "[host]").
@@ -369,7 +374,8 @@ class Deliverer:
                 await self.mx.addresses(host)
             if not host.addresses:
                 raise TemporaryFailure(f"relay host {name} has no address")
-            return [HostPlan(host, self.config.relay_tls, [], [name], port)]
+            tls = "verify" if requiretls else self.config.relay_tls
+            return [HostPlan(host, tls, [], [name], port)]
         route = await self.mx.resolve(domain)
         policy = None
         if self.mta_sts is not None and self.config.mta_sts:
@@ -379,10 +385,31 @@ class Deliverer:
             plan = await self._host_plan(domain, route, host, policy)
             if plan is not None:
                 plans.append(plan)
+        if requiretls:
+            plans = self._requiretls(domain, route, policy, plans)
         if not plans:
             raise TemporaryFailure(
                 f"no MX host of {domain} satisfies its MTA-STS policy (RFC 8461 §4.1)"
             )
+        return plans
+
+    def _requiretls(
+        self, domain: str, route: MXRoute, policy: Any, plans: list[HostPlan]
+    ) -> list[HostPlan]:
+        """RFC 8689 §4.2.1: a DNSSEC-validated MX or one an MTA-STS policy names, and
+        a certificate verified by DANE or PKIX, else the message cannot be sent."""
+        if not route.secure:
+            if policy is None:
+                raise SMTPReply(
+                    550,
+                    "5.7.10",
+                    f"REQUIRETLS: the MX of {domain} is neither DNSSEC-validated "
+                    "nor covered by an MTA-STS policy",
+                )
+            plans = [p for p in plans if policy.matches(p.host.name)]
+        for p in plans:
+            if p.tls not in ("dane", "verify"):
+                p.tls, p.names = "verify", [p.host.name]
         return plans
 
     async def _host_plan(

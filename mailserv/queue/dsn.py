@@ -164,7 +164,8 @@ def build(
             lines.append(f"Will-Retry-Until: {email.utils.formatdate(retry_until)}")
     lines += ["", f"--{boundary}"]
     head = "\r\n".join(lines).encode("utf-8") + b"\r\n"
-    if (entry.ret or "").upper() == "HDRS" or action in (DELIVERED, RELAYED, DELAYED):
+    headers_only = (entry.ret or "").upper() == "HDRS" or entry.requiretls  # RFC 8689 §5
+    if headers_only or action in (DELIVERED, RELAYED, DELAYED):
         kind = "message/global-headers" if utf8 else "text/rfc822-headers"
         part = f"Content-Type: {kind}\r\n\r\n".encode() + _header_section(original)
     else:

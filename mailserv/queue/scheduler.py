@@ -547,6 +547,8 @@ class QueueService(Service):
             recipients=[spool.QueuedRecipient(entry.sender)],
             smtputf8=entry.smtputf8,
             body="8BITMIME" if not message.isascii() else "7BIT",
+            # RFC 8689 §5: the non-delivery report of a REQUIRETLS message is sent so too.
+            requiretls=entry.requiretls,
         )
         await self.threads.run("disk", spool.enqueue, self.store.directory, bounce, [message])
         log.info(

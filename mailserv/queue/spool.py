@@ -14,7 +14,8 @@ the client got its 250 and may be removed.
 
 Envelope fields: ``version`` (1), ``id``, ``arrival`` (Unix time), ``sender``
 (RFC 5321 reverse-path text, "" for <>), ``envid``, ``ret`` (RFC 3461),
-``smtputf8``, ``body`` ("7BIT"/"8BITMIME"), and ``recipients``: a list of
+``smtputf8``, ``body`` ("7BIT"/"8BITMIME"), ``requiretls`` (RFC 8689; absent
+means false), and ``recipients``: a list of
 ``{"address", "orcpt", "notify", "status", "reason"}`` where ``status`` is
 ``"pending"`` (to deliver; local recipients whose delivery failed
 temporarily are queued too, the queue hands them back to the router) or
@@ -53,6 +54,7 @@ class QueueEntry:
     ret: str | None = None
     smtputf8: bool = False
     body: str = "7BIT"
+    requiretls: bool = False  # RFC 8689 MAIL FROM ... REQUIRETLS
     version: int = FORMAT_VERSION
 
     def to_json(self) -> bytes:

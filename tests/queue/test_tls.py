@@ -231,3 +231,88 @@ async def test_mta_sts_enforce_skips_mx_not_in_policy(
         assert mx.connections == 0
     finally:
         await listening.stopListening()
+
+
+class ValidatingOnly(Validating):
+    """Validated answers only for names under ``suffix`` (one DNSSEC-signed zone)."""
+
+    def __init__(self, real: Any, suffix: str) -> None:
+        super().__init__(real)
+        self.suffix = suffix
+
+    def lookup(self, name: str, rdtype: str) -> Any:
+        if name.rstrip(".").endswith(self.suffix):
+            return super().lookup(name, rdtype)
+        return self.real.lookup(name, rdtype)
+
+
+def secure_sender_mx(mx_net: Any, test_ca: Any) -> Any:
+    """The sender's MX: DNSSEC zone, valid certificate, REQUIRETLS: bounces can reach it."""
+    extensions = ["PIPELINING", "SIZE 50000000", "8BITMIME", "DSN", "REQUIRETLS"]
+    cert = test_ca.issue("mx.sender.test")
+    return mx_net.server("127.0.0.5", starttls=True, cert=cert, extensions=extensions)
+
+
+@pytest_twisted.ensureDeferred
+async def test_requiretls_without_dnssec_or_mta_sts_bounces(
+    queue_env: Any, mx_net: Any, dns_server: Any, test_ca: Any
+) -> None:
+    """RFC 8689 §4.2.1: no validated MX and no MTA-STS policy: 5.7.10, nothing sent."""
+    remote_dns(dns_server)
+    mx = mx_net.server("127.0.0.2", starttls=True, cert=test_ca.issue("mx1.remote.test"))
+    sender_mx = secure_sender_mx(mx_net, test_ca)
+    queue_env.enqueue("a@sender.test", ["b@remote.test"], message(), requiretls=True)
+    config, _ = validating_env(queue_env)
+    from mailserv.dns import DNSResolver
+
+    resolver = ValidatingOnly(DNSResolver(config.dns, queue_env.threads), "sender.test")
+    queue = queue_env.build(resolver=resolver)
+    queue.startService()
+    await wait_for(lambda: len(sender_mx.messages) == 1)
+    assert mx.connections == 0
+    bounce = sender_mx.messages[0]
+    assert bounce.tls and "MAIL FROM:<> SIZE=" in "\n".join(sender_mx.commands)
+    assert any(
+        c.startswith("MAIL FROM:<>") and c.endswith("REQUIRETLS") for c in sender_mx.commands
+    )
+    text = bounce.data.decode()
+    assert "Status: 5.7.10" in text and "text/rfc822-headers" in text
+    assert "Hello." not in text  # RFC 8689 §5: the body is not returned
+
+
+@pytest_twisted.ensureDeferred
+async def test_requiretls_needs_the_extension_and_verified_tls(
+    queue_env: Any, mx_net: Any, dns_server: Any, test_ca: Any
+) -> None:
+    remote_dns(dns_server)
+    plain_tls = mx_net.server("127.0.0.2", starttls=True, cert=test_ca.issue("mx1.remote.test"))
+    sender_mx = secure_sender_mx(mx_net, test_ca)
+    queue_env.enqueue("a@sender.test", ["b@remote.test"], message(), requiretls=True)
+    _config, resolver = validating_env(queue_env)
+    queue = queue_env.build(resolver=resolver)
+    queue.startService()
+    await wait_for(lambda: len(sender_mx.messages) == 1)
+    assert plain_tls.connections == 1 and not any(c.startswith("MAIL") for c in plain_tls.commands)
+    assert (
+        "REQUIRETLS: mx1.remote.test does not support REQUIRETLS"
+        in sender_mx.messages[0].data.decode()
+    )
+
+
+@pytest_twisted.ensureDeferred
+async def test_requiretls_delivered_with_the_mail_parameter(
+    queue_env: Any, mx_net: Any, dns_server: Any, test_ca: Any
+) -> None:
+    remote_dns(dns_server)
+    extensions = ["PIPELINING", "SIZE 50000000", "8BITMIME", "REQUIRETLS"]
+    mx = mx_net.server(
+        "127.0.0.2", starttls=True, cert=test_ca.issue("mx1.remote.test"), extensions=extensions
+    )
+    queue_env.enqueue("a@sender.test", ["b@remote.test"], message(), requiretls=True)
+    _config, resolver = validating_env(queue_env)
+    queue = queue_env.build(resolver=resolver)
+    queue.startService()
+    await wait_for(lambda: len(mx.messages) == 1)
+    assert mx.messages[0].tls
+    mail = next(c for c in mx.commands if c.startswith("MAIL"))
+    assert mail.endswith(" REQUIRETLS")

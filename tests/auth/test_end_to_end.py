@@ -140,3 +140,24 @@ def test_ldap_users_on_every_protocol(mailserv: Any, tmp_path: Path, slapd: Slap
     assert imap_login(server.port("imap"), "ALICE@example.org", ALICE_PASSWORD) == "OK"
     assert pop_login(server.port("pop3"), "alice", ALICE_PASSWORD).startswith(b"+OK")
     assert imap_login(server.port("imap"), "alice@example.org", "wrong").startswith("NO")
+
+
+def test_backend_down_is_a_temporary_failure_on_every_protocol(
+    mailserv: Any, tmp_path: Path, closed_port: int
+) -> None:
+    """454 4.7.0 / NO [UNAVAILABLE] / -ERR [SYS/TEMP], never "wrong password"."""
+    ldap = {
+        "type": "ldap",
+        "urls": [f"ldap://127.0.0.1:{closed_port}"],
+        "base_dn": "dc=example,dc=org",
+        "timeout": "1s",
+    }
+    config = test_config(
+        tmp_path / "state", LISTENERS, auth={"backends": ["corp"], "backend": {"corp": ldap}}
+    )
+    server = mailserv.start(config)
+    assert smtp_auth(server.port("submission"), "alice@example.test", "pw")[0] == 454
+    imap = imap_login(server.port("imap"), "alice@example.test", "pw")
+    assert imap.startswith("NO") and "[UNAVAILABLE]" in imap
+    pop = pop_login(server.port("pop3"), "alice@example.test", "pw")
+    assert pop.startswith(b"-ERR [SYS/TEMP]")

@@ -132,3 +132,16 @@ def test_rules_from_a_postfix_style_file(plain_env: Any, tmp_path: Path) -> Any:
     [problem] = info.value.problems
     assert problem.key == "pipelines.inbound[0].header_checks_file"
     assert "line 2: bad regular expression" in problem.message
+
+
+@pytest_twisted.inlineCallbacks
+def test_body_rules_keep_per_line_semantics(plain_env: Any) -> Any:
+    # \A anchors each line (Postfix matches line by line), not only the body's start.
+    verdict, _ = yield run(plain_env, body_checks=["/\\Avisit/ REJECT a"])
+    assert verdict.smtp_reply().text == "a"
+    # A negated rule matches the first line that lacks the pattern.
+    verdict, _ = yield run(plain_env, body_checks=["!/Bob/ REJECT b"])
+    assert verdict.smtp_reply().text == "b"
+    # A pattern spanning two lines never matches a single line.
+    verdict, _ = yield run(plain_env, body_checks=["/Bob,[^x]*visit/ REJECT c"])
+    assert verdict.action is Action.CONTINUE

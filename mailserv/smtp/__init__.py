@@ -38,8 +38,8 @@ Limits (LIMITS.md) and where they are set: ``listener.max_message_size``,
 ``max_connections_per_ip``, ``idle_timeout`` (300 s; data must also arrive
 at 500 bytes/s), ``allow_plaintext_auth``; the rest are the defaults of
 ``server.ServerSettings`` (command line 2048 / AUTH 12288, DATA line 998,
-header 102400, 100 Received headers, 10/20 errors, free disk 1.5 times the size).
-Not implemented yet: the MIME nesting/parts limits.
+header 102400, 100 Received headers, MIME depth/parts, 10/20 errors, free disk 1.5 times the size).
+MIME nesting (100) and parts (10 000) are checked by ``mime.py``.
 """
 
 from __future__ import annotations
@@ -170,6 +170,7 @@ def build_context(service: Any, name: str, listener: Any) -> ServerContext:
         # invites password guessing (Postfix smtpd_sasl_auth_enable = no on 25).
         auth=_auth_for(service, config.hostname) if submission else None,
         tls_options=tls_options,
+        threads=service.threads,
     )
 
 

@@ -52,6 +52,7 @@ from mailserv.envelope import Envelope, Message, Recipient, Session
 from mailserv.errors import SMTPReply, smtp_reply_for
 from mailserv.filters.base import Action
 from mailserv.filters.chain import FilterChain
+from mailserv.smtp.mime import check_structure
 from mailserv.smtp.spool import DataSink
 
 log = Logger()
@@ -83,6 +84,8 @@ class ServerSettings:
     max_data_line: int = 998
     max_header_size: int = 102_400
     max_received: int = 100
+    max_mime_depth: int = 100
+    max_mime_parts: int = 10_000
     max_messages_per_connection: int = 1000
     idle_timeout: float = 300.0
     min_data_rate: float = 500.0
@@ -109,6 +112,7 @@ class ServerContext:
     policy: Any  # inbound.InboundPolicy | submission.SubmissionPolicy
     auth: Any = None  # SaslAuth (or a fake): mechanisms(secure), new(name), login(creds, ip)
     tls_options: Callable[[], Any] | None = None
+    threads: Any = None  # ThreadPools: MIME checks of spooled messages run in "disk"
     on_close: Callable[[Any], None] | None = None
 
 
@@ -975,6 +979,10 @@ class SMTPServer(smtp.ESMTP):
             received = len(message.header("Received"))
             if received > self.settings.max_received:
                 raise SMTPReply(554, "5.4.6", "Too many Received headers: mail loop")
+            problem = await self._mime_problem(message)
+            if problem:
+                text = "MIME nesting too deep" if problem == "nesting" else "Too many MIME parts"
+                raise SMTPReply(554, "5.6.0", text)
             refusal = await defer.maybeDeferred(
                 self.context.policy.check_message, session, envelope, message
             )
@@ -1016,6 +1024,23 @@ class SMTPServer(smtp.ESMTP):
             message.discard()
         self._reply(reply)
         self._log(envelope, reply, message, started)
+
+    async def _mime_problem(self, message: Message) -> str:
+        """LIMITS.md MIME nesting/parts, for multipart messages only."""
+        if not any(
+            v.lstrip().lower().startswith(b"multipart/") for v in message.header("Content-Type")
+        ):
+            return ""
+        s = self.settings
+
+        def check() -> str:
+            with message.open() as f:
+                return check_structure(f, s.max_mime_depth, s.max_mime_parts)
+
+        if message.path is None or self.context.threads is None:
+            return check()
+        result: str = await self.context.threads.run("disk", check)
+        return result
 
     async def _cleanup(self, txn: _Transaction, message: Message | None) -> None:
         try:

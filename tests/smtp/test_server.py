@@ -717,3 +717,11 @@ def test_router_caches_known_users_only(env: SMTPEnv) -> None:
     env.clock.advance(6)
     router.resolve(Address("alice", "example.org")).addCallback(out.append)
     assert directory.lookups.count("alice@example.org") == 2
+
+
+def test_mime_nesting_limit(env: SMTPEnv) -> None:
+    from tests.smtp.test_mime import _nested
+
+    c = env.connect()
+    assert c.transaction(_nested(5)).startswith(b"250 2.0.0")
+    assert c.transaction(_nested(101)) == (b"554 5.6.0 MIME nesting too deep\r\n")

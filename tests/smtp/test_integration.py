@@ -266,3 +266,33 @@ def test_crash_loses_no_acknowledged_message(mailserv: Any, state_dir: Path, tes
     stored = b"\n".join(_maildir(state_dir, "alice"))
     missing = [m for m in acked if m.encode() not in stored]
     assert missing == []
+
+
+def test_implicit_tls_submission_and_ipv6_mx(mailserv: Any, state_dir: Path, test_ca: Any) -> None:
+    if not socket.has_ipv6:
+        pytest.skip("no IPv6")
+    config = _setup(state_dir, test_ca)
+    config["listeners"]["submissions"] = {
+        "protocol": "submission",
+        "endpoints": ["tcp:0:interface=127.0.0.1"],
+        "tls": "implicit",
+    }
+    config["listeners"]["mx6"] = {
+        "protocol": "smtp",
+        "endpoints": ["tcp6:0:interface=\\:\\:1"],
+        "tls": "starttls",
+    }
+    proc = mailserv.start(config)
+    with smtplib.SMTP_SSL(
+        "127.0.0.1", proc.port("submissions"), context=_tls_context(test_ca), timeout=10
+    ) as s:
+        s.ehlo("laptop")
+        assert not s.has_extn("starttls")
+        s.login("bob@example.test", PASSWORD)
+        s.sendmail("bob@example.test", ["alice@example.test"], b"Subject: 465\r\n\r\nx\r\n")
+    with smtplib.SMTP("::1", proc.port("mx6"), timeout=10) as s:
+        s.sendmail("v6@remote.test", ["bob@example.test"], b"Subject: v6\r\n\r\nx\r\n")
+    [stored] = _maildir(state_dir, "alice")
+    assert b"with ESMTPSA" in stored
+    [stored6] = _maildir(state_dir, "bob")
+    assert b"([IPv6:::1])" in stored6

@@ -27,6 +27,7 @@ import bcrypt
 from passlib.hash import md5_crypt, sha256_crypt, sha512_crypt
 
 from mailserv.auth import libcrypt, md5state
+from mailserv.auth.saslprep import normalize_password
 
 SCHEMES = (
     "ARGON2ID",
@@ -242,6 +243,7 @@ class ScramSecret:
         name = SCRAM_HASHES[mechanism]
         if salt is None:
             salt = secrets.token_bytes(16)
+        password = normalize_password(password)  # Normalize() is SASLprep (RFC 5802 §2.2)
         salted = hashlib.pbkdf2_hmac(name, password, salt, iterations)
         client_key = hmac.new(salted, b"Client Key", name).digest()
         server_key = hmac.new(salted, b"Server Key", name).digest()

@@ -155,11 +155,20 @@ def build_portal(service: Any) -> ReloadablePortal:
     return ReloadablePortal(auth_backends(service), build_directory(service))
 
 
+_pop_before_smtp: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
+
+
 def build_pop_before_smtp(service: Any) -> Any:
-    """The IPopBeforeSmtp of ``service`` (see popbeforesmtp.py)."""
+    """The IPopBeforeSmtp of ``service`` (see popbeforesmtp.py), one per service.
+
+    POP3 and IMAP ``record(ip)`` after a successful login; the MX listener
+    asks ``allowed(ip)`` before refusing to relay.
+    """
     from mailserv.auth.popbeforesmtp import build_pop_before_smtp as build
 
-    return build(service.config, service.reactor)
+    if service not in _pop_before_smtp:
+        _pop_before_smtp[service] = build(service.config, service.reactor)
+    return _pop_before_smtp[service]
 
 
 __all__ = [

@@ -213,3 +213,8 @@ def test_with_the_real_mail_service(tmp_path: Path) -> Any:
             yield login(service.portal, "alice@example.org", "one")
     finally:
         service.threads._stop_pools()
+
+
+def test_pop_before_smtp_is_one_per_service(make_service: Any) -> None:
+    service = make_service({})
+    assert build_pop_before_smtp(service) is build_pop_before_smtp(service)

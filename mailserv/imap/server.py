@@ -179,6 +179,7 @@ class IMAPServer(Protocol):
         self.dirty = False
         self.condstore = False
         self.qresync = False
+        self.utf8 = False  # ENABLE UTF8=ACCEPT (RFC 6855): names travel as UTF-8
         self.conn_key: tuple[str, str] | None = None
         self.idle_tag: bytes | None = None
         self.idle_call: Any = None
@@ -292,7 +293,7 @@ class IMAPServer(Protocol):
                     "LIST-EXTENDED", "LIST-STATUS", "QUOTA", "QUOTA=RES-STORAGE",
                     "QUOTA=RES-MESSAGE", f"APPENDLIMIT={self.settings.max_append}",
                     "CONDSTORE", "QRESYNC", "ESEARCH", "SORT", "SORT=DISPLAY",
-                    "THREAD=ORDEREDSUBJECT", "THREAD=REFERENCES", "STATUS=SIZE",
+                    "THREAD=ORDEREDSUBJECT", "THREAD=REFERENCES", "STATUS=SIZE", "UTF8=ACCEPT",
                 ]
             )  # fmt: skip
         return " ".join(caps).encode("ascii")
@@ -661,7 +662,10 @@ class IMAPServer(Protocol):
         return self.account
 
     def _mailbox_name(self, tok: Token) -> str:
-        return acct.wire_to_name(as_bytes(tok, "mailbox"))
+        return acct.wire_to_name(as_bytes(tok, "mailbox"), self.utf8)
+
+    def _mailbox_wire(self, name: str) -> bytes:
+        return _quote(acct.name_to_wire(name, self.utf8))
 
     # ------------------------------------------------------------------
     # Any state (RFC 3501 section 6.1)
@@ -832,7 +836,10 @@ class IMAPServer(Protocol):
             raise ParseError("ENABLE needs a capability")
         while args.more():
             cap = args.atom("capability").upper()
-            if cap in ("CONDSTORE", "QRESYNC") and not getattr(self, cap.lower()):
+            if cap == "UTF8=ACCEPT" and not self.utf8:
+                self.utf8 = True
+                enabled.append(cap)
+            elif cap in ("CONDSTORE", "QRESYNC") and not getattr(self, cap.lower()):
                 setattr(self, cap.lower(), True)
                 if cap == "QRESYNC" and not self.condstore:
                     self.condstore = True
@@ -966,7 +973,7 @@ class IMAPServer(Protocol):
     def do_create(self, tag: bytes, args: Args) -> Any:
         raw = as_bytes(args.next("mailbox"))
         args.end()
-        name = acct.wire_to_name(raw.rstrip(b"/") or raw)
+        name = acct.wire_to_name(raw.rstrip(b"/") or raw, self.utf8)
         if name == "INBOX":
             raise ImapError("NO", "[ALREADYEXISTS] INBOX always exists")
         return (
@@ -994,11 +1001,17 @@ class IMAPServer(Protocol):
         args.end()
         if new == "INBOX":
             raise ImapError("NO", "[ALREADYEXISTS] INBOX always exists")
-        return (
-            self._require_account()
-            .call("rename_folder", old, new)
-            .addCallback(lambda _: ("OK", "RENAME completed"))
-        )
+        account = self._require_account()
+        if old == "INBOX":
+            # RFC 3501 section 6.3.5: the messages move to the new folder, INBOX stays (empty)
+            shared = self.ctx.hub.hold(self._hub_key("INBOX"))
+            d = self.run_write([shared], _rename_inbox, account.account, new, shared)
+            if shared is not None:
+                d.addBoth(self._release_after, shared)
+            d.addCallback(lambda _: self._notify("INBOX"))
+        else:
+            d = account.call("rename_folder", old, new)
+        return d.addCallback(lambda _: ("OK", "RENAME completed"))
 
     def do_subscribe(self, tag: bytes, args: Args, on: bool = True) -> Any:
         name = self._mailbox_name(args.next("mailbox"))
@@ -1043,7 +1056,9 @@ class IMAPServer(Protocol):
             selection = {"SUBSCRIBED"}
         if "SUBSCRIBED" in selection:
             returns.add("SUBSCRIBED")
-        pattern_texts = [as_bytes(p).decode("ascii", "replace") for p in patterns]
+        pattern_texts = [
+            as_bytes(p).decode("utf-8" if self.utf8 else "ascii", "replace") for p in patterns
+        ]
         if not pattern_texts:
             raise ParseError("empty pattern list")
         if pattern_texts == [""] and not lsub:
@@ -1051,7 +1066,9 @@ class IMAPServer(Protocol):
             return ("OK", "LIST completed")
         try:
             matchers = [
-                acct.Pattern(acct.canonical_pattern(reference, acct.utf7.decode(p)))
+                acct.Pattern(
+                    acct.canonical_pattern(reference, p if self.utf8 else acct.utf7.decode(p))
+                )
                 for p in pattern_texts
             ]
         except InvalidFolderName as exc:
@@ -1108,7 +1125,14 @@ class IMAPServer(Protocol):
                 attrs.append(role)
             elif "SPECIAL-USE" in selection:
                 continue
-            line = b"* " + word + b" (" + " ".join(attrs).encode() + b') "/" ' + _mailbox_wire(name)
+            line = (
+                b"* "
+                + word
+                + b" ("
+                + " ".join(attrs).encode()
+                + b') "/" '
+                + self._mailbox_wire(name)
+            )
             out.append((line, name if status_items and name in existing else None))
         return self._send_list(out, status_items, lsub)
 
@@ -1147,7 +1171,7 @@ class IMAPServer(Protocol):
             if self.selected is not None and self.selected.name == name:
                 values["RECENT"] = len(self.selected.recent)
             body = " ".join(f"{item} {values[item]}" for item in items)
-            self.send_line(b"* STATUS " + _mailbox_wire(name) + b" (" + body.encode() + b")")
+            self.send_line(b"* STATUS " + self._mailbox_wire(name) + b" (" + body.encode() + b")")
 
         return d.addCallback(send)
 
@@ -1164,7 +1188,16 @@ class IMAPServer(Protocol):
             date = _parse_date_time(tok)
             tok = args.next("message")
         if isinstance(tok, Atom) and tok.upper() == "UTF8":
-            raise ParseError("UTF8 APPEND is not supported")
+            # RFC 6855 section 4: UTF8 (~{n}<octets>), allowed once UTF8=ACCEPT is enabled
+            wrapped = args.next("UTF8 message")
+            if (
+                not self.utf8
+                or not isinstance(wrapped, list)
+                or len(wrapped) != 2
+                or wrapped[0] != "~"
+            ):
+                raise ParseError("expected UTF8 (~{n} message) after ENABLE UTF8=ACCEPT")
+            tok = wrapped[1]
         if not isinstance(tok, (bytes, LiteralFile)):
             raise ParseError("expected a message literal")
         args.end()
@@ -1674,7 +1707,7 @@ class IMAPServer(Protocol):
     def do_getquotaroot(self, tag: bytes, args: Args) -> Any:
         name = self._mailbox_name(args.next("mailbox"))
         args.end()
-        self.send_line(b"* QUOTAROOT " + _mailbox_wire(name) + b' ""')
+        self.send_line(b"* QUOTAROOT " + self._mailbox_wire(name) + b' ""')
         return self._quota_line().addCallback(lambda _: ("OK", "GETQUOTAROOT completed"))
 
     def do_getquota(self, tag: bytes, args: Args) -> Any:
@@ -1724,10 +1757,6 @@ def _abort_quietly(abort: Callable[[], None]) -> None:
 
 def _valid_tag(tag: bytes) -> bool:
     return bool(tag) and len(tag) <= 64 and all(c in _TAG_CHARS for c in tag) and tag != b"+"
-
-
-def _mailbox_wire(name: str) -> bytes:
-    return _quote(acct.name_to_wire(name))
 
 
 def _folder_sort(name: str) -> tuple[int, str]:
@@ -2016,6 +2045,27 @@ def _copy(
         if source is not None:
             source.apply(before, removed=removed)
     return uidvalidity, mapping, removed
+
+
+def _rename_inbox(account: Any, new: str, shared: SharedFolder | None) -> None:
+    account.create_folder(new)
+    box = shared.box if shared is not None else account.open_folder("INBOX")
+    try:
+        box.refresh()
+        uids = [m.uid for m in box.messages()]
+        if uids:
+            dest = account.open_folder(new)
+            try:
+                moved = dict(box.copy_to(uids, dest))
+            finally:
+                dest.close()
+            before = _before(shared)
+            removed = list(box.expunge(sorted(moved)))
+            if shared is not None:
+                shared.apply(before, removed=removed)
+    finally:
+        if shared is None:
+            box.close()
 
 
 def _matching(

@@ -295,3 +295,27 @@ def test_challenge_mechanisms_without_tls_and_no_plain():
     assert b"AUTH=PLAIN" not in greeting
     out = s.cmd("a AUTHENTICATE PLAIN AGFsaWNlAHNlY3JldA==")
     assert out == b"a NO [PRIVACYREQUIRED] Use STARTTLS before AUTHENTICATE PLAIN\r\n"
+
+
+def test_utf8_accept_names_and_append():
+    """RFC 6855: after ENABLE UTF8=ACCEPT names are UTF-8 on the wire, APPEND takes UTF8 (~{n})."""
+    env = Env()
+    s = env.session()
+    s.login()
+    assert s.cmd("e ENABLE UTF8=ACCEPT") == b"* ENABLED UTF8=ACCEPT\r\ne OK ENABLE completed\r\n"
+    assert s.send('c CREATE "Entwürfe"\r\n'.encode()) == b"c OK CREATE completed\r\n"
+    out = s.send('l LIST "" "Entw*"\r\n'.encode())
+    assert out == '* LIST (\\HasNoChildren) "/" "Entwürfe"\r\nl OK LIST completed\r\n'.encode()
+    out = s.send('a APPEND "Entwürfe" UTF8 (~{5+}\r\nhello)\r\n'.encode())
+    assert out == b"a OK [APPENDUID 1006 1] APPEND completed\r\n"
+
+
+def test_rename_inbox_moves_its_messages():
+    env = Env()
+    env.deliver(message(1))
+    env.deliver(message(2))
+    s = env.session()
+    s.login()
+    assert s.cmd("r RENAME INBOX Old") == b"r OK RENAME completed\r\n"
+    folders = env.store.account("alice").folders
+    assert len(folders["Old"].messages) == 2 and not folders["INBOX"].messages

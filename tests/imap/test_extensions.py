@@ -304,7 +304,7 @@ def test_utf8_accept_names_and_append():
     s.login()
     assert s.cmd("e ENABLE UTF8=ACCEPT") == b"* ENABLED UTF8=ACCEPT\r\ne OK ENABLE completed\r\n"
     assert s.send('c CREATE "Entwürfe"\r\n'.encode()) == b"c OK CREATE completed\r\n"
-    out = s.send('l LIST "" "Entw*"\r\n'.encode())
+    out = s.send(b'l LIST "" "Entw*"\r\n')
     assert out == '* LIST (\\HasNoChildren) "/" "Entwürfe"\r\nl OK LIST completed\r\n'.encode()
     out = s.send('a APPEND "Entwürfe" UTF8 (~{5+}\r\nhello)\r\n'.encode())
     assert out == b"a OK [APPENDUID 1006 1] APPEND completed\r\n"

@@ -221,6 +221,8 @@ class QueueService(Service):
             for row in self.rows.values():
                 if not row.hold:
                     row.next_attempt = now
+                    if row.id in self.active:
+                        row.extra["retry"] = True
             self._heap = [(r.next_attempt, r.id) for r in self.rows.values()]
             heapq.heapify(self._heap)
             self._wake()
@@ -229,6 +231,8 @@ class QueueService(Service):
             return False
         row = self.rows[entry_id]
         if op == "retry":
+            if entry_id in self.active:
+                row.extra["retry"] = True
             self.notify(entry_id)
         elif op in ("hold", "release"):
             row.hold = op == "hold"
@@ -367,6 +371,9 @@ class QueueService(Service):
             return
         if row is not None:
             row.next_attempt = item.next_attempt
+            if row.extra.pop("retry", False):
+                # flush/retry arrived while this attempt ran: it applies to the next one.
+                row.next_attempt = self.reactor.seconds()
 
     def _record(self, item: QueueItem, index: int, outcome: Outcome) -> None:
         r = item.recipients[index]

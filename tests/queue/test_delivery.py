@@ -242,3 +242,20 @@ def test_nothing_here_imports_the_reactor() -> None:
 
 
 __all__ = ["defer"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_flush_during_an_attempt_applies_to_the_next_one(
+    queue_env: Any, mx_net: Any, dns_server: Any
+) -> None:
+    remote_dns(dns_server)
+    mx = mx_net.server("127.0.0.2", rcpt_replies={"b@remote.test": "451 4.2.0 later"})
+    entry_id = queue_env.enqueue("a@sender.test", ["b@remote.test"], message())
+    queue = queue_env.build()
+    queue.startService()
+    await wait_for(lambda: entry_id in queue.active)
+    assert await queue.control("flush")
+    store = QueueStore(queue_env.queue_dir)
+    await wait_for(lambda: mx.connections >= 2)
+    await queue.wait_idle()
+    assert store.load(entry_id).attempts >= 2

@@ -7,23 +7,25 @@ whose mail passed ``auto_allowlist`` times is allowlisted (RFC 6647 §4.2.1:
 senders that retry properly are not delayed again).  Clients are grouped by
 /24 (IPv4) or /64 (IPv6) since large senders retry from other addresses.
 
-State lives in SQLite (``state_dir/filters/greylist.sqlite`` by default,
-``database = "path"`` to share it between processes of one host); every
-query runs in the ``disk`` thread pool.
+State lives in SQLite (``state_dir/filters/greylist.sqlite`` by default, or
+``database = "path"``), or, when several nodes share it, in the SQL database
+of an ``[auth.backend.NAME]`` table of type sql (``backend = "NAME"``:
+SQLite, PostgreSQL or MariaDB).  Queries run in an adbapi pool's threads.
+Triplets that passed within the last hour are answered from memory.
 """
 
 from __future__ import annotations
 
 import ipaddress
-import sqlite3
-import threading
 from collections import OrderedDict
 from collections.abc import Mapping
 from typing import Any
 
+from twisted.enterprise import adbapi
 from twisted.internet import defer
 from zope.interface import implementer
 
+from mailserv.auth.sql import connection_pool, translate
 from mailserv.config.schema import (
     Section,
     boolean,
@@ -36,20 +38,22 @@ from mailserv.config.schema import (
     string,
 )
 from mailserv.filters.base import CONTINUE, FilterBase, Verdict
-from mailserv.filters.common import load_options, state_path
+from mailserv.filters.common import config_error, load_options, state_path
 from mailserv.interfaces import IRecipientFilter
 
 RECENT = 3600.0
 RECENT_MAX = 10_000
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS triplets (
-    client TEXT NOT NULL, sender TEXT NOT NULL, recipient TEXT NOT NULL,
-    first_seen REAL NOT NULL, last_seen REAL NOT NULL, passed INTEGER NOT NULL DEFAULT 0,
-    PRIMARY KEY (client, sender, recipient));
-CREATE TABLE IF NOT EXISTS clients (
-    client TEXT PRIMARY KEY, passes INTEGER NOT NULL, last_seen REAL NOT NULL);
-"""
+TABLES = (
+    "CREATE TABLE IF NOT EXISTS greylist_triplets ("
+    " client VARCHAR(64) NOT NULL, sender VARCHAR(255) NOT NULL,"
+    " recipient VARCHAR(255) NOT NULL, first_seen DOUBLE PRECISION NOT NULL,"
+    " last_seen DOUBLE PRECISION NOT NULL, passed INTEGER NOT NULL,"
+    " PRIMARY KEY (client, sender, recipient))",
+    "CREATE TABLE IF NOT EXISTS greylist_clients ("
+    " client VARCHAR(64) PRIMARY KEY, passes INTEGER NOT NULL,"
+    " last_seen DOUBLE PRECISION NOT NULL)",
+)
 
 
 def client_network(address: str, v4_prefix: int = 24, v6_prefix: int = 64) -> str:
@@ -61,18 +65,52 @@ def client_network(address: str, v4_prefix: int = 24, v6_prefix: int = 64) -> st
     return str(ipaddress.ip_network(f"{ip}/{prefix}", strict=False))
 
 
-class GreylistStore:
-    """The SQLite state; methods are blocking (call them in the disk pool)."""
+def decide(
+    row: Any, now: float, delay: float, retry_window: float, expire: float
+) -> tuple[str, float]:
+    """RFC 6647 §2: "new" | "early" (seconds left) | "pass" for a triplet's row."""
+    if row is None:
+        return "new", delay
+    first_seen, last_seen, passed = row
+    if passed:
+        return ("pass", 0.0) if now - last_seen < expire else ("new", delay)
+    if now - first_seen < delay:
+        return "early", delay - (now - first_seen)
+    if now - first_seen > delay + retry_window:
+        return "new", delay  # the retry came too late: start again
+    return "pass", 0.0
 
-    def __init__(self, path: str) -> None:
-        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-        self._lock = threading.Lock()
-        with self._lock:
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA busy_timeout=5000")
-            # WAL + NORMAL: no fsync per commit (a lost triplet only means one more retry).
-            self._db.execute("PRAGMA synchronous=NORMAL")
-            self._db.executescript(SCHEMA)
+
+class GreylistStore:
+    """The state in a SQL database through an adbapi pool (SQLite, PostgreSQL or MariaDB).
+
+    Portable SQL only (no upserts): a race between two nodes inserting the
+    same row is retried once and then seen as the other node's row.
+    """
+
+    def __init__(self, pool: Any, driver: str) -> None:
+        self.pool = pool
+        self.driver = driver
+        self._created = False
+
+    def _q(self, text: str) -> str:
+        return translate(text, self.driver)
+
+    def _interaction(self, fn: Any, *args: Any) -> defer.Deferred[Any]:
+        def run(txn: Any) -> Any:
+            if not self._created:
+                for table in TABLES:
+                    txn.execute(table)
+            result = fn(txn, *args)
+            self._created = True
+            return result
+
+        def retry(failure: Any) -> Any:
+            if "integrity" not in type(failure.value).__name__.lower():
+                return failure
+            return self.pool.runInteraction(run)
+
+        return self.pool.runInteraction(run).addErrback(retry)  # type: ignore[no-any-return]
 
     def check(
         self,
@@ -82,85 +120,131 @@ class GreylistStore:
         retry_window: float,
         expire: float,
         auto_allowlist: int,
+    ) -> defer.Deferred[tuple[str, float]]:
+        """Deferred[("pass" | "allowlisted" | "new" | "early", seconds left)]; records it."""
+        return self._interaction(
+            self._check, triplet, now, delay, retry_window, expire, auto_allowlist
+        )
+
+    def _check(
+        self,
+        txn: Any,
+        triplet: tuple[str, str, str],
+        now: float,
+        delay: float,
+        retry_window: float,
+        expire: float,
+        auto_allowlist: int,
     ) -> tuple[str, float]:
-        """("pass" | "allowlisted" | "new" | "early", seconds left) and record the attempt."""
-        client = triplet[0]
-        with self._lock:
-            db = self._db
-            db.execute("BEGIN IMMEDIATE")
-            try:
-                row = db.execute(
-                    "SELECT passes, last_seen FROM clients WHERE client = ?", (client,)
-                ).fetchone()
-                if auto_allowlist and row and row[0] >= auto_allowlist and now - row[1] < expire:
-                    db.execute("UPDATE clients SET last_seen = ? WHERE client = ?", (now, client))
-                    db.execute("COMMIT")
-                    return "allowlisted", 0.0
-                row = db.execute(
-                    "SELECT first_seen, last_seen, passed FROM triplets"
-                    " WHERE client = ? AND sender = ? AND recipient = ?",
-                    triplet,
-                ).fetchone()
-                state, left = self._decide(row, now, delay, retry_window, expire)
-                if state == "new":
-                    db.execute(
-                        "INSERT OR REPLACE INTO triplets VALUES (?, ?, ?, ?, ?, 0)",
-                        (*triplet, now, now),
-                    )
-                elif state == "early":
-                    db.execute(
-                        "UPDATE triplets SET last_seen = ?"
-                        " WHERE client = ? AND sender = ? AND recipient = ?",
-                        (now, *triplet),
-                    )
-                else:
-                    first_pass = row is not None and not row[2]
-                    db.execute(
-                        "UPDATE triplets SET last_seen = ?, passed = passed + 1"
-                        " WHERE client = ? AND sender = ? AND recipient = ?",
-                        (now, *triplet),
-                    )
-                    if first_pass:
-                        db.execute(
-                            "INSERT INTO clients VALUES (?, 1, ?) ON CONFLICT(client)"
-                            " DO UPDATE SET passes = passes + 1, last_seen = excluded.last_seen",
-                            (client, now),
-                        )
-                db.execute("COMMIT")
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
+        q = self._q
+        keys = dict(zip(("client", "sender", "recipient"), triplet, strict=True))
+        client = {"client": triplet[0], "now": now}
+        if auto_allowlist:
+            txn.execute(
+                q("SELECT passes, last_seen FROM greylist_clients WHERE client = :client"), client
+            )
+            row = txn.fetchone()
+            if row and row[0] >= auto_allowlist and now - row[1] < expire:
+                txn.execute(
+                    q("UPDATE greylist_clients SET last_seen = :now WHERE client = :client"), client
+                )
+                return "allowlisted", 0.0
+        txn.execute(
+            q(
+                "SELECT first_seen, last_seen, passed FROM greylist_triplets"
+                " WHERE client = :client AND sender = :sender AND recipient = :recipient"
+            ),
+            keys,
+        )
+        row = txn.fetchone()
+        state, left = decide(row, now, delay, retry_window, expire)
+        values = {**keys, "now": now}
+        if state == "new":
+            if row is not None:
+                txn.execute(
+                    q(
+                        "DELETE FROM greylist_triplets"
+                        " WHERE client = :client AND sender = :sender AND recipient = :recipient"
+                    ),
+                    keys,
+                )
+            txn.execute(
+                q(
+                    "INSERT INTO greylist_triplets VALUES"
+                    " (:client, :sender, :recipient, :now, :now, 0)"
+                ),
+                values,
+            )
+        elif state == "early":
+            txn.execute(
+                q(
+                    "UPDATE greylist_triplets SET last_seen = :now"
+                    " WHERE client = :client AND sender = :sender AND recipient = :recipient"
+                ),
+                values,
+            )
+        else:
+            txn.execute(
+                q(
+                    "UPDATE greylist_triplets SET last_seen = :now, passed = passed + 1"
+                    " WHERE client = :client AND sender = :sender AND recipient = :recipient"
+                ),
+                values,
+            )
+            if not row[2]:  # this triplet's first pass: the client retried properly
+                txn.execute(
+                    q(
+                        "UPDATE greylist_clients SET passes = passes + 1, last_seen = :now"
+                        " WHERE client = :client"
+                    ),
+                    client,
+                )
+                if txn.rowcount == 0:
+                    txn.execute(q("INSERT INTO greylist_clients VALUES (:client, 1, :now)"), client)
         return state, left
 
-    @staticmethod
-    def _decide(
-        row: Any, now: float, delay: float, retry_window: float, expire: float
-    ) -> tuple[str, float]:
-        if row is None:
-            return "new", delay
-        first_seen, last_seen, passed = row
-        if passed:
-            return ("pass", 0.0) if now - last_seen < expire else ("new", delay)
-        if now - first_seen < delay:
-            return "early", delay - (now - first_seen)
-        if now - first_seen > delay + retry_window:
-            return "new", delay  # the retry came too late: start again
-        return "pass", 0.0
+    def expire(self, now: float, retry_window: float, expire: float) -> defer.Deferred[Any]:
+        """Forget stale triplets and clients."""
 
-    def expire(self, now: float, retry_window: float, expire: float) -> int:
-        """Forget stale triplets and clients; returns the number of rows removed."""
-        with self._lock:
-            cur = self._db.execute(
-                "DELETE FROM triplets WHERE (passed = 0 AND first_seen < ?) OR last_seen < ?",
-                (now - retry_window, now - expire),
+        def run(txn: Any) -> None:
+            params = {"unretried": now - retry_window, "stale": now - expire}
+            txn.execute(
+                self._q(
+                    "DELETE FROM greylist_triplets WHERE (passed = 0 AND first_seen < :unretried)"
+                    " OR last_seen < :stale"
+                ),
+                params,
             )
-            removed = cur.rowcount
-            cur = self._db.execute("DELETE FROM clients WHERE last_seen < ?", (now - expire,))
-            return removed + cur.rowcount
+            txn.execute(
+                self._q("DELETE FROM greylist_clients WHERE last_seen < :stale"),
+                {"stale": params["stale"]},
+            )
+
+        return self._interaction(run)
 
     def close(self) -> None:
-        with self._lock:
-            self._db.close()
+        self.pool.close()
+
+
+def sqlite_pool(path: str, reactor: Any) -> Any:
+    """A one-connection adbapi pool on a SQLite file (WAL, no fsync per commit)."""
+
+    def setup(conn: Any) -> None:
+        conn.execute("PRAGMA journal_mode=WAL")
+        # A lost triplet after a crash only means one more retry for a client.
+        conn.execute("PRAGMA synchronous=NORMAL")
+
+    return adbapi.ConnectionPool(
+        "sqlite3",
+        path,
+        timeout=5.0,
+        check_same_thread=False,
+        cp_min=1,
+        cp_max=1,
+        cp_noisy=False,
+        cp_reactor=reactor,
+        cp_openfun=setup,
+    )
 
 
 class GreylistOptions(Section):
@@ -175,6 +259,7 @@ class GreylistOptions(Section):
     allowlist: list[Any] = option(list_of(network), list)
     skip_authenticated: bool = option(boolean, True)
     database: str | None = option(optional(string), None)
+    backend: str | None = option(optional(string), None)
 
 
 @implementer(IRecipientFilter)
@@ -192,13 +277,23 @@ class GreylistFilter(FilterBase):
         super().__init__(options, service)
         self.config = load_options(GreylistOptions, self.options)
         self.clock = clock or service.reactor
-        path = self.config.database or state_path(service, "greylist.sqlite")
-        self.store = GreylistStore(path)
-        self.threads = service.threads
+        self.store = self._store(service)
         self._last_expiry = 0.0
         # Triplets that passed recently: answered without a database round trip
         # (their last_seen is refreshed at most every RECENT seconds).
         self._recent: OrderedDict[tuple[str, str, str], float] = OrderedDict()
+
+    def _store(self, service: Any) -> GreylistStore:
+        name = self.config.backend
+        if name is None:
+            path = self.config.database or state_path(service, "greylist.sqlite")
+            return GreylistStore(sqlite_pool(path, service.reactor), "sqlite")
+        if self.config.database is not None:
+            raise config_error("backend", "set database or backend, not both")
+        section = service.config.auth.backend.get(name)
+        if section is None or getattr(section, "type", None) != "sql":
+            raise config_error("backend", f"no [auth.backend.{name}] table of type sql")
+        return GreylistStore(connection_pool(section, service.reactor), section.driver)
 
     def _skip(self, session: Any) -> bool:
         if self.config.skip_authenticated and session.auth_user is not None:
@@ -225,10 +320,8 @@ class GreylistFilter(FilterBase):
             return CONTINUE
         if now - self._last_expiry > 3600:
             self._last_expiry = now
-            yield self.threads.run("disk", self.store.expire, now, cfg.retry_window, cfg.expire)
-        state, left = yield self.threads.run(
-            "disk",
-            self.store.check,
+            yield self.store.expire(now, cfg.retry_window, cfg.expire)
+        state, left = yield self.store.check(
             triplet,
             now,
             cfg.delay,

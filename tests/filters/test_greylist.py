@@ -4,11 +4,14 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
 import pytest_twisted
 from twisted.internet.task import Clock
 
+from mailserv.errors import ConfigError
 from mailserv.filters.base import Action
 from mailserv.filters.greylist import GreylistFilter, client_network
+from tests.auth.conftest import mysql_db, postgres_db  # noqa: F401  (fixtures)
 
 
 def test_client_networks() -> None:
@@ -100,3 +103,51 @@ def test_allowlist_and_authenticated_skip(plain_env: Any) -> Any:
     envelope = plain_env.envelope("a@s.test", "b@example.org")
     verdict = yield flt.check_recipient(session, envelope, envelope.recipients[0])
     assert verdict.action is Action.CONTINUE
+
+
+@pytest.fixture(params=["sqlite", "postgresql", "mysql"])
+def shared_backend(request: pytest.FixtureRequest, tmp_path: Any) -> dict[str, Any]:
+    """An [auth.backend.shared] SQL table: a SQLite file, or a fresh PostgreSQL/MariaDB database."""
+    from tests.auth import conftest as auth_fixtures
+
+    if request.param == "sqlite":
+        return {"type": "sql", "driver": "sqlite", "database": str(tmp_path / "shared.sqlite")}
+    fixture = "postgres_db" if request.param == "postgresql" else "mysql_db"
+    # The fixtures of tests/auth (fresh database, dropped afterwards; skip when no server).
+    database = request.getfixturevalue(fixture)
+    user = auth_fixtures.PG["user"] if request.param == "postgresql" else "root"
+    return {"type": "sql", "driver": request.param, "database": database, "user": user}
+
+
+@pytest_twisted.inlineCallbacks
+def test_nodes_sharing_a_sql_database(plain_env: Any, shared_backend: dict[str, Any]) -> Any:
+    from mailserv.config import parse_config
+    from tests.filters.conftest import CONFIG
+    from tests.support.process import render_toml
+
+    text = CONFIG.format(state=plain_env.tmp_path / "state", port=9) + render_toml(
+        {"auth": {"backend": {"shared": shared_backend}}}
+    )
+    plain_env.service.config = parse_config(text)
+    clock = Clock()
+    clock.advance(1_000_000)
+    node_a = GreylistFilter({"backend": "shared", "delay": "10s"}, plain_env.service, clock=clock)
+    node_b = GreylistFilter({"backend": "shared", "delay": "10s"}, plain_env.service, clock=clock)
+    args = ("192.0.2.1", "a@sender.test", "bob@example.org")
+    assert (yield attempt(plain_env, node_a, *args)) is Action.TEMPFAIL
+    clock.advance(11)
+    # The retry reaches the other node, which knows the triplet.
+    assert (yield attempt(plain_env, node_b, *args)) is Action.CONTINUE
+    assert (yield attempt(plain_env, node_a, "192.0.2.1", "x@s.test", "bob@example.org")) is (
+        Action.TEMPFAIL
+    )
+    node_a.store.close()
+    node_b.store.close()
+
+
+def test_backend_must_be_an_sql_table(plain_env: Any) -> None:
+    with pytest.raises(ConfigError) as info:
+        plain_env.build("greylist", backend="nope")
+    [problem] = info.value.problems
+    assert problem.key == "pipelines.inbound[0].backend"
+    assert problem.message == "no [auth.backend.nope] table of type sql"

@@ -87,6 +87,7 @@ class LDAPBackend(Backend):
             f"({section.alias_attribute}={{user}})))"
         )
         self._pool: queue.LifoQueue[Connection] = queue.LifoQueue(maxsize=section.pool_size)
+        self._bind_pool: queue.LifoQueue[Connection] = queue.LifoQueue(maxsize=section.pool_size)
         self.attributes = [
             a
             for a in (
@@ -197,25 +198,64 @@ class LDAPBackend(Backend):
     def _canonical(self, entry: dict[str, Any], fallback: str) -> str:
         return (self._first(entry, self.section.mail_attribute) or fallback).lower()
 
+    @contextmanager
+    def _bound_as(self, dn: str, secret: str) -> Iterator[Connection]:
+        """A connection bound as ``dn`` (PermissionError for invalidCredentials).
+
+        Connections for user binds are kept in their own pool and rebound
+        (RFC 4511 §4.2 allows binding again on the same connection); they are
+        never used for the service account's searches.
+        """
+        conn: Connection | None = None
+        try:
+            conn = self._bind_pool.get_nowait()
+        except queue.Empty:
+            pass
+        if conn is not None:
+            try:
+                ok = conn.rebind(user=dn, password=secret)
+            except LDAPException:
+                ok = None
+            code = (conn.result or {}).get("result")
+            if not ok and code == RESULT_INVALID_CREDENTIALS:
+                self._release(conn)
+                raise PermissionError("invalid credentials")
+            if not ok:
+                conn.unbind()
+                conn = None
+        if conn is None:
+            conn = self._connect(dn, secret)
+        try:
+            yield conn
+        except BaseException:
+            conn.unbind()
+            raise
+        self._release(conn)
+
+    def _release(self, conn: Connection) -> None:
+        try:
+            self._bind_pool.put_nowait(conn)
+        except queue.Full:
+            conn.unbind()
+
     def _verify(self, username: str, password: bytes) -> str | None:
         try:
             secret = password.decode("utf-8")
         except UnicodeDecodeError:
             return None
+        if not secret:
+            return None  # an empty password is an anonymous bind (RFC 4513 §5.1.2)
         try:
             if self.section.bind_dn_template:
                 dn = user_dn(self.section.bind_dn_template, username)
-                conn = self._connect(dn, secret)
-                try:
+                with self._bound_as(dn, secret) as conn:
                     entry = self._read_entry(conn, dn) or {}
-                finally:
-                    conn.unbind()
                 return self._canonical(entry, username)
             entries = self._search(username)
             if len(entries) != 1:
                 return None
-            conn = self._connect(entries[0]["dn"], secret)
-            conn.unbind()
+            with self._bound_as(entries[0]["dn"], secret):
+                pass
             return self._canonical(entries[0], username)
         except PermissionError:
             return None
@@ -261,8 +301,10 @@ class LDAPBackend(Backend):
         return self._run(self._find, key.lower())
 
     def close(self) -> defer.Deferred[None]:
-        while True:
-            try:
-                self._pool.get_nowait().unbind()
-            except queue.Empty:
-                return defer.succeed(None)
+        for pool in (self._pool, self._bind_pool):
+            while True:
+                try:
+                    pool.get_nowait().unbind()
+                except queue.Empty:
+                    break
+        return defer.succeed(None)

@@ -120,3 +120,22 @@ def test_ambiguous_search_is_refused(slapd: Slapd, make_service: Any) -> Any:
     portal = build_portal(make_service({"l": section(slapd, user_filter=loose)}))
     with pytest.raises(UnauthorizedLogin):
         yield login(portal, user="alice")
+
+
+@pytest.mark.parametrize("mode", ["search", "bind"])
+@pytest_twisted.inlineCallbacks
+def test_user_bind_connections_are_reused(slapd: Slapd, make_service: Any, mode: str) -> Any:
+    extra = {"bind_dn_template": "uid={user},ou=people,dc=example,dc=org"} if mode == "bind" else {}
+    portal = build_portal(make_service({"l": section(slapd, **extra)}))
+    backend = portal.checker.backends[0]
+    user = "alice" if mode == "bind" else "alice@example.org"
+    for password in (ALICE_PASSWORD, "wrong", ALICE_PASSWORD, "wrong", ALICE_PASSWORD):
+        if password == "wrong":
+            with pytest.raises(UnauthorizedLogin):
+                yield login(portal, user, password)
+        else:
+            _, avatar, _ = yield login(portal, user, password)
+            assert avatar.user.name == "alice@example.org"
+        assert backend._bind_pool.qsize() == 1  # one connection, rebound every time
+    # Even below the portal, an empty password never turns into an anonymous bind.
+    assert (yield backend.verify_password(user, b"")) is None

@@ -67,8 +67,9 @@ class HeadersOptions(Section):
     missing_date: str = option(action_kind, "tag")
     missing_message_id: str = option(action_kind, "tag")
     duplicate: str = option(action_kind, "reject")
-    malformed_address: str = option(action_kind, "reject")
-    eight_bit: str = option(action_kind, "reject")
+    # Tagged by default: common in legitimate mail from sloppy clients.
+    malformed_address: str = option(action_kind, "tag")
+    eight_bit: str = option(action_kind, "tag")
     long_line: str = option(action_kind, "reject")
     bad_field: str = option(action_kind, "tag")
     remove_forged_authres: bool = option(boolean, True)

@@ -61,18 +61,22 @@ def test_duplicate_singletons(plain_env: Any) -> Any:
 @pytest_twisted.inlineCallbacks
 def test_malformed_address_headers(plain_env: Any) -> Any:
     for bad in ("To: Alice <a@>\n", "Cc: foo bar\n", "Reply-To: a@b@c\n"):
-        verdict, _ = yield check(plain_env, GOOD + bad)
+        verdict, _ = yield check(plain_env, GOOD + bad, malformed_address="reject")
         assert verdict.action is Action.REJECT, bad
         assert "malformed" in verdict.reason
     verdict, _ = yield check(plain_env, GOOD.replace("To: bob", "To: undisclosed:;\nX: bob"))
-    assert verdict.action is Action.CONTINUE
+    assert verdict.action is Action.CONTINUE and verdict.headers == ()
+    verdict, _ = yield check(plain_env, GOOD + "Cc: foo bar\n")  # tagged by default
+    assert verdict.headers == (("X-Mailserv-Header-Check", "malformed Cc header"),)
 
 
 @pytest_twisted.inlineCallbacks
 def test_eight_bit_headers_need_smtputf8(plain_env: Any) -> Any:
     head = GOOD.replace("Subject: hello", "Subject: grüße")
-    verdict, _ = yield check(plain_env, head)
+    verdict, _ = yield check(plain_env, head, eight_bit="reject")
     assert verdict.action is Action.REJECT and "8-bit header" in verdict.reason
+    verdict, _ = yield check(plain_env, head)
+    assert verdict.headers == (("X-Mailserv-Header-Check", "8-bit header without SMTPUTF8"),)
     verdict, _ = yield check(plain_env, head, smtputf8=True)
     assert verdict.action is Action.CONTINUE
 

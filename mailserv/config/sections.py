@@ -307,6 +307,8 @@ class QueueSection(Section):
     mta_sts_port: int = option(integer(1, 65535), 443)
     relay_host: tuple[str, int] | None = option(optional(host_port(25)), None)  # smarthost
     relay_tls: str = option(choice("may", "encrypt", "verify"), "verify")
+    relay_user: str | None = option(optional(string), None)  # AUTH to the smarthost
+    relay_password_file: str | None = option(optional(string), None)
     bounce_size_limit: int = option(size, 50_000)  # Postfix bounce_size_limit
     connect_timeout: float = option(duration, 60.0)  # RFC 5321 §4.5.3.2
     greeting_timeout: float = option(duration, 300.0)

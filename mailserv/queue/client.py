@@ -80,12 +80,23 @@ class Reply:
 
 
 class SMTPClientError(Exception):
-    """A connection-level failure: timeout, lost connection, protocol violation, TLS."""
+    """A connection-level failure: timeout, lost connection, protocol violation, TLS.
 
-    def __init__(self, message: str, enhanced: str = "4.4.2", permanent: bool = False) -> None:
+    ``tls_failed``: the TLS handshake (or the EHLO right after it) failed, which
+    opportunistic TLS may answer with a plaintext retry (RFC 7435 §4).
+    """
+
+    def __init__(
+        self,
+        message: str,
+        enhanced: str = "4.4.2",
+        permanent: bool = False,
+        tls_failed: bool = False,
+    ) -> None:
         super().__init__(message)
         self.enhanced = enhanced
         self.permanent = permanent
+        self.tls_failed = tls_failed
 
 
 class DotStuffer:
@@ -369,8 +380,10 @@ class Session:
         tls_context: Any = None,
         verify_names: Sequence[str] = (),
         tlsa: Sequence[Any] = (),
+        auth: tuple[str, str] | None = None,
     ) -> None:
         self.protocol = protocol
+        self.auth = auth
         self.helo_name = helo_name
         self.mx_host = mx_host
         self.tls = tls
@@ -410,7 +423,12 @@ class Session:
             else:
                 p.transport.startTLS(self.tls_context.for_host(self.mx_host))
                 self.secure = True
-                await self._hello()  # RFC 3207 §4.2: forget what was learnt before TLS
+                try:
+                    await self._hello()  # RFC 3207 §4.2: forget what was learnt before TLS
+                except SMTPClientError as exc:
+                    raise SMTPClientError(
+                        f"{self.mx_host}: TLS handshake failed: {exc}", "4.7.5", tls_failed=True
+                    ) from None
                 self._check_peer()
         elif self.tls_required:
             # Defect 7: never fall back to plaintext where a policy requires TLS.
@@ -418,6 +436,31 @@ class Session:
                 f"{self.mx_host} does not offer STARTTLS and TLS is required ({self.tls})",
                 "4.7.5",
             )
+        if self.auth is not None:
+            await self._authenticate(*self.auth)
+
+    async def _authenticate(self, user: str, password: str) -> None:
+        """RFC 4954 AUTH PLAIN (or LOGIN) to a smarthost; never over plaintext."""
+        import base64
+
+        if not self.secure:
+            raise SMTPClientError(f"{self.mx_host}: no AUTH without TLS", "4.7.5")
+        mechanisms = self.extensions.keywords.get("AUTH", "").upper().split()
+        p = self.protocol
+        if "PLAIN" in mechanisms:
+            token = base64.b64encode(f"\0{user}\0{password}".encode()).decode()
+            reply = await p.command(f"AUTH PLAIN {token}")
+        elif "LOGIN" in mechanisms:
+            reply = await p.command("AUTH LOGIN")
+            if reply.code == 334:
+                reply = await p.command(base64.b64encode(user.encode()).decode())
+            if reply.code == 334:
+                reply = await p.command(base64.b64encode(password.encode()).decode())
+        else:
+            raise SMTPClientError(f"{self.mx_host} offers no AUTH PLAIN or LOGIN", "4.7.0")
+        if reply.code != 235:
+            # Postfix defers on SASL failures: a password problem is fixed by the operator.
+            raise SMTPClientError(f"{self.mx_host}: authentication failed: {reply}", "4.7.0")
 
     async def _hello(self) -> None:
         p = self.protocol

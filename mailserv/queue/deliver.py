@@ -66,6 +66,7 @@ class HostPlan:
     tlsa: list[Any] = field(default_factory=list)
     names: list[str] = field(default_factory=list)
     port: int | None = None  # None: [queue] smtp_port
+    auth: tuple[str, str] | None = None  # smarthost (user, password)
 
 
 class Connection:
@@ -142,6 +143,7 @@ class Deliverer:
         self._connect = connect or self._connect_tcp
         self.destinations: dict[str, Destination] = {}
         self._plans: dict[str, tuple[float, list[HostPlan]]] = {}
+        self.relay_auth = relay_credentials(config)
         self.timeouts = Timeouts(
             connect=config.connect_timeout,
             greeting=config.greeting_timeout,
@@ -325,6 +327,17 @@ class Deliverer:
             dest.release()
 
     async def _open(self, plan: HostPlan, address: str) -> Connection:
+        try:
+            return await self._open_once(plan, address, self.tls)
+        except SMTPClientError as exc:
+            if not (exc.tls_failed and plan.tls == "may"):
+                raise
+            # RFC 7435 §4: opportunistic TLS that fails may go on in plaintext; only
+            # "may" hosts, never those a policy (DANE, MTA-STS, REQUIRETLS) covers.
+            log.info("queue: {error}; retrying {address} without TLS", error=exc, address=address)
+            return await self._open_once(plan, address, None)
+
+    async def _open_once(self, plan: HostPlan, address: str, tls: Any) -> Connection:
         protocol = SMTPClientProtocol(self.reactor, self.timeouts)
         await self._connect(address, plan.port or self.config.smtp_port, protocol)
         session = Session(
@@ -332,9 +345,10 @@ class Deliverer:
             self.helo_name,
             plan.host.name,
             plan.tls,
-            self.tls,
+            tls,
             plan.names,
             plan.tlsa,
+            auth=plan.auth,
         )
         try:
             await session.open()
@@ -375,7 +389,7 @@ class Deliverer:
             if not host.addresses:
                 raise TemporaryFailure(f"relay host {name} has no address")
             tls = "verify" if requiretls else self.config.relay_tls
-            return [HostPlan(host, tls, [], [name], port)]
+            return [HostPlan(host, tls, [], [name], port, self.relay_auth)]
         route = await self.mx.resolve(domain)
         policy = None
         if self.mta_sts is not None and self.config.mta_sts:
@@ -441,6 +455,16 @@ class Deliverer:
                 return None
             return HostPlan(host, "verify", [], [host.name])
         return HostPlan(host, "may", [], [host.name])
+
+
+def relay_credentials(config: Any) -> tuple[str, str] | None:
+    """(user, password) for the smarthost: the password is the first line of a file."""
+    user = getattr(config, "relay_user", None)
+    path = getattr(config, "relay_password_file", None)
+    if not user or not path:
+        return None
+    with open(path, encoding="utf-8") as f:
+        return user, f.readline().rstrip("\r\n")
 
 
 def _is_ip(host: str) -> bool:

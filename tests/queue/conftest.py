@@ -47,6 +47,8 @@ class Behaviour:
     rcpt_replies: dict[str, str] = field(default_factory=dict)  # address -> reply
     data_reply: str = "250 2.0.0 Ok: queued"
     drop_in_data: bool = False  # close the connection once DATA has started
+    broken_tls: bool = False  # answer STARTTLS with 220, then send garbage and close
+    auth: tuple[str, str] | None = None  # AUTH PLAIN user/password to require
     silent_after_data: bool = False  # never answer the final dot
 
 
@@ -60,6 +62,7 @@ class FakeMXProtocol(LineReceiver):
         self.in_data = False
         self.reset()
         self.tls = False
+        self.authenticated = False
 
     def reset(self) -> None:
         self.sender: str | None = None
@@ -106,11 +109,28 @@ class FakeMXProtocol(LineReceiver):
             exts = list(self.b.extensions)
             if self.b.starttls and not self.tls:
                 exts.append("STARTTLS")
+            if self.b.auth is not None and self.tls:
+                exts.append("AUTH LOGIN PLAIN")
             lines = ["mx.example.test", *exts]
             out = [f"250-{x}" for x in lines[:-1]] + [f"250 {lines[-1]}"]
             self.transport.write("".join(x + "\r\n" for x in out).encode())
         elif verb == "HELO":
             self.reply("250 mx.example.test")
+        elif verb == "STARTTLS" and self.b.starttls and self.b.broken_tls:
+            self.reply("220 2.0.0 go ahead")
+            self.transport.write(b"this is not a TLS server hello\r\n" * 4)
+            self.transport.loseConnection()
+        elif verb == "AUTH" and self.b.auth is not None:
+            import base64
+
+            parts = text.split(" ")
+            user, password = self.b.auth
+            expected = base64.b64encode(f"\0{user}\0{password}".encode()).decode()
+            if len(parts) == 3 and parts[1].upper() == "PLAIN" and parts[2] == expected:
+                self.authenticated = True
+                self.reply("235 2.7.0 Authentication successful")
+            else:
+                self.reply("535 5.7.8 Authentication credentials invalid")
         elif verb == "STARTTLS" and self.b.starttls:
             from mailserv.tls import ServerTLS
 
@@ -118,6 +138,8 @@ class FakeMXProtocol(LineReceiver):
             self.reply("220 2.0.0 go ahead")
             self.transport.startTLS(ServerTLS(*self.b.cert))
             self.tls = True
+        elif verb == "MAIL" and self.b.auth is not None and not self.authenticated:
+            self.reply("530 5.7.0 Authentication required")
         elif verb == "MAIL":
             self.sender = text[10:].split(">")[0].lstrip("<")
             self.reply(self.b.mail_reply)

@@ -316,3 +316,87 @@ async def test_requiretls_delivered_with_the_mail_parameter(
     assert mx.messages[0].tls
     mail = next(c for c in mx.commands if c.startswith("MAIL"))
     assert mail.endswith(" REQUIRETLS")
+
+
+@pytest_twisted.ensureDeferred
+async def test_opportunistic_tls_failure_retries_in_plaintext(
+    queue_env: Any, mx_net: Any, dns_server: Any
+) -> None:
+    """RFC 7435: with no policy, a failed handshake may go on in plaintext (as Postfix does)."""
+    remote_dns(dns_server)
+    mx = mx_net.server("127.0.0.2", starttls=True, broken_tls=True)
+    queue_env.enqueue("a@sender.test", ["b@remote.test"], message())
+    queue = queue_env.build()
+    queue.startService()
+    await wait_for(lambda: len(mx.messages) == 1)
+    assert mx.connections == 2 and mx.messages[0].tls is False
+    # The plaintext retry does not even try STARTTLS again.
+    assert mx.commands.count("STARTTLS") == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_failed_handshake_under_a_policy_never_goes_plaintext(
+    queue_env: Any, mx_net: Any, dns_server: Any, test_ca: Any
+) -> None:
+    cert = test_ca.issue("mx1.remote.test")
+    tlsa_name = f"_{mx_net.port}._tcp.mx1.remote.test"
+    remote_dns(dns_server, **{tlsa_name: {"TLSA": [[3, 1, 1, spki_sha256(cert[0])]]}})
+    mx = mx_net.server("127.0.0.2", starttls=True, broken_tls=True)
+    entry_id = queue_env.enqueue("a@sender.test", ["b@remote.test"], message())
+    _config, resolver = validating_env(queue_env)
+    queue = queue_env.build(resolver=resolver)
+    queue.startService()
+    reason = await deferred_reason(queue_env, entry_id)
+    assert "4.7.5" in reason and "TLS handshake failed" in reason
+    assert mx.connections == 1 and not mx.messages
+
+
+@pytest_twisted.ensureDeferred
+async def test_smarthost_with_verified_tls_and_auth(
+    queue_env: Any, mx_net: Any, dns_server: Any, test_ca: Any, tmp_path: Any
+) -> None:
+    dns_server.set({"relay.example.test": {"A": ["127.0.0.3"]}})
+    relay = mx_net.server(
+        "127.0.0.3",
+        starttls=True,
+        cert=test_ca.issue("relay.example.test"),
+        auth=("mailserv", "s3cret pass"),
+    )
+    secret = tmp_path / "relay.secret"
+    secret.write_text("s3cret pass\n")
+    extra = (
+        f'relay_host = "relay.example.test:{mx_net.port}"\n'
+        f'relay_user = "mailserv"\nrelay_password_file = "{secret}"'
+    )
+    queue_env.enqueue("a@sender.test", ["b@anywhere.test", "c@elsewhere.test"], message())
+    queue = queue_env.build(extra)
+    queue.startService()
+    await wait_for(lambda: len(relay.messages) == 2)
+    assert all(m.tls for m in relay.messages)
+    assert sorted(r for m in relay.messages for r in m.recipients) == [
+        "b@anywhere.test",
+        "c@elsewhere.test",
+    ]
+    assert all(c.split()[0] != "AUTH" or c.startswith("AUTH PLAIN ") for c in relay.commands)
+
+
+@pytest_twisted.ensureDeferred
+async def test_smarthost_auth_failure_defers(
+    queue_env: Any, mx_net: Any, dns_server: Any, test_ca: Any, tmp_path: Any
+) -> None:
+    dns_server.set({"relay.example.test": {"A": ["127.0.0.3"]}})
+    relay = mx_net.server(
+        "127.0.0.3", starttls=True, cert=test_ca.issue("relay.example.test"), auth=("u", "right")
+    )
+    secret = tmp_path / "relay.secret"
+    secret.write_text("wrong\n")
+    extra = (
+        f'relay_host = "relay.example.test:{mx_net.port}"\n'
+        f'relay_user = "u"\nrelay_password_file = "{secret}"'
+    )
+    entry_id = queue_env.enqueue("a@sender.test", ["b@anywhere.test"], message())
+    queue = queue_env.build(extra)
+    queue.startService()
+    reason = await deferred_reason(queue_env, entry_id)
+    assert "authentication failed" in reason and reason.startswith("4")
+    assert not relay.messages

@@ -230,3 +230,33 @@ async def test_dkim_signed_on_the_way_out(queue_env: Any, mx_net: Any, dns_serve
 
     verifier = dkim.DKIM(received)
     assert verifier.verify(idx=0, dnsfunc=dnsfunc) and verifier.verify(idx=1, dnsfunc=dnsfunc)
+
+
+@pytest_twisted.ensureDeferred
+async def test_notify_success_relayed_dsn_only_when_the_peer_lacks_dsn(
+    queue_env: Any, mx_net: Any, dns_server: Any
+) -> None:
+    """RFC 3461 §5.2.2: a peer without DSN gets the mail and the sender a "relayed" DSN;
+    a peer with DSN gets NOTIFY passed along and we send nothing."""
+    remote_dns(
+        dns_server,
+        **{
+            "nodsn.test": {"MX": [[10, "mx.nodsn.test"]]},
+            "mx.nodsn.test": {"A": ["127.0.0.3"]},
+        },
+    )
+    with_dsn = mx_net.server("127.0.0.2")
+    without = mx_net.server("127.0.0.3", extensions=["PIPELINING", "8BITMIME"])
+    sender_mx = mx_net.server("127.0.0.5")
+    queue_env.enqueue(
+        "a@sender.test", ["b@remote.test", "c@nodsn.test"], message(), notify=["SUCCESS"]
+    )
+    queue = queue_env.build()
+    queue.startService()
+    await wait_for(lambda: len(sender_mx.messages) == 1 and not queue_env.entries())
+    assert any(c.endswith("NOTIFY=SUCCESS") for c in with_dsn.commands)
+    assert len(without.messages) == 1
+    text = sender_mx.messages[0].data.decode()
+    assert "Action: relayed" in text and "Final-Recipient: rfc822; c@nodsn.test" in text
+    status = text.split("Content-Type: message/delivery-status")[1].split("\r\n--")[0]
+    assert "c@nodsn.test" in status and "b@remote.test" not in status

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import dkim
+import dkim.crypto
 from dkim.canonicalization import CanonicalizationPolicy
 from twisted.internet import defer
 from zope.interface import implementer
@@ -37,6 +38,27 @@ from mailserv.filters.common import (
     results_for,
 )
 from mailserv.interfaces import IMessageFilter
+
+# dkimpy converts RSA integers byte by byte in Python (about 0.6 ms per RSA-2048
+# verification, half the cost of a DKIM check); these are the same functions on
+# int.to_bytes/int.from_bytes (tests/filters/test_dkim.py checks they agree).
+_slow_int2str = dkim.crypto.int2str
+_slow_str2int = dkim.crypto.str2int
+
+
+def _int2str(n: int, length: int = -1) -> bytearray:
+    assert n >= 0
+    if length < 0:
+        return bytearray(n.to_bytes(max(1, (n.bit_length() + 7) // 8), "big"))
+    return bytearray((n & ((1 << (8 * length)) - 1)).to_bytes(length, "big"))
+
+
+def _str2int(s: bytes) -> int:
+    return int.from_bytes(bytes(s), "big")
+
+
+dkim.crypto.int2str = _int2str
+dkim.crypto.str2int = _str2int
 
 
 class DKIMOptions(Section):

@@ -116,3 +116,20 @@ def test_signature_limit(filter_env: Any, dns_server: Any, dkim_keys: Any) -> An
         signed = dkim_keys.sign(signed, "sender.test", "ed25519")
     _verdict, results = yield run(filter_env, signed, max_signatures=2)
     assert [r.result for r in results.dkim] == ["pass", "pass", "neutral"]
+
+
+def test_fast_integer_conversions_agree_with_dkimpys() -> None:
+    import random
+
+    from mailserv.filters import dkim as ours
+
+    rng = random.Random(7)
+    values = [0, 1, 255, 256, 2**2048 - 1] + [
+        rng.getrandbits(rng.randint(1, 4096)) for _ in range(300)
+    ]
+    for n in values:
+        assert ours._int2str(n) == ours._slow_int2str(n)
+        for length in (0, 1, 5, 256, 600):
+            assert ours._int2str(n, length) == ours._slow_int2str(n, length)
+        data = bytes(ours._slow_int2str(n))
+        assert ours._str2int(data) == ours._slow_str2int(data) == n

@@ -15,7 +15,7 @@ Modules:
   CHUNKING (BDAT), DSN (NOTIFY/ORCPT/RET/ENVID kept for the queue).
 * ``spool.py``: ``DataSink`` scans DATA/BDAT input in bulk (end of data only
   at CRLF.CRLF, dot-unstuffing, bare CR/LF and long-line detection, size and
-  header limits); messages up to 256 KiB stay in memory, larger ones are
+  header limits); messages up to 128 KiB stay in memory, larger ones are
   written in chunks to ``<state_dir>/spool/incoming`` and removed after.
 * ``inbound.py`` / ``submission.py``: the listener policies.  The MX runs the
   ``relay`` and ``recipient`` filters (mailserv/filters/policy.py) before its

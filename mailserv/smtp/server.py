@@ -98,7 +98,7 @@ class ServerSettings:
     add_auth_user_to_received: bool = False
     min_free_factor: float = 1.5
     max_pending_input: int = 256 * 1024
-    spool_memory_limit: int = 256 * 1024  # larger messages are spooled to a file
+    spool_memory_limit: int = 128 * 1024  # larger messages are spooled to a file
 
 
 @dataclass
@@ -272,7 +272,8 @@ class SMTPServer(smtp.ESMTP):
 
     def _send(self, code: int, enhanced: str, text: str, *more: str) -> None:
         """Write one (possibly multi-line) reply; RFC 2034 codes on every line."""
-        lines = [text, *more]
+        # A reply text (a filter's, say) must never break the framing.
+        lines = [line.replace("\r", " ").replace("\n", " ") for line in (text, *more)]
         out = []
         for i, line in enumerate(lines):
             sep = " " if i == len(lines) - 1 else "-"

@@ -69,7 +69,7 @@ class DataSink:
         max_line: int = 998,
         max_header: int = 102_400,
         dot_stuffed: bool = True,
-        memory_limit: int = 256 * 1024,
+        memory_limit: int = 128 * 1024,
     ) -> None:
         self.max_size = max_size
         self.max_header = max_header

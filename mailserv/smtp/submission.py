@@ -69,9 +69,12 @@ class SubmissionPolicy:
     @defer.inlineCallbacks
     def check_message(self, session: Session, envelope: Envelope, message: Message) -> Any:
         froms: list[Address] = []
-        for value in message.header("From"):
+        from_headers = message.header("From")
+        for value in from_headers:
             froms.extend(parse_header_addresses(_text(value)))
         if self.sender_login_match and session.auth_user is not None:
+            if from_headers and not froms:
+                return FROM_NOT_OWNER
             for address in froms:
                 ok = yield self.owns(session.auth_user, address)
                 if not ok:

@@ -725,3 +725,19 @@ def test_mime_nesting_limit(env: SMTPEnv) -> None:
     c = env.connect()
     assert c.transaction(_nested(5)).startswith(b"250 2.0.0")
     assert c.transaction(_nested(101)) == (b"554 5.6.0 MIME nesting too deep\r\n")
+
+
+def test_submission_refuses_unparseable_from(env: SMTPEnv) -> None:
+    c = env.connect("submission", peer="127.0.0.1")
+    assert c.cmd(b"AUTH PLAIN " + _plain(b"alice@example.org", b"secret")).startswith(b"235")
+    c.cmd(b"MAIL FROM:<alice@example.org>")
+    c.cmd(b"RCPT TO:<bob@example.org>")
+    c.cmd(b"DATA")
+    c.send(b"From: not an address\r\n\r\nhi\r\n.\r\n")
+    assert c.read() == b"550 5.7.1 From header address not owned by the authenticated user\r\n"
+
+
+def test_reply_text_cannot_break_framing(env: SMTPEnv) -> None:
+    c = env.connect()
+    c.proto._send(550, "5.7.1", "bad\r\n250 fake")
+    assert c.read() == b"550 5.7.1 bad  250 fake\r\n"

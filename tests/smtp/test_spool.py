@@ -71,3 +71,24 @@ def test_refusals(tmp_path: Path, data: bytes, error: SMTPReply) -> None:
     with pytest.raises(SMTPReply) as exc:
         sink.finish()
     assert exc.value == error
+
+
+def test_large_message_streams_with_bounded_memory(tmp_path: Path) -> None:
+    import tracemalloc
+
+    line = b"y" * 78 + b"\r\n"
+    chunk = line * 800  # 64 000 bytes
+    sink = DataSink(str(tmp_path), 10**9)
+    tracemalloc.start()
+    try:
+        sink.feed(b"Subject: big\r\n\r\n")
+        for _ in range(320):  # 20 MB
+            assert sink.feed(chunk) is None
+        assert sink.feed(b".\r\n") == 3
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    message = sink.finish()
+    assert message.path is not None and message.size == 16 + 320 * len(chunk)
+    assert peak < 1_000_000, peak
+    message.discard()

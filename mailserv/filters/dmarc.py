@@ -19,7 +19,7 @@ from twisted.internet import defer
 from zope.interface import implementer
 
 from mailserv.address import AddressError, normalise_domain
-from mailserv.config.schema import Section, option
+from mailserv.config.schema import Section, boolean, option
 from mailserv.errors import TemporaryFailure
 from mailserv.filters.base import CONTINUE, FilterBase, Verdict
 from mailserv.filters.common import (
@@ -125,6 +125,8 @@ class DMARCOptions(Section):
     quarantine: str = option(action_kind, "quarantine")
     temperror: str = option(action_kind, "tempfail")
     permerror: str = option(action_kind, "ignore")
+    # Authenticated submissions are our own users' mail: no DMARC verdict on them.
+    skip_authenticated: bool = option(boolean, True)
 
 
 _WEAKER = {"reject": "quarantine", "quarantine": "none", "none": "none"}
@@ -173,6 +175,8 @@ class DMARCFilter(FilterBase):
     @defer.inlineCallbacks
     def check_message(self, session: Any, envelope: Any, message: Any) -> Any:
         results = results_for(session, envelope)
+        if self.config.skip_authenticated and session.auth_user is not None:
+            return CONTINUE
         domain = from_domain(message)
         if domain is None:
             results.dmarc = MethodResult(

@@ -85,8 +85,12 @@ class Findings:
         self.problems.append((kind, text))
 
 
-def analyse(message: Any, smtputf8: bool) -> Findings:
-    """Read the header section of the spooled message and list its problems (blocking)."""
+def analyse(message: Any, smtputf8: bool, msa: bool = False) -> Findings:
+    """Read the header section of the message and list its problems (may block: a file).
+
+    ``msa``: on submission the server adds a missing Date and Message-ID
+    (RFC 6409 §8.2, §8.3), so their absence is not a finding.
+    """
     head, _rest = read_header_block(message)
     found = Findings()
     counts: dict[str, int] = {}
@@ -116,6 +120,8 @@ def analyse(message: Any, smtputf8: bool) -> Findings:
         ("missing_date", "date"),
         ("missing_message_id", "message-id"),
     ):
+        if msa and kind != "missing_from":
+            continue
         if not counts.get(lname):
             found.add(kind, f"missing {lname} header")
     return found
@@ -163,7 +169,12 @@ class HeadersFilter(FilterBase):
     def check_message(self, session: Any, envelope: Any, message: Any) -> Any:
         results = results_for(session, envelope)
         found = yield run_on_message(
-            self.service.threads, "disk", analyse, message, bool(envelope.smtputf8)
+            self.service.threads,
+            "disk",
+            analyse,
+            message,
+            bool(envelope.smtputf8),
+            getattr(session, "protocol", "smtp") == "submission",
         )
         if self.config.remove_forged_authres:
             removed = yield remove_forged(self.service, message, self.authserv_id)

@@ -174,7 +174,8 @@ class SPFFilter(FilterBase):
             ip = ipaddress.ip_address(session.peer_host)
         except ValueError:
             return True
-        return any(ip in net for net in self.config.trusted_networks)
+        # Mail from this host itself is not checked (as policyd-spf does).
+        return ip.is_loopback or any(ip in net for net in self.config.trusted_networks)
 
     @defer.inlineCallbacks
     def check_sender(self, session: Any, envelope: Any) -> Any:

@@ -162,3 +162,26 @@ def test_none_permerror_and_temperror(filter_env: Any, dns_server: Any) -> Any:
     verdict, results = yield evaluate(filter_env, message("a@slow.test"), "x@o.test")
     assert results.dmarc.result == "temperror"
     assert verdict.action is Action.TEMPFAIL and verdict.smtp_reply().code == 451
+
+
+@pytest_twisted.inlineCallbacks
+def test_authenticated_sessions_and_loopback_are_not_judged(
+    filter_env: Any, dns_server: Any
+) -> Any:
+    dns_server.set(
+        {
+            "_dmarc.sender.test": {"TXT": ["v=DMARC1; p=reject"]},
+            "sender.test": {"TXT": ["v=spf1 -all"]},
+        }
+    )
+    session = filter_env.session("192.0.2.1", helo=None)
+    session.auth_user = "alice"
+    envelope = filter_env.envelope("a@sender.test", "bob@example.org")
+    verdict = yield filter_env.build("dmarc").check_message(
+        session, envelope, filter_env.message(message("a@sender.test"))
+    )
+    assert verdict.action is Action.CONTINUE and results_for(session, envelope).dmarc is None
+    # SPF is not evaluated for mail from this host itself.
+    local = filter_env.session("127.0.0.1", helo=None)
+    verdict = yield filter_env.build("spf").check_sender(local, envelope)
+    assert verdict.action is Action.CONTINUE and verdict.headers == ()

@@ -127,3 +127,16 @@ def test_forged_removal_in_a_message_held_in_memory(plain_env: Any) -> Any:
     assert message.open().read() == crlf(GOOD + "\nBody.\n")
     assert message.size == len(crlf(GOOD + "\nBody.\n"))
     assert message.header("Authentication-Results") == []
+
+
+@pytest_twisted.inlineCallbacks
+def test_submission_gets_date_and_message_id_from_the_msa(plain_env: Any) -> Any:
+    head = GOOD.replace("Date: Wed, 25 Nov 2026 10:00:00 +0000\n", "").replace(
+        "Message-ID: <1@sender.test>\n", ""
+    )
+    flt = plain_env.build("headers")
+    session = plain_env.session()
+    session.protocol = "submission"
+    envelope = plain_env.envelope("alice@sender.test", "bob@example.org")
+    verdict = yield flt.check_message(session, envelope, plain_env.message(crlf(head + "\nHi.\n")))
+    assert verdict.action is Action.CONTINUE and verdict.headers == ()

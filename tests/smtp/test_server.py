@@ -741,3 +741,18 @@ def test_reply_text_cannot_break_framing(env: SMTPEnv) -> None:
     c = env.connect()
     c.proto._send(550, "5.7.1", "bad\r\n250 fake")
     assert c.read() == b"550 5.7.1 bad  250 fake\r\n"
+
+
+def test_received_names_the_auth_user_only_when_configured(env: SMTPEnv) -> None:
+    for add in (False, True):
+        c = env.connect("submission", peer="127.0.0.1", add_auth_user_to_received=add)
+        c.cmd(b"AUTH PLAIN " + _plain(b"alice@example.org", b"secret"))
+        c.cmd(b"MAIL FROM:<alice@example.org>")
+        c.cmd(b"RCPT TO:<bob@example.org>")
+        c.cmd(b"DATA")
+        c.send(b"Subject: x\r\n\r\nhi\r\n.\r\n")
+        assert c.read().startswith(b"250")
+    without, with_user = env.store.messages("bob@example.org")
+    assert b"Authenticated sender" not in without
+    assert b"\r\n\t(Authenticated sender: alice@example.org)\r\n" in with_user
+    assert b"with ESMTPA id" in with_user

@@ -66,6 +66,7 @@ log = Logger()
 
 SYSTEM_FLAGS = ("\\Answered", "\\Flagged", "\\Deleted", "\\Seen", "\\Draft")
 FETCH_CHUNK = 100
+MAX_LITERALS = 8  # per command: APPEND needs at most three (name, date, message)
 FETCH_CHUNK_BYTES = 4 << 20  # message octets read per disk job of a FETCH
 CLOSE_GRACE = 0.5  # seconds between a TLS close_notify and dropping the TCP connection
 _UNSAFE_TEXT = re.compile(r"[^\x20-\x7e]")
@@ -165,6 +166,7 @@ class IMAPServer(Protocol):
         self.literal_sink: Any = None
         self.literal_spooled = False
         self.discard_left = 0
+        self.discarding_command = False
         self.skip_line = False
         self.busy = False
         self.closed = False
@@ -405,6 +407,14 @@ class IMAPServer(Protocol):
                 self.fragments.append(bytes(sink))
 
     def _command_line(self, line: bytes) -> None:
+        if self.discarding_command:
+            # the rest of a refused command: its further non-synchronising literals too
+            marker = literal_marker(line)
+            if marker is not None and marker[1]:
+                self.discard_left = marker[0]
+            else:
+                self.discarding_command = False
+            return
         self.command_size += len(line)
         marker = literal_marker(line)
         if marker is None:
@@ -419,14 +429,18 @@ class IMAPServer(Protocol):
         words = first.split(b" ", 3)
         tag = words[0] if words and _valid_tag(words[0]) else b"*"
         is_append = len(words) > 1 and words[1].upper() == b"APPEND"
-        limit = self.settings.max_append if is_append else self.settings.max_command
+        literals = sum(1 for f in self.fragments if not isinstance(f, bytes) or f is not first)
         problem = None
         if self.state == "notauth" and size > self.settings.max_line_unauth:
             problem = b"BAD Literal too large before login"
         elif is_append and size > self.settings.max_append:
             problem = b"NO [TOOBIG] Message too large"
-        elif not is_append and self.command_size + size > limit:
+        elif (not is_append and self.command_size + size > self.settings.max_command) or (
+            self.command_size > self.settings.max_command
+        ):
             problem = b"BAD Command too long"
+        elif literals > 2 * MAX_LITERALS:
+            problem = b"BAD Too many literals in one command"
         elif nonsync and size > self.settings.max_nonsync_literal:
             # RFC 7888 section 4: LITERAL- allows at most 4096 octets without "+"
             problem = b"BAD Non-synchronising literal too large"
@@ -437,9 +451,10 @@ class IMAPServer(Protocol):
             if nonsync:
                 # the client sends the literal anyway: drop it and the rest of that command
                 self.discard_left = size
-                self.skip_line = True
+                self.discarding_command = True
             self.send_line(tag + b" " + problem)
-            self._count_bad()
+            if problem.startswith(b"BAD"):
+                self._count_bad()
             return
         self.fragments.append(strip_marker(line))
         if not is_append:

@@ -123,3 +123,13 @@ def test_mutated_commands_before_login(seed: int) -> None:
         if session.server.literal_left or session.server.line_handler is not None:
             session.send(b"*\r\n")
     assert len(session.server.buffer) <= 8192 + 100
+
+
+def test_many_small_literals_in_one_command_are_refused() -> None:
+    """An APPEND made of endless small literals must not grow without bound."""
+    env = Env()
+    s = env.session()
+    s.login()
+    out = s.send(b"a APPEND INBOX" + b" {1+}\r\nx" * 40 + b"\r\nb NOOP\r\n")
+    assert out == b"a BAD Too many literals in one command\r\nb OK NOOP completed\r\n"
+    assert not s.server.fragments

@@ -58,12 +58,33 @@ from mailserv.smtp.submission import SubmissionPolicy
 
 log = Logger()
 
-__all__ = ["SMTPFactory", "build_factory", "spool_dir"]
+__all__ = ["SMTPFactory", "build_context", "build_factory", "clean_spool", "spool_dir"]
 
 
 def spool_dir(state_dir: str) -> str:
     """Where message data is spooled while it is received."""
     return os.path.join(state_dir, "spool", "incoming")
+
+
+def clean_spool(path: str, max_age: float = 86_400.0) -> int:
+    """Remove spool files left by a crash (older than ``max_age``): their client never
+    got a 250, so it still has the message.  Returns how many were removed."""
+    import time
+
+    removed = 0
+    limit = time.time() - max_age
+    try:
+        entries = list(os.scandir(path))
+    except FileNotFoundError:
+        return 0
+    for entry in entries:
+        try:
+            if entry.is_file() and entry.stat().st_mtime < limit:
+                os.unlink(entry.path)
+                removed += 1
+        except OSError:
+            continue
+    return removed
 
 
 class _Refuse(tprotocol.Protocol):
@@ -140,6 +161,8 @@ def build_context(service: Any, name: str, listener: Any) -> ServerContext:
     )
     spool = spool_dir(config.state_dir)
     os.makedirs(spool, exist_ok=True)
+    if clean_spool(spool):
+        log.info("removed stale spool files from {spool}", spool=spool)
     settings = ServerSettings(
         hostname=config.hostname,
         listener_name=name,

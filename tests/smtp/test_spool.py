@@ -92,3 +92,20 @@ def test_large_message_streams_with_bounded_memory(tmp_path: Path) -> None:
     assert message.path is not None and message.size == 16 + 320 * len(chunk)
     assert peak < 1_000_000, peak
     message.discard()
+
+
+def test_clean_spool_removes_only_old_files(tmp_path: Path) -> None:
+    import os
+    import time
+
+    from mailserv.smtp import clean_spool
+
+    old = tmp_path / "old.eml"
+    new = tmp_path / "new.eml"
+    old.write_bytes(b"x")
+    new.write_bytes(b"y")
+    past = time.time() - 2 * 86_400
+    os.utime(old, (past, past))
+    assert clean_spool(str(tmp_path)) == 1
+    assert not old.exists() and new.exists()
+    assert clean_spool(str(tmp_path / "missing")) == 0

@@ -9,7 +9,6 @@ from __future__ import annotations
 import imaplib
 import poplib
 import smtplib
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -18,7 +17,7 @@ from typing import Any
 import pytest
 
 from tests.auth.conftest import ALICE_PASSWORD, Slapd
-from tests.support.process import REPO, test_config
+from tests.support.process import test_config
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -26,25 +25,17 @@ LISTENERS = {"submission": {}, "imap": {}, "pop3": {}}
 
 
 def add_user(config: Path, name: str, password: str, scheme: str) -> None:
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "mailserv.cli.main",
-            "user",
-            "--config",
-            str(config),
-            "add",
-            name,
-            "--stdin",
-            "--scheme",
-            scheme,
-        ],
-        input=password.encode(),
-        cwd=REPO,
-        check=True,
-        capture_output=True,
-    )
+    """``mailserv user add`` (in this process: the console script is tested in test_cli_users)."""
+    import io
+
+    from mailserv.cli.main import main
+
+    stdin, sys.stdin = sys.stdin, io.StringIO(password + "\n")
+    try:
+        args = ["user", "--config", str(config), "add", name, "--stdin", "--scheme", scheme]
+        assert main(args) == 0
+    finally:
+        sys.stdin = stdin
 
 
 def smtp_auth(port: int, user: str, password: str) -> tuple[int, list[str]]:

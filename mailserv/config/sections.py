@@ -80,6 +80,8 @@ class ListenerSection(Section):
     pipeline: str | None = option(optional(string), None)
     max_connections_per_ip: int | None = option(integer(1), None)
     idle_timeout: float | None = option(duration, None)
+    # POP3 LOGIN-DELAY (RFC 2449 §6.8): least time between two logins of one user; 0 = none.
+    login_delay: float = option(duration, 0.0)
     max_message_size: int = option(size, 10_240_000)
     max_recipients: int = option(integer(1), 1000)
     add_auth_user_to_received: bool = option(boolean, False)

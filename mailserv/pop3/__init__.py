@@ -9,7 +9,8 @@ Behaviour, with the Twisted defects fixed (ARCHITECTURE.md items 1 and 8):
 
 * CAPA: TOP, USER (only where cleartext is allowed), UIDL, SASL <the auth layer's
   mechanisms>, RESP-CODES, AUTH-RESP-CODE, PIPELINING, STLS (before TLS, when the
-  listener has ``tls = "starttls"``), EXPIRE NEVER, LOGIN-DELAY 0, IMPLEMENTATION.
+  listener has ``tls = "starttls"``), EXPIRE NEVER, LOGIN-DELAY <the listener's
+  ``login_delay``, 0 by default>, IMPLEMENTATION.
 * USER/PASS and cleartext SASL refused before TLS unless ``allow_plaintext_auth``
   permits the peer (default: loopback only); the greeting carries an APOP timestamp
   only when a backend holds secrets that can verify APOP.
@@ -126,4 +127,5 @@ def build_factory(service: Any, name: str, listener: Any) -> POP3Factory:
         allow_plaintext_auth=listener.allow_plaintext_auth,
         idle_timeout=listener.idle_timeout or IDLE_TIMEOUT,
         max_connections_per_ip=listener.max_connections_per_ip or 50,
+        login_delay=int(listener.login_delay),
     )

@@ -78,3 +78,55 @@ def test_apop_and_mechanisms_follow_the_backends_secrets():
     creds = plain.apop_credentials(b"alice", b"<1.2@h>", b"0" * 32)
     assert IAPOPCredentials.providedBy(creds) and creds.username == "alice"
     assert plain.start_sasl("CRAM-MD5").name == "CRAM-MD5"
+
+
+def test_build_factory_from_a_listener_section(tmp_path):
+    from twisted.internet.task import Clock
+
+    from mailserv.config import from_dict
+    from mailserv.pop3 import build_factory
+
+    config = from_dict(
+        {
+            "config_version": 1,
+            "hostname": "mail.example.test",
+            "domains": ["example.test"],
+            "state_dir": str(tmp_path),
+            "listeners": {
+                "pop3": {
+                    "protocol": "pop3",
+                    "endpoints": ["tcp:0:interface=127.0.0.1"],
+                    "login_delay": "5m",
+                    "allow_plaintext_auth": "never",
+                    "max_connections_per_ip": 7,
+                    "idle_timeout": "20m",
+                },
+                "pop3s": {
+                    "protocol": "pop3",
+                    "endpoints": ["tcp:0:interface=127.0.0.1"],
+                    "tls": "implicit",
+                },
+            },
+            "store": {"path": str(tmp_path / "mail/{user}")},
+        }
+    )
+
+    class Service:
+        reactor = Clock()
+        threads = None
+        portal = Portal(frozenset())
+
+        def __init__(self) -> None:
+            self.config = config
+
+        def tls_options(self) -> str:
+            return "tls"
+
+    service = Service()
+    f = build_factory(service, "pop3", config.listeners["pop3"])
+    assert f.login_delay == 300 and f.allow_plaintext_auth == "never"
+    assert f.max_connections_per_ip == 7 and f.idle_timeout == 1200
+    assert f.tls_options is not None and f.tls_options() == "tls"
+    implicit = build_factory(service, "pop3s", config.listeners["pop3s"])
+    assert implicit.tls_options is None  # the service wraps it in TLS: no STLS
+    assert implicit.idle_timeout == 600 and implicit.login_delay == 0

@@ -489,6 +489,7 @@ class IMAPServer(Protocol):
             return  # empty line: ignore, as Dovecot does
         tag_text, _, rest = first.partition(b" ")
         if not _valid_tag(tag_text):
+            _close_literals(fragments)
             self.send_line(b"* BAD Invalid tag")
             self._count_bad()
             return
@@ -501,23 +502,28 @@ class IMAPServer(Protocol):
             command = sub.upper().decode("ascii", "replace")
             uid = True
             if command not in _UID_COMMANDS:
+                _close_literals(fragments)
                 self._finish(tag, "BAD", "Unknown UID command", bad=True)
                 return
         handler = _COMMANDS.get(command)
         if handler is None or not command:
+            _close_literals(fragments)
             self._finish(tag, "BAD", "Unknown command", bad=True)
             return
         method_name, states = handler
         if self.state not in states:
+            _close_literals(fragments)
             self._finish(tag, "BAD", f"{command} not allowed now", bad=True)
             return
         try:
             tokens = tokenize([rest, *fragments[1:]])
         except ParseError as exc:
+            _close_literals(fragments)
             self._finish(tag, "BAD", str(exc), bad=True)
             return
         args = Args(tokens)
         self.busy = True
+        result: Any = None
         try:
             method = getattr(self, method_name)
             result = method(tag, args, uid) if command in _UID_COMMANDS else method(tag, args)
@@ -525,9 +531,8 @@ class IMAPServer(Protocol):
             self._command_failed(tag, command, Failure(exc))
             return
         finally:
-            for frag in fragments:
-                if isinstance(frag, LiteralFile) and command != "APPEND":
-                    frag.file.close()
+            if not (command == "APPEND" and isinstance(result, defer.Deferred)):
+                _close_literals(fragments)  # an APPEND in flight closes its own
         if isinstance(result, defer.Deferred):
             result.addCallbacks(
                 lambda r: self._command_done(tag, command, r),
@@ -1768,6 +1773,12 @@ def _abort_quietly(abort: Callable[[], None]) -> None:
         abort()
     except Exception:
         log.debug("abort after close failed")
+
+
+def _close_literals(fragments: list[bytes | LiteralFile]) -> None:
+    for frag in fragments:
+        if isinstance(frag, LiteralFile):
+            frag.file.close()
 
 
 def _valid_tag(tag: bytes) -> bool:

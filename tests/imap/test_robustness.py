@@ -133,3 +133,19 @@ def test_many_small_literals_in_one_command_are_refused() -> None:
     out = s.send(b"a APPEND INBOX" + b" {1+}\r\nx" * 40 + b"\r\nb NOOP\r\n")
     assert out == b"a BAD Too many literals in one command\r\nb OK NOOP completed\r\n"
     assert not s.server.fragments
+
+
+def test_large_append_is_spooled_to_a_file_and_stored() -> None:
+    from mailserv.imap.server import Settings
+
+    env = Env(Settings(spool_threshold=64))
+    s = env.session()
+    s.login()
+    body = message(1, body="y" * 500 + "\r\n")
+    assert s.cmd("a APPEND INBOX {%d}" % len(body)) == b"+ Ready for literal data\r\n"
+    assert s.server.literal_spooled
+    out = s.send(body[:100])
+    assert out == b""
+    out = s.send(body[100:] + b"\r\n")
+    assert out == b"a OK [APPENDUID 1000 1] APPEND completed\r\n"
+    assert env.store.account("alice").folders["INBOX"].messages[1][0] == body

@@ -142,7 +142,7 @@ def test_large_append_is_spooled_to_a_file_and_stored() -> None:
     s = env.session()
     s.login()
     body = message(1, body="y" * 500 + "\r\n")
-    assert s.cmd("a APPEND INBOX {%d}" % len(body)) == b"+ Ready for literal data\r\n"
+    assert s.cmd(f"a APPEND INBOX {{{len(body)}}}") == b"+ Ready for literal data\r\n"
     assert s.server.literal_spooled
     out = s.send(body[:100])
     assert out == b""

@@ -38,6 +38,7 @@ Contract with the service: ``build_factory(service, name, listener)`` uses
 from __future__ import annotations
 
 import os
+import weakref
 from typing import Any
 
 from twisted.internet import defer
@@ -100,6 +101,10 @@ def lock_directory(state_dir: str) -> str:
     return os.path.join(state_dir, "pop3", "locks")
 
 
+# Per service: the last login time of each user (LOGIN-DELAY holds across the POP3 listeners).
+_last_logins: weakref.WeakKeyDictionary[Any, dict[str, float]] = weakref.WeakKeyDictionary()
+
+
 def build_factory(service: Any, name: str, listener: Any) -> POP3Factory:
     """The POP3 factory of listener ``name`` (RFC 1939; STLS when ``tls = "starttls"``)."""
     from mailserv.auth import build_pop_before_smtp, throttle_for
@@ -117,7 +122,7 @@ def build_factory(service: Any, name: str, listener: Any) -> POP3Factory:
             "disk", lambda: open_maildrop(service.store_for(user), user, locks, cache)
         )
 
-    return POP3Factory(
+    factory = POP3Factory(
         reactor=service.reactor,
         backend=backend,
         open_maildrop=open_for,
@@ -129,3 +134,8 @@ def build_factory(service: Any, name: str, listener: Any) -> POP3Factory:
         max_connections_per_ip=listener.max_connections_per_ip or 50,
         login_delay=int(listener.login_delay),
     )
+    try:
+        factory.last_login = _last_logins.setdefault(service, {})
+    except TypeError:  # a service object without weak references (a test double)
+        pass
+    return factory

@@ -130,3 +130,4 @@ def test_build_factory_from_a_listener_section(tmp_path):
     implicit = build_factory(service, "pop3s", config.listeners["pop3s"])
     assert implicit.tls_options is None  # the service wraps it in TLS: no STLS
     assert implicit.idle_timeout == 600 and implicit.login_delay == 0
+    assert implicit.last_login is f.last_login  # one LOGIN-DELAY record per service

@@ -140,9 +140,15 @@ class ReloadablePortal(MailPortal):
         super().__init__(MailRealm(directory, lambda: shared.config), checker)
         self.shared = shared
         self.directory = directory
+        self.service: weakref.ref[Any] | None = None  # set by build_portal
 
     def reload(self, config: Any) -> None:
         self.directory.reload(config)
+        service = self.service() if self.service is not None else None
+        throttle = _throttles.get(service) if service is not None else None
+        if throttle is not None:
+            throttle.delay = config.auth.failure_delay
+            throttle.max_penalty = config.auth.max_penalty
 
 
 def build_directory(service: Any) -> Directory:
@@ -152,7 +158,9 @@ def build_directory(service: Any) -> Directory:
 
 def build_portal(service: Any) -> ReloadablePortal:
     """The Portal of ``service`` (MailRealm + MailChecker over the configured backends)."""
-    return ReloadablePortal(auth_backends(service), build_directory(service))
+    portal = ReloadablePortal(auth_backends(service), build_directory(service))
+    portal.service = weakref.ref(service)
+    return portal
 
 
 _pop_before_smtp: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()

@@ -98,6 +98,9 @@ def test_reload_switches_backends(make_service: Any, tmp_path: Path) -> Any:
     with pytest.raises(UnauthorizedLogin):
         yield login(portal, "alice", "one")
     assert [b.name for b in auth_backends(service).backends] == ["b"]
+    throttle = throttle_for(service)
+    portal.reload(make_config(tmp_path, {}, failure_delay="3s", max_penalty="20s"))
+    assert (throttle.delay, throttle.max_penalty) == (3.0, 20.0)
 
 
 @pytest_twisted.inlineCallbacks

@@ -19,7 +19,7 @@ from typing import Any
 from twisted.internet.defer import Deferred, DeferredLock, succeed
 
 from mailserv.imap.fetch import format_flags
-from mailserv.imap.parser import format_set
+from mailserv.imap.parser import format_set, resolve_seqset
 
 
 class ChangeHub:
@@ -306,24 +306,15 @@ class SelectedMailbox:
         """UIDs of the messages in a sequence set (``*`` = last); out-of-range ones are ignored."""
         n = len(self.uids)
         out: set[int] = set()
-        for lo, hi in ranges:
-            lo = n if lo == 0 else lo
-            hi = n if hi == 0 else hi
-            if lo > hi:
-                lo, hi = hi, lo
+        for lo, hi in resolve_seqset(ranges, n):
             for seq in range(max(lo, 1), min(hi, n) + 1):
                 out.add(self.uids[seq - 1])
         return sorted(out)
 
     def uids_for_uidset(self, ranges: list[tuple[int, int]]) -> list[int]:
         """UIDs in a UID set; ``*`` is the highest UID in use (RFC 3501 section 6.4.8)."""
-        star = self.uids[-1] if self.uids else 0
         out: set[int] = set()
-        for lo, hi in ranges:
-            lo = star if lo == 0 else lo
-            hi = star if hi == 0 else hi
-            if lo > hi:
-                lo, hi = hi, lo
+        for lo, hi in resolve_seqset(ranges, self.uids[-1] if self.uids else 0):
             i = bisect_left(self.uids, lo)
             while i < len(self.uids) and self.uids[i] <= hi:
                 out.add(self.uids[i])

@@ -898,15 +898,7 @@ class IMAPServer(Protocol):
                 self.send_line(b"* OK [CLOSED] Previous mailbox closed")
         if condstore:
             self.condstore = True
-        account = self._require_account()
-        d = self.run(
-            _select_shared,
-            self.ctx.hub,
-            self._hub_key(name),
-            account.account,
-            name,
-            self.reactor.seconds(),
-        )
+        d = self._run_on_folder(_select_shared, name)
         return d.addCallback(lambda r: self._selected(name, readonly, r, qresync))
 
     def do_examine(self, tag: bytes, args: Args) -> Any:
@@ -996,11 +988,7 @@ class IMAPServer(Protocol):
         name = acct.wire_to_name(raw.rstrip(b"/") or raw, self.utf8)
         if name == "INBOX":
             raise ImapError("NO", "[ALREADYEXISTS] INBOX always exists")
-        return (
-            self._require_account()
-            .call("create_folder", name)
-            .addCallback(lambda _: ("OK", "CREATE completed"))
-        )
+        return self._folder_op("CREATE", "create_folder", name)
 
     def do_delete(self, tag: bytes, args: Args) -> Any:
         name = self._mailbox_name(args.next("mailbox"))
@@ -1009,11 +997,19 @@ class IMAPServer(Protocol):
             raise ImapError("NO", "[CANNOT] INBOX cannot be deleted")
         if self.selected is not None and self.selected.name == name:
             self._deselect()
-        return (
-            self._require_account()
-            .call("delete_folder", name)
-            .addCallback(lambda _: ("OK", "DELETE completed"))
+        return self._folder_op("DELETE", "delete_folder", name)
+
+    def _run_on_folder(self, fn: Callable[..., Any], name: str) -> defer.Deferred[Any]:
+        """``fn(hub, key, account, name, now)`` in the disk pool (SELECT, STATUS)."""
+        account = self._require_account().account
+        return self.run(
+            fn, self.ctx.hub, self._hub_key(name), account, name, self.reactor.seconds()
         )
+
+    def _folder_op(self, command: str, method: str, *args: Any) -> defer.Deferred[Any]:
+        """One IMailAccount call for CREATE, DELETE, RENAME (store errors map to NO codes)."""
+        d = self._require_account().call(method, *args)
+        return d.addCallback(lambda _: ("OK", f"{command} completed"))
 
     def do_rename(self, tag: bytes, args: Args) -> Any:
         old = self._mailbox_name(args.next("mailbox"))
@@ -1029,9 +1025,8 @@ class IMAPServer(Protocol):
             if shared is not None:
                 d.addBoth(self._release_after, shared)
             d.addCallback(lambda _: self._notify("INBOX"))
-        else:
-            d = account.call("rename_folder", old, new)
-        return d.addCallback(lambda _: ("OK", "RENAME completed"))
+            return d.addCallback(lambda _: ("OK", "RENAME completed"))
+        return self._folder_op("RENAME", "rename_folder", old, new)
 
     def do_subscribe(self, tag: bytes, args: Args, on: bool = True) -> Any:
         name = self._mailbox_name(args.next("mailbox"))
@@ -1177,15 +1172,7 @@ class IMAPServer(Protocol):
         return self._status_line(name, items).addCallback(lambda _: ("OK", "STATUS completed"))
 
     def _status_line(self, name: str, items: list[str]) -> defer.Deferred[None]:
-        account = self._require_account()
-        d = self.run(
-            _status_values,
-            self.ctx.hub,
-            self._hub_key(name),
-            account.account,
-            name,
-            self.reactor.seconds(),
-        )
+        d = self._run_on_folder(_status_values, name)
 
         def send(values: dict[str, int]) -> None:
             if self.selected is not None and self.selected.name == name:

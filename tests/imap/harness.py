@@ -118,6 +118,13 @@ class Env:
     def session(self, **kw: Any) -> Session:
         return Session(self, **kw)
 
+    def selected_session(self, user: str = "alice", password: str = "secret") -> Session:
+        """A session logged in as ``user`` with its INBOX selected."""
+        session = Session(self)
+        session.login(user, password)
+        session.select()
+        return session
+
     def deliver(
         self, data: bytes, user: str = "alice", folder: str = "INBOX", flags: Any = ()
     ) -> int:
@@ -130,3 +137,11 @@ def message(n: int = 1, subject: str = "hello", body: str = "body text\r\n") -> 
         f"Subject: {subject}\r\nMessage-ID: <m{n}@example.org>\r\n"
         f"Date: Mon, 7 Feb 1994 21:52:25 -0800\r\n\r\n{body}"
     ).encode()
+
+
+def selected(count: int = 1, env: Env | None = None, **deliver: Any) -> tuple[Env, Session]:
+    """An Env with ``count`` messages in alice's INBOX and a session that has SELECTed it."""
+    env = env or Env()
+    for n in range(1, count + 1):
+        env.deliver(message(n), **deliver)
+    return env, env.selected_session()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from tests.imap.harness import Env, message
+from tests.imap.harness import Env, message, selected
 
 
 def test_greeting_and_capability_before_login_on_loopback():
@@ -99,12 +99,8 @@ def test_select_missing_mailbox():
 
 def test_partial_fetch_returns_exactly_those_bytes():
     """Defect 9: BODY[]<0.10> must not return the whole message."""
-    env = Env()
+    _env, s = selected(1)
     data = message(1)
-    env.deliver(data)
-    s = env.session()
-    s.login()
-    s.select()
     out = s.cmd("f FETCH 1 (BODY.PEEK[]<0.10>)")
     assert out == b"* 1 FETCH (BODY[]<0> {10}\r\n" + data[:10] + b")\r\nf OK FETCH completed\r\n"
     out = s.cmd("g FETCH 1 (BODY.PEEK[]<5.7>)")
@@ -114,12 +110,8 @@ def test_partial_fetch_returns_exactly_those_bytes():
 
 
 def test_fetch_body_sets_seen_and_peek_does_not():
-    env = Env()
-    data = message(1)
-    env.deliver(data)
-    s = env.session()
-    s.login()
-    s.select()
+    _env, s = selected(1)
+    message(1)
     out = s.cmd("a FETCH 1 (BODY.PEEK[TEXT])")
     assert out == b"* 1 FETCH (BODY[TEXT] {11}\r\nbody text\r\n)\r\na OK FETCH completed\r\n"
     out = s.cmd("b UID FETCH 1 (BODY[TEXT])")
@@ -130,11 +122,7 @@ def test_fetch_body_sets_seen_and_peek_does_not():
 
 
 def test_fetch_envelope_and_bodystructure():
-    env = Env()
-    env.deliver(message(1))
-    s = env.session()
-    s.login()
-    s.select()
+    _env, s = selected(1)
     out = s.cmd("a FETCH 1 (ENVELOPE BODYSTRUCTURE RFC822.SIZE)")
     assert out == (
         b'* 1 FETCH (ENVELOPE ("Mon, 7 Feb 1994 21:52:25 -0800" "hello" '
@@ -158,9 +146,7 @@ def test_multipart_sections():
     )
     env = Env()
     env.deliver(raw)
-    s = env.session()
-    s.login()
-    s.select()
+    s = env.selected_session()
     out = s.cmd("a FETCH 1 (BODY.PEEK[1] BODY.PEEK[2.MIME] BINARY.PEEK[2] BODYSTRUCTURE)")
     assert b"BODY[1] {8}\r\npart one" in out
     assert (
@@ -176,11 +162,7 @@ def test_multipart_sections():
 
 
 def test_header_fields():
-    env = Env()
-    env.deliver(message(1))
-    s = env.session()
-    s.login()
-    s.select()
+    _env, s = selected(1)
     out = s.cmd("a FETCH 1 (BODY.PEEK[HEADER.FIELDS (Subject FROM)])")
     assert out == (
         b"* 1 FETCH (BODY[HEADER.FIELDS (SUBJECT FROM)] {56}\r\n"
@@ -266,12 +248,7 @@ def test_login_timeout():
 
 
 def test_store_and_expunge_in_order():
-    env = Env()
-    for i in range(1, 6):
-        env.deliver(message(i))
-    s = env.session()
-    s.login()
-    s.select()
+    _env, s = selected(5)
     out = s.cmd("a STORE 2,4:5 +FLAGS (\\Deleted)")
     assert out == (
         b"* 2 FETCH (FLAGS (\\Deleted \\Recent))\r\n"
@@ -286,11 +263,7 @@ def test_store_and_expunge_in_order():
 
 
 def test_store_silent_and_uid_store():
-    env = Env()
-    env.deliver(message(1))
-    s = env.session()
-    s.login()
-    s.select()
+    _env, s = selected(1)
     assert s.cmd("a STORE 1 +FLAGS.SILENT (\\Seen)") == b"a OK STORE completed\r\n"
     out = s.cmd("b UID STORE 1 -FLAGS (\\Seen)")
     assert out == b"* 1 FETCH (UID 1 FLAGS (\\Recent))\r\nb OK STORE completed\r\n"
@@ -298,12 +271,7 @@ def test_store_silent_and_uid_store():
 
 
 def test_copy_move_uidplus_trycreate():
-    env = Env()
-    for i in range(1, 4):
-        env.deliver(message(i))
-    s = env.session()
-    s.login()
-    s.select()
+    _env, s = selected(3)
     assert s.cmd("a COPY 1:2 Trash") == b"a OK [COPYUID 1003 1:2 1:2] COPY completed\r\n"
     assert s.cmd("b COPY 1 Nope") == b"b NO [TRYCREATE] No such mailbox\r\n"
     out = s.cmd("c UID MOVE 2 Archive")
@@ -394,9 +362,7 @@ def test_close_expunges_silently_and_unselect():
     env = Env()
     env.deliver(message(1), flags={"\\Deleted"})
     env.deliver(message(2))
-    s = env.session()
-    s.login()
-    s.select()
+    s = env.selected_session()
     assert s.cmd("a CLOSE") == b"a OK CLOSE completed\r\n"
     assert sorted(env.store.account("alice").folders["INBOX"].messages) == [2]
     assert s.cmd("b FETCH 1 FLAGS") == b"b BAD FETCH not allowed now\r\n"

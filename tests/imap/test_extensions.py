@@ -10,12 +10,8 @@ def test_idle_push_from_another_session_is_immediate():
     env = Env()
     env.deliver(message(1))
     env.deliver(message(2))
-    a = env.session()
-    a.login()
-    a.select()
-    b = env.session()
-    b.login()
-    b.select()
+    a = env.selected_session()
+    b = env.selected_session()
     assert a.cmd("i IDLE") == b"+ idling\r\n"
     # flags, append and expunge by B reach A while it idles, without waiting for a poll
     b.cmd("x STORE 1 +FLAGS (\\Flagged)")
@@ -31,9 +27,7 @@ def test_idle_push_from_another_session_is_immediate():
 
 def test_idle_poll_sees_external_delivery_within_a_second():
     env = Env()
-    a = env.session()
-    a.login()
-    a.select()
+    a = env.selected_session()
     assert a.cmd("i IDLE") == b"+ idling\r\n"
     env.deliver(message(1))  # as another process would: no hub notification
     env.clock.advance(0.5)
@@ -55,12 +49,8 @@ def test_pending_changes_are_reported_after_the_next_command():
     env = Env()
     for i in range(1, 4):
         env.deliver(message(i))
-    a = env.session()
-    a.login()
-    a.select()
-    b = env.session()
-    b.login()
-    b.select()
+    a = env.selected_session()
+    b = env.selected_session()
     b.cmd("x STORE 1:3 +FLAGS.SILENT (\\Deleted)")
     b.cmd("y EXPUNGE")
     # FETCH must not report expunges (RFC 3501 section 7.4.1) ...
@@ -117,9 +107,7 @@ def test_search_and_esearch():
     env.deliver(message(1, subject="Budget report"), flags={"\\Seen"})
     env.deliver(message(2, subject="lunch", body="about the budget\r\n"))
     env.deliver(message(3, subject="=?utf-8?q?Gr=C3=BC=C3=9Fe?="))
-    s = env.session()
-    s.login()
-    s.select()
+    s = env.selected_session()
     assert s.cmd("a SEARCH SUBJECT budget") == b"* SEARCH 1\r\na OK SEARCH completed\r\n"
     assert s.cmd("b SEARCH TEXT budget") == b"* SEARCH 1 2\r\nb OK SEARCH completed\r\n"
     assert s.cmd("c SEARCH UNSEEN NOT 3") == b"* SEARCH 2\r\nc OK SEARCH completed\r\n"
@@ -141,9 +129,7 @@ def test_sort_and_thread():
     env.deliver(message(1, subject="b topic"))
     env.deliver(message(2, subject="a topic"))
     env.deliver(message(3, subject="Re: b topic"))
-    s = env.session()
-    s.login()
-    s.select()
+    s = env.selected_session()
     assert s.cmd("a SORT (SUBJECT) UTF-8 ALL") == b"* SORT 2 1 3\r\na OK SORT completed\r\n"
     assert s.cmd("b SORT (REVERSE ARRIVAL) UTF-8 ALL") == b"* SORT 1 2 3\r\nb OK SORT completed\r\n"
     out = s.cmd("c THREAD ORDEREDSUBJECT UTF-8 ALL")
@@ -164,9 +150,7 @@ def test_thread_references():
     env.deliver(
         b"Message-ID: <d@x>\r\nSubject: other\r\nDate: Mon, 1 Jan 2024 03:00:00 +0000\r\n\r\nx"
     )
-    s = env.session()
-    s.login()
-    s.select()
+    s = env.selected_session()
     out = s.cmd("t UID THREAD REFERENCES UTF-8 ALL")
     assert out == b"* THREAD (1 (2)(3))(4)\r\nt OK THREAD completed\r\n"
 
@@ -220,12 +204,8 @@ def test_change_from_another_process_during_our_write_is_not_lost():
     as the write explains; a delivery seen meanwhile forces a fresh listing."""
     env = Env()
     env.deliver(message(1))
-    a = env.session()
-    a.login()
-    a.select()
-    b = env.session()
-    b.login()
-    b.select()
+    a = env.selected_session()
+    b = env.selected_session()
     env.deliver(message(2))  # another process: no hub notification
     a.cmd("x STORE 1 +FLAGS (\\Seen)")
     assert b.cmd("n NOOP") == (
@@ -235,12 +215,8 @@ def test_change_from_another_process_during_our_write_is_not_lost():
 
 def test_folder_closed_when_last_session_leaves():
     env = Env()
-    a = env.session()
-    a.login()
-    a.select()
-    b = env.session()
-    b.login()
-    b.select()
+    a = env.selected_session()
+    b = env.selected_session()
     shared = a.server.selected.shared
     assert shared is b.server.selected.shared and shared.users == 2
     a.cmd("u UNSELECT")
@@ -274,9 +250,7 @@ def test_delivery_notification_reaches_idle_at_once():
     env = Env()
     service = Service()
     service.imap_hub = env.hub
-    a = env.session()
-    a.login()
-    a.select()
+    a = env.selected_session()
     a.cmd("i IDLE")
     env.deliver(message(1))
     notify_delivery(service, "alice")

@@ -45,9 +45,7 @@ def test_mutated_commands_get_protocol_errors_not_tracebacks(seed: int) -> None:
     env = Env()
     for i in range(3):
         env.deliver(message(i))
-    session = env.session()
-    session.login()
-    session.select()
+    session = env.selected_session()
     errors = []
     session.server.ctx.settings.bad_commands_auth = 10**6
     from twisted.logger import globalLogPublisher
@@ -88,9 +86,7 @@ def test_fetch_reads_large_messages_a_few_at_a_time(monkeypatch: pytest.MonkeyPa
         return run(fn, *args)
 
     env.ctx.run = counting_run
-    s = env.session()
-    s.login()
-    s.select()
+    s = env.selected_session()
     out = s.cmd("f FETCH 1:* (BODY.PEEK[])")
     assert out.count(b" FETCH (") == 4 and out.endswith(b"f OK FETCH completed\r\n")
     assert jobs == [1, 1, 1, 1]

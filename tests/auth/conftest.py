@@ -387,7 +387,7 @@ def ldif(users: dict[str, tuple[str, str, list[str]]], reader_password: str) -> 
             f"dn: uid={uid},ou=people,dc=example,dc=org\nobjectClass: inetOrgPerson\n"
             f"objectClass: mailUser\nuid: {uid}\ncn: {uid.title()}\nsn: {uid.title()}\n"
             f"mail: {mail}\nuserPassword: {schemes.hash_password(password, 'SSHA')}\n"
-            "mailQuota: 100000000\n"
+            f"mailQuota: 100000000\ndescription: /srv/mail/{uid}/Maildir\n"
         )
         entry += "".join(f"mailAlternateAddress: {a}\n" for a in aliases)
         out.append(entry)

@@ -139,3 +139,18 @@ def test_user_bind_connections_are_reused(slapd: Slapd, make_service: Any, mode:
         assert backend._bind_pool.qsize() == 1  # one connection, rebound every time
     # Even below the portal, an empty password never turns into an anonymous bind.
     assert (yield backend.verify_password(user, b"")) is None
+
+
+@pytest_twisted.inlineCallbacks
+def test_attribute_mapping(slapd: Slapd, make_service: Any) -> Any:
+    """mail, aliases, quota and mailbox path come from the configured attributes."""
+    from mailserv.auth import build_directory
+
+    ldap = section(slapd, quota_attribute="mailQuota", mailbox_attribute="description")
+    directory = build_directory(make_service({"l": ldap}))
+    user = yield directory.lookup("a.l+news@example.net")
+    assert user.name == "alice@example.org"
+    assert user.mailbox == "/srv/mail/alice/Maildir"
+    assert user.quota_bytes == 100_000_000
+    assert set(user.addresses) == {"alice@example.org", "ali@example.org", "a.l@example.net"}
+    assert user.extra["dn"] == "uid=alice,ou=people,dc=example,dc=org"

@@ -8,6 +8,7 @@ and ``env.build(name, **options)`` (through the registry, as a pipeline entry is
 from __future__ import annotations
 
 import itertools
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -89,6 +90,24 @@ class FilterEnv:
         path = self.tmp_path / f"msg{next(_ids)}.eml"
         path.write_bytes(raw)
         return Message(str(path), len(raw), headers)
+
+
+@pytest.fixture(scope="session")
+def _shared_dns_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    from tests.conftest import DNSServer
+
+    server = DNSServer(tmp_path_factory.mktemp("filters-dns"))
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def dns_server(_shared_dns_server: Any) -> Any:
+    """The suite's ``dns_server``, started once for the filter tests and emptied for each test."""
+    _shared_dns_server.set({})
+    return _shared_dns_server
 
 
 @pytest.fixture

@@ -1045,6 +1045,11 @@ class IMAPServer(Protocol):
         selection: set[str] = set()
         if not lsub and isinstance(args.peek(), list):
             selection = {str(t).upper() for t in args.list()}
+            # RFC 5258 section 3.1: unknown options and a lone RECURSIVEMATCH are errors
+            if selection - {"SUBSCRIBED", "REMOTE", "RECURSIVEMATCH", "SPECIAL-USE"}:
+                raise ParseError("unknown LIST selection option")
+            if "RECURSIVEMATCH" in selection and not selection & {"SUBSCRIBED", "SPECIAL-USE"}:
+                raise ParseError("RECURSIVEMATCH needs another selection option")
         reference = as_bytes(args.next("reference")).decode("ascii", "replace")
         pat_tok = args.next("pattern")
         patterns = pat_tok if isinstance(pat_tok, list) else [pat_tok]
@@ -1119,7 +1124,16 @@ class IMAPServer(Protocol):
         existing, implied = acct.with_parents([*folders, "INBOX"])
         subscribed = set(subs)
         everything = existing | implied
-        names = sorted(subscribed if "SUBSCRIBED" in selection else everything, key=_folder_sort)
+        recursive = "RECURSIVEMATCH" in selection and "SUBSCRIBED" in selection
+        wanted = subscribed if "SUBSCRIBED" in selection else everything
+        if recursive:
+            # parents of subscribed folders are listed too, with CHILDINFO (RFC 5258 4.5)
+            wanted = (
+                wanted
+                | acct.with_parents(subscribed)[1]
+                | {n for n in everything if acct.has_children(n, subscribed)}
+            )
+        names = sorted(wanted, key=_folder_sort)
         word = b"LSUB" if lsub else b"LIST"
         out: list[tuple[bytes, str | None]] = []
         account = self._require_account().account
@@ -1128,7 +1142,9 @@ class IMAPServer(Protocol):
                 continue
             attrs: list[str] = []
             if name not in existing:
-                attrs.append("\\NonExistent" if "SUBSCRIBED" in selection else "\\Noselect")
+                attrs.append(
+                    "\\NonExistent" if "SUBSCRIBED" in selection and not lsub else "\\Noselect"
+                )
             if not lsub:
                 attrs.append(
                     "\\HasChildren" if acct.has_children(name, everything) else "\\HasNoChildren"
@@ -1148,6 +1164,8 @@ class IMAPServer(Protocol):
                 + b') "/" '
                 + self._mailbox_wire(name)
             )
+            if recursive and acct.has_children(name, subscribed):
+                line += b' ("CHILDINFO" ("SUBSCRIBED"))'
             out.append((line, name if status_items and name in existing else None))
         return self._send_list(out, status_items, lsub)
 

@@ -373,3 +373,36 @@ def test_logout():
     s.take()
     assert s.cmd("a LOGOUT") == b"* BYE Logging out\r\na OK LOGOUT completed\r\n"
     assert s.transport.disconnecting
+
+
+def test_store_calls_are_asynchronous():
+    """Defect 9: Twisted's IMAP4Server calls the account synchronously on the reactor.
+    Here every store call goes to ``ctx.run`` (the disk pool) and the reply waits for it."""
+    from twisted.internet import defer
+
+    env = Env()
+    env.deliver(message(1))
+    pending: list[tuple[defer.Deferred, object, tuple]] = []
+
+    def deferred_run(fn, *args):  # type: ignore[no-untyped-def]
+        d: defer.Deferred = defer.Deferred()
+        pending.append((d, fn, args))
+        return d
+
+    def finish_all() -> None:
+        while pending:
+            d, fn, args = pending.pop(0)
+            d.callback(fn(*args))
+
+    env.ctx.run = deferred_run
+    s = env.session()
+    s.take()
+    assert s.cmd("a LOGIN alice secret") == b""  # the account is being opened in the pool
+    finish_all()
+    assert s.take().startswith(b"a OK")
+    assert s.cmd("b SELECT INBOX") == b""
+    finish_all()
+    assert s.take().endswith(b"b OK [READ-WRITE] SELECT completed\r\n")
+    assert s.cmd("c FETCH 1 (BODY.PEEK[])") == b""
+    finish_all()
+    assert s.take().endswith(b"c OK FETCH completed\r\n")

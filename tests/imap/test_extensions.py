@@ -293,3 +293,20 @@ def test_rename_inbox_moves_its_messages():
     assert s.cmd("r RENAME INBOX Old") == b"r OK RENAME completed\r\n"
     folders = env.store.account("alice").folders
     assert len(folders["Old"].messages) == 2 and not folders["INBOX"].messages
+
+
+def test_list_extended_recursivematch_childinfo():
+    """RFC 5258 section 5 example 5 in spirit: a parent of a subscribed folder comes back with
+    CHILDINFO even if it is not subscribed itself."""
+    env = Env()
+    s = env.session()
+    s.login()
+    s.cmd("a CREATE Foo/Bar")
+    s.cmd("b SUBSCRIBE Foo/Bar")
+    out = s.cmd('c LIST (SUBSCRIBED RECURSIVEMATCH) "" %')
+    assert b'* LIST (\\HasNoChildren \\Subscribed) "/" "INBOX"\r\n' in out
+    assert b'* LIST (\\NonExistent \\HasChildren) "/" "Foo" ("CHILDINFO" ("SUBSCRIBED"))\r\n' in out
+    assert s.cmd('d LIST (RECURSIVEMATCH) "" %') == (
+        b"d BAD RECURSIVEMATCH needs another selection option\r\n"
+    )
+    assert s.cmd('e LIST (FROB) "" %') == b"e BAD unknown LIST selection option\r\n"

@@ -2,7 +2,9 @@
 
 - 20 processes deliver 50 messages each into one mailbox at once while they
   also hand out UIDs: 1000 complete messages, 1000 distinct UIDs, every
-  process saw the same UID for the same message, UIDs stable after reopening.
+  process saw the same UID for the same message, UIDs stable after reopening
+  (with ``fsync = false``: this one is about locks and UIDs, and runs in
+  seconds instead of waiting for 1000 serialised disk flushes).
 - A writer killed with SIGKILL at random points, 200 times per store: no
   partial message is ever visible, and every delivery that returned is there
   with the UID it was first seen with.

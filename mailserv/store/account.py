@@ -1,13 +1,15 @@
-"""What maildir and mbox accounts share: folder bookkeeping, quota, subscriptions.
+"""What maildir and mbox share: folder bookkeeping, quota, subscriptions, copy and move.
 
-A subclass says how a folder maps to the disk (``_fs_path``, ``_fs_names``,
-``_exists``, ``_make_one``, ``_remove``, ``_rename_one``, ``_open``).
+An account subclass says how a folder maps to the disk (``_fs_path``,
+``_fs_names``, ``_exists``, ``_make_one``, ``_remove``, ``_rename_one``,
+``_open``); a folder subclass keeps ``_by_uid`` up to date in ``_sync``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import threading
 from typing import Any
 
 from mailserv.errors import FolderExists, InvalidFolderName, NoSuchFolder
@@ -183,3 +185,54 @@ def read_subscriptions(path: str) -> list[str]:
 def write_subscriptions(path: str, names: list[str], fsync: bool) -> None:
     body = "".join(n.replace(SEPARATOR, "\t") + "\n" for n in names)
     write_atomic(path, ("V\t2\n\n" + body).encode(), fsync=fsync)
+
+
+class FolderBase:
+    """The format-independent half of an IMailbox."""
+
+    _mutex: threading.RLock
+    _by_uid: dict[int, Any]
+
+    def _sync(self) -> None:
+        raise NotImplementedError
+
+    def message(self, uid: int) -> Any:
+        raise NotImplementedError
+
+    def open_message(self, uid: int) -> Any:
+        raise NotImplementedError
+
+    def copy_to(self, uids: Any, target: Any) -> dict[int, int]:
+        raise NotImplementedError
+
+    def expunge(self, uids: Any) -> list[int]:
+        raise NotImplementedError
+
+    def refresh(self) -> list[int]:
+        """Synchronise with the disk; returns the UIDs that went away."""
+        with self._mutex:
+            before = set(self._by_uid)
+            self._sync()
+            return sorted(before - set(self._by_uid))
+
+    def uids(self) -> list[int]:
+        return sorted(self._by_uid)
+
+    def _copy_by_append(self, uids: Any, target: Any) -> dict[int, int]:
+        """COPY into any IMailbox: append each message with its flags and date."""
+        out = {}
+        for uid in sorted(set(uids)):
+            try:
+                info = self.message(uid)
+                f = self.open_message(uid)
+            except KeyError:
+                continue  # expunged meanwhile
+            with f:
+                out[uid] = target.append(f, info.all_flags, info.internal_date)
+        return out
+
+    def move_to(self, uids: Any, target: Any) -> dict[int, int]:
+        """MOVE (RFC 6851): copy, then expunge the originals."""
+        mapping = self.copy_to(uids, target)
+        self.expunge(list(mapping))
+        return mapping

@@ -58,7 +58,7 @@ from mailserv.store._fs import (
 from mailserv.store._fs import (
     listdir as _listdir,
 )
-from mailserv.store.account import AccountBase
+from mailserv.store.account import AccountBase, FolderBase
 from mailserv.store.dotlock import DotLock
 from mailserv.store.quota import MAILDIRSIZE, MaildirSize, limits_for
 from mailserv.store.uidlist import (
@@ -290,7 +290,7 @@ class MaildirAccount(AccountBase):
 
 
 @implementer(IMailbox)
-class MaildirFolder:
+class MaildirFolder(FolderBase):
     """One maildir folder, with the UID index of dovecot-uidlist."""
 
     def __init__(self, account: MaildirAccount, name: str, path: str) -> None:
@@ -418,16 +418,6 @@ class MaildirFolder:
     def highest_modseq(self) -> int:
         assert self._uidlist is not None
         return self._uidlist.highest_modseq
-
-    def refresh(self) -> list[int]:
-        """Synchronise with the disk; returns the UIDs that went away."""
-        with self._mutex:
-            before = set(self._by_uid)
-            self._sync()
-            return sorted(before - set(self._by_uid))
-
-    def uids(self) -> list[int]:
-        return sorted(self._by_uid)
 
     def _sizes(self, rec: UidRecord) -> tuple[int, int]:
         """(size on disk, size with CRLF line ends) of a message, cached.
@@ -602,11 +592,7 @@ class MaildirFolder:
                 if rec is not None:
                     infos.append((uid, rec, self._info(rec), self._sizes(rec)[0]))
         if not isinstance(target, MaildirFolder):
-            out = {}
-            for uid, _rec, info, _size in infos:
-                with self.open_message(uid) as f:
-                    out[uid] = target.append(f, info.all_flags, info.internal_date)
-            return out
+            return self._copy_by_append([uid for uid, *_ in infos], target)
         quota = target.account._quota()
         quota.check(sum(size for _, _, _, size in infos), len(infos))
         placed: list[tuple[int, str, int]] = []
@@ -628,12 +614,6 @@ class MaildirFolder:
             target._sync_locked(order=[b for _, b, _ in placed])
         quota.add(sum(s for _, _, s in placed), len(placed))
         return {uid: target._uid_of(base) for uid, base, _ in placed}
-
-    def move_to(self, uids: Any, target: Any) -> dict[int, int]:
-        """MOVE (RFC 6851): copy, then expunge the originals."""
-        mapping = self.copy_to(uids, target)
-        self.expunge(list(mapping))
-        return mapping
 
     def expunge(self, uids: Any) -> list[int]:
         """Remove messages for good; returns the UIDs actually removed."""

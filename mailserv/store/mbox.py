@@ -77,7 +77,7 @@ from mailserv.store._fs import (
 from mailserv.store._fs import (
     listdir as _listdir,
 )
-from mailserv.store.account import AccountBase
+from mailserv.store.account import AccountBase, FolderBase
 from mailserv.store.dotlock import DotLock, LockTimeout
 from mailserv.store.quota import MAILDIRSIZE, MaildirSize, limits_for
 
@@ -562,7 +562,7 @@ class _Index:
 
 
 @implementer(IMailbox)
-class MboxFolder:
+class MboxFolder(FolderBase):
     """One mbox file and its sidecar UID index."""
 
     def __init__(self, account: MboxAccount, name: str, path: str, index_path: str) -> None:
@@ -749,15 +749,6 @@ class MboxFolder:
     def highest_modseq(self) -> int:
         return self._index.highest_modseq
 
-    def refresh(self) -> list[int]:
-        with self._mutex:
-            before = set(self._by_uid)
-            self._sync()
-            return sorted(before - set(self._by_uid))
-
-    def uids(self) -> list[int]:
-        return sorted(self._by_uid)
-
     @staticmethod
     def _info(e: Entry) -> MessageInfo:
         system, keywords = split_flags(e.flags)
@@ -828,21 +819,8 @@ class MboxFolder:
         return e.uid
 
     def copy_to(self, uids: Any, target: Any) -> dict[int, int]:
-        out = {}
-        for uid in sorted(set(uids)):
-            try:
-                info = self.message(uid)
-                f = self.open_message(uid)
-            except KeyError:
-                continue
-            with f:
-                out[uid] = target.append(f, info.all_flags, info.internal_date)
-        return out
-
-    def move_to(self, uids: Any, target: Any) -> dict[int, int]:
-        mapping = self.copy_to(uids, target)
-        self.expunge(list(mapping))
-        return mapping
+        """COPY (RFC 3501 §6.4.7): appended to the target, flags and date kept."""
+        return self._copy_by_append(uids, target)
 
     def expunge(self, uids: Any) -> list[int]:
         """Write the kept messages to a new file and rename it over the old one, under the lock."""

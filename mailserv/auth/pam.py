@@ -41,6 +41,7 @@ class PAMBackend(Backend):
 
     def __init__(self, name: str, section: Any, config: Any, reactor: Any, threads: Any) -> None:
         super().__init__(name, section, config, reactor, threads)
+        self.timeout = getattr(section, "timeout", self.timeout)
         self._local = threading.local()
 
     def _pam(self) -> Any:

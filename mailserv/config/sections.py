@@ -154,6 +154,8 @@ class PAMBackend(BackendSection):
     service: str = option(nonempty_string, "mailserv")
     # PAM knows no mail addresses: the domain a bare PAM user gets mail under.
     domain: str | None = option(optional(domain_name), None)
+    # A PAM stack that has not answered by then is a temporary failure.
+    timeout: float = option(duration, 10.0)
 
 
 AUTH_BACKENDS: dict[str, type[Section]] = {

@@ -33,6 +33,7 @@ PG = {"host": "127.0.0.1", "port": 5432, "user": "postgres"}
 MYSQL = {"host": "127.0.0.1", "port": 3306, "user": "root"}
 PAM_WRAPPER_LIB = "/usr/lib/x86_64-linux-gnu/libpam_wrapper.so"
 PAM_MATRIX = "/usr/lib/x86_64-linux-gnu/pam_wrapper/pam_matrix.so"
+PAM_EXEC = "/usr/lib/x86_64-linux-gnu/security/pam_exec.so"
 
 
 def unavailable(message: str) -> None:
@@ -522,6 +523,10 @@ def use_pam_wrapper(d: Path) -> PamWrapper:
     (services / "mailserv").write_text(f"auth required {module}\naccount required {module}\n")
     missing = f"{PAM_MATRIX} passdb={d / 'missing'}"
     (services / "mailserv-down").write_text(f"auth required {missing}\n")
+    # A stack that hangs: pam_exec runs sleep before pam_matrix answers.
+    (services / "mailserv-slow").write_text(
+        f"auth required {PAM_EXEC} /bin/sleep 3\nauth required {module}\n"
+    )
     os.environ["PAM_WRAPPER"] = "1"
     os.environ["PAM_WRAPPER_SERVICE_DIR"] = str(services)
     original = internals.find_library
@@ -540,7 +545,10 @@ def pam_case() -> BackendCase:
         section={"type": "pam", "service": "mailserv", "domain": DOMAIN},
         login="alice",
         canonical="alice",
-        broken={"down": {"type": "pam", "service": "mailserv-down", "domain": DOMAIN}},
+        broken={
+            "down": {"type": "pam", "service": "mailserv-down", "domain": DOMAIN},
+            "slow": {"type": "pam", "service": "mailserv-slow", "domain": DOMAIN, "timeout": "1s"},
+        },
         directory=False,
     )
 

@@ -32,6 +32,16 @@ Contract (used by mailserv/service.py and the protocol packages):
 
 ``mailserv.auth.schemes``: ``hash_password(password, scheme="ARGON2ID")``,
 ``verify(stored, password)``.
+
+Modules: portal.py (MailChecker, MailRealm, MailPortal), backend.py (the
+backend base class) and one module per backend (passwdfile.py, sql.py,
+ldap.py, pam.py), usernames.py (checks before any backend), credentials.py
+(CRAM-MD5, APOP, SCRAM credentials), sasl.py, saslprep.py (RFC 4013),
+schemes.py with md5state.py (stored CRAM-MD5 contexts) and libcrypt.py
+(crypt(3) without the stdlib module), ratelimit.py, popbeforesmtp.py.
+Hashing runs in the ``crypto`` pool, lookups in the ``auth`` pool; each
+backend call has a timeout (``timeout`` of sql, ldap (per server) and pam;
+10 s for passwd-file) after which it is a TemporaryFailure.
 """
 
 from __future__ import annotations

@@ -8,6 +8,7 @@ DNS is the loopback server of tests/support/dnsserver.py.
 
 from __future__ import annotations
 
+import ipaddress
 import smtplib
 import socket
 import time
@@ -25,7 +26,9 @@ from tests.support.process import test_config
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-TRUSTED = ["192.0.2.0/24", "198.51.100.0/24", "203.0.113.0/24"]
+# 2001:db8::dead, reversed in nibbles (RFC 5782 §2.4).
+V6_LISTED = ".".join(reversed(ipaddress.ip_address("2001:db8::dead").exploded.replace(":", "")))
+TRUSTED = ["192.0.2.0/24", "198.51.100.0/24", "203.0.113.0/24", "2001:db8::/32"]
 PIPELINE: list[dict[str, Any]] = [
     {"filter": "spamtrap", "addresses": ["trap@example.test"], "block_for": "1h"},
     {"filter": "tarpit", "networks": ["203.0.113.0/24"], "delay": "1s"},
@@ -52,7 +55,11 @@ class MX:
     def connect(self, client_ip: str) -> tuple[smtplib.SMTP, int, bytes]:
         """An smtplib client whose connection claims ``client_ip`` in a PROXY v1 header."""
         sock = socket.create_connection(("127.0.0.1", self.port), timeout=15)
-        sock.sendall(f"PROXY TCP4 {client_ip} 127.0.0.1 40000 25\r\n".encode())
+        if ":" in client_ip:
+            header = f"PROXY TCP6 {client_ip} ::1 40000 25\r\n"
+        else:
+            header = f"PROXY TCP4 {client_ip} 127.0.0.1 40000 25\r\n"
+        sock.sendall(header.encode())
         client = smtplib.SMTP(timeout=15)
         client.sock = sock
         client._host = "127.0.0.1"  # type: ignore[attr-defined]
@@ -94,6 +101,7 @@ def mx(tmp_path_factory: pytest.TempPathFactory, dkim_keys: Any) -> Iterator[MX]
     dns.set(
         {
             "2.2.0.192.zen.dnsbl.test": {"A": ["127.0.0.2"], "TXT": ["listed for testing"]},
+            V6_LISTED + ".zen.dnsbl.test": {"A": ["127.0.0.4"]},
             "sender.test": {"TXT": ["v=spf1 ip4:192.0.2.0/24 ip4:198.51.100.0/24 -all"]},
             "spffail.test": {"TXT": ["v=spf1 -all"]},
             "_dmarc.sender.test": {"TXT": ["v=DMARC1; p=reject"]},
@@ -165,6 +173,19 @@ def test_dnsbl_listed_client_refused_at_rcpt(mx: MX) -> None:
             b"5.7.1 Client host [192.0.2.2] blocked using zen.dnsbl.test; listed for testing"
         )
         assert s.rcpt("postmaster@example.test")[0] == 250
+
+
+def test_dnsbl_ipv6_client(mx: MX) -> None:
+    with mx.session("2001:db8::dead") as s:
+        assert s.mail("x@nospf.test")[0] == 250
+        code, text = s.rcpt("bob@example.test")
+        assert (code, text) == (
+            554,
+            b"5.7.1 Client host [2001:db8::dead] blocked using zen.dnsbl.test",
+        )
+    with mx.session("2001:db8::beef") as s:
+        assert s.mail("x@nospf.test")[0] == 250
+        assert s.rcpt("bob@example.test")[0] == 250
 
 
 def test_spf_fail_refused_at_mail(mx: MX) -> None:

@@ -346,6 +346,25 @@ def _header_flags(data: bytes) -> list[str]:
     return sorted(flags)
 
 
+#: Headers mail readers rewrite in place (mutt: Status, X-Status, Content-Length, Lines;
+#: Dovecot and others: X-Keywords, X-UID, X-IMAP*); left out of a message's identity.
+_VOLATILE = re.compile(
+    rb"(?im)^(?:status|x-status|x-keywords|x-uid|x-imap|x-imapbase|content-length|lines):"
+    rb"[^\n]*\n(?:[ \t][^\n]*\n)*"
+)
+
+
+def message_digest(data: bytes) -> str:
+    """What identifies a stored message across rewrites by other programs.
+
+    The volatile headers above and trailing line ends (a writer may add one
+    to separate the next message) are left out.
+    """
+    end = data.find(b"\n\n")
+    head, body = (data, b"") if end < 0 else (data[: end + 1], data[end + 1 :])
+    return hashlib.sha256(_VOLATILE.sub(b"", head) + body.rstrip(b"\r\n")).hexdigest()[:32]
+
+
 def scan(mm: bytes | mmap.mmap, start: int, end: int, mtime: float) -> list[Scanned]:
     """Split ``mm[start:end]`` (which begins at a From line) into messages."""
     out: list[Scanned] = []
@@ -365,8 +384,7 @@ def scan(mm: bytes | mmap.mmap, start: int, end: int, mtime: float) -> list[Scan
                 body=body,
                 length=len(data),
                 size=size,
-                # Trailing line ends are left out: a writer may add one to separate the next.
-                digest=hashlib.sha256(data.rstrip(b"\r\n")).hexdigest()[:32],
+                digest=message_digest(data),
                 flags=_header_flags(data[:65536]),
                 internal_date=_parse_date(bytes(mm[pos:body]), mtime),
             )

@@ -85,3 +85,55 @@ def test_messages_written_by_others_without_blank_line(tmp_path: Path) -> None:
     assert [i.uid for i in infos] == [first.uid, first.uid + 1]
     with box.open_message(infos[1].uid) as f:
         assert f.read() == b"Subject: two\r\n\r\nbody2\r\n"
+
+
+def test_uids_survive_another_program_rewriting_the_mbox(tmp_path: Path) -> None:
+    """mutt-style: messages deleted, Status:/Content-Length: headers added, file rewritten."""
+    import mailbox
+
+    path = tmp_path / "mbox"
+    store = make_store("mbox")
+    user = User(name="u", mailbox=str(path), store_format="mbox")
+    for i in range(4):
+        store.deliver(user, io.BytesIO(b"Subject: m%d\r\n\r\nbody %d\r\n" % (i, i)))
+    box = store.open(user).open_folder("INBOX")
+    uids = [i.uid for i in box.messages()]
+    box.set_flags(uids[3], ["\\Flagged", "work"])
+    validity = box.uidvalidity
+
+    other = mailbox.mbox(str(path))
+    other.lock()
+    keys = other.keys()
+    other.remove(keys[1])
+    msg = other[keys[2]]
+    msg.set_flags("RO")
+    msg["Content-Length"] = "7"
+    other[keys[2]] = msg
+    other.flush()
+    other.unlock()
+
+    assert box.refresh() == [uids[1]]
+    assert box.uidvalidity == validity
+    assert [i.uid for i in box.messages()] == [uids[0], uids[2], uids[3]]
+    assert box.message(uids[3]).all_flags == {"\\Flagged", "work"}
+    with box.open_message(uids[2]) as f:
+        assert b"Subject: m2" in f.read()
+    store.deliver(user, io.BytesIO(b"Subject: m4\r\n\r\nbody 4\r\n"))
+    box.refresh()
+    assert [i.uid for i in box.messages()] == [uids[0], uids[2], uids[3], uids[3] + 1]
+
+
+def test_reordered_mbox_gets_a_new_uidvalidity(tmp_path: Path) -> None:
+    path = tmp_path / "mbox"
+    store = make_store("mbox")
+    user = User(name="u", mailbox=str(path), store_format="mbox")
+    for i in range(3):
+        store.deliver(user, io.BytesIO(b"Subject: m%d\r\n\r\nbody %d\r\n" % (i, i)))
+    box = store.open(user).open_folder("INBOX")
+    validity = box.uidvalidity
+    raw = path.read_bytes()
+    parts = raw.split(b"\nFrom ")
+    path.write_bytes(b"\nFrom ".join([parts[0], parts[2], parts[1].rstrip(b"\n") + b"\n"]))
+    box.refresh()
+    assert box.uidvalidity != validity
+    assert [i.uid for i in box.messages()] == [1, 2, 3]

@@ -289,10 +289,6 @@ class SelectedMailbox:
         if self.uids:
             self.highest_uid = max(self.highest_uid, self.uids[-1])
 
-    def deleted(self) -> list[int]:
-        """UIDs the client sees with \\Deleted (what EXPUNGE removes, RFC 3501 section 6.4.3)."""
-        return [u for u in self.uids if "\\Deleted" in self.snap[u].flags]
-
     def __len__(self) -> int:
         return len(self.uids)
 

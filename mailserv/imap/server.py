@@ -1276,7 +1276,8 @@ class IMAPServer(Protocol):
         if sel.readonly:
             self._deselect()
             return ("OK", "CLOSE completed")
-        d = self.run_write([sel.shared], _expunge_deleted, sel.shared, sel.box, sel.deleted(), None)
+        now = self.reactor.seconds()
+        d = self.run_write([sel.shared], _expunge_deleted, sel.shared, sel.box, now, None)
 
         def done(removed: list[int]) -> tuple[str, str]:
             if removed:
@@ -1302,7 +1303,7 @@ class IMAPServer(Protocol):
             raise ImapError("NO", "[READ-ONLY] Mailbox is read-only")
         allowed = sel.uids_for_uidset(uids) if uids is not None else None
         d = self.run_write(
-            [sel.shared], _expunge_deleted, sel.shared, sel.box, sel.deleted(), allowed
+            [sel.shared], _expunge_deleted, sel.shared, sel.box, self.reactor.seconds(), allowed
         )
 
         def done(removed: list[int]) -> Any:
@@ -1990,18 +1991,19 @@ def _store_flags(
 
 
 def _expunge_deleted(
-    shared: SharedFolder | None, box: Any, candidates: list[int], allowed: list[int] | None
+    shared: SharedFolder | None, box: Any, now: float, allowed: list[int] | None
 ) -> list[int]:
-    """EXPUNGE the messages with \\Deleted among ``candidates`` (the session's view),
-    checking each against the store (another session may have undeleted it)."""
+    """EXPUNGE every message with \\Deleted (RFC 3501 section 6.4.3), or those of them in
+    ``allowed`` (UID EXPUNGE, RFC 4315); the caller holds the folder's lock."""
+    if shared is not None:
+        listing, _ = shared.current(False, now)  # our sessions' flags, patched after writes
+    else:
+        box.refresh()
+        listing = list(box.messages())
+    doomed = [m.uid for m in listing if "\\Deleted" in m.flags]
     if allowed is not None:
         permitted = set(allowed)
-        candidates = [u for u in candidates if u in permitted]
-    doomed = []
-    for uid in candidates:
-        info = _info_of(box, uid)
-        if info is None or "\\Deleted" in info.flags:
-            doomed.append(uid)
+        doomed = [u for u in doomed if u in permitted]
     if not doomed:
         return []
     before = _before(shared)

@@ -3,7 +3,7 @@ SEARCH/ESEARCH, SORT, THREAD, QUOTA (StringTransport, exact bytes)."""
 
 from __future__ import annotations
 
-from tests.imap.harness import Env, message
+from tests.imap.harness import Env, message, selected
 
 
 def test_idle_push_from_another_session_is_immediate():
@@ -310,3 +310,14 @@ def test_list_extended_recursivematch_childinfo():
         b"d BAD RECURSIVEMATCH needs another selection option\r\n"
     )
     assert s.cmd('e LIST (FROB) "" %') == b"e BAD unknown LIST selection option\r\n"
+
+
+def test_expunge_removes_messages_deleted_by_another_session_too():
+    """RFC 3501 section 6.4.3: every \\Deleted message goes, even one this session has not
+    heard about yet; the EXPUNGE responses follow the flag update."""
+    env, a = selected(2)
+    b = env.selected_session()
+    b.cmd("x STORE 2 +FLAGS.SILENT (\\Deleted)")
+    out = a.cmd("e EXPUNGE")
+    assert out == b"* 2 EXPUNGE\r\ne OK EXPUNGE completed\r\n"
+    assert sorted(env.store.account("alice").folders["INBOX"].messages) == [1]

@@ -73,9 +73,14 @@ class FilterChain:
     def message(self, session: Any, envelope: Any, message: Any) -> defer.Deferred[StageResult]:
         return self.run("message", session, envelope, message)
 
-    @defer.inlineCallbacks
-    def run(self, stage: str, *args: Any) -> Any:
+    def run(self, stage: str, *args: Any) -> defer.Deferred[StageResult]:
         """Run ``stage`` over the filters that implement it; Deferred[StageResult]."""
+        if not self._by_stage[stage]:
+            return defer.succeed(StageResult())
+        return self._run(stage, *args)
+
+    @defer.inlineCallbacks
+    def _run(self, stage: str, *args: Any) -> Any:
         result = StageResult()
         method_name = STAGES[stage][1]
         for flt in self._by_stage[stage]:

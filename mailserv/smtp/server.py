@@ -709,7 +709,7 @@ class SMTPServer(smtp.ESMTP):
         if envelope.size is not None and envelope.size > s.max_message_size:
             self._reply(SMTPReply(552, "5.3.4", "Message size exceeds fixed limit"))
             return None
-        if not _enough_space(s.spool_dir, limit * s.min_free_factor):
+        if not _enough_space(s.spool_dir, limit * s.min_free_factor, self._reactor.seconds()):
             self._reply(SMTPReply(452, "4.3.1", "Insufficient system storage"))
             return None
         return defer.ensureDeferred(self._mail(envelope))
@@ -1139,13 +1139,23 @@ class _Disconnect(Exception):
         self.reply = reply
 
 
-def _enough_space(path: str, needed: float) -> bool:
-    """LIMITS.md: refuse new mail when free space is below 1.5 times the message size."""
-    try:
-        st = os.statvfs(path)
-    except OSError:
-        return True
-    return st.f_bavail * st.f_frsize >= needed
+_FREE_SPACE: dict[str, tuple[float, int]] = {}
+
+
+def _enough_space(path: str, needed: float, now: float) -> bool:
+    """LIMITS.md: refuse new mail when free space is below 1.5 times the message size.
+
+    statvfs is asked at most once a second per directory.
+    """
+    cached = _FREE_SPACE.get(path)
+    if cached is None or now - cached[0] > 1.0:
+        try:
+            st = os.statvfs(path)
+        except OSError:
+            return True
+        cached = (now, st.f_bavail * st.f_frsize)
+        _FREE_SPACE[path] = cached
+    return cached[1] >= needed
 
 
 class SaslAuth:

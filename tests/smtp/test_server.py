@@ -756,3 +756,8 @@ def test_received_names_the_auth_user_only_when_configured(env: SMTPEnv) -> None
     assert b"Authenticated sender" not in without
     assert b"\r\n\t(Authenticated sender: alice@example.org)\r\n" in with_user
     assert b"with ESMTPA id" in with_user
+
+
+def test_low_disk_space_refuses_mail(env: SMTPEnv) -> None:
+    c = env.connect(min_free_factor=1e15)
+    assert c.cmd(b"MAIL FROM:<s@remote.test>") == b"452 4.3.1 Insufficient system storage\r\n"

@@ -279,3 +279,13 @@ def run_on_message(
     if getattr(message, "path", "") is None and message.size <= INLINE_LIMIT:
         return defer.maybeDeferred(fn, message, *args)
     return threads.run(pool, fn, message, *args)
+
+
+_FIELD_NAME = re.compile(r"[!-9;-~]{1,76}\Z")
+
+
+def header_name(value: Any, ctx: Context, key: str) -> str:
+    """An RFC 5322 §2.2 field name (printable ASCII without colon or space)."""
+    if not isinstance(value, str) or not _FIELD_NAME.match(value):
+        raise Invalid(f"expected a header field name such as 'X-Spam-Flag', got {value!r}")
+    return value

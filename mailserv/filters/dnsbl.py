@@ -39,6 +39,7 @@ from mailserv.filters.common import (
     action_kind,
     clean,
     connection_marks,
+    header_name,
     load_options,
     lookup,
     outcome,
@@ -193,7 +194,7 @@ class DNSBLOptions(Section):
     ipv6: bool = option(boolean, True)
     allowlist: list[Any] = option(list_of(network), list)
     exempt_recipients: list[str] = option(list_of(string), lambda: ["postmaster", "abuse"])
-    header: str = option(string, "X-Mailserv-DNSBL")
+    header: str = option(header_name, "X-Mailserv-DNSBL")
 
 
 @implementer(IConnectionFilter, IRecipientFilter, IMessageFilter)

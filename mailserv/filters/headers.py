@@ -35,6 +35,7 @@ from mailserv.filters.common import (
     action_kind,
     authserv_id,
     clean,
+    header_name,
     load_options,
     outcome,
     results_for,
@@ -74,7 +75,7 @@ class HeadersOptions(Section):
     bad_field: str = option(action_kind, "tag")
     remove_forged_authres: bool = option(boolean, True)
     authserv_id: str | None = option(optional(string), None)
-    tag_header: str = option(string, "X-Mailserv-Header-Check")
+    tag_header: str = option(header_name, "X-Mailserv-Header-Check")
 
 
 @dataclass

@@ -14,16 +14,16 @@ from typing import Any
 
 from zope.interface import implementer
 
-from mailserv.config.schema import Section, option, string
+from mailserv.config.schema import Section, option
 from mailserv.filters.base import CONTINUE, Action, FilterBase, Verdict
-from mailserv.filters.common import clean, load_options, quarantine_reasons
+from mailserv.filters.common import clean, header_name, load_options, quarantine_reasons
 from mailserv.interfaces import IMessageFilter
 
 
 class QuarantineOptions(Section):
     """Keys of ``filter = "quarantine"``."""
 
-    header: str = option(string, "X-Mailserv-Quarantine")
+    header: str = option(header_name, "X-Mailserv-Quarantine")
 
 
 @implementer(IMessageFilter)

@@ -21,11 +21,12 @@ from typing import Any
 from twisted.internet import defer
 from zope.interface import implementer
 
-from mailserv.config.schema import Section, choice, integer, list_of, option, size, string
+from mailserv.config.schema import Section, choice, integer, list_of, option, size
 from mailserv.filters.base import CONTINUE, FilterBase
 from mailserv.filters.common import (
     action_kind,
     clean,
+    header_name,
     load_options,
     outcome,
     resolver_for,
@@ -118,7 +119,7 @@ class URIBLOptions(Section):
     on_dns_error: str = option(choice("ignore", "tempfail"), "ignore")
     max_domains: int = option(integer(1, 1000), 20)
     max_body_bytes: int = option(size, 1024 * 1024)
-    header: str = option(string, "X-Mailserv-URIBL")
+    header: str = option(header_name, "X-Mailserv-URIBL")
 
 
 @implementer(IMessageFilter)

@@ -96,3 +96,11 @@ def test_every_builtin_filter_builds_and_rejects_unknown_keys(plain_env: Any) ->
         with pytest.raises(ConfigError) as info:
             plain_env.build(name, **MINIMAL.get(name, {}), bogus_key=1)
         assert [p.key for p in info.value.problems] == ["pipelines.inbound[0].bogus_key"]
+
+
+def test_header_names_are_validated(plain_env: Any) -> None:
+    with pytest.raises(ConfigError) as info:
+        plain_env.build("quarantine", header="X Bad: name")
+    [problem] = info.value.problems
+    assert problem.key == "pipelines.inbound[0].header"
+    assert plain_env.build("quarantine", header="X-Junk-Reason").config.header == "X-Junk-Reason"

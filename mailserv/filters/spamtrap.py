@@ -4,6 +4,10 @@ Trap addresses are full addresses or whole domains (``@trap.example.org``).
 The RCPT to the trap is refused, and so is every later connection and
 recipient of that client (per address, IPv6 per /64) until the block
 expires.  Blocks are kept in memory (per process, bounded by ``max_entries``).
+
+The MX runs its built-in relay and recipient checks before the pipeline, so
+a trap address must be one the server accepts (a user or an alias, e.g. to
+a mailbox nobody reads) or it is refused as unknown before this filter sees it.
 """
 
 from __future__ import annotations

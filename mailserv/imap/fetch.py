@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import re
 import time
 from dataclasses import dataclass, field
@@ -155,6 +156,12 @@ def format_internaldate(ts: float) -> bytes:
 
 
 def format_flags(flags: Any) -> bytes:
+    return _format_flags(frozenset(flags))
+
+
+@functools.lru_cache(maxsize=4096)
+def _format_flags(flags: frozenset[str]) -> bytes:
+    """Few distinct flag sets occur in a mailbox: FETCH 1:* (FLAGS) formats each once."""
     return b"(" + " ".join(sorted(flags)).encode("utf-8", "surrogateescape") + b")"
 
 
@@ -177,10 +184,10 @@ def build_items(attrs: list[Attr], info: Any, data: bytes | None, cache: dict[st
     """
     out: list[bytes] = []
     for attr in attrs:
-        name = attr.response_name()
-        value: bytes
         if attr.name in ("FLAGS", "UID", "MODSEQ"):
             continue  # added by the caller, which knows the session's view
+        name = attr.response_name()
+        value: bytes
         if attr.name == "INTERNALDATE":
             value = format_internaldate(info.internal_date)
         elif attr.name == "RFC822.SIZE":

@@ -64,8 +64,10 @@ from mailserv.imap.parser import (
 
 log = Logger()
 
+RECENT = frozenset({"\\Recent"})
 SYSTEM_FLAGS = ("\\Answered", "\\Flagged", "\\Deleted", "\\Seen", "\\Draft")
 FETCH_CHUNK = 100
+FETCH_CHUNK_NO_DATA = 2000  # FLAGS, UID, sizes, dates: built on the reactor, about 2 ms a 1000
 MAX_LITERALS = 8  # per command: APPEND needs at most three (name, date, message)
 FETCH_CHUNK_BYTES = 4 << 20  # message octets read per disk job of a FETCH
 CLOSE_GRACE = 0.5  # seconds between a TLS close_notify and dropping the TCP connection
@@ -1432,9 +1434,9 @@ class IMAPServer(Protocol):
                 if items:
                     parts.append(items)
                 if flags_now:
-                    flags = set(acct.flags_of(info))
+                    flags = acct.flags_of(info)
                     if info.uid in sel.recent:
-                        flags.add("\\Recent")
+                        flags = flags | RECENT
                     parts.append(b"FLAGS " + fetchmod.format_flags(flags))
                 if want_modseq or (seen_set and self.condstore):
                     parts.append(b"MODSEQ (%d)" % int(info.modseq))
@@ -2131,7 +2133,7 @@ def _next_chunk(uids: list[int], pos: int, sel: SelectedMailbox, needs_data: boo
     """The next FETCH_CHUNK messages, or fewer when their texts would pass FETCH_CHUNK_BYTES
     (always at least one): a FETCH 1:* BODY[] never holds the mailbox in memory."""
     if not needs_data:
-        return uids[pos : pos + FETCH_CHUNK]
+        return uids[pos : pos + FETCH_CHUNK_NO_DATA]
     chunk: list[int] = []
     total = 0
     for uid in uids[pos : pos + FETCH_CHUNK]:

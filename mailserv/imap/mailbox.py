@@ -113,11 +113,14 @@ class ChangeHub:
             if listener != origin:  # bound methods: equal, never identical
                 listener()
 
-    def claim_recent(self, key: tuple[str, str], uids: list[int]) -> set[int]:
-        """\\Recent for the first session to see a UID (RFC 3501 section 2.3.2), in-process."""
+    def claim_recent(self, key: tuple[str, str], uids: list[int], claim: bool = True) -> set[int]:
+        """\\Recent for the first session to see a UID (RFC 3501 section 2.3.2), in-process.
+
+        ``claim=False`` (EXAMINE, RFC 3501 section 6.3.2) reports without taking them.
+        """
         seen = self._recent.get(key, 0)
         fresh = {u for u in uids if u > seen}
-        if uids:
+        if uids and claim:
             self._recent[key] = max(seen, uids[-1])
         return fresh
 

@@ -664,7 +664,9 @@ class IMAPServer(Protocol):
                 return
             sel.seen_listing = messages
             assert self.selected_key is not None
-            recent = self.ctx.hub.claim_recent(self.selected_key, [m.uid for m in messages])
+            recent = self.ctx.hub.claim_recent(
+                self.selected_key, [m.uid for m in messages], not sel.readonly
+            )
             lines = sel.diff(messages, self.condstore, self.qresync, recent, allow_expunge)
             if not allow_expunge and len(messages) != len(sel.uids):
                 self.dirty = True
@@ -921,7 +923,7 @@ class IMAPServer(Protocol):
         sel.shared = shared
         sel.seen_listing = messages
         key = self._hub_key(name)
-        sel.recent = self.ctx.hub.claim_recent(key, sel.uids)
+        sel.recent = self.ctx.hub.claim_recent(key, sel.uids, not readonly)
         self.selected = sel
         self.selected_key = key
         self.ctx.hub.subscribe(key, self._on_change)

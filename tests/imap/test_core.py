@@ -406,3 +406,18 @@ def test_store_calls_are_asynchronous():
     assert s.cmd("c FETCH 1 (BODY.PEEK[])") == b""
     finish_all()
     assert s.take().endswith(b"c OK FETCH completed\r\n")
+
+
+def test_examine_does_not_take_recent():
+    """RFC 3501 section 6.3.2: EXAMINE must not make messages lose \\Recent."""
+    env = Env()
+    env.deliver(message(1))
+    a = env.session()
+    a.login()
+    assert b"* 1 RECENT" in a.cmd("e EXAMINE INBOX")
+    b = env.session()
+    b.login()
+    assert b"* 1 RECENT" in b.cmd("s SELECT INBOX")
+    c = env.session()
+    c.login()
+    assert b"* 0 RECENT" in c.cmd("s SELECT INBOX")

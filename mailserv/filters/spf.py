@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ipaddress
 import threading
+from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -63,6 +64,8 @@ def _dns_lookup(name: str, qtype: str, strict: Any = True, timeout: Any = None) 
 
 spf.DNSLookup = _dns_lookup
 
+MEMO_MAX = 10_000
+
 # RFC 7208 §8 replies with the enhanced codes of RFC 7372 §3.2.
 REPLIES = {
     "fail": (550, "5.7.23", "SPF validation failed"),
@@ -85,6 +88,8 @@ class SPFOptions(Section):
     trusted_networks: list[Any] = option(list_of(network), list)
     receiver: str | None = option(optional(string_kind), None)
     query_time: float = option(duration, 20.0)
+    # Results of the same (client, HELO, sender) are reused this long (0: never).
+    cache_for: float = option(duration, 60.0)
 
 
 @dataclass(frozen=True)
@@ -166,6 +171,8 @@ class SPFFilter(FilterBase):
         self.config = load_options(SPFOptions, self.options)
         self.resolver = resolver_for(service)
         self.receiver = self.config.receiver or str(service.config.hostname)
+        self.clock = service.reactor
+        self._memo: OrderedDict[tuple[Any, ...], tuple[float, Any]] = OrderedDict()
 
     def _skip(self, session: Any) -> bool:
         if self.config.skip_authenticated and session.auth_user is not None:
@@ -185,15 +192,10 @@ class SPFFilter(FilterBase):
         helo = session.helo or ""
         ip = session.peer_host
         headers: list[tuple[str, str]] = []
-        helo_check, mail_check = yield self.resolver.threads.run(
-            "dns",
-            evaluate_identities,
-            self.resolver,
+        helo_check, mail_check = yield self._evaluate(
             ip,
             envelope.sender,
             helo,
-            self.receiver,
-            self.config.query_time,
             self.config.check_helo and _checkable_helo(helo),
             envelope.mail_from is not None,
         )
@@ -225,6 +227,36 @@ class SPFFilter(FilterBase):
             if action is not None:
                 return self._act(action, check, results, tuple(headers))
         return Verdict.cont(*headers)
+
+    @defer.inlineCallbacks
+    def _evaluate(
+        self, ip: str, sender: str, helo: str, check_helo: bool, check_mailfrom: bool
+    ) -> Any:
+        """Both checks in one dns-pool job, reusing a recent result for the same inputs."""
+        key = (ip, sender.lower(), helo.lower(), check_helo, check_mailfrom)
+        now = self.clock.seconds()
+        memo = self._memo.get(key)
+        if memo is not None and memo[0] > now:
+            return memo[1]
+        checks = yield self.resolver.threads.run(
+            "dns",
+            evaluate_identities,
+            self.resolver,
+            ip,
+            sender,
+            helo,
+            self.receiver,
+            self.config.query_time,
+            check_helo,
+            check_mailfrom,
+        )
+        temporary = any(c is not None and c.result == "temperror" for c in checks)
+        if self.config.cache_for > 0 and not temporary:
+            self._memo[key] = (now + self.config.cache_for, checks)
+            self._memo.move_to_end(key)
+            while len(self._memo) > MEMO_MAX:
+                self._memo.popitem(last=False)
+        return checks
 
     def _act(
         self, action: str, check: SPFCheck, results: Any, headers: tuple[tuple[str, str], ...]

@@ -135,3 +135,22 @@ def test_bad_options_are_reported_with_dotted_keys(filter_env: Any) -> None:
         "pipelines.inbound[0].fail",
         "pipelines.inbound[0].trusted_networks[0]",
     ]
+
+
+@pytest_twisted.inlineCallbacks
+def test_recent_results_are_reused_briefly(filter_env: Any, dns_server: Any) -> Any:
+    dns_server.set({"sender.test": {"TXT": ["v=spf1 ip4:192.0.2.0/24 -all"]}})
+    cached = filter_env.build("spf", check_helo=False)
+    uncached = filter_env.build("spf", check_helo=False, cache_for="0s")
+    session = filter_env.session("192.0.2.1")
+    for flt in (cached, uncached):
+        verdict = yield flt.check_sender(session, filter_env.envelope("a@sender.test"))
+        assert verdict.action is Action.CONTINUE
+    dns_server.set({"sender.test": {"TXT": ["v=spf1 -all"]}})
+    filter_env.service.dns.resolver.cache.flush()
+    verdict = yield cached.check_sender(session, filter_env.envelope("a@sender.test"))
+    assert verdict.action is Action.CONTINUE  # the same inputs within cache_for
+    verdict = yield uncached.check_sender(session, filter_env.envelope("a@sender.test"))
+    assert verdict.action is Action.REJECT
+    verdict = yield cached.check_sender(session, filter_env.envelope("b@sender.test"))
+    assert verdict.action is Action.REJECT  # another sender: evaluated afresh

@@ -117,6 +117,7 @@ class MboxLock:
         deadline = time.monotonic() + self.timeout
         self.dotlock.acquire()
         try:
+            self._keep_repair_note()
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
             try:
                 delay = 0.005
@@ -139,18 +140,45 @@ class MboxLock:
         self.fd = fd
         return fd
 
-    def _repair(self, fd: int) -> None:
-        """Undo the partial append of a writer that died holding the lock."""
+    @property
+    def _repair_path(self) -> str:
+        return self.path + ".lock.repair"
+
+    def _keep_repair_note(self) -> None:
+        """Write down, before anything can fail, what the dead writer's lock said.
+
+        ``<mbox>.lock.repair`` holds ``<size before its append> <size when it died>``
+        until the file is repaired, so the note outlives us if the fcntl lock
+        cannot be had now.
+        """
         content = self.dotlock.broken_content
         self.dotlock.broken_content = None
         if not content:
             return
         for line in content.decode("ascii", "replace").splitlines():
-            if line.startswith("append "):
-                size = int(line.split()[1])
-                if os.fstat(fd).st_size > size:
-                    os.ftruncate(fd, size)
-                    os.fsync(fd)
+            parts = line.split()
+            if len(parts) == 2 and parts[0] == "append" and parts[1].isdigit():
+                try:
+                    current = os.stat(self.path).st_size
+                except FileNotFoundError:
+                    return
+                write_atomic(self._repair_path, f"{parts[1]} {current}\n".encode(), fsync=False)
+
+    def _repair(self, fd: int) -> None:
+        """Undo the partial append of a writer that died holding the lock (fcntl held)."""
+        note = read_file(self._repair_path)
+        if note is None:
+            return
+        try:
+            before, at_death = (int(x) for x in note.split())
+        except ValueError:
+            before, at_death = -1, -1
+        size = os.fstat(fd).st_size
+        if 0 <= before < size and size == at_death:  # nobody wrote after it died
+            os.ftruncate(fd, before)
+            if self.fsync:
+                os.fsync(fd)
+        os.unlink(self._repair_path)
 
     def note_append(self, size: int) -> None:
         self.dotlock.note(f"append {size}")

@@ -241,3 +241,42 @@ def test_threads_of_one_process_share_the_locks(fmt: str, tmp_path: Path) -> Non
         with box.open_message(info.uid) as f:
             tags.add(verify_message(f.read()))
     assert tags == {f"t{n}-{i}" for n in range(6) for i in range(15)}
+
+
+def test_repair_note_survives_a_failed_lock_attempt(tmp_path: Path) -> None:
+    """The dead writer's note is kept on disk until someone holding the lock repairs."""
+    user = mbox_user(tmp_path)
+    store = make_store("mbox", lock_attempts=3, lock_delay=0.05)
+    store.deliver(user, io.BytesIO(checked_message("complete")))
+    good = os.path.getsize(user.mailbox)
+    with open(user.mailbox, "ab") as f:
+        f.write(b"From MAILER-DAEMON Thu Jan  1 00:00:00 2026\nSubject: lost\n")
+    Path(user.mailbox + ".lock").write_text(f"{dead_pid()}:{hostname()}\nappend {good}\n")
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import fcntl,sys\n"
+            f"f=open({user.mailbox!r},'r+b'); fcntl.lockf(f, fcntl.LOCK_EX)\n"
+            "print('locked', flush=True); sys.stdin.readline()",
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == b"locked\n"
+        with pytest.raises(LockTimeout):
+            store.deliver(user, io.BytesIO(checked_message("blocked")))
+        assert os.path.exists(user.mailbox + ".lock.repair")
+    finally:
+        assert holder.stdin is not None
+        holder.stdin.write(b"\n")
+        holder.stdin.close()
+        holder.wait()
+    box = store.open(user).open_folder("INBOX")
+    tags = []
+    for info in box.messages():
+        with box.open_message(info.uid) as f:
+            tags.append(verify_message(f.read()))
+    assert tags == ["complete"]
+    assert not os.path.exists(user.mailbox + ".lock.repair")

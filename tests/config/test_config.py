@@ -281,3 +281,16 @@ def test_embedded_default_home_from_environment(
 def test_embedded_default_on_ipv6_interface(tmp_path: Path) -> None:
     config = default_config(home=str(tmp_path), interface="::1", root=False)
     assert config.listeners["mx"].endpoints == ["tcp6:2525:interface=\\:\\:1"]
+
+
+def test_reference_config_with_every_commented_key_enabled(tmp_path: Path) -> None:
+    """Every documented (commented-out) key of etc/mailserv.toml is a real key with a valid value."""
+    import re
+
+    text = (REPO / "etc" / "mailserv.toml").read_text()
+    enabled = re.sub(r"(?m)^# (\[\[?[a-z_.]+\]\]?|[a-z_]+ = .*)$", r"\1", text)
+    assert enabled != text
+    config = parse_config(enabled, "etc/mailserv.toml", str(tmp_path))
+    assert set(config.auth.backend) >= {"local", "db", "corp", "system"}
+    assert config.tls.cert_file == "/etc/mailserv/tls/fullchain.pem"
+    assert [e.filter for e in config.pipelines["inbound"]][:3] == ["headers", "dnsbl", "spf"]

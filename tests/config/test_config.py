@@ -284,7 +284,7 @@ def test_embedded_default_on_ipv6_interface(tmp_path: Path) -> None:
 
 
 def test_reference_config_with_every_commented_key_enabled(tmp_path: Path) -> None:
-    """Every documented (commented-out) key of etc/mailserv.toml is a real key with a valid value."""
+    """Every commented-out key of etc/mailserv.toml is a real key with a valid value."""
     import re
 
     text = (REPO / "etc" / "mailserv.toml").read_text()

@@ -174,6 +174,13 @@ def needs_data(key: Key) -> bool:
     return any(needs_data(c) for c in key.children)
 
 
+def needs_body(key: Key) -> bool:
+    """Does the program look past the header (BODY, TEXT)?  Else the header block is enough."""
+    if key.op in ("BODY", "TEXT"):
+        return True
+    return any(needs_body(c) for c in key.children)
+
+
 def decode_text(raw: bytes) -> str:
     """A header value with RFC 2047 encoded words decoded (lower-cased for matching)."""
     text = raw.decode("utf-8", "replace")

@@ -2111,8 +2111,9 @@ def _matching(
     """The candidates matching ``program``; message texts are dropped once evaluated
     (a SEARCH TEXT over the mailbox holds one message at a time, not all of them)."""
     out = []
+    read = _read_or_empty if searchmod.needs_body(program) else _read_header_block
     for c in cands:
-        c.loader = functools.partial(_read_or_empty, box, c.uid)
+        c.loader = functools.partial(read, box, c.uid)
         if searchmod.evaluate(program, c, max_seq, max_uid):
             out.append(c)
         c.drop_text()
@@ -2125,6 +2126,29 @@ def _headers_only(cands: list[searchmod.Candidate]) -> list[searchmod.Candidate]
         c.tree()
         c.drop_text()
     return cands
+
+
+def _read_header_block(box: Any, uid: int, limit: int = 256 * 1024) -> bytes:
+    """The message's header block (up to the empty line): what header keys, SORT and
+    THREAD need, without reading bodies."""
+    try:
+        f = box.open_message(uid)
+    except KeyError:
+        return b""
+    data = b""
+    with f:
+        while len(data) < limit:
+            chunk = f.read(8192)
+            if not chunk:
+                break
+            data += chunk
+            end = _HEADER_END.search(data)
+            if end is not None:
+                return data[: end.end()]
+    return data
+
+
+_HEADER_END = re.compile(rb"\r?\n\r?\n")
 
 
 def _read_or_empty(box: Any, uid: int) -> bytes:

@@ -321,3 +321,19 @@ def test_expunge_removes_messages_deleted_by_another_session_too():
     out = a.cmd("e EXPUNGE")
     assert out == b"* 2 EXPUNGE\r\ne OK EXPUNGE completed\r\n"
     assert sorted(env.store.account("alice").folders["INBOX"].messages) == [1]
+
+
+def test_header_searches_and_sort_read_only_the_header_block(monkeypatch):
+    from mailserv.imap import server as imapserver
+
+    reads = []
+    real = imapserver._read_or_empty
+    monkeypatch.setattr(
+        imapserver, "_read_or_empty", lambda box, uid: reads.append(uid) or real(box, uid)
+    )
+    _env, s = selected(3)
+    assert s.cmd("a SEARCH SUBJECT hello") == b"* SEARCH 1 2 3\r\na OK SEARCH completed\r\n"
+    assert s.cmd("b SORT (FROM) UTF-8 ALL") == b"* SORT 1 2 3\r\nb OK SORT completed\r\n"
+    assert reads == []
+    assert s.cmd("c SEARCH BODY text") == b"* SEARCH 1 2 3\r\nc OK SEARCH completed\r\n"
+    assert reads == [1, 2, 3]

@@ -197,6 +197,9 @@ class MaildirStore:
         path = root if inbox else os.path.join(root, "." + folder_fs_name(parts))
         if not os.path.isdir(os.path.join(path, "new")):
             _make_maildir(path, subfolder=not inbox)
+            if self.fsync:  # the new folder itself must survive a crash with the message
+                fsync_dir(path)
+                fsync_dir(os.path.dirname(path))
         quota = self._quota(user, root)
         tmp, size, vsize = write_message(path, source, prefix, fsync=self.fsync, quota=quota)
         name = os.path.basename(tmp) + size_suffix(size, vsize)
@@ -443,14 +446,15 @@ class MaildirFolder(FolderBase):
 
     def _date_of(self, rec: UidRecord) -> Callable[[], float]:
         """The internal date (RFC 3501 §2.3.3): the file's mtime, read when asked for."""
-        path = f"{self.path}/cur/{rec.filename}"
+        first = rec.filename
 
         def date() -> float:
-            try:
-                return os.stat(path).st_mtime
-            except FileNotFoundError:
-                head = rec.base.split(".", 1)[0]
-                return float(head) if head.isdigit() else 0.0
+            # The name may have changed since (flags): try the one we know now too.
+            for name in (first, rec.filename):
+                with contextlib.suppress(FileNotFoundError):
+                    return os.stat(f"{self.path}/cur/{name}").st_mtime
+            head = rec.base.split(".", 1)[0]
+            return float(head) if head.isdigit() else 0.0
 
         return date
 
@@ -587,6 +591,7 @@ class MaildirFolder(FolderBase):
         """COPY (RFC 3501 §6.4.7, UIDPLUS RFC 4315): returns {source uid: new uid}."""
         infos = []
         with self._mutex:
+            self._sync()  # names change with flags: copy the files as they are now
             for uid in sorted(set(uids)):
                 rec = self._by_uid.get(uid)
                 if rec is not None:
@@ -613,7 +618,9 @@ class MaildirFolder(FolderBase):
                 placed.append((uid, base, size))
             target._sync_locked(order=[b for _, b, _ in placed])
         quota.add(sum(s for _, _, s in placed), len(placed))
-        return {uid: target._uid_of(base) for uid, base, _ in placed}
+        with target._mutex:
+            new_uids = {rec.base: rec.uid for rec in target._by_uid.values()}
+        return {uid: new_uids[base] for uid, base, _ in placed}
 
     def expunge(self, uids: Any) -> list[int]:
         """Remove messages for good; returns the UIDs actually removed."""

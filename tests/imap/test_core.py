@@ -421,3 +421,34 @@ def test_examine_does_not_take_recent():
     c = env.session()
     c.login()
     assert b"* 0 RECENT" in c.cmd("s SELECT INBOX")
+
+
+def test_nested_message_rfc822_sections():
+    """RFC 3501 section 6.4.5 example: parts inside an attached message are numbered within it."""
+    inner = (
+        b"From: inner@example.org\r\nSubject: inner\r\n"
+        b'Content-Type: multipart/alternative; boundary="in"\r\n\r\n'
+        b"--in\r\nContent-Type: text/plain\r\n\r\nplain inner\r\n"
+        b"--in\r\nContent-Type: text/html\r\n\r\n<p>html inner</p>\r\n--in--\r\n"
+    )
+    raw = (
+        b"From: outer@example.org\r\nSubject: outer\r\n"
+        b'Content-Type: multipart/mixed; boundary="out"\r\n\r\n'
+        b"--out\r\nContent-Type: text/plain\r\n\r\nouter text\r\n"
+        b"--out\r\nContent-Type: message/rfc822\r\n\r\n" + inner + b"\r\n--out--\r\n"
+    )
+    env = Env()
+    env.deliver(raw)
+    s = env.selected_session()
+    out = s.cmd(
+        "a FETCH 1 (BODY.PEEK[2.HEADER.FIELDS (SUBJECT)] BODY.PEEK[2.1] BODY.PEEK[2.2.MIME] "
+        "BODY.PEEK[2.TEXT]<0.4> BODY.PEEK[3])"
+    )
+    assert b"BODY[2.HEADER.FIELDS (SUBJECT)] {18}\r\nSubject: inner\r\n\r\n" in out
+    assert b"BODY[2.1] {11}\r\nplain inner" in out
+    assert b"BODY[2.2.MIME] {27}\r\nContent-Type: text/html\r\n\r\n" in out
+    assert b"BODY[2.TEXT]<0> {4}\r\n--in" in out
+    assert b"BODY[3] {0}\r\n" in out
+    out = s.cmd("b FETCH 1 (BODYSTRUCTURE)")
+    assert b'"MESSAGE" "RFC822" NIL NIL NIL "7BIT"' in out
+    assert b'("TEXT" "HTML" NIL NIL NIL "7BIT" 17 1 ' in out

@@ -439,3 +439,16 @@ def test_auth_scram_sha_256(site: Site) -> None:
         assert f.readline().startswith(b"+OK Logged in")
         sock.sendall(b"QUIT\r\n")
         assert f.readline().startswith(b"+OK")
+
+
+def test_mail_arriving_between_polls_is_seen(site: Site) -> None:
+    site.deliver(message(1))
+    c = site.login()
+    assert c.stat()[0] == 1
+    c.dele(1)
+    c.quit()
+    site.deliver(message(2), message(3))  # another process delivers between two polls
+    c = site.login()
+    assert c.stat()[0] == 2
+    assert retrieved(c.retr(2)[1]) == message(3)
+    c.quit()

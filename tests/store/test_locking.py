@@ -280,3 +280,61 @@ def test_repair_note_survives_a_failed_lock_attempt(tmp_path: Path) -> None:
             tags.append(verify_message(f.read()))
     assert tags == ["complete"]
     assert not os.path.exists(user.mailbox + ".lock.repair")
+
+
+@pytest.mark.parametrize("fmt", ["mbox", "maildir"])
+def test_one_folder_object_shared_by_threads(fmt: str, tmp_path: Path) -> None:
+    """IMAP sessions of one process share a folder: flags, expunge and reads at once."""
+    import threading
+
+    user = User(
+        name="alice",
+        mailbox=str(tmp_path / ("mbox" if fmt == "mbox" else "Maildir")),
+        store_format=fmt,
+    )
+    store = make_store(fmt, config(format=fmt, fsync=False))
+    for i in range(40):
+        store.deliver(user, io.BytesIO(checked_message(f"s{i}")))
+    box = store.open(user).open_folder("INBOX")
+    uids = [i.uid for i in box.messages()]
+    errors: list[BaseException] = []
+
+    def flagger() -> None:
+        for uid in uids:
+            try:
+                box.set_flags(uid, ["\\Seen", f"kw{uid % 5}"])
+            except KeyError:
+                pass  # expunged by the other thread
+            except BaseException as exc:  # pragma: no cover - reported below
+                errors.append(exc)
+
+    def expunger() -> None:
+        try:
+            box.expunge(uids[::3])
+        except BaseException as exc:  # pragma: no cover
+            errors.append(exc)
+
+    def reader() -> None:
+        try:
+            for _ in range(5):
+                box.refresh()
+                for info in box.messages():
+                    try:
+                        with box.open_message(info.uid) as f:
+                            verify_message(f.read())
+                    except KeyError:
+                        pass
+        except BaseException as exc:  # pragma: no cover
+            errors.append(exc)
+
+    threads = [threading.Thread(target=t) for t in (flagger, expunger, reader, reader)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    left = store.open(user).open_folder("INBOX").messages()
+    assert [i.uid for i in left] == [u for u in uids if u not in uids[::3]]
+    assert all(i.flags == {"\\Seen"} for i in left)
+    modseqs = [i.modseq for i in left]
+    assert len(set(modseqs)) == len(modseqs)  # each flag change got its own modseq

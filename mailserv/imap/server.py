@@ -297,7 +297,7 @@ class IMAPServer(Protocol):
                     "LIST-EXTENDED", "LIST-STATUS", "QUOTA", "QUOTA=RES-STORAGE",
                     "QUOTA=RES-MESSAGE", f"APPENDLIMIT={self.settings.max_append}",
                     "CONDSTORE", "QRESYNC", "ESEARCH", "SORT", "SORT=DISPLAY",
-                    "THREAD=ORDEREDSUBJECT", "THREAD=REFERENCES", "STATUS=SIZE", "UTF8=ACCEPT",
+                    "THREAD=ORDEREDSUBJECT", "THREAD=REFERENCES", "STATUS=SIZE", "UTF8=ACCEPT", "BINARY",
                 ]
             )  # fmt: skip
         return " ".join(caps).encode("ascii")
@@ -1227,6 +1227,8 @@ class IMAPServer(Protocol):
             ):
                 raise ParseError("expected UTF8 (~{n} message) after ENABLE UTF8=ACCEPT")
             tok = wrapped[1]
+        elif isinstance(tok, Atom) and tok == "~":
+            tok = args.next("message")  # literal8 (BINARY, RFC 3516 section 4.2)
         if not isinstance(tok, (bytes, LiteralFile)):
             raise ParseError("expected a message literal")
         args.end()

@@ -337,3 +337,22 @@ def test_header_searches_and_sort_read_only_the_header_block(monkeypatch):
     assert reads == []
     assert s.cmd("c SEARCH BODY text") == b"* SEARCH 1 2 3\r\nc OK SEARCH completed\r\n"
     assert reads == [1, 2, 3]
+
+
+def test_binary_fetch_and_literal8_append():
+    """RFC 3516: BINARY[n] decodes the part's transfer encoding; APPEND takes ~{n}."""
+    env = Env()
+    s = env.session()
+    s.login()
+    raw = (
+        b"Subject: b\r\nContent-Type: application/octet-stream\r\n"
+        b"Content-Transfer-Encoding: base64\r\n\r\nAAECAw==\r\n"
+    )
+    out = s.send(b"a APPEND INBOX ~{%d+}\r\n" % len(raw) + raw + b"\r\n")
+    assert out == b"a OK [APPENDUID 1000 1] APPEND completed\r\n"
+    s.select()
+    out = s.cmd("b FETCH 1 (BINARY.PEEK[1] BINARY.SIZE[1])")
+    assert (
+        out
+        == b"* 1 FETCH (BINARY[1] ~{4}\r\n\x00\x01\x02\x03 BINARY.SIZE[1] 4)\r\nb OK FETCH completed\r\n"
+    )

@@ -297,7 +297,8 @@ class IMAPServer(Protocol):
                     "LIST-EXTENDED", "LIST-STATUS", "QUOTA", "QUOTA=RES-STORAGE",
                     "QUOTA=RES-MESSAGE", f"APPENDLIMIT={self.settings.max_append}",
                     "CONDSTORE", "QRESYNC", "ESEARCH", "SORT", "SORT=DISPLAY",
-                    "THREAD=ORDEREDSUBJECT", "THREAD=REFERENCES", "STATUS=SIZE", "UTF8=ACCEPT", "BINARY",
+                    "THREAD=ORDEREDSUBJECT", "THREAD=REFERENCES", "STATUS=SIZE", "UTF8=ACCEPT",
+                    "BINARY",
                 ]
             )  # fmt: skip
         return " ".join(caps).encode("ascii")

@@ -141,17 +141,19 @@ class Router:
         seen = seen | {key}
         if key in self.aliases:
             return await self._expand(self.aliases[key], depth, seen)
-        user = await self.directory.lookup(key)
-        if user is not None:
-            return Route(local=[LocalTarget(user, None, key)])
+        # user+detail first as user (the directory may strip the detail itself,
+        # which would lose the folder), then the whole address.
         base, detail = split_detail(address.local, self.delimiter)
         if detail is not None:
             base_address = Address(base, address.domain, address.unicode_domain)
             route = await self._resolve(base_address, depth + 1, seen)
             if route is not None:
-                if self.detail_to_folder:
-                    route.local = [LocalTarget(t.user, detail, key) for t in route.local]
+                folder = detail if self.detail_to_folder else None
+                route.local = [LocalTarget(t.user, folder, key) for t in route.local]
                 return route
+        user = await self.directory.lookup(key)
+        if user is not None:
+            return Route(local=[LocalTarget(user, None, key)])
         catch_all = self.aliases.get(f"@{address.domain}")
         if catch_all:
             return await self._expand(catch_all, depth, seen)

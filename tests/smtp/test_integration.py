@@ -296,3 +296,24 @@ def test_implicit_tls_submission_and_ipv6_mx(mailserv: Any, state_dir: Path, tes
     assert b"with ESMTPSA" in stored
     [stored6] = _maildir(state_dir, "bob")
     assert b"([IPv6:::1])" in stored6
+
+
+def test_detail_into_existing_folder_with_the_real_store(server: Any) -> None:
+    from mailserv.config import parse_config
+    from mailserv.directory import User
+    from mailserv.store import store_for
+    from tests.support.process import render_toml
+
+    config = parse_config(render_toml(_setup(server.state, server.ca)))
+    user = User(
+        name="alice@example.test",
+        mailbox=str(server.state / "mail" / "example.test" / "alice" / "Maildir"),
+    )
+    store_for(user, config.store).open(user).create_folder("lists")
+    with smtplib.SMTP("127.0.0.1", server.port("mx"), timeout=10) as s:
+        s.sendmail("s@remote.test", ["alice+lists@example.test"], b"Subject: l\r\n\r\nx\r\n")
+        s.sendmail("s@remote.test", ["alice+other@example.test"], b"Subject: o\r\n\r\nx\r\n")
+    [in_folder] = _maildir(server.state, "alice", "lists")
+    assert b"Delivered-To: alice+lists@example.test" in in_folder
+    [in_inbox] = _maildir(server.state, "alice")
+    assert b"Subject: o" in in_inbox

@@ -317,3 +317,13 @@ def test_detail_into_existing_folder_with_the_real_store(server: Any) -> None:
     assert b"Delivered-To: alice+lists@example.test" in in_folder
     [in_inbox] = _maildir(server.state, "alice")
     assert b"Subject: o" in in_inbox
+
+
+def test_postmaster_without_a_user_goes_to_the_builtin_mailbox(server: Any) -> None:
+    with smtplib.SMTP("127.0.0.1", server.port("mx"), timeout=10) as s:
+        s.sendmail("s@remote.test", ["postmaster@example.test"], b"Subject: pm\r\n\r\nx\r\n")
+        s.sendmail("s@remote.test", ["Abuse@EXAMPLE.test"], b"Subject: ab\r\n\r\nx\r\n")
+    new = server.state / "postmaster" / "Maildir" / "new"
+    stored = sorted(p.read_bytes() for p in new.iterdir())
+    assert len(stored) == 2
+    assert any(b"Subject: ab" in m for m in stored)

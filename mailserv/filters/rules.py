@@ -64,6 +64,9 @@ ACTION_NAMES = {
 _FLAGS = {"i": regex.IGNORECASE, "m": regex.MULTILINE, "s": regex.DOTALL, "x": regex.VERBOSE}
 
 
+_WHOLE_TEXT_UNSAFE = regex.compile(r"\\[AZzG]|\(\?(?!:)")
+
+
 class RuleTimeout(Exception):
     """A rule did not finish within its time budget."""
 
@@ -75,6 +78,8 @@ class Rule:
     negate: bool
     action: str
     text: str
+    # The pattern for one search over all lines at once (None: only line by line).
+    whole: Any = None
 
     def matches(self, line: str, timeout: float) -> bool:
         try:
@@ -122,7 +127,10 @@ def parse_rule(line: str) -> Rule:
         compiled = regex.compile(pattern, flags)
     except regex.error as exc:
         raise ValueError(f"bad regular expression: {exc}") from None
-    return Rule(line.strip(), compiled, negate, action, clean(argument, 300))
+    whole = None
+    if not negate and not _WHOLE_TEXT_UNSAFE.search(pattern):
+        whole = regex.compile(pattern, flags | regex.MULTILINE)
+    return Rule(line.strip(), compiled, negate, action, clean(argument, 300), whole)
 
 
 def rule_kind(value: Any, ctx: Context, key: str) -> Rule:
@@ -213,40 +221,41 @@ def evaluate(
                 return rule.action in ("reject", "tempfail", "discard", "quarantine", "ok")
         return False
 
+    def candidates(rules: list[Rule], lines: list[str]) -> list[Rule]:
+        text = "\n".join(lines)
+        return [r for r in rules if not _cannot_match(r, text, deadline, match_timeout)]
+
     if header_rules:
-        for raw in split_fields(head):
-            line = raw.decode("utf-8", "replace").replace("\r\n", "")
-            if run(header_rules, line):
+        lines = [raw.decode("utf-8", "replace").replace("\r\n", "") for raw in split_fields(head)]
+        live = candidates(header_rules, lines)
+        for line in lines if live else ():
+            if run(live, line):
                 return hits
     if body_rules:
         with message.open() as f:
             f.seek(rest_at + 2)
             data = f.read(max_body)
-        text = data.decode("utf-8", "replace")
-        live = [r for r in body_rules if not _cannot_match(r, text, deadline, match_timeout)]
-        if not live:
-            return hits
-        for raw_line in data.split(b"\r\n"):
-            if run(live, raw_line.decode("utf-8", "replace")):
+        lines = data.decode("utf-8", "replace").split("\r\n")
+        live = candidates(body_rules, lines)
+        for line in lines if live else ():
+            if run(live, line):
                 return hits
     return hits
 
 
-_WHOLE_TEXT_UNSAFE = regex.compile(r"\\[AZz]|\(\?<|\\G")
-
-
 def _cannot_match(rule: Rule, text: str, deadline: float, match_timeout: float) -> bool:
-    """A quick pass over the whole body: True when ``rule`` cannot match any line.
+    """A quick pass over all lines at once: True when ``rule`` cannot match any line.
 
-    Searching once with ``^``/``$`` at line boundaries (MULTILINE) finds every
-    line match and maybe more (a class like ``[^x]`` can cross lines), so a
-    miss here is a miss on every line; rules that may still match go line by
-    line.  Negated rules, anchors on the whole text and lookbehinds always go
-    line by line.
+    The lines are joined with LF and searched once with ``^``/``$`` at line
+    boundaries (MULTILINE): every match inside a line is found, and maybe more
+    (a class like ``[^x]`` can cross lines), so a miss here is a miss on every
+    line; rules that may still match go line by line.  Negated rules, anchors
+    on the whole text (``\\A``, ``\\Z``, ``\\G``) and any ``(?`` construct but
+    ``(?:`` (lookarounds, scoped flags) always go line by line.
     """
-    if rule.negate or _WHOLE_TEXT_UNSAFE.search(rule.pattern.pattern):
+    whole = rule.whole
+    if whole is None:
         return False
-    whole = regex.compile(rule.pattern.pattern, rule.pattern.flags | regex.MULTILINE)
     left = deadline - time.monotonic()
     if left <= 0:
         raise RuleTimeout("the overall rules deadline")

@@ -142,6 +142,12 @@ def test_body_rules_keep_per_line_semantics(plain_env: Any) -> Any:
     # A negated rule matches the first line that lacks the pattern.
     verdict, _ = yield run(plain_env, body_checks=["!/Bob/ REJECT b"])
     assert verdict.smtp_reply().text == "b"
+    # $ is the end of each line (the lines end in CRLF on the wire).
+    verdict, _ = yield run(plain_env, body_checks=["/today$/ REJECT d"])
+    assert verdict.smtp_reply().text == "d"
+    # A lookahead at the end of a line sees the end of the line, not the next line.
+    verdict, _ = yield run(plain_env, body_checks=["/Bob,(?!\\n)$/ REJECT e"])
+    assert verdict.smtp_reply().text == "e"
     # A pattern spanning two lines never matches a single line.
     verdict, _ = yield run(plain_env, body_checks=["/Bob,[^x]*visit/ REJECT c"])
     assert verdict.action is Action.CONTINUE

@@ -761,3 +761,20 @@ def test_received_names_the_auth_user_only_when_configured(env: SMTPEnv) -> None
 def test_low_disk_space_refuses_mail(env: SMTPEnv) -> None:
     c = env.connect(min_free_factor=1e15)
     assert c.cmd(b"MAIL FROM:<s@remote.test>") == b"452 4.3.1 Insufficient system storage\r\n"
+
+
+def test_submission_adds_sender_for_several_from_addresses(env: SMTPEnv) -> None:
+    c = env.connect("submission", peer="127.0.0.1")
+    c.cmd(b"AUTH PLAIN " + _plain(b"alice@example.org", b"secret"))
+    c.cmd(b"MAIL FROM:<alice@example.org>")
+    c.cmd(b"RCPT TO:<bob@example.org>")
+    c.cmd(b"DATA")
+    c.send(
+        b"From: alice@example.org, Work <alice+work@example.org>\r\n"
+        b"Date: Mon, 1 Jan 2024 00:00:00 +0000\r\nMessage-ID: <m@x>\r\n\r\nhi\r\n.\r\n"
+    )
+    assert c.read().startswith(b"250 2.0.0")
+    [stored] = env.store.messages("bob@example.org")
+    assert b"\r\nSender: alice@example.org\r\n" in stored
+    # The client's Date and Message-ID are kept, none added.
+    assert stored.count(b"Date: ") == 1 and stored.count(b"Message-ID: ") == 1

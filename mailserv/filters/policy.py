@@ -25,6 +25,21 @@ UNKNOWN_USER = SMTPReply(550, "5.1.1", "Recipient address rejected: user unknown
 _ROUTING_CHARS = frozenset("%!@")
 
 
+class _DomainsOf:
+    """The local domains of ``service.config``, recomputed when the service reloads."""
+
+    def __init__(self, service: Any) -> None:
+        self.service = service
+        self._config: Any = None
+        self._domains: frozenset[str] = frozenset()
+
+    def get(self) -> frozenset[str]:
+        config = self.service.config
+        if config is not self._config:
+            self._config, self._domains = config, local_domains(config)
+        return self._domains
+
+
 def local_domains(config: Any) -> frozenset[str]:
     """The configured local domains in A-label lower-case form."""
     out = set()
@@ -51,11 +66,10 @@ class RelayControl(FilterBase):
         super().__init__(options, service)
         self.allow_authenticated = bool(self.options.pop("allow_authenticated", False))
         domains = self.options.pop("domains", None)
-        self.domains = (
-            frozenset(normalise_domain(d)[0] for d in domains)
-            if domains is not None
-            else local_domains(service.config)
+        self._static = (
+            frozenset(normalise_domain(d)[0] for d in domains) if domains is not None else None
         )
+        self._dynamic = _DomainsOf(service)
         if self.options:
             raise ValueError(f"unknown options {sorted(self.options)}")
 
@@ -63,7 +77,8 @@ class RelayControl(FilterBase):
         address = rcpt.address
         if self.allow_authenticated and session.auth_user is not None:
             return CONTINUE
-        if address.domain not in self.domains:
+        domains = self._static if self._static is not None else self._dynamic.get()
+        if address.domain not in domains:
             return Verdict.reject(
                 RELAY_DENIED.code, RELAY_DENIED.enhanced, RELAY_DENIED.text, "relay"
             )
@@ -87,11 +102,11 @@ class RecipientExists(FilterBase):
     def __init__(self, options: Mapping[str, Any] | None = None, service: Any = None) -> None:
         super().__init__(options, service)
         self.router = self.options.pop("router", None) or service.router
-        self.domains = local_domains(service.config)
+        self._domains = _DomainsOf(service)
 
     @defer.inlineCallbacks
     def check_recipient(self, session: Any, envelope: Any, rcpt: Any) -> Any:
-        if rcpt.address.domain not in self.domains:
+        if rcpt.address.domain not in self._domains.get():
             return CONTINUE
         route = yield self.router.resolve(rcpt.address)
         if route is None:

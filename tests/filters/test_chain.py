@@ -167,3 +167,15 @@ def test_relay_control(tmp_path: Any) -> None:
     assert mx.check_recipient(SESSION, _envelope(), percent).action is Action.REJECT
     assert sub.check_recipient(authed, _envelope(), remote) is CONTINUE
     assert sub.check_recipient(SESSION, _envelope(), remote).action is Action.REJECT
+
+
+def test_relay_control_follows_a_reloaded_config(tmp_path: Any) -> None:
+    config = parse_config(CONFIG.format(state=tmp_path))
+    service = FakeSMTPService(config, Clock())
+    relay = RelayControl({}, service)
+    rcpt = Recipient(Address("x", "new.example"))
+    assert relay.check_recipient(SESSION, _envelope(), rcpt).action is Action.REJECT
+    service.config = parse_config(
+        CONFIG.format(state=tmp_path).replace('["example.org"]', '["example.org", "new.example"]')
+    )
+    assert relay.check_recipient(SESSION, _envelope(), rcpt) is CONTINUE

@@ -45,13 +45,17 @@ MIME nesting (100) and parts (10 000) are checked by ``mime.py``.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from typing import Any
 
 from twisted.internet import protocol as tprotocol
 from twisted.logger import Logger
+from zope.interface import implementer
 
+from mailserv.errors import ConfigError
 from mailserv.filters.chain import FilterChain
 from mailserv.filters.registry import build_pipeline
+from mailserv.interfaces import IReloadable
 from mailserv.smtp.inbound import InboundPolicy
 from mailserv.smtp.server import SaslAuth, ServerContext, ServerSettings, SMTPServer
 from mailserv.smtp.submission import SubmissionPolicy
@@ -102,13 +106,24 @@ class _Refuse(tprotocol.Protocol):
         self.transport.loseConnection()
 
 
+@implementer(IReloadable)
 class SMTPFactory(tprotocol.ServerFactory):
-    """Builds SMTPServer protocols; counts connections per client IP (LIMITS.md)."""
+    """Builds SMTPServer protocols; counts connections per client IP (LIMITS.md).
+
+    ``reload(config)`` (IReloadable) rebuilds the listener's filter chain from the
+    new ``[[pipelines]]``; other listener settings need a restart.
+    """
 
     protocol = SMTPServer  # type: ignore[assignment]
 
-    def __init__(self, context: ServerContext, max_per_ip: int = 50) -> None:
+    def __init__(
+        self,
+        context: ServerContext,
+        max_per_ip: int = 50,
+        rebuild_chain: Callable[[], FilterChain] | None = None,
+    ) -> None:
         self.context = context
+        self.rebuild_chain = rebuild_chain
         self.max_per_ip = max_per_ip
         self.per_ip: dict[str, int] = {}
         self.connections: set[SMTPServer] = set()
@@ -124,6 +139,14 @@ class SMTPFactory(tprotocol.ServerFactory):
         proto._counted_host = host  # type: ignore[attr-defined]
         self.connections.add(proto)
         return proto
+
+    def reload(self, config: Any) -> None:
+        if self.rebuild_chain is None:
+            return
+        try:
+            self.context.chain = self.rebuild_chain()
+        except ConfigError as exc:
+            log.error("filter pipeline not reloaded: {problems}", problems=str(exc))
 
     def _closed(self, proto: Any) -> None:
         host = getattr(proto, "_counted_host", None)
@@ -148,6 +171,13 @@ def _auth_for(service: Any, hostname: str) -> SaslAuth | None:
     except Exception:
         log.failure("no auth throttle")
     return SaslAuth(portal, hostname, throttle)
+
+
+def _chain_for(service: Any, listener: Any, policy: Any) -> FilterChain:
+    """The built-in policy filters, then the listener's configured pipeline."""
+    pipeline_name = listener.pipeline or policy.default_pipeline
+    builtin = FilterChain(policy.builtin_filters(), service.reactor, "builtin")
+    return builtin + build_pipeline(pipeline_name, service, service.reactor)
 
 
 def build_context(service: Any, name: str, listener: Any) -> ServerContext:
@@ -178,10 +208,7 @@ def build_context(service: Any, name: str, listener: Any) -> ServerContext:
         auth_failure_delay=config.auth.failure_delay,
         max_messages_per_connection=listener.max_messages_per_connection,
     )
-    pipeline_name = listener.pipeline or policy.default_pipeline
-    chain = FilterChain(policy.builtin_filters(), service.reactor, "builtin") + build_pipeline(
-        pipeline_name, service, service.reactor
-    )
+    chain = _chain_for(service, listener, policy)
     tls_options = getattr(service, "tls_options", None) if listener.tls == "starttls" else None
     return ServerContext(
         settings=settings,
@@ -200,4 +227,8 @@ def build_context(service: Any, name: str, listener: Any) -> ServerContext:
 def build_factory(service: Any, name: str, listener: Any) -> SMTPFactory:
     """The IProtocolFactory of an SMTP or submission listener (service contract)."""
     context = build_context(service, name, listener)
-    return SMTPFactory(context, listener.max_connections_per_ip or 50)
+    return SMTPFactory(
+        context,
+        listener.max_connections_per_ip or 50,
+        lambda: _chain_for(service, listener, context.policy),
+    )

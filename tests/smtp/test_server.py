@@ -778,3 +778,25 @@ def test_submission_adds_sender_for_several_from_addresses(env: SMTPEnv) -> None
     assert b"\r\nSender: alice@example.org\r\n" in stored
     # The client's Date and Message-ID are kept, none added.
     assert stored.count(b"Date: ") == 1 and stored.count(b"Message-ID: ") == 1
+
+
+def test_factory_reload_rebuilds_the_pipeline(env: SMTPEnv) -> None:
+    from mailserv.config import parse_config
+    from mailserv.interfaces import IReloadable
+    from mailserv.smtp import build_factory
+
+    factory = build_factory(env.service, "mx", env.config.listeners["mx"])
+    assert IReloadable.providedBy(factory)
+    before = [f.name for f in factory.context.chain.filters]
+    text = (
+        'config_version = 1\nhostname = "mx.example.org"\ndomains = ["example.org"]\n'
+        f'state_dir = "{env.state}"\n[store]\npath = "{env.state}/{{localpart}}"\n'
+        '[[pipelines.inbound]]\nfilter = "size"\nmax_size = 10\n'
+    )
+    env.service.config = parse_config(text)
+    factory.reload(env.service.config)
+    after = [f.name for f in factory.context.chain.filters]
+    assert before == ["relay", "recipient"] and after[:3] == ["relay", "recipient", "size"]
+    env.service.config = parse_config(text.replace('"size"', '"nonexistent"'))
+    factory.reload(env.service.config)  # a bad pipeline keeps the running one
+    assert [f.name for f in factory.context.chain.filters] == after

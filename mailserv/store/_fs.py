@@ -289,3 +289,25 @@ def listdir(path: str) -> list[str]:
         return os.listdir(path)
     except (FileNotFoundError, NotADirectoryError):
         return []
+
+
+#: A file changed more recently than this is read again even if its stat looks
+#: unchanged: mtimes are coarse (a few ms), two changes can share one.
+SETTLE = 2.0
+
+
+def stat_signature(paths: list[str]) -> tuple[tuple[int, int, int], ...] | None:
+    """(inode, size, mtime_ns) of each path (zeros if missing), or None if one changed
+    within the last ``SETTLE`` seconds and so cannot be trusted to show every change."""
+    sig = []
+    now = time.time_ns()
+    for path in paths:
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            sig.append((0, 0, 0))
+            continue
+        if now - st.st_mtime_ns < SETTLE * 1e9:
+            return None
+        sig.append((st.st_ino, st.st_size, st.st_mtime_ns))
+    return tuple(sig)

@@ -51,6 +51,7 @@ from mailserv.store._fs import (
     open_source,
     read_file,
     source_size,
+    stat_signature,
     unique_name,
     write_all,
     write_atomic,
@@ -306,6 +307,7 @@ class MaildirFolder(FolderBase):
         self._by_uid: dict[int, UidRecord] = {}
         self._keywords: list[str | None] = [None] * MAX_KEYWORDS
         self._size_cache: dict[str, tuple[int, int]] = {}
+        self._sig: tuple[tuple[int, int, int], ...] | None = None
         _make_maildir(path, subfolder=path != account.root)
         self.clean_tmp()
         self.refresh()
@@ -340,15 +342,32 @@ class MaildirFolder(FolderBase):
                 return True
         return False
 
-    def _sync(self, order: list[str] | None = None, force_lock: bool = False) -> None:
-        """Bring the uidlist up to date with the files; takes the lock only when needed."""
-        if not force_lock:
-            uidlist = self._read_uidlist()
-            if uidlist is not None and not self._needs_write(uidlist, self._list_files()):
-                self._install(uidlist)
-                return
-        with self._lock():
-            self._sync_locked(order)
+    def _signature(self) -> tuple[tuple[int, int, int], ...] | None:
+        return stat_signature(
+            [
+                os.path.join(self.path, UIDLIST_NAME),
+                os.path.join(self.path, KEYWORDS_NAME),
+                os.path.join(self.path, "new"),
+                os.path.join(self.path, "cur"),
+            ]
+        )
+
+    def _sync(self) -> None:
+        """Bring the uidlist up to date with the files; takes the lock only when needed.
+
+        Nothing is read when the uidlist, the keywords and both directories
+        look as they did at the last synchronisation (IMAP polls often).
+        """
+        sig = self._signature()
+        if sig is not None and sig == self._sig:
+            return
+        uidlist = self._read_uidlist()
+        if uidlist is None or self._needs_write(uidlist, self._list_files()):
+            with self._lock():
+                self._sync_locked()
+            return
+        self._install(uidlist)
+        self._sig = sig
 
     def _sync_locked(self, order: list[str] | None = None) -> UidList:
         found_list = self._read_uidlist()

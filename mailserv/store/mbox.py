@@ -69,6 +69,7 @@ from mailserv.store._fs import (
     open_source,
     read_file,
     source_size,
+    stat_signature,
     sub_line_starts,
     unique_name,
     write_all,
@@ -621,6 +622,7 @@ class MboxFolder(FolderBase):
         self._mutex = threading.RLock()
         self._index = _Index(uidvalidity=0)
         self._by_uid: dict[int, Entry] = {}
+        self._sig: tuple[tuple[int, int, int], ...] | None = None
         self.refresh()
 
     # -- index ------------------------------------------------------------
@@ -771,7 +773,12 @@ class MboxFolder(FolderBase):
         return changed
 
     def _sync(self) -> None:
+        """Bring the index up to date; reads nothing when neither file changed."""
+        sig = stat_signature([self.path, self.index_path])
+        if sig is not None and sig == self._sig:
+            return
         if self._unchanged(self._load_cached()):
+            self._sig = sig
             return
         with self.store.lock(self.path) as fd:
             self._sync_locked(fd)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -369,3 +370,41 @@ class TestMaildirConformance(MailStoreConformance):
 
 class TestMboxConformance(MailStoreConformance):
     fmt = "mbox"
+
+
+def _age(paths: list[str], seconds: float = 10.0) -> None:
+    then = time.time() - seconds
+    for p in paths:
+        if os.path.exists(p):
+            os.utime(p, (then, then))
+
+
+@pytest.mark.parametrize("fmt", ["maildir", "mbox"])
+def test_refresh_reads_nothing_when_nothing_changed(
+    fmt: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """IMAP polls refresh() twice a second: unchanged folders cost a few stat calls."""
+    store = make_store(fmt)
+    user = make_user(str(tmp_path), fmt)
+    store.deliver(user, io.BytesIO(MSG))
+    box = store.open(user).open_folder("INBOX")
+    uid = box.messages()[0].uid
+    if fmt == "maildir":
+        watched = [os.path.join(user.mailbox, n) for n in ("dovecot-uidlist", "new", "cur")]
+        reader = "_read_uidlist"
+    else:
+        watched = [user.mailbox, box.index_path]
+        reader = "_load"
+    _age(watched)
+    box.refresh()  # (the mbox index records the mbox's new mtime: it is written again)
+    _age(watched[1:])
+    box.refresh()  # settled: remembers what the files look like
+    calls = []
+    original = getattr(type(box), reader)
+    monkeypatch.setattr(type(box), reader, lambda self: calls.append(1) or original(self))
+    assert box.refresh() == []
+    assert calls == []
+    # Another process changes a flag: the folder is read again at once.
+    make_store(fmt).open(user).open_folder("INBOX").set_flags(uid, ["\\Seen"])
+    box.refresh()
+    assert calls and box.message(uid).flags == {"\\Seen"}

@@ -48,3 +48,12 @@ def verify_message(data: bytes) -> str:
     assert m and tag, f"headers missing in {data[:80]!r}"
     assert hashlib.sha256(body).hexdigest() == m.group(1).decode(), f"partial message {tag!r}"
     return tag.group(1).decode()
+
+
+def read_tags(box: Any) -> list[str]:
+    """The tags of every message of an IMailbox, in UID order, each checked complete."""
+    tags = []
+    for info in box.messages():
+        with box.open_message(info.uid) as f:
+            tags.append(verify_message(f.read()))
+    return tags

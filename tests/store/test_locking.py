@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -14,7 +16,7 @@ import pytest
 from mailserv.directory import User
 from mailserv.store._fs import hostname
 from mailserv.store.dotlock import DotLock, LockTimeout
-from tests.store.helpers import checked_message, config, make_store, verify_message
+from tests.store.helpers import checked_message, config, make_store, read_tags, verify_message
 
 
 def dead_pid() -> int:
@@ -70,6 +72,30 @@ def test_other_host_pid_is_not_trusted(tmp_path: Path) -> None:
         DotLock(str(path), stale_timeout=500, timeout=0.2).acquire()
 
 
+@contextlib.contextmanager
+def fcntl_locked(path: str) -> Iterator[None]:
+    """Another process (as mutt or Postfix would) holds an fcntl lock on ``path``."""
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import fcntl,sys\n"
+            f"f=open({path!r},'r+b'); fcntl.lockf(f, fcntl.LOCK_EX)\n"
+            "print('locked', flush=True); sys.stdin.readline()",
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == b"locked\n"
+        yield
+    finally:
+        assert holder.stdin is not None
+        holder.stdin.write(b"\n")
+        holder.stdin.close()
+        holder.wait()
+
+
 def mbox_user(tmp_path: Path) -> User:
     return User(name="alice", mailbox=str(tmp_path / "mbox"), store_format="mbox")
 
@@ -89,34 +115,13 @@ def test_mbox_respects_an_fcntl_lock_held_by_another_process(tmp_path: Path) -> 
     user = mbox_user(tmp_path)
     store = make_store("mbox", lock_attempts=4, lock_delay=0.05)
     store.deliver(user, io.BytesIO(checked_message("first")))
-    holder = subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            "import fcntl,sys,time\n"
-            f"f=open({user.mailbox!r},'r+b'); fcntl.lockf(f, fcntl.LOCK_EX)\n"
-            "print('locked', flush=True); sys.stdin.readline()",
-        ],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-    )
-    try:
-        assert holder.stdout is not None and holder.stdout.readline() == b"locked\n"
+    with fcntl_locked(user.mailbox):
         with pytest.raises(LockTimeout):
             store.deliver(user, io.BytesIO(checked_message("blocked")))
         assert not os.path.exists(user.mailbox + ".lock")  # the dotlock was given back
-    finally:
-        assert holder.stdin is not None
-        holder.stdin.write(b"\n")
-        holder.stdin.close()
-        holder.wait()
     store.deliver(user, io.BytesIO(checked_message("second")))
     box = store.open(user).open_folder("INBOX")
-    tags = []
-    for info in box.messages():
-        with box.open_message(info.uid) as f:
-            tags.append(verify_message(f.read()))
-    assert tags == ["first", "second"]
+    assert read_tags(box) == ["first", "second"]
 
 
 class FailingSource(io.RawIOBase):
@@ -169,11 +174,7 @@ def test_half_written_mbox_append_of_a_dead_writer_is_undone(tmp_path: Path) -> 
     Path(user.mailbox + ".lock").write_text(f"{dead_pid()}:{hostname()}\nappend {good}\n")
     store.deliver(user, io.BytesIO(checked_message("after")))
     box = store.open(user).open_folder("INBOX")
-    tags = []
-    for info in box.messages():
-        with box.open_message(info.uid) as f:
-            tags.append(verify_message(f.read()))
-    assert tags == ["complete", "after"]
+    assert read_tags(box) == ["complete", "after"]
 
 
 def test_uidlist_lock_of_a_dead_process_does_not_block(tmp_path: Path) -> None:
@@ -252,33 +253,12 @@ def test_repair_note_survives_a_failed_lock_attempt(tmp_path: Path) -> None:
     with open(user.mailbox, "ab") as f:
         f.write(b"From MAILER-DAEMON Thu Jan  1 00:00:00 2026\nSubject: lost\n")
     Path(user.mailbox + ".lock").write_text(f"{dead_pid()}:{hostname()}\nappend {good}\n")
-    holder = subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            "import fcntl,sys\n"
-            f"f=open({user.mailbox!r},'r+b'); fcntl.lockf(f, fcntl.LOCK_EX)\n"
-            "print('locked', flush=True); sys.stdin.readline()",
-        ],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-    )
-    try:
-        assert holder.stdout is not None and holder.stdout.readline() == b"locked\n"
+    with fcntl_locked(user.mailbox):
         with pytest.raises(LockTimeout):
             store.deliver(user, io.BytesIO(checked_message("blocked")))
         assert os.path.exists(user.mailbox + ".lock.repair")
-    finally:
-        assert holder.stdin is not None
-        holder.stdin.write(b"\n")
-        holder.stdin.close()
-        holder.wait()
     box = store.open(user).open_folder("INBOX")
-    tags = []
-    for info in box.messages():
-        with box.open_message(info.uid) as f:
-            tags.append(verify_message(f.read()))
-    assert tags == ["complete"]
+    assert read_tags(box) == ["complete"]
     assert not os.path.exists(user.mailbox + ".lock.repair")
 
 

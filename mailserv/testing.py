@@ -73,6 +73,14 @@ class MemoryMailbox:
     def copy_to(self, uids: Any, target: Any) -> dict[int, int]:
         return {uid: target.add(self.contents[uid]) for uid in uids}
 
+    def message(self, uid: int) -> MemoryMessageInfo:
+        return MemoryMessageInfo(uid, len(self.contents[uid]))
+
+    def move_to(self, uids: Any, target: Any) -> dict[int, int]:
+        mapping = self.copy_to(uids, target)
+        self.expunge(list(mapping))
+        return mapping
+
     def expunge(self, uids: Any) -> list[int]:
         if self.fail_expunge is not None:
             raise self.fail_expunge
@@ -112,6 +120,18 @@ class MemoryAccount:
         inbox = self.folders["INBOX"]
         return sum(map(len, inbox.contents.values())), None, len(inbox.contents), None
 
+    def special_use(self) -> dict[str, str]:
+        return {}
+
+    def subscriptions(self) -> list[str]:
+        return self.list_folders()  # every folder counts as subscribed
+
+    def subscribe(self, name: str) -> None:
+        pass
+
+    def unsubscribe(self, name: str) -> None:
+        pass
+
 
 @implementer(IMailStore)
 @dataclass
@@ -123,10 +143,11 @@ class MemoryMailStore:
     def account(self, name: str) -> MemoryAccount:
         return self.accounts.setdefault(name, MemoryAccount())
 
-    def deliver(self, user: Any, source: Any, folder: str | None = None) -> int:
-        return (
-            self.account(user.name).open_folder(folder or "INBOX", create=True).add(source.read())
-        )
+    def deliver(
+        self, user: Any, source: Any, folder: str | None = None, prefix: bytes = b""
+    ) -> int:
+        box = self.account(user.name).open_folder(folder or "INBOX", create=True)
+        return box.add(prefix + source.read())
 
     def open(self, user: Any) -> MemoryAccount:
         return self.account(user.name)
@@ -349,6 +370,14 @@ class SharedMemoryFolder:
                 out[uid] = target.data.add(data, flags | keywords, date)
         return out
 
+    def message(self, uid: int) -> FlaggedMessageInfo:
+        return self.data.info(uid)
+
+    def move_to(self, uids: Any, target: Any) -> dict[int, int]:
+        mapping = self.copy_to(uids, target)
+        self.expunge(list(mapping))
+        return mapping
+
     def expunge(self, uids: Any) -> list[int]:
         removed = [uid for uid in sorted(set(uids)) if self.data.messages.pop(uid, None)]
         if removed:
@@ -436,8 +465,10 @@ class SharedMemoryStore:
     def account(self, name: str) -> SharedMemoryAccount:
         return self.accounts.setdefault(name, SharedMemoryAccount())
 
-    def deliver(self, user: Any, source: Any, folder: str | None = None) -> int:
-        return self.account(user.name).folders[folder or "INBOX"].add(source.read())
+    def deliver(
+        self, user: Any, source: Any, folder: str | None = None, prefix: bytes = b""
+    ) -> int:
+        return self.account(user.name).folders[folder or "INBOX"].add(prefix + source.read())
 
     def open(self, user: Any) -> SharedMemoryAccount:
         return self.account(user.name)

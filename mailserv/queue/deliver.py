@@ -86,14 +86,22 @@ class Connection:
 class Destination:
     """The connections of one domain: a counting slot limit and the idle ones."""
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, key: str = "") -> None:
+        self.key = key
         self.limit = limit
         self.count = 0
         self.idle: list[Connection] = []
         self.waiters: deque[defer.Deferred[Connection | None]] = deque()
 
     def acquire(self) -> defer.Deferred[Connection | None]:
-        """A slot to open a connection (None), or a live connection handed over for reuse."""
+        """An idle connection, a slot to open one (None), or wait for either."""
+        while self.idle:
+            conn = self.idle.pop()
+            if conn.timer is not None and conn.timer.active():
+                conn.timer.cancel()
+            if not conn.session.protocol.closed:
+                return defer.succeed(conn)
+            self.count -= 1  # a dead idle connection frees its slot
         if self.count < self.limit:
             self.count += 1
             return defer.succeed(None)
@@ -156,12 +164,12 @@ class Deliverer:
     def _destination(self, domain: str) -> Destination:
         dest = self.destinations.get(domain)
         if dest is None:
-            dest = Destination(self.config.destination_concurrency)
+            dest = Destination(self.config.destination_concurrency, domain)
             self.destinations[domain] = dest
         return dest
 
     def close_all(self) -> None:
-        for dest in self.destinations.values():
+        for dest in list(self.destinations.values()):
             for conn in list(dest.idle):
                 self._close(dest, conn)
 
@@ -175,6 +183,22 @@ class Deliverer:
         if requiretls:
             key += "/requiretls"  # its connections were all made with verified TLS
         dest = self._destination(key)
+        try:
+            return await self._deliver(dest, domain, requiretls, item, indices, chunks)
+        finally:
+            if not (dest.count or dest.idle or dest.waiters):
+                # Bounded memory: no state is kept for domains nothing is sent to.
+                self.destinations.pop(key, None)
+
+    async def _deliver(
+        self,
+        dest: Destination,
+        domain: str,
+        requiretls: bool,
+        item: Any,
+        indices: list[int],
+        chunks: Any,
+    ) -> dict[int, Outcome]:
         outcomes: dict[int, Outcome] = {}
         remaining = list(indices)
         slot = False  # we hold a connection slot of dest
@@ -325,6 +349,8 @@ class Deliverer:
                 conn.timer.cancel()
             conn.session.protocol.quit()
             dest.release()
+            if not (dest.count or dest.idle or dest.waiters):
+                self.destinations.pop(dest.key, None)
 
     async def _open(self, plan: HostPlan, address: str) -> Connection:
         try:

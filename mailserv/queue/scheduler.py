@@ -170,14 +170,13 @@ class QueueService(Service):
         """Rescan the directory (start, periodic safety net), then deliver what is due."""
         if self._scanning is not None:
             return self._scanning
-        d = self.threads.run("disk", self.store.scan)
+        d = self.threads.run("disk", self.store.scan, frozenset(self.rows))
 
-        def loaded(rows: list[IndexRow]) -> None:
-            seen = set()
+        def loaded(result: tuple[list[str], list[IndexRow]]) -> None:
+            ids, rows = result
+            seen = set(ids)
             for row in rows:
-                seen.add(row.id)
-                known = self.rows.get(row.id)
-                if known is None:
+                if row.id not in self.rows:
                     self.rows[row.id] = row
                     heapq.heappush(self._heap, (row.next_attempt, row.id))
             for entry_id in list(self.rows):

@@ -233,16 +233,23 @@ class QueueStore:
             arrival_of(entry_id),
         )
 
-    def scan(self) -> list[IndexRow]:
-        """Every entry's scheduling row; removes leftovers of crashed writes."""
+    def scan(self, known: frozenset[str] = frozenset()) -> tuple[list[str], list[IndexRow]]:
+        """Every entry's id, and the scheduling rows of those not ``known`` yet.
+
+        Also removes leftovers of crashed writes.  Reading only the new entries'
+        state keeps a periodic rescan of a large queue cheap.
+        """
         self.ensure()
         self.cleanup()
+        ids = self.ids()
         rows = []
-        for entry_id in self.ids():
+        for entry_id in ids:
+            if entry_id in known:
+                continue
             row = self.index_row(entry_id)
             if row is not None:
                 rows.append(row)
-        return rows
+        return ids, rows
 
     def cleanup(self, now: float | None = None) -> int:
         """Remove files of entries that never got their ``.env`` (crash before the 250)."""

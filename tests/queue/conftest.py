@@ -32,6 +32,7 @@ class Received:
     recipients: list[str]
     data: bytes
     tls: bool
+    connection: int = 0  # which connection of the server (1, 2, ...) carried it
 
 
 @dataclass
@@ -71,6 +72,7 @@ class FakeMXProtocol(LineReceiver):
 
     def connectionMade(self) -> None:
         self.server.connections += 1
+        self.number = self.server.connections
         self.reply(self.b.greeting)
 
     def reply(self, text: str) -> None:
@@ -89,7 +91,7 @@ class FakeMXProtocol(LineReceiver):
                 reply = self.b.data_reply
                 if reply.startswith("2"):
                     self.server.messages.append(
-                        Received(self.sender or "", list(self.rcpts), data, self.tls)
+                        Received(self.sender or "", list(self.rcpts), data, self.tls, self.number)
                     )
                 self.reply(reply)
                 self.reset()

@@ -19,9 +19,11 @@ import dns.nameserver
 import dns.rdatatype
 import dns.resolver
 from twisted.internet.defer import Deferred
+from zope.interface import implementer
 
 from mailserv.config.sections import DNSSection
 from mailserv.errors import TemporaryFailure
+from mailserv.interfaces import IReloadable
 
 
 @dataclass(frozen=True)
@@ -59,6 +61,7 @@ def build_resolver(config: DNSSection) -> dns.resolver.Resolver:
     return resolver
 
 
+@implementer(IReloadable)
 class DNSResolver:
     """Asynchronous lookups: ``lookup(name, "MX") -> Deferred[DNSAnswer]``.
 

@@ -113,7 +113,7 @@ class IAPOPCredentials(Interface):
 
 
 class IScramCredentials(Interface):
-    """The final SCRAM-SHA-* proof (RFC 5802 §3), checked against a stored SCRAM key or plaintext."""
+    """The final SCRAM-SHA-* proof (RFC 5802 §3), checked against a stored key or plaintext."""
 
     username = Attribute("str: the login name sent by the client")
     mechanism = Attribute("str: 'SCRAM-SHA-1' or 'SCRAM-SHA-256'")

@@ -56,7 +56,8 @@ def json_observer(out: IO[str] | None = None) -> ILogObserver:
             stream.write(eventAsJSON(event) + "\n")
             stream.flush()
         except Exception as exc:  # a log observer must never raise into the emitter
-            sys.__stderr__.write(f"mailserv: cannot write a log event: {exc!r}\n")
+            if sys.__stderr__ is not None:
+                sys.__stderr__.write(f"mailserv: cannot write a log event: {exc!r}\n")
 
     return RedactingObserver(observe)
 

@@ -255,6 +255,22 @@ class MailService(MultiService):
 
         return self._reloadable(build_router(self))
 
+    @functools.cached_property
+    def dns(self) -> Any:
+        """The one DNSResolver of the process (filters, queue); reloaded on SIGHUP."""
+        from mailserv.dns import DNSResolver
+
+        return self._reloadable(DNSResolver(self.config.dns, self.threads))
+
+    @functools.cached_property
+    def pop_before_smtp(self) -> Any:
+        """The IPopBeforeSmtp shared by POP3/IMAP (record) and the MX (allowed); None when off."""
+        if self.config.auth.pop_before_smtp <= 0:
+            return None
+        from mailserv.auth import build_pop_before_smtp
+
+        return build_pop_before_smtp(self)
+
     def store_for(self, user: Any) -> Any:
         from mailserv.store import store_for
 

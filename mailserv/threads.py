@@ -11,7 +11,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, fail
 from twisted.internet.threads import deferToThreadPool
 from twisted.python.threadpool import ThreadPool
 
@@ -36,11 +36,14 @@ class ThreadPools(Service):
         for pool_name, size in sizes.items():
             self._pools[pool_name] = ThreadPool(minthreads=0, maxthreads=size, name=pool_name)
         self._started = False
+        self._stopped = False
 
     def pool(self, name: str) -> ThreadPool:
         if name not in self._pools:
             raise KeyError(f"no thread pool named {name!r}")
         pool = self._pools[name]
+        if self._stopped:
+            raise RuntimeError(f"the {name!r} thread pool is stopped (shutting down)")
         if not pool.started:
             pool.start()
             if not self._started:
@@ -49,7 +52,12 @@ class ThreadPools(Service):
         return pool
 
     def run(self, name: str, fn: Callable[..., _R], *args: Any, **kwargs: Any) -> Deferred[_R]:
-        return deferToThreadPool(self._reactor, self.pool(name), fn, *args, **kwargs)
+        """``fn(*args)`` in pool ``name``; a failed Deferred once the pools are stopped."""
+        try:
+            pool = self.pool(name)
+        except RuntimeError:
+            return fail()
+        return deferToThreadPool(self._reactor, pool, fn, *args, **kwargs)
 
     def startService(self) -> None:
         super().startService()
@@ -61,6 +69,7 @@ class ThreadPools(Service):
         self._stop_pools()
 
     def _stop_pools(self) -> None:
+        self._stopped = True
         for pool in self._pools.values():
             if pool.started:
                 pool.stop()

@@ -110,7 +110,7 @@ class DNSServer:
         self.proc = subprocess.Popen(
             [sys.executable, str(script), str(self.zones), str(portfile)], env=env
         )
-        deadline = time.monotonic() + 20
+        deadline = time.monotonic() + 60
         while not portfile.exists():
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 self.proc.kill()

@@ -1,4 +1,4 @@
-"""MailService: listeners from endpoint strings, implicit TLS, PROXY protocol trust, drain, reload."""
+"""MailService: listeners from endpoint strings, implicit TLS, PROXY trust, drain, reload."""
 
 from __future__ import annotations
 
@@ -275,3 +275,32 @@ def test_reload_swaps_certificate_and_keeps_listening(
         assert (yield blocking(names, port)) == "two.example.test"
     finally:
         yield service.stopService()
+
+
+@pytest_twisted.inlineCallbacks
+def test_thread_pools_refuse_work_after_stop(state_dir: Path) -> Any:
+    from twisted.internet import reactor
+
+    from mailserv.threads import ThreadPools
+
+    pools = ThreadPools(reactor, {"disk": 1})
+    assert (yield pools.run("disk", lambda: 41 + 1)) == 42
+    pools.stopService()
+    with pytest.raises(RuntimeError, match="stopped"):
+        yield pools.run("disk", lambda: 1)
+    pools.stopService()  # idempotent: no AlreadyQuit
+
+
+def test_service_shares_one_dns_resolver_and_reloads_it(
+    state_dir: Path, echo_protocol: None
+) -> None:
+    service = build(state_dir, {"mx": {"tls": "none"}})
+    assert service.dns is service.dns
+    new = from_dict(
+        test_config(state_dir, {"mx": {"tls": "none"}}, dns={"nameservers": ["127.0.0.1:5353"]}),
+        "test.toml",
+        str(state_dir),
+    )
+    service.reload(new)
+    assert [ns.port for ns in service.dns.resolver.nameservers] == [5353]
+    assert service.pop_before_smtp is None

@@ -104,7 +104,12 @@ def build_factory(service: Any, name: str, listener: Any) -> IMAPFactory:
 
     ctx = Context(
         reactor=service.reactor,
-        auth=PortalBackend(service.portal, throttle_for(service), service.config.hostname),
+        auth=PortalBackend(
+            service.portal,
+            throttle_for(service),
+            service.config.hostname,
+            getattr(service, "pop_before_smtp", None),  # an IMAP login counts too
+        ),
         store_for=service.store_for,
         run=run,
         hub=hub_for(service),

@@ -73,20 +73,29 @@ class RelayControl(FilterBase):
         if self.options:
             raise ValueError(f"unknown options {sorted(self.options)}")
 
-    def check_recipient(self, session: Any, envelope: Any, rcpt: Any) -> Verdict:
+    def check_recipient(
+        self, session: Any, envelope: Any, rcpt: Any
+    ) -> Verdict | defer.Deferred[Verdict]:
         address = rcpt.address
         if self.allow_authenticated and session.auth_user is not None:
             return CONTINUE
         domains = self._static if self._static is not None else self._dynamic.get()
-        if address.domain not in domains:
-            return Verdict.reject(
-                RELAY_DENIED.code, RELAY_DENIED.enhanced, RELAY_DENIED.text, "relay"
-            )
         if _ROUTING_CHARS & set(address.local):
             return Verdict.reject(
                 RELAY_DENIED.code, RELAY_DENIED.enhanced, RELAY_DENIED.text, "routing in local part"
             )
+        if address.domain not in domains:
+            recent = getattr(self.service, "pop_before_smtp", None)
+            if recent is not None:
+                # POP-before-SMTP: a recent POP3/IMAP login from this address may relay.
+                d = defer.maybeDeferred(recent.allowed, session.peer_host)
+                return d.addCallback(lambda ok: CONTINUE if ok else _relay_denied())
+            return _relay_denied()
         return CONTINUE
+
+
+def _relay_denied() -> Verdict:
+    return Verdict.reject(RELAY_DENIED.code, RELAY_DENIED.enhanced, RELAY_DENIED.text, "relay")
 
 
 @implementer(IRecipientFilter)

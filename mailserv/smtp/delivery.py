@@ -82,7 +82,11 @@ class Router:
         reactor: Any = None,
         cache_ttl: float = 5.0,
         cache_size: int = 10_000,
+        on_delivered: Any = None,
     ) -> None:
+        # Called on the reactor with (user name, folder) after each local delivery,
+        # so that idling IMAP sessions hear of new mail at once (RFC 2177).
+        self.on_delivered = on_delivered
         # Positive answers only: a new user must never be refused from a stale cache.
         self._reactor = reactor
         self._cache: OrderedDict[str, tuple[float, Route]] = OrderedDict()
@@ -288,9 +292,17 @@ class RouterDelivery:
                 except Exception:
                     chosen = None
             with message.open() as source:
-                return store.deliver(target.user, source, chosen, prefix=prefix)
+                store.deliver(target.user, source, chosen, prefix=prefix)
+            return chosen
 
-        return self.router.threads.run("disk", deliver)
+        def delivered(chosen: str | None) -> None:
+            if self.router.on_delivered is not None:
+                try:
+                    self.router.on_delivered(target.user.name, chosen or "INBOX")
+                except Exception:
+                    log.failure("new-mail notification for {user} failed", user=target.user.name)
+
+        return self.router.threads.run("disk", deliver).addCallback(delivered)
 
     def _enqueue(self, rows: list[tuple[str, str | None, Any, str, str | None]]) -> Any:
         assert self.message is not None
@@ -325,10 +337,13 @@ def _normalise_aliases(aliases: dict[str, list[str]]) -> dict[str, list[str]]:
 
 def build_router(service: Any) -> Router:
     """The router of a MailService (contract: ``service.router``)."""
+    from mailserv.imap import notify_delivery
+
     return Router(
         service.config,
         service.directory,
         service.store_for,
         service.threads,
         reactor=service.reactor,
+        on_delivered=lambda user, folder: notify_delivery(service, user, folder),
     )

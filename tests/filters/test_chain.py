@@ -179,3 +179,43 @@ def test_relay_control_follows_a_reloaded_config(tmp_path: Any) -> None:
         CONFIG.format(state=tmp_path).replace('["example.org"]', '["example.org", "new.example"]')
     )
     assert relay.check_recipient(SESSION, _envelope(), rcpt) is CONTINUE
+
+
+class _Recorder:
+    def __init__(self, addresses: set[str]) -> None:
+        self.addresses = addresses
+        self.asked: list[str] = []
+
+    def allowed(self, address: str) -> Any:
+        self.asked.append(address)
+        return defer.succeed(address in self.addresses)
+
+
+def test_relay_control_pop_before_smtp(tmp_path: Any) -> None:
+    """A client that logged in over POP3/IMAP recently may relay through the MX (Courier, James)."""
+    config = parse_config(CONFIG.format(state=tmp_path))
+    service = FakeSMTPService(config, Clock())
+    service.pop_before_smtp = _Recorder({"192.0.2.1"})  # type: ignore[attr-defined]
+    mx = RelayControl({}, service)
+    remote = Recipient(Address("x", "remote.test"))
+    results: list[Any] = []
+    defer.maybeDeferred(mx.check_recipient, SESSION, _envelope(), remote).addCallback(
+        results.append
+    )
+    assert results == [CONTINUE]
+    stranger = Session(id="u", listener="mx", protocol="smtp", peer_host="198.51.100.7")
+    defer.maybeDeferred(mx.check_recipient, stranger, _envelope(), remote).addCallback(
+        results.append
+    )
+    assert results[1].action is Action.REJECT
+    # routing tricks stay refused even for a POP-before-SMTP client
+    tricky = Recipient(Address("x%y.test", "remote.test"))
+    defer.maybeDeferred(mx.check_recipient, SESSION, _envelope(), tricky).addCallback(
+        results.append
+    )
+    assert results[2].action is Action.REJECT
+    # local recipients never ask
+    service.pop_before_smtp.asked.clear()  # type: ignore[attr-defined]
+    local = Recipient(Address("x", "example.org"))
+    assert mx.check_recipient(SESSION, _envelope(), local) is CONTINUE
+    assert service.pop_before_smtp.asked == []  # type: ignore[attr-defined]

@@ -800,3 +800,19 @@ def test_factory_reload_rebuilds_the_pipeline(env: SMTPEnv) -> None:
     env.service.config = parse_config(text.replace('"size"', '"nonexistent"'))
     factory.reload(env.service.config)  # a bad pipeline keeps the running one
     assert [f.name for f in factory.context.chain.filters] == after
+
+
+def test_local_delivery_wakes_idling_imap_sessions(env: SMTPEnv) -> None:
+    """After a delivery the router tells the IMAP change hub at once (RFC 2177 IDLE push)."""
+
+    class Hub:
+        def __init__(self) -> None:
+            self.changes: list[tuple[str, str]] = []
+
+        def changed(self, key: tuple[str, str]) -> None:
+            self.changes.append(key)
+
+    env.service.imap_hub = Hub()  # type: ignore[attr-defined]
+    client = env.connect()
+    assert client.transaction().startswith(b"250 ")
+    assert env.service.imap_hub.changes == [("alice@example.org", "INBOX")]  # type: ignore[attr-defined]

@@ -81,8 +81,8 @@ def wanted_records(config: Any, domain: str) -> list[Wanted]:
         ),
     ]
     if config.tls.cert_file:
-        port = config.queue.smtp_port
-        out.append(Wanted(f"_{port}._tcp.{host}", "TLSA", tlsa_value(config.tls.cert_file)))
+        # RFC 7672 §2.2: the TLSA of our MX host on port 25, where other MTAs connect.
+        out.append(Wanted(f"_25._tcp.{host}", "TLSA", tlsa_value(config.tls.cert_file)))
     return out
 
 

@@ -164,3 +164,20 @@ def test_dns_records_are_printed_and_checked(
     assert blocks["_mta-sts.example.test. IN TXT"] == "MISSING"
     assert blocks["_smtp._tls.example.test. IN TXT"] == "MISSING"
     assert "mta-sts.txt" in out
+
+
+def test_dns_prints_tlsa_for_the_configured_certificate(
+    config_file: Path, test_ca: Any, capsys: Any
+) -> None:
+    text = config_file.read_text().replace(
+        "[store]",
+        f'[tls]\ncert_file = "{test_ca.cert_file}"\nkey_file = "{test_ca.key_file}"\n[store]',
+    )
+    config_file.write_text(text)
+    assert main(["dns", "--config", str(config_file), "--no-check", "example.test"]) == 0
+    out = capsys.readouterr().out
+    match = re.search(r"^_25\._tcp\.mail\.example\.test\. IN TLSA 3 1 1 ([0-9a-f]{64})$", out, re.M)
+    assert match
+    from tests.queue.test_tls import spki_sha256
+
+    assert match.group(1) == spki_sha256(test_ca.cert_file)

@@ -207,7 +207,7 @@ class MailService(MultiService):
 
     def _add_listener(self, name: str, listener: ListenerSection) -> None:
         module = importlib.import_module(PROTOCOLS[listener.protocol])
-        factory: Any = module.build_factory(self, name, listener)
+        factory: Any = self._reloadable(module.build_factory(self, name, listener))
         tracker = TrackingFactory(factory, self.reactor)
         self.trackers.append(tracker)
         outer: Any = tracker

@@ -304,3 +304,24 @@ def test_service_shares_one_dns_resolver_and_reloads_it(
     service.reload(new)
     assert [ns.port for ns in service.dns.resolver.nameservers] == [5353]
     assert service.pop_before_smtp is None
+
+
+def test_reload_reaches_the_listener_factories(state_dir: Path) -> None:
+    """SIGHUP rebuilds an SMTP listener's filter pipeline (the factory is IReloadable)."""
+    from twisted.internet import reactor
+
+    listeners = {"mx": {"tls": "none", "pipeline": "inbound"}}
+    one = [{"filter": "size", "max_size": 1000}]
+    two = [{"filter": "size", "max_size": 2000}]
+    config = from_dict(
+        test_config(state_dir, listeners, pipelines={"inbound": one}), "t.toml", str(state_dir)
+    )
+    service = MailService.from_config(config, reactor)
+    factory = service.trackers[0].wrapped
+    assert factory in service._reloadables
+    before = factory.context.chain
+    new = from_dict(
+        test_config(state_dir, listeners, pipelines={"inbound": two}), "t.toml", str(state_dir)
+    )
+    service.reload(new)
+    assert factory.context.chain is not before

@@ -290,8 +290,13 @@ class SMTPServer(smtp.ESMTP):
         self._send(code, "", message.decode("utf-8", "replace"))
 
     def _bad_command(self, reply: SMTPReply) -> Any:
-        """Count an error (Postfix smtpd_soft/hard_error_limit); delay or disconnect."""
+        """Count an error (Postfix smtpd_soft/hard_error_limit); delay or disconnect.
+
+        The count is also in ``session.notes["errors"]`` for filters (the tarpit).
+        """
         self._errors += 1
+        if self.session is not None:
+            self.session.notes["errors"] = self._errors
         if self._errors >= self.settings.hard_error_limit:
             self._send(421, "4.7.0", f"{self.settings.hostname} Error: too many errors")
             self._close()

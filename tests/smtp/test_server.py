@@ -816,3 +816,14 @@ def test_local_delivery_wakes_idling_imap_sessions(env: SMTPEnv) -> None:
     client = env.connect()
     assert client.transaction().startswith(b"250 ")
     assert env.service.imap_hub.changes == [("alice@example.org", "INBOX")]  # type: ignore[attr-defined]
+
+
+def test_bad_commands_and_refused_recipients_are_counted_for_filters(env: SMTPEnv) -> None:
+    """The tarpit filter reads session.notes["errors"] (Postfix's error count)."""
+    client = env.connect()
+    assert client.cmd(b"BOGUS").startswith(b"500")
+    assert client.cmd(b"MAIL FROM:<s@remote.test>").startswith(b"250")
+    assert client.cmd(b"RCPT TO:<nobody@example.org>").startswith(b"550 5.1.1")
+    assert client.cmd(b"RCPT TO:<x@elsewhere.test>").startswith(b"55")
+    assert client.proto.session is not None
+    assert client.proto.session.notes["errors"] == 3

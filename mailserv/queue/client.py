@@ -287,6 +287,35 @@ class SMTPClientProtocol(Protocol):
         self.transport.write(stuffer.end())
         return await final
 
+    async def send_bdat(self, chunks: AsyncIterator[bytes]) -> Reply:
+        """Send the message as BDAT chunks (RFC 3030 §2), pipelined; the deciding reply.
+
+        That is the first failure among the chunk replies, else the reply to
+        ``BDAT n LAST``.  Data goes as it is: BDAT needs no dot-stuffing.
+        """
+        waiters: list[defer.Deferred[Reply]] = []
+        pending: bytes | None = None
+        async for chunk in chunks:
+            if self._closed is not None:
+                break
+            if pending is not None:
+                waiters.append(self._expect("BDAT", self.timeouts.block))
+                self.transport.write(b"BDAT %d\r\n" % len(pending) + pending)
+                while self._paused is not None and self._closed is None:
+                    await self._paused
+            pending = chunk
+        if self._closed is not None:
+            for w in waiters:
+                w.addErrback(lambda _: None)
+            self._closed.raiseException()
+        last = pending or b""
+        waiters.append(self._expect("BDAT", self.timeouts.final_dot))
+        self.transport.write(b"BDAT %d LAST\r\n" % len(last) + last)
+        replies = await defer.gatherResults(waiters, consumeErrors=True).addErrback(
+            _first_error
+        )
+        return next((r for r in replies if not r.positive), replies[-1])
+
     def quit(self) -> None:
         """Send QUIT and close when it is answered (or after a short wait)."""
         if self._closed is not None:
@@ -555,6 +584,27 @@ class Session:
         t = p.timeouts
         results: dict[str, Reply] = {}
         data_reply: Reply | None = None
+        if "PIPELINING" in ext and "CHUNKING" in ext:
+            # RFC 3030 §4.2 with RFC 2920: MAIL, every RCPT and the BDAT chunks in one
+            # stream: no 354 round trip, and no dot-stuffing at all.
+            waiting = p.commands([(mail, t.command)] + [(r, t.command) for r in rcpt_lines])
+            final_d = defer.ensureDeferred(p.send_bdat(txn.chunks()))
+            try:
+                replies = await defer.gatherResults(waiting, consumeErrors=True).addErrback(
+                    _first_error
+                )
+            except BaseException:
+                final_d.addErrback(lambda _: None)  # the same lost connection
+                raise
+            final = await final_d
+            mail_reply, rcpt_replies = replies[0], replies[1:]
+            if not mail_reply.positive:
+                return dict.fromkeys(rcpts, mail_reply)
+            for address, reply in zip(rcpts, rcpt_replies, strict=True):
+                results[address] = final if reply.positive else reply
+            if not any(r.positive for r in rcpt_replies) and not p.closed:
+                await p.command("RSET")  # the BDATs were refused: start clean
+            return results
         if "PIPELINING" in ext:
             # RFC 2920 §3.1: MAIL, every RCPT and DATA in one group.
             lines = [(mail, t.command)] + [(r, t.command) for r in rcpt_lines]

@@ -270,3 +270,36 @@ def test_body_sent_stuffed_whatever_the_read_size(cut: int) -> None:
     assert peer.sent().startswith(b"MAIL FROM:")
     peer.say(b"250 ok\r\n250 ok\r\n354 go\r\n")
     assert peer.sent() == EXPECTED
+
+
+def test_chunking_sends_bdat_pipelined_without_stuffing() -> None:
+    """RFC 3030: with CHUNKING and PIPELINING the message goes as BDAT, unstuffed, no 354."""
+    peer = Peer()
+    session = Session(peer.protocol, "me", "mx.there.test")
+    defer.ensureDeferred(session.open())
+    peer.say(b"220 mx\r\n250-mx\r\n250-PIPELINING\r\n250 CHUNKING\r\n")
+    peer.sent()
+    data = b"Subject: x\r\n\r\n.dot\r\n"
+    result = defer.ensureDeferred(session.send(txn(data, 8)))
+    assert peer.sent() == (
+        b"MAIL FROM:<a@here.test>\r\nRCPT TO:<b@there.test>\r\nRCPT TO:<c@there.test>\r\n"
+        b"BDAT 8\r\nSubject:BDAT 8\r\n x\r\n\r\n.dBDAT 4 LAST\r\not\r\n"
+    )
+    peer.say(b"250 ok\r\n250 ok\r\n550 5.1.1 no\r\n250 8 octets\r\n250 8 octets\r\n")
+    assert not result.called
+    peer.say(b"250 2.0.0 queued\r\n")
+    assert str(result.result["b@there.test"]) == "250 2.0.0 queued"
+    assert str(result.result["c@there.test"]) == "550 5.1.1 no"
+
+
+def test_chunking_failed_chunk_decides() -> None:
+    peer = Peer()
+    session = Session(peer.protocol, "me", "mx.there.test")
+    defer.ensureDeferred(session.open())
+    peer.say(b"220 mx\r\n250-mx\r\n250-PIPELINING\r\n250 CHUNKING\r\n")
+    peer.sent()
+    result = defer.ensureDeferred(
+        session.send(txn(b"a\r\nb\r\n", 3, recipients=[("b@t.test", None, None)]))
+    )
+    peer.say(b"250 ok\r\n250 ok\r\n452 4.3.1 disk full\r\n250 ok\r\n")
+    assert result.result["b@t.test"].temporary

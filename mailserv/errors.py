@@ -47,9 +47,10 @@ class SMTPReply(MailservError):
         return 400 <= self.code < 500
 
     def __eq__(self, other: object) -> bool:
-        return (
-            isinstance(other, SMTPReply)
-            and (self.code, self.enhanced, self.text) == (other.code, other.enhanced, other.text)
+        return isinstance(other, SMTPReply) and (self.code, self.enhanced, self.text) == (
+            other.code,
+            other.enhanced,
+            other.text,
         )
 
     def __hash__(self) -> int:

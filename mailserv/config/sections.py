@@ -269,8 +269,10 @@ def _alias_table(value: Any, ctx: Context, key: str) -> dict[str, list[str]]:
     for name, targets in value.items():
         if isinstance(targets, str):
             targets = [targets]
-        if not isinstance(targets, list) or not targets or not all(
-            isinstance(t, str) and t for t in targets
+        if (
+            not isinstance(targets, list)
+            or not targets
+            or not all(isinstance(t, str) and t for t in targets)
         ):
             ctx.error(f"{key}.{name}", "expected an address or a list of addresses")
             continue

@@ -43,9 +43,9 @@ setup(
             "pytest-twisted>=1.14",
             "pytest-timeout>=2.3",
             "build>=1.2",
-            "ruff>=0.6",
-            "mypy>=1.11",
-            "mypy-zope>=1.0",
+            "ruff==0.17.6",  # pinned: formatting must not drift between machines
+            "mypy==2.4.1",
+            "mypy-zope==1.0.17",
             "authres>=1.2",  # dkimpy's arc_sign needs it: the ARC tests seal their own chains
             "imapclient>=3.0",  # the IMAP integration tests drive the server as a real client does
         ],

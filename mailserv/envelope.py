@@ -76,6 +76,7 @@ class Envelope:
     ret: str | None = None  # RFC 3461 RET=FULL|HDRS
     envid: str | None = None  # RFC 3461 ENVID (xtext-decoded)
     auth: str | None = None  # RFC 4954 AUTH= parameter of MAIL
+    requiretls: bool = False  # RFC 8689 REQUIRETLS: relay only over verified TLS
     recipients: list[Recipient] = field(default_factory=list)
     # Headers filters ask to add, in order, as (name, value) text.
     add_headers: list[tuple[str, str]] = field(default_factory=list)

@@ -315,6 +315,7 @@ class RouterDelivery:
             ret=env.ret,
             smtputf8=env.smtputf8,
             body=env.body,
+            requiretls=env.requiretls,
         )
         return self.router.threads.run(
             "disk", queue_spool.enqueue, self.router.queue_dir, entry, self.message.iter_chunks()

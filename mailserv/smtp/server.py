@@ -449,6 +449,8 @@ class SMTPServer(smtp.ESMTP):
         if mechanisms:
             lines.append("AUTH " + " ".join(mechanisms))
         lines += ["CHUNKING", "DSN"]
+        if self.session is not None and self.session.tls:
+            lines.append("REQUIRETLS")  # RFC 8689 §4.1: only on a TLS session
         return lines
 
     def _can_starttls(self) -> bool:
@@ -753,6 +755,13 @@ class SMTPServer(smtp.ESMTP):
                 except AddressError:
                     raise SYNTAX from None
                 env.auth = decoded if self.session.auth_user is not None else "<>"
+            elif key == "REQUIRETLS":
+                # RFC 8689 §4.1: no value; only on a session protected by TLS.
+                if value is not None:
+                    raise SYNTAX
+                if not self.session.tls:
+                    raise SMTPReply(530, "5.7.10", "REQUIRETLS needs a TLS session")
+                env.requiretls = True
             else:
                 raise SMTPReply(555, "5.5.4", f"Unsupported parameter {key}")
         return env

@@ -827,3 +827,27 @@ def test_bad_commands_and_refused_recipients_are_counted_for_filters(env: SMTPEn
     assert client.cmd(b"RCPT TO:<x@elsewhere.test>").startswith(b"55")
     assert client.proto.session is not None
     assert client.proto.session.notes["errors"] == 3
+
+
+def test_requiretls_offered_and_accepted_only_inside_tls(env: SMTPEnv) -> None:
+    """RFC 8689 §4.1: REQUIRETLS only on a TLS session; the flag travels with the queued message."""
+    import glob
+    import json
+
+    mx = env.connect()
+    assert b"REQUIRETLS" not in mx.cmd(b"EHLO client.example")
+    assert mx.cmd(b"MAIL FROM:<s@remote.test> REQUIRETLS") == (
+        b"530 5.7.10 REQUIRETLS needs a TLS session\r\n"
+    )
+    c = env.connect("submission")
+    c.cmd(b"STARTTLS")
+    assert c.cmd(b"EHLO client.example").endswith(b"250-DSN\r\n250 REQUIRETLS\r\n")
+    assert c.cmd(b"AUTH PLAIN " + _plain(b"alice@example.org", b"secret")).startswith(b"235")
+    assert c.cmd(b"MAIL FROM:<alice@example.org> REQUIRETLS=yes").startswith(b"501 5.5.4")
+    assert c.cmd(b"MAIL FROM:<alice@example.org> REQUIRETLS").startswith(b"250")
+    assert c.cmd(b"RCPT TO:<friend@remote.test>").startswith(b"250")
+    assert c.cmd(b"DATA").startswith(b"354")
+    c.send(b"From: alice@example.org\r\nSubject: s\r\n\r\nsecret\r\n.\r\n")
+    assert c.read().startswith(b"250 ")
+    [env_file] = glob.glob(str(env.state / "queue" / "*.env"))
+    assert json.loads(open(env_file).read())["requiretls"] is True

@@ -311,9 +311,7 @@ class SMTPClientProtocol(Protocol):
         last = pending or b""
         waiters.append(self._expect("BDAT", self.timeouts.final_dot))
         self.transport.write(b"BDAT %d LAST\r\n" % len(last) + last)
-        replies = await defer.gatherResults(waiters, consumeErrors=True).addErrback(
-            _first_error
-        )
+        replies = await defer.gatherResults(waiters, consumeErrors=True).addErrback(_first_error)
         return next((r for r in replies if not r.positive), replies[-1])
 
     def quit(self) -> None:

@@ -137,75 +137,37 @@ def test_self_signed_certificate_is_created_once(state_dir: Path, echo_protocol:
     assert cert.read_bytes() == first
 
 
-@pytest_twisted.inlineCallbacks
-def test_proxy_protocol_v1_from_trusted_proxy_sets_the_client(
-    state_dir: Path, echo_protocol: None
-) -> Any:
-    service = build(
-        state_dir,
-        {"mx": {"tls": "none", "proxy_protocol": True, "trusted_proxies": ["127.0.0.1/32"]}},
-    )
-    service.startService()
-    try:
-        header = b"PROXY TCP4 192.0.2.7 127.0.0.1 40000 25\r\n"
-        data = yield blocking(talk, port_of(service, "mx"), header)
-        assert data.startswith(b"hello 192.0.2.7:40000 ")
-    finally:
-        yield service.stopService()
-
-
-@pytest_twisted.inlineCallbacks
-def test_proxy_protocol_v2_is_understood(state_dir: Path, echo_protocol: None) -> Any:
-    service = build(
-        state_dir,
-        {"mx": {"tls": "none", "proxy_protocol": True, "trusted_proxies": ["127.0.0.0/8"]}},
-    )
-    service.startService()
+def _proxy_v2(source: str, port: int) -> bytes:
+    """A PROXY v2 header (TCP over IPv4) for ``source:port`` → 127.0.0.1:25."""
     signature = b"\r\n\r\n\x00\r\nQUIT\n"
-    addresses = socket.inet_aton("198.51.100.9") + socket.inet_aton("127.0.0.1")
-    header = (
-        signature
-        + b"\x21\x11"
-        + (12).to_bytes(2, "big")
-        + addresses
-        + (5555).to_bytes(2, "big")
-        + (25).to_bytes(2, "big")
-    )
-    try:
-        data = yield blocking(talk, port_of(service, "mx"), header)
-        assert data.startswith(b"hello 198.51.100.9:5555 ")
-    finally:
-        yield service.stopService()
+    addresses = socket.inet_aton(source) + socket.inet_aton("127.0.0.1")
+    ports = port.to_bytes(2, "big") + (25).to_bytes(2, "big")
+    return signature + b"\x21\x11" + (12).to_bytes(2, "big") + addresses + ports
 
 
+@pytest.mark.parametrize(
+    ("trusted", "sent", "expected"),
+    [
+        # v1 from a trusted proxy: the client is the one in the header
+        ("127.0.0.1/32", b"PROXY TCP4 192.0.2.7 127.0.0.1 40000 25\r\n", b"hello 192.0.2.7:40000 "),
+        # v2 is understood too
+        ("127.0.0.0/8", _proxy_v2("198.51.100.9", 5555), b"hello 198.51.100.9:5555 "),
+        # from an untrusted address: refused before a byte is read or written
+        ("127.0.0.2/32", b"PROXY TCP4 192.0.2.7 127.0.0.1 1 25\r\n", b""),
+        # a trusted proxy that sends no header: dropped, and no greeting went out first
+        ("127.0.0.1/32", b"EHLO spoofer\r\n", b""),
+    ],
+)
 @pytest_twisted.inlineCallbacks
-def test_proxy_protocol_refused_from_untrusted_address(state_dir: Path, echo_protocol: None) -> Any:
-    service = build(
-        state_dir,
-        {"mx": {"tls": "none", "proxy_protocol": True, "trusted_proxies": ["127.0.0.2/32"]}},
-    )
-    service.startService()
-    try:
-        data = yield blocking(
-            talk, port_of(service, "mx"), b"PROXY TCP4 192.0.2.7 127.0.0.1 1 25\r\n"
-        )
-        assert data == b""
-    finally:
-        yield service.stopService()
-
-
-@pytest_twisted.inlineCallbacks
-def test_missing_proxy_header_from_trusted_proxy_is_dropped(
-    state_dir: Path, echo_protocol: None
+def test_proxy_protocol(
+    state_dir: Path, echo_protocol: None, trusted: str, sent: bytes, expected: bytes
 ) -> Any:
-    service = build(
-        state_dir,
-        {"mx": {"tls": "none", "proxy_protocol": True, "trusted_proxies": ["127.0.0.1/32"]}},
-    )
+    listener = {"tls": "none", "proxy_protocol": True, "trusted_proxies": [trusted]}
+    service = build(state_dir, {"mx": listener})
     service.startService()
     try:
-        data = yield blocking(talk, port_of(service, "mx"), b"EHLO spoofer\r\n")
-        assert b"hello" not in data
+        data = yield blocking(talk, port_of(service, "mx"), sent)
+        assert data.startswith(expected) if expected else data == b""
     finally:
         yield service.stopService()
 

@@ -52,13 +52,14 @@ def test_wheel_in_a_fresh_virtualenv(tmp_path: Path) -> None:
     venv = tmp_path / "venv"
     run([sys.executable, "-m", "venv", str(venv)])
     python = venv / "bin" / "python"
-    # The dependencies come from this interpreter's site-packages (a .pth file), so the test needs
-    # no download; mailserv itself is installed from the wheel only.
+    # mailserv is installed from the wheel alone; then the dependencies are made visible from this
+    # interpreter's site-packages (a .pth file, added after the install so that pip does not see a
+    # mailserv installed there, as in CI, and skip the wheel), so the test needs no download.
+    run([str(python), "-m", "pip", "install", "-q", "--no-deps", "--no-index", str(wheel)])
     purelib = run(
         [str(python), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"]
     ).stdout.strip()
     Path(purelib, "outer.pth").write_text("\n".join(site.getsitepackages()) + "\n")
-    run([str(python), "-m", "pip", "install", "-q", "--no-deps", "--no-index", str(wheel)])
 
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     outside = tmp_path / "elsewhere"

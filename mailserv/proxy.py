@@ -32,7 +32,12 @@ MAX_HEADER = 16 + 4096
 
 
 class ProxyHeaderProtocol(policies.ProtocolWrapper):
-    """Reads the PROXY header, then connects the wrapped protocol."""
+    """Reads the PROXY header, then builds and connects the wrapped protocol.
+
+    The wrapped factory's ``buildProtocol`` gets the client address from the
+    header (the proxy's own for a v2 LOCAL header), so per-IP limits in a
+    protocol factory count clients, not the proxy.
+    """
 
     transport: Any
 
@@ -81,6 +86,11 @@ class ProxyHeaderProtocol(policies.ProtocolWrapper):
         if self._timeout is not None:
             self._timeout.cancel()
             self._timeout = None
+        wrapped = self.factory.wrappedFactory.buildProtocol(self.getPeer())
+        if wrapped is None:
+            self.transport.loseConnection()
+            return
+        self.wrappedProtocol = wrapped
         self._connected_inner = True
         self.wrappedProtocol.makeConnection(cast(Any, self))
         if remaining and self._connected_inner and self.connected:
@@ -129,4 +139,5 @@ class TrustedProxyFactory(policies.WrappingFactory):
         if host is None or not any(host in net for net in self.trusted):
             log.warn("refused a connection from {peer}: not a trusted proxy", peer=addr)
             return None
-        return super().buildProtocol(addr)
+        # The wrapped protocol is built once the header names the client.
+        return self.protocol(self, None)

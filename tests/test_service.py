@@ -287,3 +287,24 @@ def test_reload_reaches_the_listener_factories(state_dir: Path) -> None:
     )
     service.reload(new)
     assert factory.context.chain is not before
+
+
+@pytest_twisted.inlineCallbacks
+def test_proxied_protocols_are_built_for_the_client_address(
+    state_dir: Path, echo_protocol: None
+) -> Any:
+    """Per-IP limits in a protocol factory count the client, not the proxy."""
+    listener = {"tls": "none", "proxy_protocol": True, "trusted_proxies": ["127.0.0.1/32"]}
+    service = build(state_dir, {"mx": listener})
+    factory = service.trackers[0].wrapped
+    seen: list[str] = []
+    original = factory.buildProtocol
+    factory.buildProtocol = lambda addr: seen.append(addr.host) or original(addr)
+    service.startService()
+    try:
+        header = b"PROXY TCP4 192.0.2.7 127.0.0.1 40000 25\r\n"
+        data = yield blocking(talk, port_of(service, "mx"), header)
+        assert data.startswith(b"hello 192.0.2.7:40000 ")
+        assert seen == ["192.0.2.7"]
+    finally:
+        yield service.stopService()

@@ -221,3 +221,33 @@ def test_passwords_and_auth_payloads_never_reach_the_log(mailserv: object, tmp_p
     assert password not in process.log
     assert payload not in process.log
     assert base64.b64encode(password.encode()).decode() not in process.log
+
+
+def test_sigterm_lets_a_transaction_in_flight_finish(mailserv: object, tmp_path: Path) -> None:
+    """SIGTERM: no new connections, the open transaction completes (250), then 421 and exit 0."""
+    config = test_config(tmp_path / "state", ["mx"])
+    process = mailserv.start(config)  # type: ignore[attr-defined]
+    port = process.port("mx")
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    f = sock.makefile("rb")
+    assert f.readline().startswith(b"220 ")
+    sock.sendall(b"EHLO client.example\r\n")
+    while not f.readline().startswith(b"250 "):
+        pass
+    for line in (b"MAIL FROM:<s@remote.test>", b"RCPT TO:<postmaster@example.test>", b"DATA"):
+        sock.sendall(line + b"\r\n")
+        assert f.readline()[:1] in (b"2", b"3")
+    sock.sendall(b"Subject: in flight\r\n\r\nfirst half\r\n")
+    process.proc.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + 10
+    while "SIGTERM: stopping" not in process.log and time.monotonic() < deadline:
+        time.sleep(0.05)
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", port), timeout=2).close()
+    sock.sendall(b"second half\r\n.\r\n")
+    assert f.readline().startswith(b"250 ")
+    assert f.readline().startswith(b"421 ")
+    sock.close()
+    assert process.proc.wait(10) == 0
+    delivered = list((tmp_path / "state").rglob("new/*"))
+    assert any(b"second half" in p.read_bytes() for p in delivered)

@@ -64,6 +64,38 @@ def test_embedded_default_starts_listens_and_stops_on_sigterm(tmp_path: Path) ->
         assert greeting(expected["mx"]).startswith(b"220 ")
         assert greeting(expected["imap"]).startswith(b"* OK")
         assert greeting(expected["pop3"]).startswith(b"+OK")
+        # What the README promises: add a user as the server says, mail them, read it back.
+        added = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "mailserv.cli.main",
+                "user",
+                "add",
+                "--stdin",
+                "alice@localhost",
+            ],
+            input="s3cret-pass\n",
+            capture_output=True,
+            text=True,
+            cwd=REPO,
+            timeout=60,
+            env=dict(os.environ, MAILSERV_HOME=str(home), PYTHONPATH=str(REPO)),
+        )
+        assert added.returncode == 0, added.stderr
+        import poplib
+        import smtplib
+
+        with smtplib.SMTP("127.0.0.1", expected["mx"], timeout=10) as smtp:
+            smtp.sendmail(
+                "someone@example.test", ["alice@localhost"], b"Subject: hi\r\n\r\nhello\r\n"
+            )
+        pop = poplib.POP3("127.0.0.1", expected["pop3"], timeout=10)
+        pop.user("alice@localhost")
+        pop.pass_("s3cret-pass")
+        assert pop.stat()[0] == 1
+        assert b"hello" in b"\n".join(pop.retr(1)[1])
+        pop.quit()
     finally:
         started = time.monotonic()
         code = process.stop(signal.SIGTERM, timeout=5)

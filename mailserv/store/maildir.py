@@ -10,6 +10,7 @@ Layout (cr.yp.to/proto/maildir.html, Courier's Maildir++, Dovecot)::
     <folder>/dovecot-uidlist        UIDVALIDITY, UIDNEXT, uid → file, modseq (store.uidlist)
     <folder>/dovecot-uidlist.lock   dotlock serialising every writer of the uidlist
     <folder>/dovecot-keywords       keyword ↔ letter a..z
+    <folder>/mailserv-modseq        flag changes since the last uidlist write (store.uidlist)
 
 Delivery writes ``tmp/<unique>`` (time, microseconds, pid, counter, host),
 fsyncs it, renames it to ``new/<unique>,S=<size>`` and fsyncs ``new/``: a
@@ -17,7 +18,10 @@ message is never visible half written.  Delivery does not take the uidlist
 lock; UIDs are given out when a reader synchronises the folder (as Dovecot
 does), under the lock, moving new/ files to cur/.  Flags live in the
 ``:2,<letters>`` info suffix (D F P R S T, keywords a..z); every flag change,
-append and expunge bumps the folder's highest modseq (RFC 7162).
+append and expunge bumps the folder's highest modseq (RFC 7162).  A flag
+change renames the file and appends its new modseq to the folder's journal,
+without fsync and without rewriting the uidlist; the parsed index is kept in
+memory and reused while the uidlist and journal are unchanged on disk.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ import shutil
 import threading
 import time
 from collections.abc import Callable, Iterable
-from typing import IO, Any, BinaryIO
+from typing import IO, Any, BinaryIO, NamedTuple
 
 from zope.interface import implementer
 
@@ -63,13 +67,19 @@ from mailserv.store.account import AccountBase, FolderBase
 from mailserv.store.dotlock import DotLock
 from mailserv.store.quota import MAILDIRSIZE, MaildirSize, limits_for
 from mailserv.store.uidlist import (
+    JOURNAL_FOLD,
+    JOURNAL_NAME,
     KEYWORDS_NAME,
     MAX_KEYWORDS,
     UIDLIST_NAME,
     UidList,
     UidListError,
     UidRecord,
+    apply_journal,
     base_name,
+    journal_header,
+    journal_record,
+    parse_journal,
     parse_keywords,
     parse_uidlist,
     serialize_keywords,
@@ -110,6 +120,26 @@ def _sort_key(name: str) -> tuple[int, int, int, str]:
     if m is None:
         return (0, 0, 0, name)
     return (int(m.group(1)), int(m.group(2) or 0), int(m.group(3) or 0), name)
+
+
+_Stat = tuple[int, int, int]
+
+
+def _stat3(path: str) -> _Stat:
+    """(inode, size, mtime_ns) of a file, zeros if it does not exist."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return (0, 0, 0)
+    return (st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+class IndexKey(NamedTuple):
+    """What the uidlist and journal looked like when the index in memory was read."""
+
+    uidlist: _Stat
+    journal: _Stat
+    stale: bool  # a journal of another UIDVALIDITY (or without uidlist): to be removed
 
 
 def _make_maildir(path: str, subfolder: bool) -> None:
@@ -308,6 +338,7 @@ class MaildirFolder(FolderBase):
         self._keywords: list[str | None] = [None] * MAX_KEYWORDS
         self._size_cache: dict[str, tuple[int, int]] = {}
         self._sig: tuple[tuple[int, int, int], ...] | None = None
+        self._index_key: IndexKey | None = None
         _make_maildir(path, subfolder=path != account.root)
         self.clean_tmp()
         self.refresh()
@@ -317,13 +348,91 @@ class MaildirFolder(FolderBase):
     def _lock(self) -> DotLock:
         return DotLock(os.path.join(self.path, UIDLIST_NAME + ".lock"), stale_timeout=UIDLIST_STALE)
 
-    def _read_uidlist(self) -> UidList | None:
-        """The uidlist on disk; None if missing or broken (it then gets a new UIDVALIDITY)."""
+    def _stat_index(self) -> tuple[_Stat, _Stat]:
+        return (
+            _stat3(os.path.join(self.path, UIDLIST_NAME)),
+            _stat3(os.path.join(self.path, JOURNAL_NAME)),
+        )
+
+    def _read_uidlist(self) -> tuple[UidList | None, IndexKey]:
+        """The uidlist on disk with the journal laid over it, and what both looked like.
+
+        The uidlist is None if missing or broken (it then gets a new
+        UIDVALIDITY).  The files are stat'ed before they are read, so a change
+        made while reading makes the key differ at the next look.
+        """
+        stats = self._stat_index()
+        uidlist = None
         data = read_file(os.path.join(self.path, UIDLIST_NAME))
         if data:
             with contextlib.suppress(UidListError):
-                return parse_uidlist(data)
-        return None
+                uidlist = parse_uidlist(data)
+        stale = stats[1] != (0, 0, 0)
+        if uidlist is not None:
+            entries = parse_journal(
+                read_file(os.path.join(self.path, JOURNAL_NAME)), uidlist.uidvalidity
+            )
+            stale = entries is None
+            if entries:
+                apply_journal(uidlist, entries)
+        return uidlist, IndexKey(*stats, stale)
+
+    def _index_current(self) -> bool:
+        """The index in memory is what the uidlist and journal say (lock held)."""
+        key = self._index_key
+        return (
+            key is not None
+            and not key.stale
+            and self._uidlist is not None
+            and (key.uidlist, key.journal) == self._stat_index()
+        )
+
+    def _current_locked(self) -> UidList:
+        """The index, read again only if another process changed it (lock held)."""
+        if self._index_current():
+            assert self._uidlist is not None
+            return self._uidlist
+        return self._sync_locked()
+
+    def _write_index(self, uidlist: UidList) -> IndexKey:
+        """Rewrite the uidlist (durably when fsync is on), then drop the folded journal."""
+        write_atomic(
+            os.path.join(self.path, UIDLIST_NAME), serialize_uidlist(uidlist), fsync=self.fsync
+        )
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(os.path.join(self.path, JOURNAL_NAME))
+        return IndexKey(*self._stat_index(), False)
+
+    def _journal_change(self, rec: UidRecord, new_name: str) -> None:
+        """Record a flag change (file already renamed) with the next modseq; lock held.
+
+        Not fsynced: a crash may lose it, and the next synchronisation then
+        sees the renamed file and gives it a new modseq.
+        """
+        uidlist = self._uidlist
+        assert uidlist is not None
+        modseq = uidlist.highest_modseq + 1
+        data = journal_record(rec.uid, modseq, new_name)
+        self._index_key = None  # read again if the journal cannot be written
+        fd = os.open(
+            os.path.join(self.path, JOURNAL_NAME), os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600
+        )
+        try:
+            size = os.fstat(fd).st_size
+            if size == 0:
+                data = journal_header(uidlist.uidvalidity) + data
+            elif os.pread(fd, 1, size - 1) != b"\n":
+                data = b"\n" + data  # end a line torn by a crash first
+            write_all(fd, data)
+        finally:
+            os.close(fd)
+        uidlist.highest_modseq = modseq
+        rec.filename = new_name
+        rec.modseq = modseq
+        key = IndexKey(*self._stat_index(), False)
+        if key.journal[1] > JOURNAL_FOLD:
+            key = self._write_index(uidlist)
+        self._index_key = key
 
     def _list_files(self) -> dict[str, tuple[str, str]]:
         files: dict[str, tuple[str, str]] = {}
@@ -347,6 +456,7 @@ class MaildirFolder(FolderBase):
             [
                 os.path.join(self.path, UIDLIST_NAME),
                 os.path.join(self.path, KEYWORDS_NAME),
+                os.path.join(self.path, JOURNAL_NAME),
                 os.path.join(self.path, "new"),
                 os.path.join(self.path, "cur"),
             ]
@@ -358,20 +468,30 @@ class MaildirFolder(FolderBase):
         Nothing is read when the uidlist, the keywords and both directories
         look as they did at the last synchronisation (IMAP polls often).
         """
-        sig = self._signature()
-        if sig is not None and sig == self._sig:
-            return
-        uidlist = self._read_uidlist()
-        if uidlist is None or self._needs_write(uidlist, self._list_files()):
-            with self._lock():
-                self._sync_locked()
-            return
-        self._install(uidlist)
-        self._sig = sig
+        with self._mutex:
+            sig = self._signature()
+            if sig is not None and sig == self._sig:
+                return
+            key = self._index_key
+            uidlist: UidList | None
+            if (
+                key is not None
+                and self._uidlist is not None
+                and (key.uidlist, key.journal) == self._stat_index()
+            ):
+                uidlist = self._uidlist  # index unchanged: only the directories to look at
+            else:
+                uidlist, key = self._read_uidlist()
+            if uidlist is None or key.stale or self._needs_write(uidlist, self._list_files()):
+                with self._lock():
+                    self._sync_locked()
+                return
+            self._install(uidlist, key)
+            self._sig = sig
 
     def _sync_locked(self, order: list[str] | None = None) -> UidList:
-        found_list = self._read_uidlist()
-        changed = found_list is None
+        found_list, key = self._read_uidlist()
+        changed = found_list is None or key.stale
         uidlist = found_list or UidList(uidvalidity=next_uidvalidity(self.account.root))
         files = self._list_files()
         kept: list[UidRecord] = []
@@ -402,12 +522,11 @@ class MaildirFolder(FolderBase):
             changed = True
         uidlist.records = kept
         if changed:
+            self._index_key = None
             if self.fsync:
                 fsync_dir(os.path.join(self.path, "cur"))
-            write_atomic(
-                os.path.join(self.path, UIDLIST_NAME), serialize_uidlist(uidlist), fsync=self.fsync
-            )
-        self._install(uidlist)
+            key = self._write_index(uidlist)
+        self._install(uidlist, key)
         return uidlist
 
     def _to_cur(self, sub: str, name: str) -> str:
@@ -420,10 +539,12 @@ class MaildirFolder(FolderBase):
             pass
         return target
 
-    def _install(self, uidlist: UidList) -> None:
+    def _install(self, uidlist: UidList, key: IndexKey) -> None:
         with self._mutex:
+            if uidlist is not self._uidlist or len(self._by_uid) != len(uidlist.records):
+                self._by_uid = {r.uid: r for r in uidlist.records}
             self._uidlist = uidlist
-            self._by_uid = {r.uid: r for r in uidlist.records}
+            self._index_key = key
             self._keywords = parse_keywords(read_file(os.path.join(self.path, KEYWORDS_NAME)))
 
     # -- IMailbox ---------------------------------------------------------
@@ -546,25 +667,29 @@ class MaildirFolder(FolderBase):
         """Replace the flags and keywords of one message (RFC 3501 §6.4.6 STORE FLAGS)."""
         flags = list(flags)
         with self._mutex, self._lock():
-            uidlist = self._sync_locked()
-            rec = self._by_uid.get(uid)
-            if rec is None:
-                raise KeyError(uid)
-            letters = self._letters_for(flags, info_letters(rec.filename))
-            if letters == "".join(sorted(info_letters(rec.filename))):
+            self._current_locked()
+            for attempt in range(2):
+                rec = self._by_uid.get(uid)
+                if rec is None:
+                    raise KeyError(uid)
+                old = rec.filename
+                letters = self._letters_for(flags, info_letters(old))
+                if letters == "".join(sorted(info_letters(old))):
+                    return self._info(rec)
+                new_name = with_letters(rec.base, letters)
+                try:
+                    os.rename(
+                        os.path.join(self.path, "cur", old),
+                        os.path.join(self.path, "cur", new_name),
+                    )
+                except FileNotFoundError:
+                    if attempt:
+                        raise
+                    self._sync_locked()  # renamed or removed by another program
+                    continue
+                self._journal_change(rec, new_name)
                 return self._info(rec)
-            new_name = with_letters(rec.base, letters)
-            os.rename(
-                os.path.join(self.path, "cur", rec.filename),
-                os.path.join(self.path, "cur", new_name),
-            )
-            uidlist.highest_modseq += 1
-            rec.filename = new_name
-            rec.modseq = uidlist.highest_modseq
-            write_atomic(
-                os.path.join(self.path, UIDLIST_NAME), serialize_uidlist(uidlist), fsync=self.fsync
-            )
-            return self._info(rec)
+        raise AssertionError("unreachable")
 
     def _place(self, tmp: str, flags: Iterable[str]) -> str:
         """Move a complete file into cur/ with its flags (lock held); returns its base."""
@@ -647,7 +772,13 @@ class MaildirFolder(FolderBase):
         removed: list[int] = []
         freed = 0
         with self._mutex, self._lock():
-            uidlist = self._sync_locked()
+            uidlist = self._current_locked()
+            cur = os.path.join(self.path, "cur")
+            if any(
+                r.uid in wanted and not os.path.exists(os.path.join(cur, r.filename))
+                for r in uidlist.records
+            ):
+                uidlist = self._sync_locked()  # renamed by another program: find its name
             kept = []
             for rec in uidlist.records:
                 if rec.uid in wanted:
@@ -663,16 +794,12 @@ class MaildirFolder(FolderBase):
                 else:
                     kept.append(rec)
             if removed:
+                self._index_key = None
                 uidlist.records = kept
                 uidlist.highest_modseq += 1
                 if self.fsync:
                     fsync_dir(os.path.join(self.path, "cur"))
-                write_atomic(
-                    os.path.join(self.path, UIDLIST_NAME),
-                    serialize_uidlist(uidlist),
-                    fsync=self.fsync,
-                )
-                self._install(uidlist)
+                self._install(uidlist, self._write_index(uidlist))
         if removed:
             self.account._quota().add(-freed, -len(removed))
         return removed

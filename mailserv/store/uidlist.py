@@ -17,6 +17,16 @@ courierimapuiddb) are read too and rewritten as version 3.
 The file is only written under the ``dovecot-uidlist.lock`` dotlock, to a
 temporary file that is fsynced and renamed over the old one.
 
+Flag changes do not rewrite the uidlist: each one appends
+``<uid> <modseq> <file name>`` to the folder's ``mailserv-modseq`` journal
+(first line ``V<uidvalidity>``; a last line without its newline, torn by a
+crash, is ignored), under the same dotlock and without fsync (Dovecot does
+not fsync flag changes either).  Readers lay the journal over the uidlist
+(an entry counts when its modseq is above the record's); whenever the
+uidlist is rewritten (new UIDs, expunge, or the journal grown past
+``JOURNAL_FOLD``) the entries are folded into it and the journal removed.
+Dovecot ignores the journal and finds the renamed files by base name.
+
 dovecot-keywords maps keyword indexes 0..25 to the letters a..z of the
 maildir info suffix: one ``<index> <keyword>`` line each.
 """
@@ -29,6 +39,8 @@ from dataclasses import dataclass, field
 
 UIDLIST_NAME = "dovecot-uidlist"
 KEYWORDS_NAME = "dovecot-keywords"
+JOURNAL_NAME = "mailserv-modseq"
+JOURNAL_FOLD = 64 * 1024  # bytes of journal before it is folded into the uidlist
 MAX_KEYWORDS = 26  # letters a..z of the maildir info suffix
 
 
@@ -141,6 +153,46 @@ def serialize_uidlist(uidlist: UidList) -> bytes:
         ext = "".join(f" {k}{v}" for k, v in rec.ext.items())
         out.append(f"{rec.uid}{ext} M{rec.modseq} :{rec.filename}")
     return ("\n".join(out) + "\n").encode("utf-8", "surrogateescape")
+
+
+def journal_header(uidvalidity: int) -> bytes:
+    return f"V{uidvalidity}\n".encode()
+
+
+def journal_record(uid: int, modseq: int, filename: str) -> bytes:
+    return f"{uid} {modseq} {filename}\n".encode("utf-8", "surrogateescape")
+
+
+def parse_journal(data: bytes | None, uidvalidity: int) -> dict[int, tuple[int, str]] | None:
+    """uid → (modseq, file name) of the journal; None if it belongs to another UIDVALIDITY.
+
+    The highest modseq of a uid wins; a torn or malformed line is skipped.
+    """
+    if not data:
+        return {}
+    lines = data.decode("utf-8", "surrogateescape").split("\n")
+    lines.pop()  # after the last newline: empty, or a line torn by a crash
+    if not lines or lines[0] != f"V{uidvalidity}":
+        return None
+    entries: dict[int, tuple[int, str]] = {}
+    for line in lines[1:]:
+        uid_text, _, rest = line.partition(" ")
+        modseq_text, _, name = rest.partition(" ")
+        if uid_text.isdigit() and modseq_text.isdigit() and name:
+            uid, modseq = int(uid_text), int(modseq_text)
+            if uid not in entries or entries[uid][0] < modseq:
+                entries[uid] = (modseq, name)
+    return entries
+
+
+def apply_journal(uidlist: UidList, entries: dict[int, tuple[int, str]]) -> None:
+    """Lay journal entries over the records (newer modseq wins) and the highest modseq."""
+    for rec in uidlist.records:
+        entry = entries.get(rec.uid)
+        if entry is not None and entry[0] > rec.modseq and base_name(entry[1]) == rec.base:
+            rec.modseq, rec.filename = entry
+    top = max((m for m, _ in entries.values()), default=0)
+    uidlist.highest_modseq = max(uidlist.highest_modseq, top)
 
 
 _KEYWORD_LINE = re.compile(r"^(\d+) (\S+)$")

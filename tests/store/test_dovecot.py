@@ -16,6 +16,7 @@ import subprocess
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -167,13 +168,18 @@ def dovecot_home() -> Iterator[Path]:
 
 
 @pytest.mark.integration
-def test_dovecot_reads_the_uids_we_wrote(dovecot_home: Path) -> None:
-    home = dovecot_home
+def _our_maildir(home: Path, count: int) -> tuple[User, MaildirStore, Any]:
+    """``count`` messages delivered by mailserv into ``home``/Maildir, and its INBOX."""
     user = User(name="tester", mailbox=str(home / "Maildir"))
     store = MaildirStore(config())
-    for i in range(4):
+    for i in range(count):
         store.deliver(user, io.BytesIO(b"Subject: m%d\r\n\r\nbody\r\n" % i))
-    box = store.open(user).open_folder("INBOX")
+    return user, store, store.open(user).open_folder("INBOX")
+
+
+def test_dovecot_reads_the_uids_we_wrote(dovecot_home: Path) -> None:
+    home = dovecot_home
+    user, store, box = _our_maildir(home, 4)
     box.set_flags(2, ["\\Seen", "$Label1"])
     box.set_flags(3, ["\\Flagged", "work"])
     box.expunge([1])
@@ -198,3 +204,26 @@ def test_dovecot_reads_the_uids_we_wrote(dovecot_home: Path) -> None:
     # And back: Dovecot's additions are read with the same UIDs.
     again = MaildirStore(config()).open(user).open_folder("INBOX")
     assert [i.uid for i in again.messages()] == [2, 3, 4, 5]
+
+
+def test_dovecot_reads_flags_changed_after_the_last_uidlist_write(dovecot_home: Path) -> None:
+    """Flag changes only in our modseq journal: Dovecot finds the renamed files by base name."""
+    home = dovecot_home
+    user, _, box = _our_maildir(home, 3)
+    box.set_flags(1, ["\\Seen"])
+    box.set_flags(3, ["\\Flagged", "work"])
+    assert (home / "Maildir" / "mailserv-modseq").exists()
+    out = _run_dovecot(home, b"a SELECT INBOX\r\nb UID FETCH 1:* (FLAGS)\r\nd LOGOUT\r\n")
+    assert f"[UIDVALIDITY {box.uidvalidity}]" in out, out
+    fetched = re.findall(r"UID (\d+) FLAGS \(([^)]*)\)", out)
+    assert [(int(u), set(f.split()) - {"\\Recent"}) for u, f in fetched] == [
+        (1, {"\\Seen"}),
+        (2, set()),
+        (3, {"\\Flagged", "work"}),
+    ]
+    again = MaildirStore(config()).open(user).open_folder("INBOX")
+    assert [(i.uid, i.all_flags) for i in again.messages()] == [
+        (1, {"\\Seen"}),
+        (2, set()),
+        (3, {"\\Flagged", "work"}),
+    ]

@@ -1,0 +1,199 @@
+"""Flag changes go to the per-folder modseq journal, not into dovecot-uidlist.
+
+RFC 7162 section 3.1: every change of a message's flags gets a new, higher
+mod-sequence and the folder's HIGHESTMODSEQ is the largest one given out;
+these tests pin that the journal keeps this across instances, processes,
+folding, torn lines and lost entries, while the uidlist is rewritten (and
+fsynced) only when UIDs are given out or messages expunged.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from mailserv.directory import User
+from mailserv.store import maildir
+from mailserv.store.uidlist import JOURNAL_NAME, UIDLIST_NAME, parse_uidlist
+from tests.store.helpers import make_store
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+def user(tmp_path: Path) -> User:
+    return User(name="alice", mailbox=str(tmp_path / "Maildir"))
+
+
+def _box(user: User, count: int = 3) -> maildir.MaildirFolder:
+    store = make_store("maildir")
+    for i in range(count):
+        store.deliver(user, io.BytesIO(b"Subject: %d\r\n\r\nbody\r\n" % i))
+    return store.open(user).open_folder("INBOX")
+
+
+def _reopen(user: User) -> maildir.MaildirFolder:
+    return make_store("maildir").open(user).open_folder("INBOX")
+
+
+def test_flag_change_leaves_uidlist_alone_and_is_not_fsynced(
+    user: User, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    box = _box(user)
+    uidlist = Path(user.mailbox, UIDLIST_NAME)
+    before = (uidlist.stat().st_ino, uidlist.read_bytes())
+    fsyncs: list[int] = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: fsyncs.append(fd) or real_fsync(fd))
+    top = box.highest_modseq()
+    info = box.set_flags(2, ["\\Seen"])
+    assert fsyncs == []
+    assert (uidlist.stat().st_ino, uidlist.read_bytes()) == before
+    assert info.modseq == top + 1 and box.highest_modseq() == top + 1
+    journal = Path(user.mailbox, JOURNAL_NAME).read_text().splitlines()
+    validity = box.uidvalidity
+    assert journal[0] == f"V{validity}" and journal[1].startswith(f"2 {top + 1} ")
+    assert journal[1].endswith(":2,S")
+
+
+def test_journal_is_read_by_other_instances_and_after_reopen(user: User) -> None:
+    box = _box(user)
+    other = _reopen(user)
+    a = box.set_flags(1, ["\\Flagged"])
+    b = other.set_flags(2, ["\\Seen"])  # sees a's change: the next modseq
+    assert b.modseq == a.modseq + 1
+    c = box.set_flags(3, ["\\Answered"])  # and box sees b's
+    assert c.modseq == b.modseq + 1
+    again = _reopen(user)
+    infos = {i.uid: i for i in again.messages()}
+    assert infos[1].flags == {"\\Flagged"} and infos[1].modseq == a.modseq
+    assert infos[2].flags == {"\\Seen"} and infos[2].modseq == b.modseq
+    assert infos[3].flags == {"\\Answered"} and infos[3].modseq == c.modseq
+    assert again.highest_modseq() == c.modseq
+    box.refresh()
+    assert box.message(2).flags == {"\\Seen"} and box.message(2).modseq == b.modseq
+
+
+def test_uidlist_rewrite_folds_the_journal(user: User) -> None:
+    box = _box(user)
+    flagged = box.set_flags(2, ["\\Seen"])
+    box.expunge([1])
+    assert not Path(user.mailbox, JOURNAL_NAME).exists()
+    ul = parse_uidlist(Path(user.mailbox, UIDLIST_NAME).read_bytes())
+    rec = {r.uid: r for r in ul.records}[2]
+    assert rec.modseq == flagged.modseq and rec.filename.endswith(":2,S")
+    assert ul.highest_modseq == flagged.modseq + 1  # the expunge
+    again = _reopen(user)
+    assert [i.uid for i in again.messages()] == [2, 3]
+    assert again.message(2).modseq == flagged.modseq
+    assert again.highest_modseq() == flagged.modseq + 1
+
+
+def test_journal_is_folded_when_it_grows(user: User, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(maildir, "JOURNAL_FOLD", 300)
+    box = _box(user)
+    journal = Path(user.mailbox, JOURNAL_NAME)
+    last = None
+    for i in range(12):
+        last = box.set_flags(1 + i % 3, ["\\Seen"] if i % 2 else [])
+        assert not journal.exists() or journal.stat().st_size <= 300
+    assert last is not None
+    ul = parse_uidlist(Path(user.mailbox, UIDLIST_NAME).read_bytes())
+    assert ul.highest_modseq >= last.modseq - 5  # folded at least once meanwhile
+    again = _reopen(user)
+    assert again.highest_modseq() == last.modseq
+    assert again.message(last.uid).flags == last.flags
+
+
+def test_torn_last_line_is_ignored_and_ended(user: User) -> None:
+    box = _box(user)
+    first = box.set_flags(1, ["\\Seen"])
+    journal = Path(user.mailbox, JOURNAL_NAME)
+    with journal.open("ab") as f:
+        f.write(b"2 999")  # a crash in the middle of an append
+    again = _reopen(user)
+    assert again.highest_modseq() == first.modseq
+    assert again.message(2).flags == frozenset()
+    nxt = again.set_flags(2, ["\\Draft"])
+    assert nxt.modseq == first.modseq + 1
+    assert _reopen(user).message(2).modseq == nxt.modseq
+
+
+def test_journal_of_another_uidvalidity_is_dropped(user: User) -> None:
+    box = _box(user)
+    Path(user.mailbox, JOURNAL_NAME).write_text("V1\n1 500 nothing:2,S\n")
+    again = _reopen(user)
+    assert again.highest_modseq() < 500 and again.message(1).flags == frozenset()
+    assert not Path(user.mailbox, JOURNAL_NAME).exists()
+    info = again.set_flags(1, ["\\Seen"])
+    assert _reopen(user).message(1).modseq == info.modseq
+    assert box.uidvalidity == again.uidvalidity
+
+
+def test_lost_journal_entry_still_gives_a_new_modseq(user: User) -> None:
+    """A crash may lose a flag change's journal line; the renamed file is seen again."""
+    box = _box(user)
+    top = box.highest_modseq()
+    box.set_flags(3, ["\\Seen"])
+    Path(user.mailbox, JOURNAL_NAME).unlink()
+    again = _reopen(user)
+    assert again.message(3).flags == {"\\Seen"}
+    assert again.message(3).modseq > top and again.highest_modseq() > top
+
+
+def test_expunge_finds_a_file_renamed_by_another_program(user: User) -> None:
+    box = _box(user)
+    box.set_flags(1, ["\\Seen"])
+    cur = Path(user.mailbox, "cur")
+    [name] = [n for n in os.listdir(cur) if n.endswith(":2,S")]
+    os.rename(cur / name, cur / (name + "T"))  # mutt marks it deleted meanwhile
+    assert box.expunge([1]) == [1]
+    assert len(os.listdir(cur)) == 2
+    assert [i.uid for i in _reopen(user).messages()] == [2, 3]
+
+
+WORKER = """
+import json, sys
+from mailserv.directory import User
+from tests.store.helpers import make_store
+mailbox, first, count = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+box = make_store("maildir").open(User(name="alice", mailbox=mailbox)).open_folder("INBOX")
+out = {}
+for uid in range(first, first + count):
+    out[uid] = box.set_flags(uid, ["\\\\Seen", "kw%d" % (uid % 3)]).modseq
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.slow
+def test_processes_flagging_at_once_get_distinct_modseqs(user: User) -> None:
+    box = _box(user, 120)
+    top = box.highest_modseq()
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", WORKER, user.mailbox, str(1 + 30 * n), "30"],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+        )
+        for n in range(4)
+    ]
+    given: dict[int, int] = {}
+    for proc in procs:
+        out, _ = proc.communicate(timeout=120)
+        assert proc.returncode == 0
+        given.update({int(k): v for k, v in json.loads(out).items()})
+    assert sorted(given) == list(range(1, 121))
+    assert sorted(given.values()) == list(range(top + 1, top + 121))  # one each, no gaps
+    again = _reopen(user)
+    assert again.highest_modseq() == top + 120
+    for info in again.messages():
+        assert info.modseq == given[info.uid]
+        assert info.flags == {"\\Seen"} and info.keywords == {f"kw{info.uid % 3}"}
+    box.refresh()
+    assert box.highest_modseq() == top + 120

@@ -50,7 +50,12 @@ def test_flag_change_leaves_uidlist_alone_and_is_not_fsynced(
     before = (uidlist.stat().st_ino, uidlist.read_bytes())
     fsyncs: list[int] = []
     real_fsync = os.fsync
-    monkeypatch.setattr(os, "fsync", lambda fd: fsyncs.append(fd) or real_fsync(fd))
+
+    def counting_fsync(fd: int) -> None:
+        fsyncs.append(fd)
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", counting_fsync)
     top = box.highest_modseq()
     info = box.set_flags(2, ["\\Seen"])
     assert fsyncs == []

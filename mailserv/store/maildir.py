@@ -486,11 +486,16 @@ class MaildirFolder(FolderBase):
                 with self._lock():
                     self._sync_locked()
                 return
-            self._install(uidlist, key)
+            self._install(uidlist, key, same=uidlist is self._uidlist)
             self._sig = sig
 
     def _sync_locked(self, order: list[str] | None = None) -> UidList:
-        found_list, key = self._read_uidlist()
+        if self._index_current():  # what the disk says, without parsing it again
+            found_list, key = self._uidlist, self._index_key
+            assert key is not None
+            self._index_key = None  # changed in place below: read again if this fails
+        else:
+            found_list, key = self._read_uidlist()
         changed = found_list is None or key.stale
         uidlist = found_list or UidList(uidvalidity=next_uidvalidity(self.account.root))
         files = self._list_files()
@@ -539,9 +544,10 @@ class MaildirFolder(FolderBase):
             pass
         return target
 
-    def _install(self, uidlist: UidList, key: IndexKey) -> None:
+    def _install(self, uidlist: UidList, key: IndexKey, same: bool = False) -> None:
+        """Make ``uidlist`` the index in memory (``same``: it already is, unchanged)."""
         with self._mutex:
-            if uidlist is not self._uidlist or len(self._by_uid) != len(uidlist.records):
+            if not same:
                 self._by_uid = {r.uid: r for r in uidlist.records}
             self._uidlist = uidlist
             self._index_key = key

@@ -202,3 +202,21 @@ def test_processes_flagging_at_once_get_distinct_modseqs(user: User) -> None:
         assert info.flags == {"\\Seen"} and info.keywords == {f"kw{info.uid % 3}"}
     box.refresh()
     assert box.highest_modseq() == top + 120
+
+
+def test_index_kept_in_memory_still_sees_outside_changes(user: User) -> None:
+    """The parsed uidlist is reused under the lock, but the files are always listed."""
+    box = _box(user)
+    cur = Path(user.mailbox, "cur")
+    [first] = [n for n in os.listdir(cur) if n.startswith(box.message(1).key)]
+    os.unlink(cur / first)  # expunged by another program
+    top = box.highest_modseq()
+    new = box.append(io.BytesIO(b"Subject: appended\r\n\r\nbody\r\n"))  # as many as before
+    assert [i.uid for i in box.messages()] == [2, 3, 4] and new == 4
+    with pytest.raises(KeyError):
+        box.message(1)
+    assert box.highest_modseq() > top
+    again = _reopen(user)
+    assert [(i.uid, i.modseq) for i in again.messages()] == [
+        (i.uid, i.modseq) for i in box.messages()
+    ]

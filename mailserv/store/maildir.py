@@ -20,7 +20,7 @@ does), under the lock, moving new/ files to cur/.  Flags live in the
 ``:2,<letters>`` info suffix (D F P R S T, keywords a..z); every flag change,
 append and expunge bumps the folder's highest modseq (RFC 7162).  A flag
 change renames the file and appends its new modseq to the folder's journal,
-without fsync and without rewriting the uidlist; the parsed index is kept in
+with one fsync of the journal and without rewriting the uidlist; the parsed index is kept in
 memory and reused while the uidlist and journal are unchanged on disk.
 """
 
@@ -406,8 +406,12 @@ class MaildirFolder(FolderBase):
     def _journal_change(self, rec: UidRecord, new_name: str) -> None:
         """Record a flag change (file already renamed) with the next modseq; lock held.
 
-        Not fsynced: a crash may lose it, and the next synchronisation then
-        sees the renamed file and gives it a new modseq.
+        The journal line is fsynced (one fsync of an append-only file, never a
+        uidlist rewrite): RFC 7162 §3 lets a mod-sequence only grow, and a line
+        lost to a power failure would hand out a modseq a CONDSTORE/QRESYNC
+        client has already seen, so it would miss the changes made since.  The
+        rename itself may be lost; the next synchronisation then sees a file
+        name that differs from the journal and gives it a new, higher modseq.
         """
         uidlist = self._uidlist
         assert uidlist is not None
@@ -424,6 +428,8 @@ class MaildirFolder(FolderBase):
             elif os.pread(fd, 1, size - 1) != b"\n":
                 data = b"\n" + data  # end a line torn by a crash first
             write_all(fd, data)
+            if self.fsync:
+                os.fsync(fd)
         finally:
             os.close(fd)
         uidlist.highest_modseq = modseq

@@ -25,6 +25,7 @@ from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from mailserv.durable import write_atomic
 from mailserv.errors import ConfigError, ConfigProblem
 
 log = Logger()
@@ -105,19 +106,8 @@ def write_pem(
         serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption(),
     )
-    _atomic_write(key_file, key_pem, 0o600)
-    _atomic_write(cert_file, cert.public_bytes(serialization.Encoding.PEM), 0o644)
-
-
-def _atomic_write(path: str, data: bytes, mode: int) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
+    write_atomic(key_file, key_pem, mode=0o600)
+    write_atomic(cert_file, cert.public_bytes(serialization.Encoding.PEM), mode=0o644)
 
 
 def ensure_self_signed(state_dir: str, hostname: str, names: Sequence[str]) -> tuple[str, str]:

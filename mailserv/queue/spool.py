@@ -32,6 +32,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from mailserv.durable import fsync_dir
+
 FORMAT_VERSION = 1
 
 
@@ -70,14 +72,6 @@ class QueueEntry:
 def new_id() -> str:
     """A queue id: time-ordered and unique across processes."""
     return f"{int(time.time() * 1000):013x}{secrets.token_hex(5)}"
-
-
-def fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def enqueue(queue_dir: str, entry: QueueEntry, chunks: Iterable[bytes]) -> str:

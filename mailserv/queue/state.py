@@ -32,8 +32,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from mailserv.durable import fsync_dir
 from mailserv.queue import spool
-from mailserv.queue.spool import QueueEntry, fsync_dir
+from mailserv.queue.spool import QueueEntry
 
 STATE_VERSION = 1
 PENDING, SENT, FAILED, DONE = "pending", "sent", "failed", "done"

@@ -12,6 +12,7 @@ import os
 import threading
 from typing import Any
 
+from mailserv.durable import fsync_dir, read_file, write_atomic
 from mailserv.errors import FolderExists, InvalidFolderName, NoSuchFolder
 from mailserv.store import (
     SEPARATOR,
@@ -20,7 +21,6 @@ from mailserv.store import (
     folder_fs_name,
     split_folder_name,
 )
-from mailserv.store._fs import fsync_dir, read_file, write_atomic
 from mailserv.store.quota import MaildirSize
 
 

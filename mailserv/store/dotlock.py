@@ -16,8 +16,8 @@ import threading
 import time
 from typing import Any
 
+from mailserv.durable import hostname, pid_alive, unique_name, write_all
 from mailserv.errors import TemporaryFailure
-from mailserv.store._fs import hostname, pid_alive, unique_name, write_all
 
 
 class LockTimeout(TemporaryFailure):

@@ -37,15 +37,7 @@ from typing import IO, Any, BinaryIO, NamedTuple
 
 from zope.interface import implementer
 
-from mailserv.interfaces import IMailAccount, IMailbox, IMailStore
-from mailserv.store import (
-    MessageInfo,
-    TooManyKeywords,
-    folder_fs_name,
-    split_flags,
-    split_folder_name,
-)
-from mailserv.store._fs import (
+from mailserv.durable import (
     LineEnds,
     copy_into,
     crlf_size,
@@ -60,8 +52,16 @@ from mailserv.store._fs import (
     write_all,
     write_atomic,
 )
-from mailserv.store._fs import (
+from mailserv.durable import (
     listdir as _listdir,
+)
+from mailserv.interfaces import IMailAccount, IMailbox, IMailStore
+from mailserv.store import (
+    MessageInfo,
+    TooManyKeywords,
+    folder_fs_name,
+    split_flags,
+    split_folder_name,
 )
 from mailserv.store.account import AccountBase, FolderBase
 from mailserv.store.dotlock import DotLock

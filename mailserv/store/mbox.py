@@ -53,14 +53,7 @@ from typing import IO, Any, BinaryIO
 
 from zope.interface import implementer
 
-from mailserv.interfaces import IMailAccount, IMailbox, IMailStore
-from mailserv.store import (
-    MessageInfo,
-    folder_fs_name,
-    split_flags,
-    split_folder_name,
-)
-from mailserv.store._fs import (
+from mailserv.durable import (
     CHUNK,
     fsync_dir,
     line_regions,
@@ -75,8 +68,15 @@ from mailserv.store._fs import (
     write_all,
     write_atomic,
 )
-from mailserv.store._fs import (
+from mailserv.durable import (
     listdir as _listdir,
+)
+from mailserv.interfaces import IMailAccount, IMailbox, IMailStore
+from mailserv.store import (
+    MessageInfo,
+    folder_fs_name,
+    split_flags,
+    split_folder_name,
 )
 from mailserv.store.account import AccountBase, FolderBase
 from mailserv.store.dotlock import DotLock, LockTimeout

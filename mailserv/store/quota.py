@@ -21,8 +21,8 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from mailserv.durable import write_all, write_atomic
 from mailserv.errors import QuotaExceeded
-from mailserv.store._fs import write_all, write_atomic
 
 MAILDIRSIZE = "maildirsize"
 RECALC_SIZE = 5120

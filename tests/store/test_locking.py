@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from mailserv.directory import User
-from mailserv.store._fs import hostname
+from mailserv.durable import hostname
 from mailserv.store.dotlock import DotLock, LockTimeout
 from tests.store.helpers import checked_message, config, make_store, read_tags, verify_message
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from mailserv.directory import User
-from mailserv.store._fs import CHUNK, MAX_CARRY, crlf_size, open_crlf
+from mailserv.durable import CHUNK, MAX_CARRY, crlf_size, open_crlf
 from mailserv.store.mbox import quote_lines, scan
 from tests.store.helpers import make_store
 

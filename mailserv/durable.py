@@ -1,4 +1,4 @@
-"""Small durable-filesystem helpers shared by the maildir and mbox stores.
+"""Durable-filesystem helpers shared by the stores, the queue and the TLS files.
 
 Every write that must survive a crash goes through here: write a temporary
 file, fsync it, rename it into place, fsync the directory (LIMITS.md "fsync").

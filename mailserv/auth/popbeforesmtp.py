@@ -18,7 +18,7 @@ from twisted.enterprise import adbapi
 from twisted.internet import defer
 from zope.interface import implementer
 
-from mailserv.auth.sql import connection_pool, translate
+from mailserv.auth.sql import connection_pool, sqlite_state_pool, translate
 from mailserv.errors import TemporaryFailure
 from mailserv.interfaces import IPopBeforeSmtp
 
@@ -118,17 +118,7 @@ def build_pop_before_smtp(config: Any, reactor: Any) -> PopBeforeSmtp:
             connection_pool(section, reactor), section.driver, auth.pop_before_smtp, reactor
         )
     path = os.path.join(config.state_dir, "pop_before_smtp.sqlite")
-    pool = adbapi.ConnectionPool(
-        "sqlite3",
-        path,
-        timeout=5.0,
-        check_same_thread=False,
-        cp_min=1,
-        cp_max=1,
-        cp_noisy=False,
-        cp_reactor=reactor,
-    )
-    return PopBeforeSmtp(pool, "sqlite", auth.pop_before_smtp, reactor)
+    return PopBeforeSmtp(sqlite_state_pool(path, reactor), "sqlite", auth.pop_before_smtp, reactor)
 
 
 __all__ = ["PopBeforeSmtp", "build_pop_before_smtp"]

@@ -105,6 +105,22 @@ def read_secret_file(path: str | None) -> str | None:
         return f.read().strip()
 
 
+def sqlite_state_pool(path: str, reactor: Any, setup: Any = None) -> adbapi.ConnectionPool:
+    """A one-connection adbapi pool on a SQLite state file in state_dir (greylist,
+    POP-before-SMTP); ``setup(conn)`` runs on the connection when it opens."""
+    return adbapi.ConnectionPool(
+        "sqlite3",
+        path,
+        timeout=5.0,
+        check_same_thread=False,
+        cp_min=1,
+        cp_max=1,
+        cp_noisy=False,
+        cp_reactor=reactor,
+        cp_openfun=setup,
+    )
+
+
 def connection_pool(section: Any, reactor: Any) -> adbapi.ConnectionPool:
     """A bounded adbapi pool for the section (its own threads, at most pool_size)."""
     module, kwargs = connection_args(section, read_secret_file(section.password_file))

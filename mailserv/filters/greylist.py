@@ -21,11 +21,10 @@ from collections import OrderedDict
 from collections.abc import Mapping
 from typing import Any
 
-from twisted.enterprise import adbapi
 from twisted.internet import defer
 from zope.interface import implementer
 
-from mailserv.auth.sql import connection_pool, translate
+from mailserv.auth.sql import connection_pool, sqlite_state_pool, translate
 from mailserv.config.schema import (
     Section,
     boolean,
@@ -234,17 +233,7 @@ def sqlite_pool(path: str, reactor: Any) -> Any:
         # A lost triplet after a crash only means one more retry for a client.
         conn.execute("PRAGMA synchronous=NORMAL")
 
-    return adbapi.ConnectionPool(
-        "sqlite3",
-        path,
-        timeout=5.0,
-        check_same_thread=False,
-        cp_min=1,
-        cp_max=1,
-        cp_noisy=False,
-        cp_reactor=reactor,
-        cp_openfun=setup,
-    )
+    return sqlite_state_pool(path, reactor, setup)
 
 
 class GreylistOptions(Section):

@@ -34,6 +34,7 @@ from zope.interface import implementer
 from mailserv.config import Config, ListenerSection, load_config
 from mailserv.errors import ConfigError, ConfigProblem
 from mailserv.interfaces import IDrainable, IReloadable
+from mailserv.net import make_eager
 from mailserv.proxy import TrustedProxyFactory
 from mailserv.threads import ThreadPools
 from mailserv.tls import ServerTLS, ensure_self_signed
@@ -129,7 +130,7 @@ class ListenerService(StreamServerEndpointService):
         self._waitingForPort.addCallback(self._listening)
 
     def _listening(self, port: Any) -> Any:
-        self.port = port
+        self.port = make_eager(port)
         address = port.getHost()
         host = getattr(address, "host", None)
         where = (

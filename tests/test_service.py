@@ -13,6 +13,7 @@ from twisted.internet import defer, task
 
 from mailserv.config import from_dict
 from mailserv.errors import ConfigError
+from mailserv.net import EagerServer
 from mailserv.service import PROTOCOLS, MailService
 from tests.support.process import test_config
 
@@ -72,6 +73,8 @@ def test_listener_binds_and_serves(state_dir: Path, echo_protocol: None) -> Any:
         data = yield blocking(talk, port_of(service, "mx"), b"ping\r\n")
         assert data.startswith(b"hello 127.0.0.1:") and b"tls=False" in data
         assert data.endswith(b"ping\r\n")
+        svc = next(s for s in service.listener_services if s.label == "mx")
+        assert svc.port.transport is EagerServer
     finally:
         yield service.stopService()
 

@@ -199,12 +199,13 @@ class MailService(MultiService):
 
     def _build_tls(self) -> ServerTLS:
         tls = self.config.tls
+        extra = [(c.cert_file, c.key_file) for c in tls.certificates]
         if tls.cert_file and tls.key_file:
-            return ServerTLS(tls.cert_file, tls.key_file, tls.min_version)
+            return ServerTLS(tls.cert_file, tls.key_file, tls.min_version, extra)
         cert, key = ensure_self_signed(
             self.config.state_dir, self.config.hostname, self.config.domains
         )
-        return ServerTLS(cert, key, tls.min_version)
+        return ServerTLS(cert, key, tls.min_version, extra)
 
     def _add_listener(self, name: str, listener: ListenerSection) -> None:
         module = importlib.import_module(PROTOCOLS[listener.protocol])
@@ -323,9 +324,11 @@ class MailService(MultiService):
         if vars_of_listeners(new) != vars_of_listeners(self.config):
             log.warn("listener changes take effect only after a restart")
         if self._tls is not None:
-            if new.tls.cert_file and new.tls.key_file:
-                self._tls.cert_file, self._tls.key_file = new.tls.cert_file, new.tls.key_file
-            self._tls.reload()
+            self._tls.reload(
+                new.tls.cert_file,
+                new.tls.key_file,
+                [(c.cert_file, c.key_file) for c in new.tls.certificates],
+            )
         old_listeners = self.config.listeners
         self.config = new
         self.config.listeners = old_listeners

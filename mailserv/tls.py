@@ -127,46 +127,138 @@ def ensure_self_signed(state_dir: str, hostname: str, names: Sequence[str]) -> t
     return cert_file, key_file
 
 
-def load_context(cert_file: str, key_file: str, min_version: str = "TLSv1.2") -> SSL.Context:
-    """Build a server context from PEM files; raises ConfigError naming the file and problem."""
+def load_context(
+    cert_file: str, key_file: str, min_version: str = "TLSv1.2", key: str = "tls"
+) -> SSL.Context:
+    """Build a server context from PEM files; raises ConfigError naming the key and problem."""
+    return _load(cert_file, key_file, min_version, key)[0]
+
+
+def _load(
+    cert_file: str, key_file: str, min_version: str, key: str
+) -> tuple[SSL.Context, x509.Certificate]:
     problems = []
     try:
         with open(cert_file, "rb") as f:
             certs = x509.load_pem_x509_certificates(f.read())
     except (OSError, ValueError) as exc:
-        problems.append(ConfigProblem(cert_file, "tls.cert_file", f"cannot load: {exc}"))
+        problems.append(ConfigProblem(cert_file, f"{key}.cert_file", f"cannot load: {exc}"))
         certs = []
     try:
         with open(key_file, "rb") as f:
-            key = serialization.load_pem_private_key(f.read(), password=None)
+            private_key = serialization.load_pem_private_key(f.read(), password=None)
     except (OSError, ValueError, TypeError) as exc:
-        problems.append(ConfigProblem(key_file, "tls.key_file", f"cannot load: {exc}"))
+        problems.append(ConfigProblem(key_file, f"{key}.key_file", f"cannot load: {exc}"))
     if problems:
         raise ConfigError(problems)
     try:
         # pyOpenSSL takes cryptography objects directly (its own wrappers are deprecated).
         options = tssl.CertificateOptions(
-            privateKey=cast(Any, key),
+            privateKey=cast(Any, private_key),
             certificate=cast(Any, certs[0]),
             extraCertChain=cast(Any, certs[1:]),
             raiseMinimumTo=_VERSIONS[min_version],
         )
-        return options.getContext()
+        return options.getContext(), certs[0]
     except (SSL.Error, ValueError) as exc:
         raise ConfigError(
-            [ConfigProblem(cert_file, "tls", f"certificate and key do not match: {exc}")]
+            [ConfigProblem(cert_file, key, f"certificate and key do not match: {exc}")]
         ) from None
+
+
+def certificate_names(cert: x509.Certificate) -> list[str]:
+    """The DNS names a certificate serves: its subjectAltName DNS entries, else its CN."""
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName)
+        names = [str(n).lower().rstrip(".") for n in san.value.get_values_for_type(x509.DNSName)]
+    except x509.ExtensionNotFound:
+        names = [
+            str(a.value).lower().rstrip(".")
+            for a in cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+        ]
+    return names
+
+
+class _SNIMap:
+    """Server name → context, from the names in each extra certificate (``*.`` wildcards too)."""
+
+    def __init__(self) -> None:
+        self.exact: dict[str, SSL.Context] = {}
+        self.wildcard: dict[str, SSL.Context] = {}
+
+    def add(self, cert: x509.Certificate, context: SSL.Context) -> None:
+        for name in certificate_names(cert):
+            if name.startswith("*."):
+                self.wildcard.setdefault(name[2:], context)
+            else:
+                self.exact.setdefault(name, context)
+
+    def find(self, server_name: bytes | None) -> SSL.Context | None:
+        if not server_name:
+            return None
+        try:
+            name = server_name.decode("ascii").lower().rstrip(".")
+        except UnicodeDecodeError:
+            return None
+        found = self.exact.get(name)
+        if found is None and "." in name:
+            # A wildcard covers exactly one leftmost label (RFC 6125 section 6.4.3).
+            found = self.wildcard.get(name.split(".", 1)[1])
+        return found
+
+
+def build_server_context(
+    cert_file: str, key_file: str, min_version: str, extra: Sequence[tuple[str, str]]
+) -> SSL.Context:
+    """The default context, choosing one of ``extra`` by SNI; every problem reported at once."""
+    problems: list[ConfigProblem] = []
+    default: SSL.Context | None = None
+    try:
+        default = load_context(cert_file, key_file, min_version)
+    except ConfigError as exc:
+        problems.extend(exc.problems)
+    sni = _SNIMap()
+    for i, (extra_cert, extra_key) in enumerate(extra):
+        try:
+            context, cert = _load(extra_cert, extra_key, min_version, f"tls.certificates[{i}]")
+        except ConfigError as exc:
+            problems.extend(exc.problems)
+            continue
+        sni.add(cert, context)
+    if problems or default is None:
+        raise ConfigError(problems)
+    if sni.exact or sni.wildcard:
+
+        def choose(connection: SSL.Connection) -> None:
+            context = sni.find(connection.get_servername())
+            if context is not None:
+                connection.set_context(context)
+
+        default.set_tlsext_servername_callback(choose)
+    return default
 
 
 @implementer(IOpenSSLServerConnectionCreator)
 class ServerTLS:
-    """The server's TLS context, reloadable."""
+    """The server's TLS contexts, reloadable.
 
-    def __init__(self, cert_file: str, key_file: str, min_version: str = "TLSv1.2") -> None:
+    The default certificate (``[tls] cert_file``) answers every client; each of ``extra``
+    (``[[tls.certificates]]``) answers the clients whose SNI server name is one of the DNS names
+    in that certificate, so one listener can serve several domains under their own names.
+    """
+
+    def __init__(
+        self,
+        cert_file: str,
+        key_file: str,
+        min_version: str = "TLSv1.2",
+        extra: Sequence[tuple[str, str]] = (),
+    ) -> None:
         self.cert_file = cert_file
         self.key_file = key_file
         self.min_version = min_version
-        self._context = load_context(cert_file, key_file, min_version)
+        self.extra = list(extra)
+        self._context = build_server_context(cert_file, key_file, min_version, self.extra)
 
     def getContext(self) -> SSL.Context:
         return self._context
@@ -174,7 +266,23 @@ class ServerTLS:
     def serverConnectionForTLS(self, tlsProtocol: object) -> SSL.Connection:
         return SSL.Connection(self._context, None)
 
-    def reload(self) -> None:
-        """Re-read the certificate and key; on error keep the current context and raise."""
-        self._context = load_context(self.cert_file, self.key_file, self.min_version)
-        log.info("reloaded TLS certificate {cert}", cert=self.cert_file)
+    def reload(
+        self,
+        cert_file: str | None = None,
+        key_file: str | None = None,
+        extra: Sequence[tuple[str, str]] | None = None,
+    ) -> None:
+        """Re-read every certificate and key (new files if given).
+
+        On error nothing changes: the current files and contexts stay, and ConfigError is raised.
+        """
+        cert_file = cert_file or self.cert_file
+        key_file = key_file or self.key_file
+        extra = list(self.extra if extra is None else extra)
+        self._context = build_server_context(cert_file, key_file, self.min_version, extra)
+        self.cert_file, self.key_file, self.extra = cert_file, key_file, extra
+        log.info(
+            "reloaded TLS certificate {cert} and {count} SNI certificate(s)",
+            cert=self.cert_file,
+            count=len(self.extra),
+        )

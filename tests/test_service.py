@@ -311,3 +311,102 @@ def test_proxied_protocols_are_built_for_the_client_address(
         assert seen == ["192.0.2.7"]
     finally:
         yield service.stopService()
+
+
+def _sni_config(state_dir: Path, test_ca: Any, mode: str = "implicit") -> Any:
+    config = test_config(
+        state_dir, {"mx": {"tls": mode}}, tls=(test_ca.cert_file, test_ca.key_file)
+    )
+    net = test_ca.issue("mail.example.net", "imap.example.net")
+    wild = test_ca.issue("*.wild.test")
+    config["tls"]["certificates"] = [
+        {"cert_file": net[0], "key_file": net[1]},
+        {"cert_file": wild[0], "key_file": wild[1]},
+    ]
+    return config
+
+
+def _served_name(port: int, ca_file: str, server_name: str | None, starttls: bool = False) -> str:
+    """The commonName of the certificate the server shows for ``server_name`` (SNI)."""
+    context = ssl.create_default_context(cafile=ca_file)
+    context.check_hostname = False
+    raw = socket.create_connection(("127.0.0.1", port), 5)
+    if starttls:
+        f = raw.makefile("rb")
+        f.readline()
+        raw.sendall(b"STARTTLS\r\n")
+        assert f.readline() == b"go ahead\r\n"
+    with context.wrap_socket(raw, server_hostname=server_name) as s:
+        return dict(x[0] for x in s.getpeercert()["subject"])["commonName"]
+
+
+@pytest_twisted.inlineCallbacks
+def test_sni_picks_the_certificate_that_serves_the_requested_name(
+    state_dir: Path, echo_protocol: None, test_ca: Any
+) -> Any:
+    config = from_dict(_sni_config(state_dir, test_ca), "test.toml", str(state_dir))
+    from twisted.internet import reactor
+
+    service = MailService.from_config(config, reactor)
+    service.startService()
+    try:
+        port = port_of(service, "mx")
+        cases = {
+            None: "mail.example.test",  # no SNI: the default certificate
+            "unknown.example.org": "mail.example.test",
+            "mail.example.net": "mail.example.net",
+            "IMAP.Example.NET": "mail.example.net",  # names compare case-insensitively
+            "mx1.wild.test": "*.wild.test",
+            "a.b.wild.test": "mail.example.test",  # a wildcard covers one label only
+        }
+        for name, expected in cases.items():
+            assert (yield blocking(_served_name, port, test_ca.ca_file, name)) == expected, name
+    finally:
+        yield service.stopService()
+
+
+@pytest_twisted.inlineCallbacks
+def test_sni_after_starttls(state_dir: Path, echo_protocol: None, test_ca: Any) -> Any:
+    config = from_dict(_sni_config(state_dir, test_ca, "starttls"), "test.toml", str(state_dir))
+    from twisted.internet import reactor
+
+    service = MailService.from_config(config, reactor)
+    service.startService()
+    try:
+        port = port_of(service, "mx")
+        served = yield blocking(_served_name, port, test_ca.ca_file, "mail.example.net", True)
+        assert served == "mail.example.net"
+    finally:
+        yield service.stopService()
+
+
+def test_sni_certificate_problems_name_the_key_and_reload_keeps_the_old(
+    state_dir: Path, echo_protocol: None, test_ca: Any, tmp_path: Path
+) -> None:
+    from twisted.internet import reactor
+
+    bad = _sni_config(state_dir, test_ca)
+    bad["tls"]["certificates"][1]["cert_file"] = str(tmp_path / "missing.crt")
+    with pytest.raises(ConfigError) as info:
+        MailService.from_config(from_dict(bad, "test.toml", str(state_dir)), reactor)
+    assert "tls.certificates[1].cert_file" in str(info.value)
+    assert "missing.crt" in str(info.value)
+
+    good = from_dict(_sni_config(state_dir, test_ca), "test.toml", str(state_dir))
+    service = MailService.from_config(good, reactor)
+    before = service.tls_options().getContext()
+    with pytest.raises(ConfigError):
+        service.reload(from_dict(bad, "test.toml", str(state_dir)))
+    tls = service.tls_options()
+    assert tls.getContext() is before and len(tls.extra) == 2
+    assert str(tmp_path / "missing.crt") not in [c for c, _ in tls.extra]
+
+
+def test_sni_certificates_config_is_checked(state_dir: Path) -> None:
+    config = test_config(state_dir)
+    config["tls"] = {"certificates": [{"cert_file": "a.crt"}]}
+    with pytest.raises(ConfigError, match=r"tls\.certificates\[0\]\.key_file"):
+        from_dict(config, "/etc/mailserv/mailserv.toml", str(state_dir))
+    config["tls"] = {"certificates": [{"cert_file": "a.crt", "key_file": "a.key"}]}
+    loaded = from_dict(config, "/etc/mailserv/mailserv.toml", "/etc/mailserv")
+    assert loaded.tls.certificates[0].cert_file == "/etc/mailserv/a.crt"

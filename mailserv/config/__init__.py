@@ -94,6 +94,9 @@ def _absolutise(config: Config, base: str) -> None:
 
     config.tls.cert_file = fix(config.tls.cert_file)
     config.tls.key_file = fix(config.tls.key_file)
+    for extra in config.tls.certificates:
+        extra.cert_file = fix(extra.cert_file) or extra.cert_file
+        extra.key_file = fix(extra.key_file) or extra.key_file
     for backend in config.auth.backend.values():
         for key in ("path", "password_file", "bind_password_file", "ca_file"):
             if hasattr(backend, key):

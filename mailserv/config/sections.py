@@ -53,12 +53,21 @@ def endpoint(value: Any, ctx: Context, key: str) -> str:
     return value
 
 
+class CertificateSection(Section):
+    """``[[tls.certificates]]``: one more certificate, served to clients that ask for its names."""
+
+    cert_file: str = option(string)
+    key_file: str = option(string)
+
+
 class TLSSection(Section):
     """``[tls]``: the server certificate (a self-signed pair is generated when omitted)."""
 
     cert_file: str | None = option(optional(string), None)
     key_file: str | None = option(optional(string), None)
     min_version: str = option(choice("TLSv1.2", "TLSv1.3"), "TLSv1.2")
+    # SNI: each certificate answers the server names in its subjectAltName (wildcards too).
+    certificates: list[CertificateSection] = option(list_of(table_of(CertificateSection)), list)
 
     def validate(self, ctx: Context, path: str) -> None:
         if (self.cert_file is None) != (self.key_file is None):

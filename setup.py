@@ -25,6 +25,9 @@ setup(
         "publicsuffixlist>=1.0",  # DMARC organizational domain from a bundled PSL snapshot
         "regex>=2024.0",  # header/body rules with a match timeout (filters/rules.py)
         "ldap3>=2.9",
+        # The exposition format and the process collector (CPU, RSS, fds) are the Prometheus
+        # project's own; ours would drift from the format the scrapers parse.
+        "prometheus-client>=0.20",
         "idna>=3.6",
         # Password hashing: argon2 and bcrypt are the reference C implementations;
         # writing either ourselves would be a security liability.

@@ -47,6 +47,7 @@ PROTOCOLS = {
     "submission": "mailserv.smtp",
     "imap": "mailserv.imap",
     "pop3": "mailserv.pop3",
+    "metrics": "mailserv.metrics",
 }
 
 
@@ -54,9 +55,11 @@ PROTOCOLS = {
 class TrackingFactory:
     """Delegates to a factory and keeps the set of its live connections (for drain)."""
 
-    def __init__(self, wrapped: Any, reactor: Any) -> None:
+    def __init__(self, wrapped: Any, reactor: Any, label: str = "-") -> None:
         self.wrapped = wrapped
         self.reactor = reactor
+        self.label = label
+        self.accepted = 0  # connections built since start (metrics)
         self.active: set[Any] = set()
         self._drained: list[defer.Deferred[None]] = []
 
@@ -77,6 +80,7 @@ class TrackingFactory:
         protocol = self.wrapped.buildProtocol(addr)
         if protocol is None:
             return None
+        self.accepted += 1
         self.active.add(protocol)
         original = protocol.connectionLost
 
@@ -210,7 +214,7 @@ class MailService(MultiService):
     def _add_listener(self, name: str, listener: ListenerSection) -> None:
         module = importlib.import_module(PROTOCOLS[listener.protocol])
         factory: Any = self._reloadable(module.build_factory(self, name, listener))
-        tracker = TrackingFactory(factory, self.reactor)
+        tracker = TrackingFactory(factory, self.reactor, name)
         self.trackers.append(tracker)
         outer: Any = tracker
         if listener.tls == "implicit":

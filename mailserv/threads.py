@@ -51,6 +51,10 @@ class ThreadPools(Service):
                 self._started = True
         return pool
 
+    def pools(self) -> dict[str, ThreadPool]:
+        """Every pool by name (for metrics; does not start any)."""
+        return dict(self._pools)
+
     def run(self, name: str, fn: Callable[..., _R], *args: Any, **kwargs: Any) -> Deferred[_R]:
         """``fn(*args)`` in pool ``name``; a failed Deferred once the pools are stopped."""
         try:

@@ -179,6 +179,19 @@ def certificate_names(cert: x509.Certificate) -> list[str]:
     return names
 
 
+def _expiries(cert_file: str, extra: Sequence[tuple[str, str]]) -> list[tuple[str, float]]:
+    out = []
+    for path in [cert_file, *(c for c, _ in extra)]:
+        try:
+            with open(path, "rb") as f:
+                cert = x509.load_pem_x509_certificates(f.read())[0]
+        except (OSError, ValueError, IndexError):
+            continue  # build_server_context has just loaded it; a race leaves it out
+        names = certificate_names(cert) or [os.path.basename(path)]
+        out.append((names[0], cert.not_valid_after_utc.timestamp()))
+    return out
+
+
 class _SNIMap:
     """Server name → context, from the names in each extra certificate (``*.`` wildcards too)."""
 
@@ -259,6 +272,11 @@ class ServerTLS:
         self.min_version = min_version
         self.extra = list(extra)
         self._context = build_server_context(cert_file, key_file, min_version, self.extra)
+        self._expiries = _expiries(cert_file, self.extra)
+
+    def expiries(self) -> list[tuple[str, float]]:
+        """(first DNS name, notAfter as Unix time) of the default and every SNI certificate."""
+        return list(self._expiries)
 
     def getContext(self) -> SSL.Context:
         return self._context
@@ -281,6 +299,7 @@ class ServerTLS:
         extra = list(self.extra if extra is None else extra)
         self._context = build_server_context(cert_file, key_file, self.min_version, extra)
         self.cert_file, self.key_file, self.extra = cert_file, key_file, extra
+        self._expiries = _expiries(cert_file, extra)
         log.info(
             "reloaded TLS certificate {cert} and {count} SNI certificate(s)",
             cert=self.cert_file,

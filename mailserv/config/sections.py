@@ -30,7 +30,7 @@ from mailserv.config.schema import (
     hostname as domain_name,
 )
 
-PROTOCOLS = ("smtp", "submission", "imap", "pop3")
+PROTOCOLS = ("smtp", "submission", "imap", "pop3", "metrics")
 TLS_MODES = ("none", "starttls", "implicit")
 
 _ENDPOINT_PREFIXES = ("tcp", "tcp6", "unix", "systemd")
@@ -87,6 +87,8 @@ class ListenerSection(Section):
     # "loopback": cleartext AUTH/LOGIN/USER only from 127.0.0.0/8 and ::1 (LIMITS.md).
     allow_plaintext_auth: str = option(choice("never", "loopback", "always"), "loopback")
     pipeline: str | None = option(optional(string), None)
+    # metrics: who may scrape (loopback only when empty).
+    allow_from: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = option(list_of(network), list)
     max_connections_per_ip: int | None = option(integer(1), None)
     idle_timeout: float | None = option(duration, None)
     # POP3 LOGIN-DELAY (RFC 2449 §6.8): least time between two logins of one user; 0 = none.
@@ -99,6 +101,10 @@ class ListenerSection(Section):
     max_messages_per_connection: int = option(integer(1), 1000)  # LIMITS.md; then 421
 
     def validate(self, ctx: Context, path: str) -> None:
+        if self.allow_from and self.protocol != "metrics":
+            ctx.error(f"{path}.allow_from", 'only meaningful with protocol = "metrics"')
+        if self.protocol == "metrics" and self.tls == "starttls":
+            ctx.error(f"{path}.tls", 'HTTP has no STARTTLS: use "none" or "implicit"')
         if self.proxy_protocol and not self.trusted_proxies:
             ctx.error(f"{path}.trusted_proxies", "proxy_protocol = true needs trusted proxies")
         if self.trusted_proxies and not self.proxy_protocol:

@@ -294,4 +294,5 @@ def test_reference_config_with_every_commented_key_enabled(tmp_path: Path) -> No
     assert set(config.auth.backend) >= {"local", "db", "corp", "system"}
     assert config.tls.cert_file == "/etc/mailserv/tls/fullchain.pem"
     assert config.tls.certificates[0].key_file == "/etc/mailserv/tls/example.net.key"
+    assert config.listeners["metrics"].protocol == "metrics"
     assert [e.filter for e in config.pipelines["inbound"]][:3] == ["headers", "dnsbl", "spf"]

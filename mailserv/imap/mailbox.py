@@ -1,25 +1,28 @@
 """The selected mailbox as one session sees it, and the change hub between sessions.
 
 Each session keeps its own view: the UIDs in sequence order and the last
-flags/modseq it reported.  ``diff`` turns a fresh listing from the store into
-the untagged EXPUNGE / EXISTS / FETCH responses of RFC 3501 section 7.4.1 and
-7.3, so sessions on one mailbox stay consistent: expunges are reported in
-descending order so every sequence number is valid when it is sent, UIDs are
-never reused (the store guarantees it, the view refuses to go back).
+flags/modseq it reported.  The sessions of one mailbox share a SharedFolder
+whose event log says what changed; ``SelectedMailbox.replay`` turns the events
+since the session's version into the untagged EXPUNGE / EXISTS / FETCH
+responses of RFC 3501 section 7.4.1 and 7.3, so sessions on one mailbox stay
+consistent: expunges are reported in descending order so every sequence number
+is valid when it is sent, UIDs are never reused (the store guarantees it, the
+view refuses to go back).
 """
 
 from __future__ import annotations
 
 import threading
-from bisect import bisect_left
+from bisect import bisect_left, bisect_right, insort
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 from twisted.internet.defer import Deferred, DeferredLock, succeed
 
 from mailserv.imap.fetch import format_flags
 from mailserv.imap.parser import format_set, resolve_seqset
+
+RECENT = frozenset({"\\Recent"})
 
 
 class ChangeHub:
@@ -143,14 +146,24 @@ def _acquire(_: Any, lock: DeferredLock) -> Deferred[DeferredLock]:
     return lock.acquire()
 
 
+EXPUNGED, CHANGED, ADDED = 0, 1, 2
+MAX_EVENTS = 4096  # events kept per folder; a session further behind re-diffs once
+
+
 class SharedFolder:
     """One store folder object shared by every session of the process that has it selected.
 
     The store's folder is thread-safe; ``lock`` orders our own writes and
     listings so that sessions queue here instead of on the store's dotlock.
-    ``listing`` caches ``messages()`` until a write (``invalidate``) or a
-    refresh that finds a change: N sessions on one mailbox cost one listing per
-    change, not N (each session still diffs against its own view).
+
+    The folder keeps the mailbox as our sessions know it (``by_uid``, ``uids``)
+    and an event log of what changed: each write patches the view with exactly
+    what it did (``apply``) and appends EXPUNGED / CHANGED / ADDED events; a
+    change seen from outside (another process, a delivery) is found by listing
+    the store once and diffing against the view, once for all sessions.  Each
+    session replays the events since the version it last reported
+    (``since``), so a STORE by one of N sessions costs O(1) per session, not a
+    diff of the whole mailbox per session.
     """
 
     MAX_AGE = 0.25  # a forced refresh reuses a listing younger than this (seconds)
@@ -160,47 +173,129 @@ class SharedFolder:
         self.box = box
         self.users = 0
         self.lock = threading.Lock()
-        self.listing: list[Any] | None = None
-        # (listing, state, refreshed_at), replaced whole: read without the lock
-        self.snapshot: tuple[list[Any], tuple[int, int], float] | None = None
+        # guards the view and the event log below; held briefly, also on the reactor
+        self.view_lock = threading.Lock()
+        self.by_uid: dict[int, Any] = {}
+        self.uids: list[int] = []
+        self.deleted: set[int] = set()  # UIDs with \Deleted (EXPUNGE needs no scan)
+        self.listed = False  # the view follows the store (else: list it)
+        self.stale = False  # something changed that we could not follow: list and diff
         self.state: tuple[int, int] = (0, 0)
+        self.version = 0
+        self.base = 0  # the log holds every event after this version
+        self.events: list[tuple[int, int, Any]] = []  # (version, kind, payload)
+        self._listing: list[Any] | None = None
         self.refreshed_at = 0.0
         self.listed_at = 0.0
 
-    def current(self, force: bool, now: float) -> tuple[list[Any], tuple[int, int]]:
+    # -- reading (reactor or thread) -----------------------------------
+
+    def fresh(self, force: bool, now: float) -> bool:
+        """Is the view good enough without looking at the store?  (``current`` would not.)"""
+        if not self.listed or self.stale:
+            return False
+        return not force or now - self.refreshed_at < self.MAX_AGE
+
+    def listing(self) -> list[Any]:
+        """The messages in UID order (built once per change, not per caller)."""
+        with self.view_lock:
+            return self._listing_locked()
+
+    def _listing_locked(self) -> list[Any]:
+        if self._listing is None:
+            by_uid = self.by_uid
+            self._listing = [by_uid[u] for u in self.uids]
+        return self._listing
+
+    def view(self) -> tuple[list[Any], tuple[int, int], int]:
+        """(messages, (uidnext, highest modseq), version), consistent with each other."""
+        with self.view_lock:
+            return self._listing_locked(), self.state, self.version
+
+    def since(self, version: int) -> tuple[int, list[tuple[int, Any]] | None, list[Any] | None]:
+        """What changed after ``version``: (version now, events, None), or (version now,
+        None, messages) when the log no longer reaches back that far (diff them), or
+        (version, None, None) when the view is being listed again (try later)."""
+        with self.view_lock:
+            if not self.listed:
+                return version, None, None
+            if version >= self.version:
+                return self.version, [], None
+            if version < self.base:
+                return self.version, None, self._listing_locked()
+            events = self.events
+            lo, hi = 0, len(events)
+            while lo < hi:  # first event after ``version``
+                mid = (lo + hi) // 2
+                if events[mid][0] <= version:
+                    lo = mid + 1
+                else:
+                    hi = mid
+            return self.version, [(kind, payload) for _, kind, payload in events[lo:]], None
+
+    # -- changing (thread pool, ``lock`` held) -------------------------
+
+    def current(
+        self, force: bool, now: float, listing: bool = True
+    ) -> tuple[list[Any], tuple[int, int]]:
         """The folder's messages and (uidnext, highest modseq); call with ``lock`` held.
 
         ``force`` looks at the store for changes made outside this process
         (NOOP, IDLE polls), unless a listing was taken in the last MAX_AGE seconds
-        (``now`` is the reactor's clock).
+        (``now`` is the reactor's clock).  ``listing=False`` only brings the view up
+        to date (the messages returned are then empty).
         """
-        if self.listing is not None and (not force or now - self.refreshed_at < self.MAX_AGE):
-            return self.listing, self.state
-        gone = self.box.refresh()
-        state = (int(self.box.uidnext()), int(self.box.highest_modseq()))
-        if self.listing is None or gone or state != self.state or now - self.listed_at > 30:
-            self.listing = list(self.box.messages())
-            self.listed_at = now
-        self.state = state
-        self.refreshed_at = now
-        self.snapshot = (self.listing, self.state, now)
-        return self.listing, self.state
+        if not self.fresh(force, now):
+            gone = self.box.refresh()
+            state = self.box_state()
+            if (
+                not self.listed
+                or self.stale
+                or gone
+                or state != self.state
+                or now - self.listed_at > 30
+            ):
+                self._relist(list(self.box.messages()), state)
+                self.listed_at = now
+            self.refreshed_at = now
+        with self.view_lock:
+            return (self._listing_locked() if listing else []), self.state
 
-    def cached(self, force: bool, now: float) -> tuple[list[Any], tuple[int, int]] | None:
-        """The cached listing if ``current`` would return it (no lock needed: one read of
-        a tuple the writers replace whole)."""
-        snapshot = self.snapshot
-        if snapshot is None:
-            return None
-        listing, state, refreshed_at = snapshot
-        if force and now - refreshed_at >= self.MAX_AGE:
-            return None
-        return listing, state
+    def _relist(self, messages: list[Any], state: tuple[int, int]) -> None:
+        """Make ``messages`` the view; the difference to the old view becomes events."""
+        with self.view_lock:
+            if not self.listed:
+                self.by_uid = {m.uid: m for m in messages}
+                self.uids = [m.uid for m in messages]
+                self.deleted = {m.uid for m in messages if "\\Deleted" in m.flags}
+                self.version += 1
+                self.base = self.version
+                self.events = []
+            else:
+                fresh = {m.uid: m for m in messages}
+                old = self.by_uid
+                gone = [u for u in self.uids if u not in fresh]
+                changed = []
+                added = []
+                for m in messages:
+                    before = old.get(m.uid)
+                    if before is None:
+                        added.append(m)
+                    elif before.modseq != m.modseq or _flags(before) != _flags(m):
+                        changed.append(m)
+                self._patch(changed, gone, added)
+                self.by_uid = fresh
+                self.uids = [m.uid for m in messages]
+                self.deleted = {m.uid for m in messages if "\\Deleted" in m.flags}
+                self._listing = None
+            self.listed = True
+            self.stale = False
+            self.state = state
 
     def invalidate(self) -> None:
-        """The folder changed in a way we cannot patch: the next listing goes to the store."""
-        self.snapshot = None
-        self.listing = None
+        """The folder changed in a way we cannot patch: the next ``current`` lists the store
+        and turns the difference into events."""
+        self.stale = True
 
     def box_state(self) -> tuple[int, int]:
         return (int(self.box.uidnext()), int(self.box.highest_modseq()))
@@ -212,34 +307,79 @@ class SharedFolder:
         removed: list[int] = (),  # type: ignore[assignment]
         added: list[Any] = (),  # type: ignore[assignment]
     ) -> None:
-        """Patch the cached listing after our own write (lock held) instead of listing again.
+        """Patch the view after our own write (``lock`` held) and log what it did.
 
         ``before`` is the box's (uidnext, highest modseq) just before the write.  The
-        patch is used only if the cache was current then and the store moved exactly
+        patch is trusted only if the view was current then and the store moved exactly
         as our write explains; anything else (a delivery or change from another
-        process seen during the write) invalidates the cache.
+        process seen during the write) also marks the view stale, so the next
+        listing diffs it against the store.
         """
         after = self.box_state()
-        if self.listing is None or self.state != before:
+        if not self.listed or self.state != before:
             self.invalidate()
+        else:
+            expected_uidnext = max([before[0], *(m.uid + 1 for m in added)])
+            modseqs = [int(m.modseq) for m in (*changed, *added)]
+            allowed = max([before[1] + (1 if removed else 0), *modseqs])
+            if after[0] != expected_uidnext or after[1] > allowed:
+                self.invalidate()
+        if not self.listed:
             return
-        expected_uidnext = max([before[0], *(m.uid + 1 for m in added)])
-        modseqs = [int(m.modseq) for m in (*changed, *added)]
-        allowed = max([before[1] + (1 if removed else 0), *modseqs])
-        if after[0] != expected_uidnext or after[1] > allowed:
-            self.invalidate()
-            return
-        by_uid = {m.uid: m for m in self.listing}
-        for m in changed:
-            if m.uid in by_uid:
+        with self.view_lock:
+            self._patch(changed, removed, added)
+            by_uid = self.by_uid
+            for m in changed:
+                if m.uid in by_uid:
+                    by_uid[m.uid] = m
+                    if "\\Deleted" in m.flags:
+                        self.deleted.add(m.uid)
+                    else:
+                        self.deleted.discard(m.uid)
+            if removed:
+                gone = {u for u in removed if u in by_uid}
+                for u in gone:
+                    del by_uid[u]
+                    self.deleted.discard(u)
+                if gone:
+                    self.uids = [u for u in self.uids if u not in gone]
+            for m in added:
+                if m.uid in by_uid:
+                    continue
                 by_uid[m.uid] = m
-        for uid in removed:
-            by_uid.pop(uid, None)
-        for m in added:
-            by_uid[m.uid] = m
-        self.listing = [by_uid[u] for u in sorted(by_uid)]
-        self.state = after
-        self.snapshot = (self.listing, self.state, self.refreshed_at)
+                if "\\Deleted" in m.flags:
+                    self.deleted.add(m.uid)
+                if not self.uids or m.uid > self.uids[-1]:
+                    self.uids.append(m.uid)
+                else:
+                    insort(self.uids, m.uid)
+            self._listing = None
+            if not self.stale:
+                self.state = after
+
+    def _patch(self, changed: list[Any], removed: list[int], added: list[Any]) -> None:
+        """Log one change (view_lock held)."""
+        if not (changed or removed or added):
+            return
+        self.version += 1
+        v = self.version
+        events = self.events
+        if removed:
+            events.append((v, EXPUNGED, list(removed)))
+        events.extend((v, CHANGED, m) for m in changed)
+        events.extend((v, ADDED, m) for m in added)
+        self._listing = None
+        if len(events) > MAX_EVENTS:
+            cut = len(events) - MAX_EVENTS // 2
+            self.base = events[cut - 1][0]
+            while cut < len(events) and events[cut][0] == self.base:
+                cut += 1  # never split one version
+            self.events = events[cut:]
+
+
+def _flags(info: Any) -> frozenset[str]:
+    all_flags = getattr(info, "all_flags", None)
+    return frozenset(all_flags if all_flags is not None else info.flags)
 
 
 def locked(
@@ -259,38 +399,26 @@ def locked(
             f.lock.release()
 
 
-@dataclass
-class Snapshot:
-    """What the session last told the client about one message."""
-
-    flags: frozenset[str]
-    modseq: int
-
-
 class SelectedMailbox:
-    """The session's view of the selected mailbox (RFC 3501 section 3.3)."""
+    """The session's view of the selected mailbox (RFC 3501 section 3.3).
+
+    ``info`` holds, per UID, the message as the client last heard of it (flags and
+    modseq included); ``version`` is the SharedFolder version it was brought up to.
+    """
 
     def __init__(self, name: str, box: Any, readonly: bool, messages: list[Any]) -> None:
         self.name = name
         self.box = box
         self.readonly = readonly
-        self.uids: list[int] = []
-        self.info: dict[int, Any] = {}
-        self.snap: dict[int, Snapshot] = {}
+        self.uids: list[int] = [m.uid for m in messages]
+        self.info: dict[int, Any] = {m.uid: m for m in messages}
         self.recent: set[int] = set()
         self.uidvalidity = int(box.uidvalidity)
-        self.highest_uid = 0
+        self.highest_uid = self.uids[-1] if self.uids else 0
         self.shared: SharedFolder | None = None
-        # the shared listing the view was last brought up to date with
-        self.seen_listing: list[Any] | None = None
-        self.apply_listing(messages)
-
-    def apply_listing(self, messages: list[Any]) -> None:
-        self.uids = [m.uid for m in messages]
-        self.info = {m.uid: m for m in messages}
-        self.snap = {m.uid: Snapshot(frozenset(m.flags), int(m.modseq)) for m in messages}
-        if self.uids:
-            self.highest_uid = max(self.highest_uid, self.uids[-1])
+        self.version = 0
+        # expunged in the store but not yet reported (held back during FETCH, STORE, SEARCH)
+        self.pending_gone: list[int] = []
 
     def __len__(self) -> int:
         return len(self.uids)
@@ -304,83 +432,133 @@ class SelectedMailbox:
     def uids_for_seqs(self, ranges: list[tuple[int, int]]) -> list[int]:
         """UIDs of the messages in a sequence set (``*`` = last); out-of-range ones are ignored."""
         n = len(self.uids)
+        uids = self.uids
+        resolved = resolve_seqset(ranges, n)
+        if len(resolved) == 1:
+            lo, hi = resolved[0]
+            return uids[max(lo, 1) - 1 : min(hi, n)]
         out: set[int] = set()
-        for lo, hi in resolve_seqset(ranges, n):
-            for seq in range(max(lo, 1), min(hi, n) + 1):
-                out.add(self.uids[seq - 1])
+        for lo, hi in resolved:
+            out.update(uids[max(lo, 1) - 1 : min(hi, n)])
         return sorted(out)
 
     def uids_for_uidset(self, ranges: list[tuple[int, int]]) -> list[int]:
         """UIDs in a UID set; ``*`` is the highest UID in use (RFC 3501 section 6.4.8)."""
         out: set[int] = set()
-        for lo, hi in resolve_seqset(ranges, self.uids[-1] if self.uids else 0):
-            i = bisect_left(self.uids, lo)
-            while i < len(self.uids) and self.uids[i] <= hi:
-                out.add(self.uids[i])
-                i += 1
+        uids = self.uids
+        for lo, hi in resolve_seqset(ranges, uids[-1] if uids else 0):
+            out.update(uids[bisect_left(uids, lo) : bisect_right(uids, hi)])
         return sorted(out)
+
+    def replay(
+        self,
+        events: list[tuple[int, Any]],
+        condstore: bool,
+        qresync: bool,
+        claim: Callable[[list[int]], set[int]],
+        allow_expunge: bool = True,
+    ) -> list[bytes]:
+        """Untagged responses for the SharedFolder events since the view's version.
+
+        Same order as ``diff``: expunges (descending, or VANISHED), flag changes of
+        messages the client knows, then EXISTS/RECENT for new UIDs.  ``claim`` takes
+        \\Recent for new UIDs (ChangeHub.claim_recent).
+        """
+        info = self.info
+        gone: list[int] = []
+        changed: dict[int, Any] = {}
+        new: dict[int, Any] = {}
+        for kind, payload in events:
+            if kind == CHANGED:
+                uid = payload.uid
+                if uid in new:
+                    new[uid] = payload
+                elif uid in info:
+                    changed[uid] = payload
+            elif kind == ADDED:
+                if payload.uid > self.highest_uid:
+                    new[payload.uid] = payload
+            else:
+                for uid in payload:
+                    if uid in info:
+                        gone.append(uid)
+                        changed.pop(uid, None)
+                    else:
+                        new.pop(uid, None)
+        out: list[bytes] = []
+        if gone:
+            self.pending_gone.extend(gone)
+        if self.pending_gone and allow_expunge:
+            out.extend(self._report_gone(qresync))
+        lines = []
+        for uid, m in changed.items():
+            old = info[uid]
+            info[uid] = m
+            if _flags(m) != _flags(old) or (condstore and int(m.modseq) != int(old.modseq)):
+                lines.append((uid, m))
+        if lines:
+            pending = set(self.pending_gone)
+            lines.sort()
+            out.extend(
+                self.flags_response(uid, condstore, with_uid=qresync)
+                for uid, _ in lines
+                if uid not in pending
+            )
+        if new:
+            ordered = sorted(new)
+            for uid in ordered:
+                self.uids.append(uid)
+                info[uid] = new[uid]
+            self.highest_uid = ordered[-1]
+            self.recent |= claim(ordered)
+            out.append(b"* %d EXISTS" % len(self.uids))
+            out.append(b"* %d RECENT" % len(self.recent))
+        return out
+
+    def _report_gone(self, qresync: bool) -> list[bytes]:
+        gone = sorted(set(self.pending_gone))
+        self.pending_gone = []
+        if qresync:
+            out = [b"* VANISHED " + format_set(gone).encode()]
+        else:
+            out = [b"* %d EXPUNGE" % s for s in sorted(map(self.seq_of, gone), reverse=True)]
+        gone_set = set(gone)
+        for u in gone:
+            self.info.pop(u, None)
+            self.recent.discard(u)
+        self.uids = [u for u in self.uids if u not in gone_set]
+        return out
 
     def diff(
         self,
         messages: list[Any],
         condstore: bool,
         qresync: bool,
-        recent: set[int],
+        claim: Callable[[list[int]], set[int]],
         allow_expunge: bool = True,
     ) -> list[bytes]:
-        """Untagged responses that bring the client from the old view to ``messages``."""
-        out: list[bytes] = []
+        """Untagged responses that bring the client from its view to ``messages`` (a full
+        listing: used when the event log no longer reaches back to the view's version)."""
         fresh = {m.uid: m for m in messages}
-        gone = [u for u in self.uids if u not in fresh]
-        if gone and allow_expunge:
-            if qresync:
-                out.append(b"* VANISHED " + format_set(gone).encode())
-            else:
-                seqs = sorted((self.seq_of(u) for u in gone), reverse=True)
-                out.extend(b"* %d EXPUNGE" % s for s in seqs)
-            for u in gone:
-                self.snap.pop(u, None)
-                self.info.pop(u, None)
-                self.recent.discard(u)
-            gone_set = set(gone)
-            self.uids = [u for u in self.uids if u not in gone_set]
-        # flag changes on messages the client knows
-        for uid in self.uids:
-            m = fresh.get(uid)
-            if m is None:
-                continue
-            self.info[uid] = m
-            snap = self.snap[uid]
-            flags = frozenset(m.flags)
-            if flags != snap.flags or (condstore and int(m.modseq) != snap.modseq):
-                self.snap[uid] = Snapshot(flags, int(m.modseq))
-                out.append(self.flags_response(uid, condstore, with_uid=qresync))
-        # new messages: UIDs only grow; never re-announce an expunged or lower UID
-        new = [m for m in messages if m.uid > self.highest_uid]
-        if new:
-            for m in new:
-                self.uids.append(m.uid)
-                self.info[m.uid] = m
-                self.snap[m.uid] = Snapshot(frozenset(m.flags), int(m.modseq))
-            self.highest_uid = self.uids[-1]
-            self.recent |= recent
-            out.append(b"* %d EXISTS" % len(self.uids))
-            out.append(b"* %d RECENT" % len(self.recent))
-        return out
+        events: list[tuple[int, Any]] = [(EXPUNGED, [u for u in self.uids if u not in fresh])]
+        events.extend((CHANGED, fresh[u]) for u in self.uids if u in fresh)
+        events.extend((ADDED, m) for m in messages if m.uid > self.highest_uid)
+        self.pending_gone = []
+        return self.replay(events, condstore, qresync, claim, allow_expunge)
 
     def flags_response(self, uid: int, condstore: bool, with_uid: bool = False) -> bytes:
-        flags = set(self.snap[uid].flags)
+        info = self.info[uid]
+        flags = _flags(info)
         if uid in self.recent:
-            flags.add("\\Recent")
+            flags = flags | RECENT
         items = [b"FLAGS " + format_flags(flags)]
         if with_uid:
             items.insert(0, b"UID %d" % uid)
         if condstore:
-            items.append(b"MODSEQ (%d)" % self.snap[uid].modseq)
+            items.append(b"MODSEQ (%d)" % int(info.modseq))
         return b"* %d FETCH (" % self.seq_of(uid) + b" ".join(items) + b")"
 
     def record(self, info: Any) -> None:
         """Our own change to a message (STORE): the client is told in the command's response."""
         if info.uid in self.info:
             self.info[info.uid] = info
-            self.snap[info.uid] = Snapshot(frozenset(info.flags), int(info.modseq))

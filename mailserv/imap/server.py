@@ -639,7 +639,7 @@ class IMAPServer(Protocol):
         """Report what changed in the selected mailbox since the client last heard.
 
         ``force`` looks for changes made outside this process (NOOP, CHECK, IDLE);
-        otherwise the shared listing is enough (changes by our own sessions).
+        otherwise the shared view's event log is enough (changes by our own sessions).
         """
         sel = self.selected
         if sel is None or sel.shared is None:
@@ -648,33 +648,39 @@ class IMAPServer(Protocol):
         shared = sel.shared
         now = self.reactor.seconds()
         if force and self.ctx.hub.writing(shared.key):
-            # a write is in progress: it looks at the store and drops the cached listing
+            # a write is in progress: it looks at the store and marks the view stale
             # if something changed outside; do not queue a refresh behind it
             force = False
-        fresh = shared.cached(force, now)
-        if fresh is not None:
-            d: defer.Deferred[Any] = defer.succeed(fresh)
-        else:
-            d = self.ctx.hub.serial(
-                [shared.key], lambda: self.run(_shared_listing, shared, force, now)
-            )
+        if shared.fresh(force, now):
+            self._report(sel, allow_expunge)
+            return defer.succeed(None)
+        d = self.ctx.hub.serial([shared.key], lambda: self.run(_refresh_view, shared, force, now))
+        return d.addCallback(lambda _: self._report(sel, allow_expunge))
 
-        def report(result: tuple[list[Any], tuple[int, int]]) -> None:
-            messages, _state = result
-            if self.selected is not sel or self.closed or messages is sel.seen_listing:
+    def _report(self, sel: SelectedMailbox, allow_expunge: bool) -> None:
+        """Send the changes of the shared view since ``sel.version`` (reactor)."""
+        if self.selected is not sel or self.closed or sel.shared is None:
+            return
+        version, events, listing = sel.shared.since(sel.version)
+        key = self.selected_key
+        assert key is not None
+
+        def claim(uids: list[int]) -> set[int]:
+            return self.ctx.hub.claim_recent(key, uids, not sel.readonly)
+
+        if listing is not None:
+            lines = sel.diff(listing, self.condstore, self.qresync, claim, allow_expunge)
+        elif events is not None:
+            if not events and not (allow_expunge and sel.pending_gone):
                 return
-            sel.seen_listing = messages
-            assert self.selected_key is not None
-            recent = self.ctx.hub.claim_recent(
-                self.selected_key, [m.uid for m in messages], not sel.readonly
-            )
-            lines = sel.diff(messages, self.condstore, self.qresync, recent, allow_expunge)
-            if not allow_expunge and len(messages) != len(sel.uids):
-                self.dirty = True
-                sel.seen_listing = None  # expunges held back: report them next time
-            self.send_lines(lines)
-
-        return d.addCallback(report)
+            lines = sel.replay(events, self.condstore, self.qresync, claim, allow_expunge)
+        else:
+            self.dirty = True  # the view is being listed again: report at the next command
+            return
+        sel.version = version
+        if sel.pending_gone:
+            self.dirty = True  # expunges held back: report them next time
+        self.send_lines(lines)
 
     def _sync_if_dirty(self, command: str) -> defer.Deferred[None]:
         if self.selected is None or not self.dirty:
@@ -913,16 +919,16 @@ class IMAPServer(Protocol):
         self,
         name: str,
         readonly: bool,
-        result: tuple[SharedFolder, list[Any], tuple[int, int]],
+        result: tuple[SharedFolder, list[Any], tuple[int, int], int],
         qresync: list[Token] | None,
     ) -> Any:
-        shared, messages, (uidnext, highest) = result
+        shared, messages, (uidnext, highest), version = result
         if self.closed or self.state == "notauth":
             self.run(self.ctx.hub.release, shared)
             return None
         sel = SelectedMailbox(name, shared.box, readonly, messages)
         sel.shared = shared
-        sel.seen_listing = messages
+        sel.version = version
         key = self._hub_key(name)
         sel.recent = self.ctx.hub.claim_recent(key, sel.uids, not readonly)
         self.selected = sel
@@ -1850,27 +1856,26 @@ def _uses_modseq(key: searchmod.Key) -> bool:
 # Work done in the disk thread pool: plain functions over the store objects
 
 
-def _shared_listing(
-    shared: SharedFolder, force: bool, now: float
-) -> tuple[list[Any], tuple[int, int]]:
-    fresh = shared.cached(force, now)
-    if fresh is not None:
-        return fresh  # no need to queue behind writers for a listing we already have
+def _refresh_view(shared: SharedFolder, force: bool, now: float) -> None:
+    """Bring the shared view up to date with the store (its changes become events)."""
+    if shared.fresh(force, now):
+        return  # no need to look again: another session just did
     with shared.lock:
-        return shared.current(force, now)
+        shared.current(force, now, listing=False)
 
 
 def _select_shared(
     hub: ChangeHub, key: tuple[str, str], account: Any, name: str, now: float
-) -> tuple[SharedFolder, list[Any], tuple[int, int]]:
+) -> tuple[SharedFolder, list[Any], tuple[int, int], int]:
     shared = hub.acquire(key, lambda: account.open_folder(name))
     try:
         with shared.lock:
-            messages, state = shared.current(True, now)
+            shared.current(True, now, listing=False)
+            messages, state, version = shared.view()
     except BaseException:
         hub.release(shared)
         raise
-    return shared, messages, state
+    return shared, messages, state, version
 
 
 def _status_values(
@@ -2003,11 +2008,11 @@ def _expunge_deleted(
     """EXPUNGE every message with \\Deleted (RFC 3501 section 6.4.3), or those of them in
     ``allowed`` (UID EXPUNGE, RFC 4315); the caller holds the folder's lock."""
     if shared is not None:
-        listing, _ = shared.current(False, now)  # our sessions' flags, patched after writes
+        shared.current(False, now, listing=False)  # our sessions' flags, patched after writes
+        doomed = sorted(shared.deleted)
     else:
         box.refresh()
-        listing = list(box.messages())
-    doomed = [m.uid for m in listing if "\\Deleted" in m.flags]
+        doomed = [m.uid for m in box.messages() if "\\Deleted" in m.flags]
     if allowed is not None:
         permitted = set(allowed)
         doomed = [u for u in doomed if u in permitted]

@@ -15,9 +15,9 @@ delivery raises ``QuotaExceeded`` (temporary ``452 4.2.2`` or permanent
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -67,27 +67,44 @@ class MaildirSize:
         self.scan = scan
 
     def _read(self) -> tuple[int, int] | None:
+        """(bytes, messages) used, or None when a recalculation is due.
+
+        Delivery reads this file every time; only what was appended since
+        this process last parsed it is parsed again (the bytes already parsed
+        are compared, so a file rewritten meanwhile is parsed in full).
+        """
         try:
-            with open(self.path, "rb") as f:
-                data = f.read(RECALC_SIZE + 1)
+            fd = os.open(self.path, os.O_RDONLY)
         except FileNotFoundError:
             return None
+        try:
+            data = os.pread(fd, RECALC_SIZE + 1, 0)
+        finally:
+            os.close(fd)
         if len(data) >= RECALC_SIZE:
             return None
-        lines = data.decode("ascii", "replace").split("\n")
-        if lines[0].strip() != self.limits.definition:
-            return None
-        used_bytes = used_messages = 0
-        for line in lines[1:]:
-            if not line.strip():
-                continue
-            parts = line.split()
-            try:
-                used_bytes += int(parts[0])
-                used_messages += int(parts[1]) if len(parts) > 1 else 0
-            except ValueError:
+        with _parsed_lock:
+            parsed = _parsed.get(self.path)
+        definition = self.limits.definition
+        if parsed is not None and parsed[2] == definition and data.startswith(parsed[0]):
+            known, used, _ = parsed
+            tail = data[len(known) :]
+        else:
+            head, sep, tail = data.partition(b"\n")
+            if head.decode("ascii", "replace").strip() != definition:
                 return None
-        return max(used_bytes, 0), max(used_messages, 0)
+            known, used = head + sep, (0, 0)
+        complete = tail.rfind(b"\n") + 1
+        added = _sum_lines(tail[:complete])
+        if added is None:
+            return None
+        used = (used[0] + added[0], used[1] + added[1])
+        with _parsed_lock:
+            _parsed[self.path] = (known + tail[:complete], used, definition)
+        rest = _sum_lines(tail[complete:])  # a last line without its newline
+        if rest is None:
+            return None
+        return max(used[0] + rest[0], 0), max(used[1] + rest[1], 0)
 
     def recalculate(self) -> tuple[int, int]:
         used = self.scan()
@@ -113,12 +130,32 @@ class MaildirSize:
 
     def add(self, delta_bytes: int, delta_messages: int) -> None:
         """Record a change (one O_APPEND write, atomic against other writers)."""
-        if not os.path.exists(self.path):
+        try:
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
+        except FileNotFoundError:
             self.recalculate()
             return
-        with contextlib.suppress(FileNotFoundError):
-            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
-            try:
-                write_all(fd, f"{delta_bytes} {delta_messages}\n".encode())
-            finally:
-                os.close(fd)
+        try:
+            write_all(fd, f"{delta_bytes} {delta_messages}\n".encode())
+        finally:
+            os.close(fd)
+
+
+#: path → (bytes of maildirsize already parsed, their sum, the definition line).
+_parsed: dict[str, tuple[bytes, tuple[int, int], str]] = {}
+_parsed_lock = threading.Lock()
+
+
+def _sum_lines(data: bytes) -> tuple[int, int] | None:
+    """Sum of ``<bytes> [<messages>]`` lines; None if one is malformed."""
+    used_bytes = used_messages = 0
+    for line in data.split(b"\n"):
+        parts = line.split()
+        if not parts:
+            continue
+        try:
+            used_bytes += int(parts[0])
+            used_messages += int(parts[1]) if len(parts) > 1 else 0
+        except ValueError:
+            return None
+    return used_bytes, used_messages

@@ -17,12 +17,13 @@ from bisect import bisect_left, bisect_right, insort
 from collections.abc import Callable
 from typing import Any
 
-from twisted.internet.defer import Deferred, DeferredLock, succeed
+from twisted.internet.defer import Deferred, DeferredSemaphore, succeed
 
 from mailserv.imap.fetch import format_flags
 from mailserv.imap.parser import format_set, resolve_seqset
 
 RECENT = frozenset({"\\Recent"})
+WRITERS = 3  # jobs per folder handed to the thread pool at once (ChangeHub.serial)
 
 
 class ChangeHub:
@@ -38,28 +39,30 @@ class ChangeHub:
         self.connections: dict[tuple[str, str], int] = {}
         self._folders: dict[tuple[str, str], SharedFolder] = {}
         self._guard = threading.Lock()
-        self._queues: dict[tuple[str, str], DeferredLock] = {}
+        self._queues: dict[tuple[str, str], DeferredSemaphore] = {}
 
     def writing(self, key: tuple[str, str]) -> bool:
         """Is a session writing to ``key`` now?  Its write will notice outside changes."""
         queue = self._queues.get(key)
-        return queue is not None and bool(queue.locked)
+        return queue is not None and queue.tokens < queue.limit
 
     def serial(self, keys: list[tuple[str, str]], fn: Callable[[], Deferred[Any]]) -> Deferred[Any]:
-        """Run ``fn()`` (which starts thread-pool work) once no other session works on the
-        folders ``keys``: writers queue here, on the reactor, instead of holding pool threads
-        blocked on a folder lock while readers wait for a free thread.  Reactor thread only."""
+        """Run ``fn()`` (which starts thread-pool work) once fewer than WRITERS jobs of other
+        sessions work on the folders ``keys``.  The jobs take the folders' locks in their
+        thread (``locked``), so one writes at a time; the next ones wait there, ready to
+        go at once, and the rest queue here, on the reactor, instead of holding pool
+        threads that readers need.  Reactor thread only."""
         ordered = sorted(set(keys))
-        locks = [self._queues.setdefault(k, DeferredLock()) for k in ordered]
+        sems = [self._queues.setdefault(k, DeferredSemaphore(WRITERS)) for k in ordered]
         d: Deferred[Any] = succeed(None)
-        for lock in locks:
-            d.addCallback(_acquire, lock)
+        for sem in sems:
+            d.addCallback(_acquire, sem)
         d.addCallback(lambda _: fn())
 
         def release(result: Any) -> Any:
-            for key, lock in zip(ordered, locks, strict=True):
-                lock.release()
-                if not lock.locked and not lock.waiting and self._queues.get(key) is lock:
+            for key, sem in zip(ordered, sems, strict=True):
+                sem.release()
+                if sem.tokens == sem.limit and not sem.waiting and self._queues.get(key) is sem:
                     del self._queues[key]
             return result
 
@@ -142,8 +145,8 @@ class ChangeHub:
             self.connections[key] = count
 
 
-def _acquire(_: Any, lock: DeferredLock) -> Deferred[DeferredLock]:
-    return lock.acquire()
+def _acquire(_: Any, sem: DeferredSemaphore) -> Deferred[DeferredSemaphore]:
+    return sem.acquire()
 
 
 EXPUNGED, CHANGED, ADDED = 0, 1, 2
@@ -382,6 +385,31 @@ def _flags(info: Any) -> frozenset[str]:
     return frozenset(all_flags if all_flags is not None else info.flags)
 
 
+_EMPTY: frozenset[str] = frozenset()
+_FLAG_TEXT: dict[tuple[Any, Any, bool], bytes] = {}
+
+
+def flags_item(info: Any, recent: bool) -> bytes:
+    """``FLAGS (...)`` of a message, \\Recent added if ``recent`` (reactor thread).
+
+    A mailbox has few distinct flag sets: each is formatted once, keyed by the
+    store's (flags, keywords) frozensets, whose hashes Python keeps.
+    """
+    key = (info.flags, getattr(info, "keywords", _EMPTY), recent)
+    try:
+        text = _FLAG_TEXT.get(key)
+    except TypeError:  # not hashable (a set): format it every time
+        flags = _flags(info)
+        return b"FLAGS " + format_flags(flags | RECENT if recent else flags)
+    if text is None:
+        flags = _flags(info)
+        text = b"FLAGS " + format_flags(flags | RECENT if recent else flags)
+        if len(_FLAG_TEXT) >= 4096:
+            _FLAG_TEXT.clear()
+        _FLAG_TEXT[key] = text
+    return text
+
+
 def locked(
     folders: list[SharedFolder | None], write: bool, fn: Callable[..., Any], *args: Any
 ) -> Any:
@@ -548,10 +576,7 @@ class SelectedMailbox:
 
     def flags_response(self, uid: int, condstore: bool, with_uid: bool = False) -> bytes:
         info = self.info[uid]
-        flags = _flags(info)
-        if uid in self.recent:
-            flags = flags | RECENT
-        items = [b"FLAGS " + format_flags(flags)]
+        items = [flags_item(info, uid in self.recent)]
         if with_uid:
             items.insert(0, b"UID %d" % uid)
         if condstore:

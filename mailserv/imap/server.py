@@ -22,6 +22,7 @@ import functools
 import re
 import tempfile
 import time
+from bisect import bisect_left
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -47,7 +48,7 @@ from mailserv.errors import (
 from mailserv.imap import account as acct
 from mailserv.imap import fetch as fetchmod
 from mailserv.imap import search as searchmod
-from mailserv.imap.mailbox import ChangeHub, SelectedMailbox, SharedFolder, locked
+from mailserv.imap.mailbox import ChangeHub, SelectedMailbox, SharedFolder, flags_item, locked
 from mailserv.imap.parser import (
     Args,
     Atom,
@@ -64,7 +65,6 @@ from mailserv.imap.parser import (
 
 log = Logger()
 
-RECENT = frozenset({"\\Recent"})
 SYSTEM_FLAGS = ("\\Answered", "\\Flagged", "\\Deleted", "\\Seen", "\\Draft")
 FETCH_CHUNK = 100
 FETCH_CHUNK_NO_DATA = 2000  # FLAGS, UID, sizes, dates: built on the reactor, about 2 ms a 1000
@@ -1393,6 +1393,7 @@ class IMAPServer(Protocol):
     ) -> defer.Deferred[Any]:
         result: defer.Deferred[Any] = defer.Deferred()
         state = {"pos": 0, "gone": False, "changed": False}
+        only_view = all(a.name in ("FLAGS", "UID", "MODSEQ") for a in attrs)
 
         def next_chunk(_: Any = None) -> None:
             if self.closed or self.selected is not sel:
@@ -1416,6 +1417,8 @@ class IMAPServer(Protocol):
                 )
             elif needs_data:
                 d = self.run(_fetch_work, None, sel.box, infos, attrs, True, False)
+            elif only_view:
+                d = defer.succeed([(info, b"", False) for info in infos])
             else:
                 d = defer.succeed(
                     [(info, fetchmod.build_items(attrs, info, None, {}), False) for info in infos]
@@ -1427,13 +1430,22 @@ class IMAPServer(Protocol):
 
         def write(rows: list[tuple[Any, bytes | None, bool]]) -> None:
             out = []
+            suids = sel.uids
+            recent = sel.recent
+            condstore = self.condstore
+            j = 0
             for info, items, seen_set in rows:
                 if items is None:
                     state["gone"] = True
                     continue
-                seq = sel.seq_of(info.uid)
-                if not seq:
-                    continue
+                uid = info.uid
+                # the chunk is in UID order, like the view: walk along it for the numbers
+                if j >= len(suids) or suids[j] != uid:
+                    j = bisect_left(suids, uid)
+                    if j >= len(suids) or suids[j] != uid:
+                        j = 0
+                        continue
+                j += 1
                 flags_now = want_flags
                 if seen_set:
                     sel.record(info)
@@ -1441,17 +1453,14 @@ class IMAPServer(Protocol):
                     flags_now = True
                 parts = []
                 if want_uid:
-                    parts.append(b"UID %d" % info.uid)
+                    parts.append(b"UID %d" % uid)
                 if items:
                     parts.append(items)
                 if flags_now:
-                    flags = acct.flags_of(info)
-                    if info.uid in sel.recent:
-                        flags = flags | RECENT
-                    parts.append(b"FLAGS " + fetchmod.format_flags(flags))
-                if want_modseq or (seen_set and self.condstore):
+                    parts.append(flags_item(info, uid in recent))
+                if want_modseq or (seen_set and condstore):
                     parts.append(b"MODSEQ (%d)" % int(info.modseq))
-                out.append(b"* %d FETCH (" % seq + b" ".join(parts) + b")")
+                out.append(b"* %d FETCH (%s)" % (j, b" ".join(parts)))
             self.send_lines(out)
 
         next_chunk()
@@ -1521,13 +1530,10 @@ class IMAPServer(Protocol):
         return d.addCallback(done)
 
     def _store_fetch_line(self, sel: SelectedMailbox, info: Any, uid: bool) -> bytes:
-        flags = set(acct.flags_of(info))
-        if info.uid in sel.recent:
-            flags.add("\\Recent")
         parts = []
         if uid:
             parts.append(b"UID %d" % info.uid)
-        parts.append(b"FLAGS " + fetchmod.format_flags(flags))
+        parts.append(flags_item(info, info.uid in sel.recent))
         if self.condstore:
             parts.append(b"MODSEQ (%d)" % int(info.modseq))
         return b"* %d FETCH (" % sel.seq_of(info.uid) + b" ".join(parts) + b")"

@@ -344,7 +344,10 @@ class SharedFolder:
                 for u in gone:
                     del by_uid[u]
                     self.deleted.discard(u)
-                if gone:
+                if len(gone) <= 8:
+                    for u in gone:
+                        del self.uids[bisect_left(self.uids, u)]
+                elif gone:
                     self.uids = [u for u in self.uids if u not in gone]
             for m in added:
                 if m.uid in by_uid:
@@ -550,11 +553,17 @@ class SelectedMailbox:
             out = [b"* VANISHED " + format_set(gone).encode()]
         else:
             out = [b"* %d EXPUNGE" % s for s in sorted(map(self.seq_of, gone), reverse=True)]
-        gone_set = set(gone)
         for u in gone:
             self.info.pop(u, None)
             self.recent.discard(u)
-        self.uids = [u for u in self.uids if u not in gone_set]
+        if len(gone) <= 8:
+            for u in gone:
+                i = bisect_left(self.uids, u)
+                if i < len(self.uids) and self.uids[i] == u:
+                    del self.uids[i]
+        else:
+            gone_set = set(gone)
+            self.uids = [u for u in self.uids if u not in gone_set]
         return out
 
     def diff(

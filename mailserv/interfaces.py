@@ -292,5 +292,12 @@ class IMailbox(Interface):
     def expunge(uids: object) -> object:
         """Remove the messages; returns the UIDs actually removed."""
 
+    def expunged_since(modseq: int) -> list[int]:
+        """Sorted UIDs expunged with a modseq above ``modseq`` (RFC 7162 VANISHED (EARLIER)).
+
+        As of the last ``refresh()``.  May include UIDs that were never seen
+        (when ``modseq`` is older than the bounded history the store keeps).
+        """
+
     def close() -> None:
         """Release what the mailbox holds open."""

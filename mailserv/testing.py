@@ -88,6 +88,9 @@ class MemoryMailbox:
         self.expunged.append(uids)
         return [uid for uid in uids if self.contents.pop(uid, None) is not None]
 
+    def expunged_since(self, modseq: int) -> list[int]:
+        return sorted({uid for uids in self.expunged for uid in uids} - set(self.contents))
+
     def close(self) -> None:
         self.closed += 1
 
@@ -299,6 +302,7 @@ class _FolderData:
         self.modseq = 1
         # uid -> (data, flags, keywords, modseq, internal_date)
         self.messages: dict[int, tuple[bytes, frozenset[str], frozenset[str], int, float]] = {}
+        self.expunged: dict[int, int] = {}  # uid -> modseq of its expunge
 
     def add(self, data: bytes, flags: Iterable[str] = (), internal_date: float = 1.7e9) -> int:
         uid = self.next_uid
@@ -382,8 +386,12 @@ class SharedMemoryFolder:
         removed = [uid for uid in sorted(set(uids)) if self.data.messages.pop(uid, None)]
         if removed:
             self.data.modseq += 1
+            self.data.expunged.update(dict.fromkeys(removed, self.data.modseq))
         self.known -= set(removed)
         return removed
+
+    def expunged_since(self, modseq: int) -> list[int]:
+        return sorted(uid for uid, m in self.data.expunged.items() if m > modseq)
 
     def close(self) -> None:
         self.closed = True

@@ -218,6 +218,26 @@ class FolderBase:
     def uids(self) -> list[int]:
         return sorted(self._by_uid)
 
+    def _expunge_history(self) -> tuple[list[tuple[int, list[int]]], int, int]:
+        """(expunges as (modseq, UIDs), history floor, UIDNEXT) of the index in memory."""
+        raise NotImplementedError
+
+    def expunged_since(self, modseq: int) -> list[int]:
+        """UIDs expunged with a modseq above ``modseq``, sorted (RFC 7162 VANISHED (EARLIER)).
+
+        As of the last refresh.  For a modseq older than the recorded history
+        (bounded; expunges before mailserv recorded them), every UID below
+        UIDNEXT that is not present is returned: a superset, which RFC 7162
+        §3.2.10 allows.
+        """
+        with self._mutex:
+            history, floor, uidnext = self._expunge_history()
+            found = {uid for m, uids in history if m > modseq for uid in uids}
+            if modseq < floor:
+                present = self._by_uid
+                found.update(u for u in range(1, uidnext) if u not in present)
+            return sorted(found)
+
     def _copy_by_append(self, uids: Any, target: Any) -> dict[int, int]:
         """COPY into any IMailbox: append each message with its flags and date."""
         out = {}

@@ -68,6 +68,7 @@ from mailserv.store.account import AccountBase, FolderBase
 from mailserv.store.dotlock import DotLock
 from mailserv.store.quota import MAILDIRSIZE, MaildirSize, limits_for
 from mailserv.store.uidlist import (
+    EXPUNGE_HISTORY,
     JOURNAL_FOLD,
     JOURNAL_NAME,
     KEYWORDS_NAME,
@@ -78,12 +79,14 @@ from mailserv.store.uidlist import (
     UidRecord,
     apply_journal,
     base_name,
+    journal_expunge,
     journal_header,
     journal_record,
     parse_journal,
     parse_keywords,
     parse_uidlist,
     serialize_keywords,
+    serialize_records,
     serialize_uidlist,
 )
 
@@ -467,12 +470,12 @@ class MaildirFolder(FolderBase):
                 uidlist = parse_uidlist(data)
         stale = stats[1] != (0, 0, 0)
         if uidlist is not None:
-            entries = parse_journal(
+            journal = parse_journal(
                 read_file(os.path.join(self.path, JOURNAL_NAME)), uidlist.uidvalidity
             )
-            stale = entries is None
-            if entries:
-                apply_journal(uidlist, entries)
+            stale = journal is None
+            if journal is not None:
+                apply_journal(uidlist, journal)
         return uidlist, IndexKey(*stats, stale)
 
     def _index_current(self) -> bool:
@@ -493,36 +496,74 @@ class MaildirFolder(FolderBase):
         return self._sync_locked()
 
     def _write_index(self, uidlist: UidList) -> IndexKey:
-        """Rewrite the uidlist (durably when fsync is on), then drop the folded journal."""
-        write_atomic(
-            os.path.join(self.path, UIDLIST_NAME), serialize_uidlist(uidlist), fsync=self.fsync
-        )
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(os.path.join(self.path, JOURNAL_NAME))
+        """Rewrite the uidlist, and the journal with only the expunge history (lock held).
+
+        The history is cut to ``EXPUNGE_HISTORY`` UIDs (the floor moves up to
+        the newest dropped one); without history the journal goes.  Both
+        files are written aside, fsynced and renamed, then the folder fsynced
+        once.
+        """
+        uidlist.dead = 0
+        history = uidlist.expunged
+        kept = sum(len(uids) for _, uids in history)
+        while history and kept > EXPUNGE_HISTORY:
+            modseq, uids = history.pop(0)
+            kept -= len(uids)
+            uidlist.history_floor = max(uidlist.history_floor, modseq)
+        files = {UIDLIST_NAME: serialize_uidlist(uidlist)}
+        if history:
+            files[JOURNAL_NAME] = journal_header(
+                uidlist.uidvalidity, uidlist.history_floor
+            ) + b"".join(journal_expunge(m, uids) for m, uids in history)
+        else:
+            uidlist.history_floor = uidlist.highest_modseq
+        written = []
+        try:
+            for name, data in files.items():
+                tmp = os.path.join(self.path, f".{name}.tmp.{unique_name()}")
+                written.append((tmp, name))
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                try:
+                    write_all(fd, data)
+                    if self.fsync:
+                        os.fsync(fd)
+                finally:
+                    os.close(fd)
+            for tmp, name in written:  # the uidlist first: a journal never runs ahead of it
+                os.rename(tmp, os.path.join(self.path, name))
+        except BaseException:
+            for tmp, _ in written:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+            raise
+        if not history:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(os.path.join(self.path, JOURNAL_NAME))
+        if self.fsync:
+            fsync_dir(self.path)
         return IndexKey(*self._stat_index(), False)
 
-    def _journal_change(self, rec: UidRecord, new_name: str) -> None:
-        """Record a flag change (file already renamed) with the next modseq; lock held.
+    def _fold_due(self, uidlist: UidList, journal_size: int) -> bool:
+        """Is it time to rewrite the uidlist (journal too long, too many dead records)?"""
+        return journal_size > JOURNAL_FOLD or uidlist.dead > max(len(uidlist.records), 100)
 
-        The journal line is fsynced (one fsync of an append-only file, never a
-        uidlist rewrite): RFC 7162 §3 lets a mod-sequence only grow, and a line
-        lost to a power failure would hand out a modseq a CONDSTORE/QRESYNC
-        client has already seen, so it would miss the changes made since.  The
-        rename itself may be lost; the next synchronisation then sees a file
-        name that differs from the journal and gives it a new, higher modseq.
+    def _append_journal(self, data: bytes) -> None:
+        """Append lines to the journal, fsynced (lock held); fold it when it has grown.
+
+        RFC 7162 §3 lets a mod-sequence only grow: a line lost to a power
+        failure would hand out a modseq a CONDSTORE/QRESYNC client has already
+        seen, so it would miss the changes made since.
         """
         uidlist = self._uidlist
         assert uidlist is not None
-        modseq = uidlist.highest_modseq + 1
-        data = journal_record(rec.uid, modseq, new_name)
         self._index_key = None  # read again if the journal cannot be written
         fd = os.open(
             os.path.join(self.path, JOURNAL_NAME), os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600
         )
         try:
             size = os.fstat(fd).st_size
-            if size == 0:
-                data = journal_header(uidlist.uidvalidity) + data
+            if size == 0:  # expunges from here on are recorded
+                data = journal_header(uidlist.uidvalidity, uidlist.history_floor) + data
             elif os.pread(fd, 1, size - 1) != b"\n":
                 data = b"\n" + data  # end a line torn by a crash first
             write_all(fd, data)
@@ -530,13 +571,61 @@ class MaildirFolder(FolderBase):
                 os.fsync(fd)
         finally:
             os.close(fd)
+        key = IndexKey(*self._stat_index(), False)
+        if self._fold_due(uidlist, key.journal[1]):
+            key = self._write_index(uidlist)
+        self._index_key = key
+
+    def _journal_change(self, rec: UidRecord, new_name: str) -> None:
+        """Record a flag change (file already renamed) with the next modseq; lock held.
+
+        The rename itself may be lost in a crash; the next synchronisation then
+        sees a file name that differs from the journal and gives it a new,
+        higher modseq.
+        """
+        uidlist = self._uidlist
+        assert uidlist is not None
+        modseq = uidlist.highest_modseq + 1
         uidlist.highest_modseq = modseq
         rec.filename = new_name
         rec.modseq = modseq
-        key = IndexKey(*self._stat_index(), False)
-        if key.journal[1] > JOURNAL_FOLD:
-            key = self._write_index(uidlist)
-        self._index_key = key
+        self._append_journal(journal_record(rec.uid, modseq, new_name))
+
+    def _journal_expunge(self, uidlist: UidList, uids: list[int]) -> None:
+        """Record that ``uids`` are gone (files already unlinked) with one new modseq.
+
+        One journal line; or, when most of the uidlist's records are now dead
+        (POP3 QUIT after reading everything), one rewrite of the uidlist instead.
+        """
+        uidlist.highest_modseq += 1
+        uidlist.expunged.append((uidlist.highest_modseq, sorted(uids)))
+        uidlist.dead += len(uids)
+        if self._fold_due(uidlist, _stat3(os.path.join(self.path, JOURNAL_NAME))[1]):
+            self._index_key = self._write_index(uidlist)  # instead of the journal line
+        else:
+            self._append_journal(journal_expunge(uidlist.highest_modseq, uids))
+
+    def _append_records(self, records: list[UidRecord]) -> IndexKey:
+        """Append new records to the uidlist, fsynced (lock held), as Dovecot does.
+
+        A last line without its newline (a writer killed mid-append, never
+        acknowledged) is cut off first.
+        """
+        fd = os.open(os.path.join(self.path, UIDLIST_NAME), os.O_RDWR | os.O_APPEND)
+        try:
+            size = os.fstat(fd).st_size
+            tail = os.pread(fd, min(size, 64 * 1024), max(0, size - 64 * 1024))
+            if tail and not tail.endswith(b"\n"):
+                cut = tail.rfind(b"\n")
+                if cut < 0:
+                    raise UidListError("uidlist record longer than 64 KiB")
+                os.ftruncate(fd, size - len(tail) + cut + 1)
+            write_all(fd, serialize_records(records))
+            if self.fsync:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+        return IndexKey(*self._stat_index(), False)
 
     def _list_files(self) -> dict[str, tuple[str, str]]:
         files: dict[str, tuple[str, str]] = {}
@@ -594,47 +683,66 @@ class MaildirFolder(FolderBase):
             self._sig = sig
 
     def _sync_locked(self, order: list[str] | None = None) -> UidList:
+        """Match the index with the files (lock held): new files get UIDs, lost ones go.
+
+        ``order``: base names placed in cur/ by the caller (APPEND, COPY), in
+        the order their UIDs should follow; cur/ is fsynced for them.  New
+        UIDs are appended to the uidlist; vanished files are recorded in the
+        journal; the uidlist is rewritten only when the header or old records
+        must change.
+        """
         if self._index_current():  # what the disk says, without parsing it again
             found_list, key = self._uidlist, self._index_key
             assert key is not None
             self._index_key = None  # changed in place below: read again if this fails
         else:
             found_list, key = self._read_uidlist()
-        changed = found_list is None or key.stale
+        rewrite = found_list is None or key.stale
         uidlist = found_list or UidList(uidvalidity=next_uidvalidity(self.account.root))
         files = self._list_files()
         kept: list[UidRecord] = []
+        gone: list[int] = []
         for rec in uidlist.records:
             found = files.pop(rec.base, None)
             if found is None:
-                uidlist.highest_modseq += 1  # expunged by someone else
-                changed = True
+                gone.append(rec.uid)  # expunged by another program
                 continue
             name = self._to_cur(*found)
             if not rec.modseq:
                 uidlist.highest_modseq += 1
                 rec.modseq = uidlist.highest_modseq
-                changed = True
+                rewrite = True
             if name != rec.filename:
                 if info_letters(name) != info_letters(rec.filename):
                     uidlist.highest_modseq += 1
                     rec.modseq = uidlist.highest_modseq
                 rec.filename = name
-                changed = True
+                rewrite = True
             kept.append(rec)
         rank = {b: i for i, b in enumerate(order or ())}
+        added: list[UidRecord] = []
         for base in sorted(files, key=lambda b: (rank.get(b, -1), _sort_key(b))):
             name = self._to_cur(*files[base])
             uidlist.highest_modseq += 1
-            kept.append(UidRecord(uidlist.nextuid, name, uidlist.highest_modseq))
+            added.append(UidRecord(uidlist.nextuid, name, uidlist.highest_modseq))
             uidlist.nextuid += 1
-            changed = True
-        uidlist.records = kept
-        if changed:
+        uidlist.records = kept + added
+        if rewrite or gone or added:
             self._index_key = None
-            if self.fsync:
+            if self.fsync and (order or rewrite):
                 fsync_dir(os.path.join(self.path, "cur"))
-            key = self._write_index(uidlist)
+            if rewrite:
+                if gone:
+                    uidlist.highest_modseq += 1
+                    uidlist.expunged.append((uidlist.highest_modseq, gone))
+                key = self._write_index(uidlist)
+            else:
+                if added:
+                    key = self._append_records(added)
+                self._uidlist = uidlist
+                if gone:
+                    self._journal_expunge(uidlist, gone)
+                    key = self._index_key or IndexKey(*self._stat_index(), False)
         self._install(uidlist, key)
         return uidlist
 
@@ -877,42 +985,57 @@ class MaildirFolder(FolderBase):
         return {uid: new_uids[base] for uid, base, _ in placed}
 
     def expunge(self, uids: Any) -> list[int]:
-        """Remove messages for good; returns the UIDs actually removed."""
+        """Remove messages for good; returns the UIDs actually removed.
+
+        The files are unlinked, cur/ fsynced once, and one journal line
+        records them all (no uidlist rewrite).
+        """
         wanted = set(uids)
         removed: list[int] = []
         freed = 0
         with self._mutex, self._lock():
             uidlist = self._current_locked()
             cur = os.path.join(self.path, "cur")
-            if any(
-                r.uid in wanted and not os.path.exists(os.path.join(cur, r.filename))
-                for r in uidlist.records
-            ):
-                uidlist = self._sync_locked()  # renamed by another program: find its name
-            kept = []
+            missing: list[UidRecord] = []
             for rec in uidlist.records:
                 if rec.uid in wanted:
                     size = self._sizes(rec)[0]
                     try:
-                        os.unlink(os.path.join(self.path, "cur", rec.filename))
+                        os.unlink(os.path.join(cur, rec.filename))
                     except FileNotFoundError:
-                        pass
+                        missing.append(rec)
                     else:
                         freed += size
+                        removed.append(rec.uid)
+            if missing:  # renamed (flags) or removed by another program: look again
+                files = self._list_files()
+                for rec in missing:
+                    found = files.get(rec.base)
+                    if found is None:
+                        removed.append(rec.uid)  # gone all the same: record it below
+                        continue
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(os.path.join(self.path, *found))
+                        freed += self._sizes(rec)[0]
                     removed.append(rec.uid)
-                    self._size_cache.pop(rec.base, None)
-                else:
-                    kept.append(rec)
             if removed:
-                self._index_key = None
-                uidlist.records = kept
-                uidlist.highest_modseq += 1
+                for uid in removed:
+                    self._size_cache.pop(self._by_uid[uid].base, None)
                 if self.fsync:
-                    fsync_dir(os.path.join(self.path, "cur"))
-                self._install(uidlist, self._write_index(uidlist))
+                    fsync_dir(cur)
+                gone = set(removed)
+                uidlist.records = [r for r in uidlist.records if r.uid not in gone]
+                self._journal_expunge(uidlist, removed)
+                key = self._index_key
+                self._install(uidlist, key or IndexKey(*self._stat_index(), False))
         if removed:
             self.account._quota().add(-freed, -len(removed))
-        return removed
+        return sorted(removed)
+
+    def _expunge_history(self) -> tuple[list[tuple[int, list[int]]], int, int]:
+        uidlist = self._uidlist
+        assert uidlist is not None
+        return uidlist.expunged, uidlist.history_floor, uidlist.nextuid
 
     def clean_tmp(self, max_age: float = TMP_MAX_AGE) -> int:
         """Remove tmp/ files older than ``max_age`` (maildir spec: 36 hours)."""

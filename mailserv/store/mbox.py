@@ -81,6 +81,7 @@ from mailserv.store import (
 from mailserv.store.account import AccountBase, FolderBase
 from mailserv.store.dotlock import DotLock, LockTimeout
 from mailserv.store.quota import MAILDIRSIZE, MaildirSize, limits_for
+from mailserv.store.uidlist import EXPUNGE_HISTORY, parse_uid_set, uid_set
 
 LOCK_ATTEMPTS = 20
 LOCK_DELAY = 1.0
@@ -606,6 +607,19 @@ class _Index:
     size: int = 0
     mtime_ns: int = 0
     entries: list[Entry] = field(default_factory=list)
+    #: (modseq, UIDs) of each expunge, oldest first (QRESYNC VANISHED (EARLIER))
+    expunged: list[tuple[int, list[int]]] = field(default_factory=list)
+    #: expunges with a modseq above this are all in ``expunged``
+    history_floor: int = 0
+
+    def record_expunge(self, uids: list[int]) -> None:
+        """Note ``uids`` as expunged with the current highest modseq; bound the history."""
+        self.expunged.append((self.highest_modseq, sorted(uids)))
+        kept = sum(len(u) for _, u in self.expunged)
+        while kept > EXPUNGE_HISTORY:
+            modseq, dropped = self.expunged.pop(0)
+            kept -= len(dropped)
+            self.history_floor = max(self.history_floor, modseq)
 
 
 @implementer(IMailbox)
@@ -635,6 +649,12 @@ class MboxFolder(FolderBase):
             raw = json.loads(data)
             if raw.get("version") != INDEX_VERSION:
                 return None
+            expunged = []
+            for modseq, text in raw.get("expunged", []):
+                uids = parse_uid_set(text)
+                if uids is None:
+                    raise ValueError(f"bad expunged UIDs {text!r}")
+                expunged.append((int(modseq), uids))
             return _Index(
                 uidvalidity=int(raw["uidvalidity"]),
                 uidnext=int(raw["uidnext"]),
@@ -643,6 +663,9 @@ class MboxFolder(FolderBase):
                 size=int(raw["size"]),
                 mtime_ns=int(raw["mtime_ns"]),
                 entries=[Entry.from_json(r) for r in raw["entries"]],
+                expunged=expunged,
+                # An index written before expunges were recorded: none known up to now.
+                history_floor=int(raw.get("history_floor", raw["highest_modseq"])),
             )
         except (ValueError, KeyError, TypeError):
             return None
@@ -657,6 +680,8 @@ class MboxFolder(FolderBase):
             "size": index.size,
             "mtime_ns": index.mtime_ns,
             "entries": [e.to_json() for e in index.entries],
+            "expunged": [[m, uid_set(uids)] for m, uids in index.expunged],
+            "history_floor": index.history_floor,
         }
         write_atomic(
             self.index_path, json.dumps(data, separators=(",", ":")).encode(), fsync=self.fsync
@@ -754,10 +779,14 @@ class MboxFolder(FolderBase):
             index.uidvalidity = next_uidvalidity(self.account.meta)
             index.uidnext = 1
             matched = [(s, None) for s, _ in matched]
+            index.expunged, index.history_floor = [], index.highest_modseq
+            used = set()
         entries: list[Entry] = []
         changed = len(used) != len(index.entries)
         if changed:
             index.highest_modseq += 1
+            if index.uidnext > 1:  # removed by another program
+                index.record_expunge([e.uid for e in index.entries if e.uid not in used])
         for s, e in matched:
             if e is None:
                 index.highest_modseq += 1
@@ -913,6 +942,7 @@ class MboxFolder(FolderBase):
             new_st = os.stat(self.path)
             index.entries = kept
             index.highest_modseq += 1
+            index.record_expunge([e.uid for e in gone])
             index.ino, index.size, index.mtime_ns = (
                 new_st.st_ino,
                 new_st.st_size,
@@ -923,6 +953,10 @@ class MboxFolder(FolderBase):
             freed = st.st_size - new_st.st_size
         self.store.quota_for(self.account.user).add(-freed, -len(gone))
         return [e.uid for e in gone]
+
+    def _expunge_history(self) -> tuple[list[tuple[int, list[int]]], int, int]:
+        index = self._index
+        return index.expunged, index.history_floor, index.uidnext
 
     def close(self) -> None:
         pass

@@ -8,6 +8,7 @@ APPEND §6.3.11, COPY §6.4.7, EXPUNGE §6.4.3), RFC 4315 (UIDPLUS), RFC 6851
 from __future__ import annotations
 
 import io
+import mailbox
 import os
 import time
 from pathlib import Path
@@ -247,6 +248,49 @@ class MailStoreConformance:
         reopened = self.inbox()
         assert [i.uid for i in reopened.messages()] == uids[1:]
         assert all(self.read(reopened, u) == MSG for u in uids[1:])
+
+    def test_expunged_since_gives_the_uids_expunged_after_a_modseq(self) -> None:
+        """QRESYNC (RFC 7162 §3.2.5.2): UID FETCH ... (CHANGEDSINCE m VANISHED)."""
+        for _ in range(6):
+            self.store.deliver(self.user, io.BytesIO(MSG))
+        box = self.inbox()
+        start = box.highest_modseq()
+        assert box.expunged_since(start) == []
+        box.expunge([2])
+        mid = box.highest_modseq()
+        flagged = box.set_flags(3, ["\\Seen"])
+        other = self.inbox()  # another session (or process) expunges too
+        other.expunge([4, 5])
+        box.refresh()
+        for view in (box, self.inbox()):
+            assert view.expunged_since(start) == [2, 4, 5]
+            assert view.expunged_since(mid) == [4, 5]
+            assert view.expunged_since(flagged.modseq) == [4, 5]
+            assert view.expunged_since(view.highest_modseq()) == []
+        box.move_to([1], self.store.open(self.user).open_folder("Archive"))
+        assert self.inbox().expunged_since(start) == [1, 2, 4, 5]
+
+    def test_expunged_since_includes_messages_removed_by_another_program(self) -> None:
+        for i in range(3):
+            self.store.deliver(self.user, io.BytesIO(MSG + b"%d\r\n" % i))
+        box = self.inbox()
+        start = box.highest_modseq()
+        if self.fmt == "maildir":
+            cur = os.path.join(self.user.mailbox, "cur")
+            victim = next(n for n in os.listdir(cur) if n.startswith(box.message(2).key))
+            os.unlink(os.path.join(cur, victim))
+        else:  # Python's mailbox module rewrites the file under its own locks
+            other = mailbox.mbox(self.user.mailbox)
+            other.lock()
+            try:
+                other.remove(sorted(other.keys())[1])
+                other.flush()
+            finally:
+                other.unlock()
+                other.close()
+        assert box.refresh() == [2]
+        assert box.expunged_since(start) == [2]
+        assert self.inbox().expunged_since(start) == [2]
 
     # -- folders -------------------------------------------------------------
 

@@ -227,3 +227,34 @@ def test_dovecot_reads_flags_changed_after_the_last_uidlist_write(dovecot_home: 
         (2, set()),
         (3, {"\\Flagged", "work"}),
     ]
+
+
+def test_dovecot_reads_appended_records_and_drops_expunged_ones(dovecot_home: Path) -> None:
+    """Our uidlist as APPEND and EXPUNGE leave it: records appended, expunged ones still listed."""
+    home = dovecot_home
+    user, store, box = _our_maildir(home, 3)
+    uidlist = home / "Maildir" / "dovecot-uidlist"
+    first = uidlist.read_bytes()
+    box.expunge([2])
+    store.deliver(user, io.BytesIO(b"Subject: m3\r\n\r\nbody\r\n"))
+    box.refresh()
+    assert box.append(io.BytesIO(b"Subject: m4\r\n\r\nbody\r\n"), ["\\Seen"]) == 5
+    data = uidlist.read_bytes()
+    assert data.startswith(first) and b"\n2 " in data  # appended to; record 2 still there
+    out = _run_dovecot(
+        home,
+        b"a SELECT INBOX\r\nb UID FETCH 1:* (FLAGS BODY.PEEK[HEADER.FIELDS (SUBJECT)])\r\n"
+        b"c LOGOUT\r\n",
+    )
+    assert f"[UIDVALIDITY {box.uidvalidity}]" in out and "[UIDNEXT 6]" in out, out
+    fetch_line = r"UID (\d+) FLAGS \(([^)]*)\) BODY\[[^\]]*\] \{\d+\}\r\nSubject: (\S+)"
+    fetched = re.findall(fetch_line, out)
+    assert [(int(u), set(f.split()) - {"\\Recent"}, s) for u, f, s in fetched] == [
+        (1, set(), "m0"),
+        (3, set(), "m2"),
+        (4, set(), "m3"),
+        (5, {"\\Seen"}, "m4"),
+    ]
+    again = MaildirStore(config()).open(user).open_folder("INBOX")
+    assert [i.uid for i in again.messages()] == [1, 3, 4, 5]
+    assert again.expunged_since(0) == [2]

@@ -42,12 +42,7 @@ def _reopen(user: User) -> maildir.MaildirFolder:
     return make_store("maildir").open(user).open_folder("INBOX")
 
 
-def test_flag_change_leaves_uidlist_alone_and_fsyncs_only_the_journal(
-    user: User, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    box = _box(user)
-    uidlist = Path(user.mailbox, UIDLIST_NAME)
-    before = (uidlist.stat().st_ino, uidlist.read_bytes())
+def _fsync_counter(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     fsyncs: list[int] = []
     real_fsync = os.fsync
 
@@ -56,6 +51,16 @@ def test_flag_change_leaves_uidlist_alone_and_fsyncs_only_the_journal(
         real_fsync(fd)
 
     monkeypatch.setattr(os, "fsync", counting_fsync)
+    return fsyncs
+
+
+def test_flag_change_leaves_uidlist_alone_and_fsyncs_only_the_journal(
+    user: User, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    box = _box(user)
+    uidlist = Path(user.mailbox, UIDLIST_NAME)
+    before = (uidlist.stat().st_ino, uidlist.read_bytes())
+    fsyncs = _fsync_counter(monkeypatch)
     top = box.highest_modseq()
     info = box.set_flags(2, ["\\Seen"])
     # One fsync, of the journal: a modseq handed out must survive a power failure (RFC 7162 §3).
@@ -64,8 +69,8 @@ def test_flag_change_leaves_uidlist_alone_and_fsyncs_only_the_journal(
     assert info.modseq == top + 1 and box.highest_modseq() == top + 1
     journal = Path(user.mailbox, JOURNAL_NAME).read_text().splitlines()
     validity = box.uidvalidity
-    assert journal[0] == f"V{validity}" and journal[1].startswith(f"2 {top + 1} ")
-    assert journal[1].endswith(":2,S")
+    assert journal[0] == f"V{validity}" and journal[1] == f"F{top}"  # expunges recorded after
+    assert journal[2].startswith(f"2 {top + 1} ") and journal[2].endswith(":2,S")
 
 
 def test_journal_is_read_by_other_instances_and_after_reopen(user: User) -> None:
@@ -86,19 +91,122 @@ def test_journal_is_read_by_other_instances_and_after_reopen(user: User) -> None
     assert box.message(2).flags == {"\\Seen"} and box.message(2).modseq == b.modseq
 
 
-def test_uidlist_rewrite_folds_the_journal(user: User) -> None:
-    box = _box(user)
+def test_expunge_appends_to_the_journal_and_leaves_the_uidlist(
+    user: User, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    box = _box(user, 1000)
+    flagged = box.set_flags(2, ["\\Seen"])
+    uidlist = Path(user.mailbox, UIDLIST_NAME)
+    before = (uidlist.stat().st_ino, uidlist.read_bytes())
+    fsyncs = _fsync_counter(monkeypatch)
+    assert box.expunge([1, *range(3, 101)]) == [1, *range(3, 101)]
+    # cur/ once for the unlinks, the journal once for the line that records them all.
+    assert len(fsyncs) == 2
+    assert (uidlist.stat().st_ino, uidlist.read_bytes()) == before
+    journal = Path(user.mailbox, JOURNAL_NAME).read_text().splitlines()
+    assert journal[-1] == f"X{flagged.modseq + 1} 1,3:100"
+    for again in (box, _reopen(user)):
+        assert [i.uid for i in again.messages()] == [2, *range(101, 1001)]
+        assert again.message(2).modseq == flagged.modseq
+        assert again.highest_modseq() == flagged.modseq + 1
+        assert again.expunged_since(flagged.modseq) == [1, *range(3, 101)]
+
+
+def test_bulk_expunge_rewrites_the_uidlist_once(
+    user: User, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """POP3 QUIT after reading everything: most records dead, so compact now."""
+    box = _box(user, 1000)
+    top = box.highest_modseq()
+    box.expunge([1])
+    fsyncs = _fsync_counter(monkeypatch)
+    assert box.expunge(range(2, 1000)) == list(range(2, 1000))
+    # cur/, the new uidlist, the journal (expunge history only), the folder.
+    assert len(fsyncs) == 4
+    ul = parse_uidlist(Path(user.mailbox, UIDLIST_NAME).read_bytes())
+    assert [r.uid for r in ul.records] == [1000] and ul.highest_modseq == top + 2
+    journal = Path(user.mailbox, JOURNAL_NAME).read_text().splitlines()
+    assert journal[1:] == [f"F{top}", f"X{top + 1} 1", f"X{top + 2} 2:999"]
+    again = _reopen(user)
+    assert [i.uid for i in again.messages()] == [1000]
+    assert again.expunged_since(top) == list(range(1, 1000))
+    assert again.expunged_since(top + 1) == list(range(2, 1000))
+
+
+def test_folding_rewrites_the_uidlist_and_keeps_the_expunge_history(
+    user: User, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    box = _box(user, 4)
+    top = box.highest_modseq()
     flagged = box.set_flags(2, ["\\Seen"])
     box.expunge([1])
-    assert not Path(user.mailbox, JOURNAL_NAME).exists()
+    monkeypatch.setattr(maildir, "JOURNAL_FOLD", 10)
+    box.expunge([3])  # the journal is now past the limit: fold
     ul = parse_uidlist(Path(user.mailbox, UIDLIST_NAME).read_bytes())
-    rec = {r.uid: r for r in ul.records}[2]
+    assert [r.uid for r in ul.records] == [2, 4]
+    rec = ul.records[0]
     assert rec.modseq == flagged.modseq and rec.filename.endswith(":2,S")
-    assert ul.highest_modseq == flagged.modseq + 1  # the expunge
+    assert ul.highest_modseq == flagged.modseq + 2
+    journal = Path(user.mailbox, JOURNAL_NAME).read_text().splitlines()
+    assert journal[1:] == [f"F{top}", f"X{flagged.modseq + 1} 1", f"X{flagged.modseq + 2} 3"]
     again = _reopen(user)
-    assert [i.uid for i in again.messages()] == [2, 3]
+    assert [i.uid for i in again.messages()] == [2, 4]
     assert again.message(2).modseq == flagged.modseq
-    assert again.highest_modseq() == flagged.modseq + 1
+    assert again.expunged_since(top) == [1, 3]
+    assert again.expunged_since(flagged.modseq + 1) == [3]
+
+
+def test_expunge_history_is_bounded_and_then_answers_with_a_superset(
+    user: User, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(maildir, "EXPUNGE_HISTORY", 2)
+    monkeypatch.setattr(maildir, "JOURNAL_FOLD", 10)
+    box = _box(user, 6)
+    top = box.highest_modseq()
+    box.expunge([1, 2])
+    box.expunge([4])
+    box.expunge([5])  # folds: only the last two UIDs' expunges are kept
+    again = _reopen(user)
+    assert again.expunged_since(top + 1) == [4, 5]
+    # Before the history kept: every UID not present, including 1 and 2 (a superset is allowed).
+    assert again.expunged_since(top) == [1, 2, 4, 5]
+    assert again.expunged_since(0) == [1, 2, 4, 5]
+
+
+def test_new_uids_are_appended_to_the_uidlist(user: User, monkeypatch: pytest.MonkeyPatch) -> None:
+    box = _box(user, 3)
+    uidlist = Path(user.mailbox, UIDLIST_NAME)
+    before = (uidlist.stat().st_ino, uidlist.read_bytes())
+    store = make_store("maildir")
+    store.deliver(user, io.BytesIO(b"Subject: 4\r\n\r\nbody\r\n"))
+    fsyncs = _fsync_counter(monkeypatch)
+    uid = box.append(io.BytesIO(b"Subject: 5\r\n\r\nbody\r\n"), ["\\Seen"])
+    assert uid == 5
+    assert len(fsyncs) == 3  # the message, cur/, the uidlist
+    assert uidlist.stat().st_ino == before[0]
+    data = uidlist.read_bytes()
+    assert data.startswith(before[1])
+    assert data[len(before[1]) :].count(b"\n") == 2  # the delivered one, then the appended one
+    ul = parse_uidlist(data)
+    assert ul.nextuid == 6 and ul.highest_modseq == box.highest_modseq()
+    again = _reopen(user)
+    assert [i.uid for i in again.messages()] == [1, 2, 3, 4, 5]
+    assert again.message(5).flags == {"\\Seen"} and again.uidnext() == 6
+
+
+def test_torn_uidlist_append_is_ignored_then_cut(user: User) -> None:
+    box = _box(user, 2)
+    uidlist = Path(user.mailbox, UIDLIST_NAME)
+    with uidlist.open("ab") as f:
+        f.write(b"3 M9 :17956")  # a writer killed in the middle of an append
+    again = _reopen(user)
+    assert again.uidvalidity == box.uidvalidity
+    assert [i.uid for i in again.messages()] == [1, 2]
+    make_store("maildir").deliver(user, io.BytesIO(b"Subject: 3\r\n\r\nbody\r\n"))
+    again.refresh()
+    assert [i.uid for i in again.messages()] == [1, 2, 3]
+    assert b"17956\n" not in uidlist.read_bytes() and uidlist.read_bytes().endswith(b"\n")
+    assert [r.uid for r in parse_uidlist(uidlist.read_bytes()).records] == [1, 2, 3]
 
 
 def test_journal_is_folded_when_it_grows(user: User, monkeypatch: pytest.MonkeyPatch) -> None:

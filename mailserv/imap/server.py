@@ -7,8 +7,10 @@ regex LIST matching and its synchronous account calls, which is most of the
 class.  Here:
 
 - framing (lines and literals) is bounded: 8 KiB lines before login, 64 KiB
-  commands after, 4096-byte non-synchronising literals (LITERAL-, RFC 7888),
-  APPEND up to APPENDLIMIT (RFC 7889), spooled to a temporary file;
+  commands after, APPEND up to APPENDLIMIT (RFC 7889), spooled to a temporary
+  file; non-synchronising literals are LITERAL- (4096 octets, RFC 7888) before
+  login and LITERAL+ after it, under the same bounds as synchronising ones; a
+  too-large one is refused at once and its octets dropped (RFC 7888 section 4);
 - the tokenizer is iterative with a nesting limit (parser.py);
 - every store call runs in the ``disk`` thread pool;
 - STARTTLS drops whatever the client pipelined after it (CVE-2011-0411 class);
@@ -83,7 +85,8 @@ class Settings:
 
     max_line_unauth: int = 8192
     max_command: int = 65536
-    max_nonsync_literal: int = 4096
+    max_nonsync_literal: int = 4096  # LITERAL- (RFC 7888 section 5): before login, or always
+    literal_plus: bool = True  # LITERAL+ after login, bounded like synchronising literals
     max_append: int = 10_240_000
     bad_commands_unauth: int = 3
     bad_commands_auth: int = 20
@@ -282,7 +285,8 @@ class IMAPServer(Protocol):
         self.close(b"Autologout; idle for too long")
 
     def capabilities(self) -> bytes:
-        caps = ["IMAP4rev1", "SASL-IR", "LITERAL-", "ID", "ENABLE", "IDLE"]
+        caps = ["IMAP4rev1", "SASL-IR", "LITERAL+" if self._literal_plus() else "LITERAL-"]
+        caps.extend(["ID", "ENABLE", "IDLE"])
         if self.state == "notauth":
             if not self.secure and self.ctx.tls_options is not None:
                 caps.append("STARTTLS")
@@ -302,6 +306,12 @@ class IMAPServer(Protocol):
                 ]
             )  # fmt: skip
         return " ".join(caps).encode("ascii")
+
+    def _literal_plus(self) -> bool:
+        """RFC 7888: LITERAL+ once authenticated (a non-synchronising literal is then bounded
+        like a synchronising one: APPENDLIMIT, the command limit); LITERAL- (4096 octets)
+        before, where the limits are small.  Never both at once (section 5)."""
+        return self.settings.literal_plus and self.state != "notauth"
 
     def _plaintext_allowed(self) -> bool:
         mode = self.settings.allow_plaintext_auth
@@ -434,6 +444,13 @@ class IMAPServer(Protocol):
         is_append = len(words) > 1 and words[1].upper() == b"APPEND"
         literals = sum(1 for f in self.fragments if not isinstance(f, bytes) or f is not first)
         problem = None
+        if nonsync and size > 2 * max(self.settings.max_append, self.settings.max_command):
+            # RFC 7888 section 4, second choice: no limit admits it; rather than read it
+            # all to stay in sync, say why and close
+            self._drop_literal()
+            self.fragments = []
+            self.close(b"[TOOBIG] Literal too large")
+            return
         if self.state == "notauth" and size > self.settings.max_line_unauth:
             problem = b"BAD Literal too large before login"
         elif is_append and size > self.settings.max_append:
@@ -441,13 +458,16 @@ class IMAPServer(Protocol):
         elif (not is_append and self.command_size + size > self.settings.max_command) or (
             self.command_size > self.settings.max_command
         ):
-            problem = b"BAD Command too long"
+            problem = b"BAD [TOOBIG] Command too long" if nonsync else b"BAD Command too long"
         elif literals > 2 * MAX_LITERALS:
             problem = b"BAD Too many literals in one command"
-        elif nonsync and size > self.settings.max_nonsync_literal:
-            # RFC 7888 section 4: LITERAL- allows at most 4096 octets without "+"
-            problem = b"BAD Non-synchronising literal too large"
+        elif nonsync and not self._literal_plus() and size > self.settings.max_nonsync_literal:
+            # RFC 7888 section 5: LITERAL- allows at most 4096 octets without "+"; the
+            # refusal carries TOOBIG (RFC 4469)
+            problem = b"BAD [TOOBIG] Non-synchronising literal too large"
         if problem is not None:
+            # RFC 7888 section 4, first choice: refuse at once, then read and drop the
+            # octets the client sends anyway, so the next command is read in sync
             self._drop_literal()
             self.fragments = []
             self.command_size = 0

@@ -8,7 +8,8 @@
 # pointed at a DNS server on another port).  Postfix runs as its own instance configured here;
 # it never touches the system's Postfix or port 25.
 #
-# Usage: bench/relay.sh     (env: PYTHON, MESSAGES=2000, SIZE=4096, SESSIONS=20, ROUNDS=3, KEEP=1)
+# Usage: bench/relay.sh     (env: PYTHON, MESSAGES=2000, SIZE=4096, SESSIONS=20, ROUNDS=3, KEEP=1,
+#                           PROFILE=FILE: cProfile stats of the twistd process, for diagnosis only)
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -87,9 +88,12 @@ smtp_port = $SINK_PORT
 [aliases]
 "relay@example.test" = "sink@remote.test"
 EOF
+PROFILE_ARGS=()
+[ -n "${PROFILE:-}" ] && PROFILE_ARGS=(--profile="$PROFILE" --profiler=cprofile --savestats)
 (cd "$W/ms" && PYTHONPATH="$ROOT" exec "$PYTHON" -c \
     "import sys; from twisted.scripts.twistd import run; sys.exit(run())" \
-    -n --pidfile= --logfile="$W/ms/twistd.log" mailserv --config "$W/ms/mailserv.toml") &
+    -n --pidfile= --logfile="$W/ms/twistd.log" "${PROFILE_ARGS[@]}" \
+    mailserv --config "$W/ms/mailserv.toml") &
 MS_PID=$!
 PIDS+=("$MS_PID")
 

@@ -12,6 +12,7 @@ import itertools
 import os
 import re
 import socket
+import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import IO, Any, BinaryIO
@@ -45,6 +46,68 @@ def fsync_dir(path: str) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+class DirSync:
+    """Group commit of one directory's fsyncs, for writers in many threads.
+
+    ``DirSync.of(path).sync()`` returns once an fsync of the directory that
+    *began after the call* has succeeded, so the caller's creations and
+    renames in it are durable; callers that arrive while an fsync runs share
+    the next one (N concurrent writers cost about two fsyncs, not N).  An
+    fsync that fails fails every caller it was to cover.
+    """
+
+    _registry: dict[str, DirSync] = {}
+    _registry_lock = threading.Lock()
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._cond = threading.Condition(threading.Lock())
+        self._started = 0  # fsync rounds begun
+        self._done = 0  # rounds finished (one runs at a time, in order)
+        self._ok = 0  # last round that succeeded
+        self._error: OSError | None = None
+        self._running = False
+
+    @classmethod
+    def of(cls, path: str) -> DirSync:
+        """The one DirSync of ``path`` in this process."""
+        key = os.path.abspath(path)
+        with cls._registry_lock:
+            syncer = cls._registry.get(key)
+            if syncer is None:
+                syncer = cls._registry[key] = cls(key)
+            return syncer
+
+    def sync(self) -> None:
+        with self._cond:
+            need = self._started + 1  # the first round that begins after now
+            while self._ok < need:
+                if self._done >= need:  # the round that covered us failed
+                    assert self._error is not None
+                    raise self._error
+                if self._running:
+                    self._cond.wait()
+                    continue
+                self._started += 1
+                round_ = self._started
+                self._running = True
+                self._cond.release()
+                error: OSError | None = None
+                try:
+                    fsync_dir(self.path)
+                except OSError as exc:
+                    error = exc
+                finally:
+                    self._cond.acquire()
+                    self._running = False
+                    self._done = round_
+                    if error is None:
+                        self._ok = round_
+                    else:
+                        self._error = error
+                    self._cond.notify_all()
 
 
 def write_atomic(path: str, data: bytes, *, fsync: bool = True, mode: int = 0o600) -> None:

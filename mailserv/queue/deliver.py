@@ -22,7 +22,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from twisted.internet import defer
-from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint, connectProtocol
+from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint
+from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 
 from mailserv.errors import SMTPReply, TemporaryFailure
@@ -386,7 +387,7 @@ class Deliverer:
     def _connect_tcp(self, address: str, port: int, protocol: SMTPClientProtocol) -> Any:
         kind = TCP6ClientEndpoint if ":" in address else TCP4ClientEndpoint
         endpoint = kind(self.reactor, address, port, timeout=self.timeouts.connect)
-        return connectProtocol(endpoint, protocol)
+        return endpoint.connect(_OneShot(protocol))
 
     # ------------------------------------------------------------------
     # Where to go and with which TLS
@@ -481,6 +482,18 @@ class Deliverer:
                 return None
             return HostPlan(host, "verify", [], [host.name])
         return HostPlan(host, "may", [], [host.name])
+
+
+class _OneShot(Factory):
+    """endpoints.connectProtocol's factory, without its two log lines per connection."""
+
+    noisy = False
+
+    def __init__(self, protocol: SMTPClientProtocol) -> None:
+        self.protocol_instance = protocol
+
+    def buildProtocol(self, addr: Any) -> SMTPClientProtocol:
+        return self.protocol_instance
 
 
 def relay_credentials(config: Any) -> tuple[str, str] | None:

@@ -25,6 +25,7 @@ itself.
 from __future__ import annotations
 
 import fcntl
+import itertools
 import json
 import os
 import secrets
@@ -32,13 +33,14 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from mailserv.durable import fsync_dir
+from mailserv.durable import DirSync
 from mailserv.queue import spool
 from mailserv.queue.spool import QueueEntry
 
 STATE_VERSION = 1
 PENDING, SENT, FAILED, DONE = "pending", "sent", "failed", "done"
 ORPHAN_AGE = 3600.0  # a .msg without .env older than this is left over from a crash
+_tmp_names = itertools.count()
 
 
 @dataclass
@@ -186,16 +188,13 @@ class QueueStore:
     def save(self, item: QueueItem) -> None:
         """Replace ``<id>.state`` atomically (write, fsync, rename, fsync directory)."""
         final = self.path(item.id, "state")
-        tmp = f"{final}.tmp{secrets.token_hex(4)}"
-        with open(tmp, "wb") as f:
-            f.write(item.state_json())
-            f.flush()
-            os.fsync(f.fileno())
+        tmp = f"{final}.tmp{os.getpid():x}.{next(_tmp_names)}"
+        spool.write_file(tmp, [item.state_json()], 0)
         if not self.exists(item.id):  # deleted meanwhile (mailserv queue delete)
             os.unlink(tmp)
             raise FileNotFoundError(item.id)
         os.rename(tmp, final)
-        fsync_dir(self.directory)
+        DirSync.of(self.directory).sync()
 
     def remove_many(self, entry_ids: list[str]) -> None:
         """``remove`` for a batch (one thread hop for many finished entries)."""

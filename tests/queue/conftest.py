@@ -351,6 +351,90 @@ def queue_env(tmp_path: Path, dns_server: Any, mx_net: MXNet, test_ca: Any) -> I
     env.stop()
 
 
+POLICY = "version: STSv1\r\nmode: enforce\r\nmx: mx1.remote.test\r\nmax_age: 86400\r\n"
+
+
+class TLSNet:
+    """The TLS side of the fake remote network (the ``tls_net`` fixture).
+
+    ``mx(host, name)`` starts a fake MX offering STARTTLS with a certificate of
+    the session's test CA issued for ``name`` (or ``cert``); ``mta_sts(policy)``
+    serves an MTA-STS policy over HTTPS on 127.0.0.7 (``mta-sts.remote.test``)
+    and publishes its TXT and A records; the test's QueueEnv fetches it there.
+    Everything stops when the test ends.
+    """
+
+    def __init__(self, queue_env: QueueEnv, mx_net: MXNet, dns_server: Any, test_ca: Any) -> None:
+        self.queue_env = queue_env
+        self.mx_net = mx_net
+        self.dns_server = dns_server
+        self.test_ca = test_ca
+        self.listening: list[Any] = []
+
+    def mx(
+        self, host: str = "127.0.0.2", name: str = "mx1.remote.test", **behaviour: Any
+    ) -> FakeMX:
+        if "cert" not in behaviour:  # issuing again would replace the key of ``name``
+            behaviour["cert"] = self.test_ca.issue(name)
+        return self.mx_net.server(host, starttls=True, **behaviour)
+
+    def mta_sts(self, policy: str = POLICY, policy_id: str = "20261125") -> Any:
+        from twisted.internet import reactor
+        from twisted.web import resource, server
+
+        from mailserv.tls import ServerTLS
+
+        class Policy(resource.Resource):
+            isLeaf = True
+
+            def render_GET(self, request: Any) -> bytes:
+                request.setHeader(b"content-type", b"text/plain")
+                return policy.encode()
+
+        self.queue_env.sts_port = self.mx_net.port
+        cert = self.test_ca.issue("mta-sts.remote.test")
+        port = reactor.listenSSL(
+            self.mx_net.port, server.Site(Policy()), ServerTLS(*cert), interface="127.0.0.7"
+        )
+        self.listening.append(port)
+        self.sts_dns(policy_id)
+        return port
+
+    def sts_dns(self, policy_id: str | None = "20261125", **extra: Any) -> None:
+        """The remote domain's records, with the ``_mta-sts`` TXT (None: without it).
+
+        (mta-sts.remote.test has an address either way; nothing listens there
+        unless ``mta_sts`` was called.)
+        """
+        records: dict[str, Any] = {
+            "remote.test": {"MX": [[10, "mx1.remote.test"]]},
+            "mx1.remote.test": {"A": ["127.0.0.2"]},
+            "sender.test": {"MX": [[10, "mx.sender.test"]]},
+            "mx.sender.test": {"A": ["127.0.0.5"]},
+            "mta-sts.remote.test": {"A": ["127.0.0.7"]},
+        }
+        if policy_id is not None:
+            records["_mta-sts.remote.test"] = {"TXT": [f"v=STSv1; id={policy_id}"]}
+        records.update(extra)
+        self.dns_server.set(records)
+
+    def dane_dns(self, spki_sha256: str, **extra: Any) -> None:
+        """The remote domain's records with a TLSA 3 1 1 record for mx1.remote.test."""
+        name = f"_{self.mx_net.port}._tcp.mx1.remote.test"
+        self.sts_dns(None, **{name: {"TLSA": [[3, 1, 1, spki_sha256]]}}, **extra)
+
+    def stop(self) -> defer.Deferred[Any]:
+        ports, self.listening = self.listening, []
+        return defer.DeferredList([defer.maybeDeferred(p.stopListening) for p in ports])
+
+
+@pytest.fixture
+def tls_net(queue_env: QueueEnv, mx_net: MXNet, dns_server: Any, test_ca: Any) -> Iterator[TLSNet]:
+    net = TLSNet(queue_env, mx_net, dns_server, test_ca)
+    yield net
+    net.stop()
+
+
 def message(
     subject: str = "hello", body: bytes = b"Hello.\r\n", sender: str = "a@local.test"
 ) -> bytes:
@@ -360,4 +444,4 @@ def message(
     ).encode() + body
 
 
-__all__ = ["FakeMX", "MXNet", "QueueEnv", "message", "os"]
+__all__ = ["POLICY", "FakeMX", "MXNet", "QueueEnv", "TLSNet", "message", "os"]

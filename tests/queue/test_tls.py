@@ -19,7 +19,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from mailserv.queue.state import QueueStore
-from tests.queue.conftest import message
+from tests.queue.conftest import POLICY, message
 from tests.queue.test_delivery import remote_dns, wait_for
 
 pytestmark = pytest.mark.integration
@@ -45,6 +45,12 @@ def spki_sha256(cert_file: str) -> str:
     return hashlib.sha256(spki).hexdigest()
 
 
+def build_validating(queue_env: Any) -> Any:
+    """The queue service of queue_env with a resolver that validates every answer."""
+    _config, resolver = validating_env(queue_env)
+    return queue_env.build(resolver=resolver)
+
+
 def validating_env(queue_env: Any) -> tuple[Any, Any]:
     from twisted.internet import reactor
 
@@ -65,10 +71,10 @@ async def deferred_reason(queue_env: Any, entry_id: str) -> str:
 
 @pytest_twisted.ensureDeferred
 async def test_starttls_whenever_offered(
-    queue_env: Any, mx_net: Any, dns_server: Any, test_ca: Any
+    queue_env: Any, tls_net: Any, mx_net: Any, dns_server: Any, test_ca: Any
 ) -> None:
     remote_dns(dns_server)
-    mx = mx_net.server("127.0.0.2", starttls=True, cert=test_ca.issue("untrusted.example"))
+    mx = tls_net.mx(name="untrusted.example")
     queue_env.enqueue("a@sender.test", ["b@remote.test"], message())
     queue = queue_env.build()
     queue.startService()
@@ -80,15 +86,13 @@ async def test_starttls_whenever_offered(
 
 @pytest_twisted.ensureDeferred
 async def test_dane_matching_tlsa_delivers_over_tls(
-    queue_env: Any, mx_net: Any, dns_server: Any, test_ca: Any
+    queue_env: Any, tls_net: Any, mx_net: Any, dns_server: Any, test_ca: Any
 ) -> None:
     cert = test_ca.issue("mx1.remote.test")
-    tlsa_name = f"_{mx_net.port}._tcp.mx1.remote.test"
-    remote_dns(dns_server, **{tlsa_name: {"TLSA": [[3, 1, 1, spki_sha256(cert[0])]]}})
-    mx = mx_net.server("127.0.0.2", starttls=True, cert=cert)
+    tls_net.dane_dns(spki_sha256(cert[0]))
+    mx = tls_net.mx(cert=cert)
     queue_env.enqueue("a@sender.test", ["b@remote.test"], message())
-    _config, resolver = validating_env(queue_env)
-    queue = queue_env.build(resolver=resolver)
+    queue = build_validating(queue_env)
     queue.startService()
     await wait_for(lambda: len(mx.messages) == 1)
     assert mx.messages[0].tls is True
@@ -96,16 +100,14 @@ async def test_dane_matching_tlsa_delivers_over_tls(
 
 @pytest_twisted.ensureDeferred
 async def test_dane_mismatch_defers_and_sends_nothing(
-    queue_env: Any, mx_net: Any, dns_server: Any, test_ca: Any
+    queue_env: Any, tls_net: Any, mx_net: Any, dns_server: Any, test_ca: Any
 ) -> None:
     cert = test_ca.issue("mx1.remote.test")
     other = test_ca.issue("someone-else.test")
-    tlsa_name = f"_{mx_net.port}._tcp.mx1.remote.test"
-    remote_dns(dns_server, **{tlsa_name: {"TLSA": [[3, 1, 1, spki_sha256(other[0])]]}})
-    mx = mx_net.server("127.0.0.2", starttls=True, cert=cert)
+    tls_net.dane_dns(spki_sha256(other[0]))
+    mx = tls_net.mx(cert=cert)
     entry_id = queue_env.enqueue("a@sender.test", ["b@remote.test"], message())
-    _config, resolver = validating_env(queue_env)
-    queue = queue_env.build(resolver=resolver)
+    queue = build_validating(queue_env)
     queue.startService()
     reason = await deferred_reason(queue_env, entry_id)
     assert "4.7.5" in reason and "DANE" in reason
@@ -114,16 +116,14 @@ async def test_dane_mismatch_defers_and_sends_nothing(
 
 @pytest_twisted.ensureDeferred
 async def test_dane_with_stripped_starttls_never_sends_in_plaintext(
-    queue_env: Any, mx_net: Any, dns_server: Any, test_ca: Any
+    queue_env: Any, tls_net: Any, mx_net: Any, dns_server: Any, test_ca: Any
 ) -> None:
     """Defect 7 end to end: TLSA exists, the STARTTLS offer was stripped: defer, no MAIL."""
     cert = test_ca.issue("mx1.remote.test")
-    tlsa_name = f"_{mx_net.port}._tcp.mx1.remote.test"
-    remote_dns(dns_server, **{tlsa_name: {"TLSA": [[3, 1, 1, spki_sha256(cert[0])]]}})
+    tls_net.dane_dns(spki_sha256(cert[0]))
     mx = mx_net.server("127.0.0.2", starttls=False)
     entry_id = queue_env.enqueue("a@sender.test", ["b@remote.test"], message())
-    _config, resolver = validating_env(queue_env)
-    queue = queue_env.build(resolver=resolver)
+    queue = build_validating(queue_env)
     queue.startService()
     reason = await deferred_reason(queue_env, entry_id)
     assert "4.7.5" in reason
@@ -132,11 +132,10 @@ async def test_dane_with_stripped_starttls_never_sends_in_plaintext(
 
 @pytest_twisted.ensureDeferred
 async def test_without_validation_tlsa_is_ignored(
-    queue_env: Any, mx_net: Any, dns_server: Any, test_ca: Any
+    queue_env: Any, tls_net: Any, mx_net: Any, dns_server: Any, test_ca: Any
 ) -> None:
     """Unauthenticated TLSA records (no AD bit) must not be used (RFC 7672 §2.1)."""
-    tlsa_name = f"_{mx_net.port}._tcp.mx1.remote.test"
-    remote_dns(dns_server, **{tlsa_name: {"TLSA": [[3, 1, 1, "00" * 32]]}})
+    tls_net.dane_dns("00" * 32)
     mx = mx_net.server("127.0.0.2")
     queue_env.enqueue("a@sender.test", ["b@remote.test"], message())
     queue = queue_env.build()
@@ -144,93 +143,46 @@ async def test_without_validation_tlsa_is_ignored(
     await wait_for(lambda: len(mx.messages) == 1)
 
 
-def sts_server(test_ca: Any, port: int, policy: str) -> Any:
-    from twisted.internet import reactor
-    from twisted.web import resource, server
-
-    from mailserv.tls import ServerTLS
-
-    class Policy(resource.Resource):
-        isLeaf = True
-
-        def render_GET(self, request: Any) -> bytes:
-            request.setHeader(b"content-type", b"text/plain")
-            return policy.encode()
-
-    cert = test_ca.issue("mta-sts.remote.test")
-    return reactor.listenSSL(port, server.Site(Policy()), ServerTLS(*cert), interface="127.0.0.7")
-
-
-def sts_dns(dns_server: Any, mx_host_ip: str = "127.0.0.2") -> None:
-    remote_dns(
-        dns_server,
-        **{
-            "_mta-sts.remote.test": {"TXT": ["v=STSv1; id=20261125"]},
-            "mta-sts.remote.test": {"A": ["127.0.0.7"]},
-            "mx1.remote.test": {"A": [mx_host_ip]},
-        },
-    )
-
-
-POLICY = "version: STSv1\r\nmode: enforce\r\nmx: mx1.remote.test\r\nmax_age: 86400\r\n"
-
-
 @pytest_twisted.ensureDeferred
 async def test_mta_sts_enforce_with_valid_certificate(
-    queue_env: Any, mx_net: Any, dns_server: Any, test_ca: Any
+    queue_env: Any, tls_net: Any, mx_net: Any, dns_server: Any, test_ca: Any
 ) -> None:
-    queue_env.sts_port = mx_net.port
-    listening = sts_server(test_ca, mx_net.port, POLICY)
-    try:
-        sts_dns(dns_server)
-        mx = mx_net.server("127.0.0.2", starttls=True, cert=test_ca.issue("mx1.remote.test"))
-        queue_env.enqueue("a@sender.test", ["b@remote.test"], message())
-        queue = queue_env.build()
-        queue.startService()
-        await wait_for(lambda: len(mx.messages) == 1 or queue_env.state_reasons())
-        assert not queue_env.state_reasons()
-        assert mx.messages[0].tls
-    finally:
-        await listening.stopListening()
+    tls_net.mta_sts()
+    mx = tls_net.mx()
+    queue_env.enqueue("a@sender.test", ["b@remote.test"], message())
+    queue = queue_env.build()
+    queue.startService()
+    await wait_for(lambda: len(mx.messages) == 1 or queue_env.state_reasons())
+    assert not queue_env.state_reasons()
+    assert mx.messages[0].tls
 
 
 @pytest_twisted.ensureDeferred
 async def test_mta_sts_enforce_refuses_a_bad_certificate(
-    queue_env: Any, mx_net: Any, dns_server: Any, test_ca: Any
+    queue_env: Any, tls_net: Any, mx_net: Any, dns_server: Any, test_ca: Any
 ) -> None:
-    queue_env.sts_port = mx_net.port
-    listening = sts_server(test_ca, mx_net.port, POLICY)
-    try:
-        sts_dns(dns_server)
-        mx = mx_net.server("127.0.0.2", starttls=True, cert=test_ca.issue("wrong.name.test"))
-        entry_id = queue_env.enqueue("a@sender.test", ["b@remote.test"], message())
-        queue = queue_env.build()
-        queue.startService()
-        reason = await deferred_reason(queue_env, entry_id)
-        assert "4.7.5" in reason and "certificate" in reason
-        assert not any(c.startswith("MAIL") for c in mx.commands)
-    finally:
-        await listening.stopListening()
+    tls_net.mta_sts()
+    mx = tls_net.mx(name="wrong.name.test")
+    entry_id = queue_env.enqueue("a@sender.test", ["b@remote.test"], message())
+    queue = queue_env.build()
+    queue.startService()
+    reason = await deferred_reason(queue_env, entry_id)
+    assert "4.7.5" in reason and "certificate" in reason
+    assert not any(c.startswith("MAIL") for c in mx.commands)
 
 
 @pytest_twisted.ensureDeferred
 async def test_mta_sts_enforce_skips_mx_not_in_policy(
-    queue_env: Any, mx_net: Any, dns_server: Any, test_ca: Any
+    queue_env: Any, tls_net: Any, mx_net: Any, dns_server: Any, test_ca: Any
 ) -> None:
-    queue_env.sts_port = mx_net.port
-    policy = POLICY.replace("mx: mx1.remote.test", "mx: *.elsewhere.test")
-    listening = sts_server(test_ca, mx_net.port, policy)
-    try:
-        sts_dns(dns_server)
-        mx = mx_net.server("127.0.0.2", starttls=True, cert=test_ca.issue("mx1.remote.test"))
-        entry_id = queue_env.enqueue("a@sender.test", ["b@remote.test"], message())
-        queue = queue_env.build()
-        queue.startService()
-        reason = await deferred_reason(queue_env, entry_id)
-        assert "MTA-STS" in reason
-        assert mx.connections == 0
-    finally:
-        await listening.stopListening()
+    tls_net.mta_sts(POLICY.replace("mx: mx1.remote.test", "mx: *.elsewhere.test"))
+    mx = tls_net.mx()
+    entry_id = queue_env.enqueue("a@sender.test", ["b@remote.test"], message())
+    queue = queue_env.build()
+    queue.startService()
+    reason = await deferred_reason(queue_env, entry_id)
+    assert "MTA-STS" in reason
+    assert mx.connections == 0
 
 
 class ValidatingOnly(Validating):
@@ -246,21 +198,20 @@ class ValidatingOnly(Validating):
         return self.real.lookup(name, rdtype)
 
 
-def secure_sender_mx(mx_net: Any, test_ca: Any) -> Any:
+def secure_sender_mx(tls_net: Any) -> Any:
     """The sender's MX: DNSSEC zone, valid certificate, REQUIRETLS: bounces can reach it."""
     extensions = ["PIPELINING", "SIZE 50000000", "8BITMIME", "DSN", "REQUIRETLS"]
-    cert = test_ca.issue("mx.sender.test")
-    return mx_net.server("127.0.0.5", starttls=True, cert=cert, extensions=extensions)
+    return tls_net.mx("127.0.0.5", "mx.sender.test", extensions=extensions)
 
 
 @pytest_twisted.ensureDeferred
 async def test_requiretls_without_dnssec_or_mta_sts_bounces(
-    queue_env: Any, mx_net: Any, dns_server: Any, test_ca: Any
+    queue_env: Any, tls_net: Any, mx_net: Any, dns_server: Any, test_ca: Any
 ) -> None:
     """RFC 8689 §4.2.1: no validated MX and no MTA-STS policy: 5.7.10, nothing sent."""
     remote_dns(dns_server)
-    mx = mx_net.server("127.0.0.2", starttls=True, cert=test_ca.issue("mx1.remote.test"))
-    sender_mx = secure_sender_mx(mx_net, test_ca)
+    mx = tls_net.mx()
+    sender_mx = secure_sender_mx(tls_net)
     queue_env.enqueue("a@sender.test", ["b@remote.test"], message(), requiretls=True)
     config, _ = validating_env(queue_env)
     from mailserv.dns import DNSResolver
@@ -282,14 +233,13 @@ async def test_requiretls_without_dnssec_or_mta_sts_bounces(
 
 @pytest_twisted.ensureDeferred
 async def test_requiretls_needs_the_extension_and_verified_tls(
-    queue_env: Any, mx_net: Any, dns_server: Any, test_ca: Any
+    queue_env: Any, tls_net: Any, mx_net: Any, dns_server: Any, test_ca: Any
 ) -> None:
     remote_dns(dns_server)
-    plain_tls = mx_net.server("127.0.0.2", starttls=True, cert=test_ca.issue("mx1.remote.test"))
-    sender_mx = secure_sender_mx(mx_net, test_ca)
+    plain_tls = tls_net.mx()
+    sender_mx = secure_sender_mx(tls_net)
     queue_env.enqueue("a@sender.test", ["b@remote.test"], message(), requiretls=True)
-    _config, resolver = validating_env(queue_env)
-    queue = queue_env.build(resolver=resolver)
+    queue = build_validating(queue_env)
     queue.startService()
     await wait_for(lambda: len(sender_mx.messages) == 1)
     assert plain_tls.connections == 1 and not any(c.startswith("MAIL") for c in plain_tls.commands)
@@ -301,16 +251,13 @@ async def test_requiretls_needs_the_extension_and_verified_tls(
 
 @pytest_twisted.ensureDeferred
 async def test_requiretls_delivered_with_the_mail_parameter(
-    queue_env: Any, mx_net: Any, dns_server: Any, test_ca: Any
+    queue_env: Any, tls_net: Any, mx_net: Any, dns_server: Any, test_ca: Any
 ) -> None:
     remote_dns(dns_server)
     extensions = ["PIPELINING", "SIZE 50000000", "8BITMIME", "REQUIRETLS"]
-    mx = mx_net.server(
-        "127.0.0.2", starttls=True, cert=test_ca.issue("mx1.remote.test"), extensions=extensions
-    )
+    mx = tls_net.mx(extensions=extensions)
     queue_env.enqueue("a@sender.test", ["b@remote.test"], message(), requiretls=True)
-    _config, resolver = validating_env(queue_env)
-    queue = queue_env.build(resolver=resolver)
+    queue = build_validating(queue_env)
     queue.startService()
     await wait_for(lambda: len(mx.messages) == 1)
     assert mx.messages[0].tls
@@ -336,15 +283,13 @@ async def test_opportunistic_tls_failure_retries_in_plaintext(
 
 @pytest_twisted.ensureDeferred
 async def test_failed_handshake_under_a_policy_never_goes_plaintext(
-    queue_env: Any, mx_net: Any, dns_server: Any, test_ca: Any
+    queue_env: Any, tls_net: Any, mx_net: Any, dns_server: Any, test_ca: Any
 ) -> None:
     cert = test_ca.issue("mx1.remote.test")
-    tlsa_name = f"_{mx_net.port}._tcp.mx1.remote.test"
-    remote_dns(dns_server, **{tlsa_name: {"TLSA": [[3, 1, 1, spki_sha256(cert[0])]]}})
+    tls_net.dane_dns(spki_sha256(cert[0]))
     mx = mx_net.server("127.0.0.2", starttls=True, broken_tls=True)
     entry_id = queue_env.enqueue("a@sender.test", ["b@remote.test"], message())
-    _config, resolver = validating_env(queue_env)
-    queue = queue_env.build(resolver=resolver)
+    queue = build_validating(queue_env)
     queue.startService()
     reason = await deferred_reason(queue_env, entry_id)
     assert "4.7.5" in reason and "TLS handshake failed" in reason
@@ -353,15 +298,10 @@ async def test_failed_handshake_under_a_policy_never_goes_plaintext(
 
 @pytest_twisted.ensureDeferred
 async def test_smarthost_with_verified_tls_and_auth(
-    queue_env: Any, mx_net: Any, dns_server: Any, test_ca: Any, tmp_path: Any
+    queue_env: Any, tls_net: Any, mx_net: Any, dns_server: Any, test_ca: Any, tmp_path: Any
 ) -> None:
     dns_server.set({"relay.example.test": {"A": ["127.0.0.3"]}})
-    relay = mx_net.server(
-        "127.0.0.3",
-        starttls=True,
-        cert=test_ca.issue("relay.example.test"),
-        auth=("mailserv", "s3cret pass"),
-    )
+    relay = tls_net.mx("127.0.0.3", "relay.example.test", auth=("mailserv", "s3cret pass"))
     secret = tmp_path / "relay.secret"
     secret.write_text("s3cret pass\n")
     extra = (
@@ -382,12 +322,10 @@ async def test_smarthost_with_verified_tls_and_auth(
 
 @pytest_twisted.ensureDeferred
 async def test_smarthost_auth_failure_defers(
-    queue_env: Any, mx_net: Any, dns_server: Any, test_ca: Any, tmp_path: Any
+    queue_env: Any, tls_net: Any, mx_net: Any, dns_server: Any, test_ca: Any, tmp_path: Any
 ) -> None:
     dns_server.set({"relay.example.test": {"A": ["127.0.0.3"]}})
-    relay = mx_net.server(
-        "127.0.0.3", starttls=True, cert=test_ca.issue("relay.example.test"), auth=("u", "right")
-    )
+    relay = tls_net.mx("127.0.0.3", "relay.example.test", auth=("u", "right"))
     secret = tmp_path / "relay.secret"
     secret.write_text("wrong\n")
     extra = (

@@ -97,5 +97,26 @@ class Stuffer:
 
 def stuff(message: bytes, body_lines: int | None = None) -> bytes:
     """The whole multi-line body of a RETR (or TOP) response for ``message``."""
+    if body_lines is None:
+        return b"".join(stuff_parts(message))
     s = Stuffer(body_lines)
     return s.feed(message) + s.finish()
+
+
+def stuff_parts(message: bytes) -> tuple[bytes, bytes]:
+    """RETR's multi-line body of a whole message as (stuffed content, termination octets).
+
+    The same bytes as ``Stuffer`` (whatever the chunking) in at most four passes
+    over the message, most often two counts and one search: a message with
+    CRLF line ends only is not copied unless it has a line starting with ".".
+    """
+    data = message
+    if data.count(b"\n") != data.count(b"\r\n"):  # bare LF: line ends become CRLF
+        data = data.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+    if b"\n." in data:
+        data = data.replace(b"\n.", b"\n..")
+    if data.startswith(b"."):
+        data = b"." + data
+    if not data or data.endswith(b"\n"):
+        return data, b".\r\n"
+    return data, b"\r\n.\r\n"

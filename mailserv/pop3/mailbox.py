@@ -30,6 +30,10 @@ SMALL_MESSAGE = 256 * 1024
 # at most this many messages and octets are held per session.
 READ_AHEAD_MESSAGES = 64
 READ_AHEAD_BYTES = 1024 * 1024
+# Once fewer messages than this are left in the cache, the next ones are read in the background.
+PREFETCH_BELOW = READ_AHEAD_MESSAGES // 2
+# At most this many messages are looked at to pick the next ones to read (big ones are skipped).
+READ_AHEAD_SCAN = 4 * READ_AHEAD_MESSAGES
 
 
 class MaildropInUse(Exception):
@@ -119,6 +123,10 @@ class Maildrop:
         self._entries = [_Entry(int(i.uid), message_size(i)) for i in infos]
         self._cache: dict[int, bytes] = {}
         self._cached_bytes = 0
+        self._live = len(self._entries)
+        self._live_octets = sum(e.size for e in self._entries)
+        # The highest message number read ahead (or looked at for it) so far.
+        self._read_to = 0
 
     # -- bookkeeping (reactor thread) ---------------------------------------
 
@@ -134,8 +142,7 @@ class Maildrop:
 
     def stat(self) -> tuple[int, int]:
         """(messages, octets) not counting the messages marked deleted (RFC 1939 §5 STAT)."""
-        live = [e.size for e in self._entries if not e.deleted]
-        return len(live), sum(live)
+        return self._live, self._live_octets
 
     def listing(self) -> list[tuple[int, int, bytes]]:
         """(number, size, unique-id) of every message not marked deleted."""
@@ -155,29 +162,53 @@ class Maildrop:
         return uidl_for(self.uidvalidity, self._entries[number - 1].uid)
 
     def mark_deleted(self, number: int) -> None:
-        self._entries[number - 1].deleted = True
+        entry = self._entries[number - 1]
+        if not entry.deleted:
+            entry.deleted = True
+            self._live -= 1
+            self._live_octets -= entry.size
         self.take_cached(number)
 
     # -- read-ahead cache (reactor thread) ----------------------------------
 
     def read_ahead(self, number: int) -> list[int]:
         """Message ``number`` and the live small messages after it, to read in one disk job."""
-        out = [number]
-        total = self._entries[number - 1].size + self._cached_bytes
-        for n in range(number + 1, len(self._entries) + 1):
-            if len(out) >= READ_AHEAD_MESSAGES:
-                break
-            e = self._entries[n - 1]
-            if e.deleted or n in self._cache or e.size > SMALL_MESSAGE:
+        size = self._entries[number - 1].size
+        return [number, *self._following(number, size, READ_AHEAD_MESSAGES - 1)]
+
+    def prefetch(self, number: int) -> list[int]:
+        """The messages to read in the background after message ``number`` was served.
+
+        Empty while the cache still holds at least PREFETCH_BELOW messages; else
+        the live small messages after everything read so far, within the bounds.
+        """
+        if len(self._cache) >= PREFETCH_BELOW:
+            return []
+        return self._following(max(number, self._read_to), 0, READ_AHEAD_MESSAGES)
+
+    def _following(self, after: int, extra: int, room: int) -> list[int]:
+        """Live, small, uncached messages after ``after``, within the read-ahead bounds."""
+        out: list[int] = []
+        total = extra + self._cached_bytes
+        entries = self._entries
+        last = min(len(entries), after + READ_AHEAD_SCAN)
+        n = after
+        while n < last and len(out) < room:
+            n += 1
+            e = entries[n - 1]
+            if e.deleted or e.size > SMALL_MESSAGE or n in self._cache:
                 continue
             if total + e.size > READ_AHEAD_BYTES:
+                n -= 1
                 break
             out.append(n)
             total += e.size
+        self._read_to = max(self._read_to, n)
         return out
 
     def remember(self, number: int, data: bytes) -> None:
-        if number not in self._cache:
+        """Keep read-ahead content (not for a message marked deleted meanwhile)."""
+        if number not in self._cache and not self._entries[number - 1].deleted:
             self._cache[number] = data
             self._cached_bytes += len(data)
 
@@ -192,6 +223,8 @@ class Maildrop:
         """RFC 1939 §5 RSET: unmark every message."""
         for e in self._entries:
             e.deleted = False
+        self._live = len(self._entries)
+        self._live_octets = sum(e.size for e in self._entries)
 
     def deleted_uids(self) -> list[int]:
         return [e.uid for e in self._entries if e.deleted]
@@ -204,10 +237,13 @@ class Maildrop:
             data: bytes = f.read()
             return data
 
-    def read_messages(self, uids: Sequence[int]) -> dict[int, bytes]:
-        """uid -> content; the first must exist, later ones removed meanwhile are skipped."""
-        out = {uids[0]: self.read_message(uids[0])}
-        for uid in uids[1:]:
+    def read_messages(self, uids: Sequence[int], required: bool = True) -> dict[int, bytes]:
+        """uid -> content; messages gone meanwhile are skipped (not the first if ``required``)."""
+        out: dict[int, bytes] = {}
+        if required:
+            out[uids[0]] = self.read_message(uids[0])
+            uids = uids[1:]
+        for uid in uids:
             try:
                 out[uid] = self.read_message(uid)
             except (KeyError, FileNotFoundError):
@@ -225,6 +261,13 @@ class Maildrop:
         if not uids:
             return []
         return list(self.mailbox.expunge(uids))
+
+    def update(self) -> Sequence[int]:
+        """QUIT in one disk job: ``commit``, then ``close`` whatever the outcome."""
+        try:
+            return self.commit()
+        finally:
+            self.close()
 
     def close(self) -> None:
         """Release the mailbox (back to the MailboxCache, if any), then the lock."""

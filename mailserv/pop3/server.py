@@ -15,6 +15,13 @@ every command, because Twisted's cannot be fixed by overriding a hook
 * lines are limited to 512 octets (RFC 2449 §4) without losing sync, and
   pipelined commands wait in a bounded buffer (reading pauses) instead of an
   unbounded list.
+
+The download path costs little per message: the replies to the commands of one
+read are written together (up to OUTPUT_BATCH octets at a time; RFC 2449 §6.6
+PIPELINING), small messages are read ahead in the ``disk`` pool before the
+client asks for them (mailserv.pop3.mailbox: no thread round trip per
+message), and QUIT waits for any read in flight, then commits and releases the
+maildrop in one disk job.
 """
 
 from __future__ import annotations
@@ -38,7 +45,7 @@ from zope.interface import implementer
 
 from mailserv.auth import sasl
 from mailserv.errors import TemporaryFailure
-from mailserv.pop3.content import Stuffer, stuff
+from mailserv.pop3.content import Stuffer, stuff, stuff_parts
 from mailserv.pop3.mailbox import SMALL_MESSAGE, Maildrop, MaildropInUse
 
 log = Logger()
@@ -55,6 +62,9 @@ IDLE_TIMEOUT = 600.0
 MAX_BAD_BEFORE_LOGIN = 3
 MAX_BAD_AFTER_LOGIN = 20
 STREAM_CHUNK = 64 * 1024
+# Replies to pipelined commands are collected and written once this many octets are waiting
+# (and at the end of each read), instead of one write and one send per reply.
+OUTPUT_BATCH = 64 * 1024
 
 _NUMBER = re.compile(rb"[0-9]{1,10}\Z")
 
@@ -247,6 +257,13 @@ class POP3Server(pop3.POP3):
         self.maildrop: Maildrop | None = None
         self.user: Any = None
         self._streamer: _MessageStreamer | None = None
+        # Replies held while a read's commands run (flushed at the end, or at OUTPUT_BATCH).
+        self._corked = False
+        self._out: list[bytes] = []
+        self._out_len = 0
+        # A read-ahead job in the disk pool, and who waits for it to end.
+        self._reading = False
+        self._read_waiters: list[defer.Deferred[None]] = []
 
     # -- connection ----------------------------------------------------------
 
@@ -331,24 +348,43 @@ class POP3Server(pop3.POP3):
         return policy == "loopback" and _is_loopback(self._peer_host())
 
     def _release(self) -> None:
+        """Hand the maildrop back (after any read in flight), without UPDATE."""
         maildrop, self.maildrop = self.maildrop, None
         if maildrop is not None:
-            self.factory.run_disk(maildrop.close).addErrback(
-                lambda f: log.failure("closing the maildrop failed", f)
-            )
+            d = self._when_read()
+            d.addCallback(lambda _: self.factory.run_disk(maildrop.close))
+            d.addErrback(lambda f: log.failure("closing the maildrop failed", f))
 
     def _close(self) -> None:
         self._closing = True
         self._inbuf.clear()
+        self._flush()
         self.transport.loseConnection()
 
     # -- responses -----------------------------------------------------------
 
+    def _write(self, data: bytes) -> None:
+        """Send a reply, or hold it while the commands of one read run."""
+        if self._corked:
+            self._out.append(data)
+            self._out_len += len(data)
+            if self._out_len >= OUTPUT_BATCH:
+                self._flush()
+        else:
+            self.transport.write(data)
+
+    def _flush(self) -> None:
+        """Write the held replies (before STLS, a close or a streamed message, and per read)."""
+        if self._out:
+            out, self._out = self._out, []
+            self._out_len = 0
+            self.transport.writeSequence(out)
+
     def _ok(self, text: bytes = b"") -> None:
-        self.transport.write(b"+OK " + text + b"\r\n" if text else b"+OK\r\n")
+        self._write(b"+OK " + text + b"\r\n" if text else b"+OK\r\n")
 
     def _err(self, text: bytes) -> None:
-        self.transport.write(b"-ERR " + text + b"\r\n")
+        self._write(b"-ERR " + text + b"\r\n")
 
     def _bad_command(self, text: bytes) -> None:
         self._err(text)
@@ -373,36 +409,43 @@ class POP3Server(pop3.POP3):
         if self._processing:
             return
         self._processing = True
+        self._corked = True
+        handled = False
+        inbuf = self._inbuf
         try:
             while not (self._busy or self._closing):
                 limit = MAX_SASL_LINE if self._sasl is not None else MAX_LINE
-                nl = self._inbuf.find(b"\n")
+                nl = inbuf.find(b"\n")
                 if nl < 0:
-                    if len(self._inbuf) >= limit:
+                    if len(inbuf) >= limit:
                         # Too long already: answer now, skip to the end of the line.
-                        self._inbuf.clear()
+                        inbuf.clear()
                         if not self._discarding:
                             self._discarding = True
                             self._line_too_long()
                     break
-                line = bytes(self._inbuf[:nl])
-                del self._inbuf[: nl + 1]
+                line = bytes(inbuf[:nl])
+                del inbuf[: nl + 1]
                 if self._discarding:
                     self._discarding = False
                     continue
-                if len(line) + 1 > limit:
+                if nl + 1 > limit:
                     self._line_too_long()
                     continue
                 if line.endswith(b"\r"):
                     line = line[:-1]
-                self.resetTimeout()
+                handled = True
                 result = self._handle_line(line)
-                if isinstance(result, defer.Deferred):
+                if result is not None:
                     # Later lines wait; if it already fired, _command_done clears this at once.
                     self._busy = True
                     result.addBoth(self._command_done)
         finally:
             self._processing = False
+            self._corked = False
+            self._flush()
+        if handled:
+            self.resetTimeout()
         if not self._busy and self._paused and not self._closing:
             self._paused = False
             self.transport.resumeProducing()
@@ -433,9 +476,8 @@ class POP3Server(pop3.POP3):
         if self._sasl is not None:
             return self._sasl_response(line)
         name, _, rest = line.partition(b" ")
-        command = name.upper().decode("ascii", "replace")
-        handler = _COMMANDS.get(command)
-        if handler is None or not command.isalpha():
+        handler = _COMMANDS.get(name.upper())
+        if handler is None:
             self._bad_command(b"Unknown command.")
             return None
         states, method = handler
@@ -494,7 +536,7 @@ class POP3Server(pop3.POP3):
         caps.append(b"EXPIRE NEVER")
         caps.append(b"LOGIN-DELAY %d" % self.factory.login_delay)
         caps.append(b"IMPLEMENTATION mailserv")
-        self.transport.write(
+        self._write(
             b"+OK Capability list follows\r\n" + b"".join(c + b"\r\n" for c in caps) + b".\r\n"
         )
 
@@ -509,6 +551,7 @@ class POP3Server(pop3.POP3):
             self._err(b"TLS is not available.")
             return
         self._ok(b"Begin TLS negotiation now.")
+        self._flush()  # the reply goes out in plaintext, before the handshake
         self._inbuf.clear()
         self._user_arg = None
         self.transport.startTLS(self.factory.tls_options())
@@ -557,7 +600,7 @@ class POP3Server(pop3.POP3):
             return None
         mechs = self.factory.backend.mechanisms(self._plaintext_ok())
         if not words:
-            self.transport.write(
+            self._write(
                 b"+OK\r\n" + b"".join(m.encode("ascii") + b"\r\n" for m in mechs) + b".\r\n"
             )
             return None
@@ -588,7 +631,7 @@ class POP3Server(pop3.POP3):
         def answer(result: Any) -> defer.Deferred[Any] | None:
             if isinstance(result, sasl.Challenge):
                 self._sasl = mechanism
-                self.transport.write(b"+ " + sasl.encode_challenge(result.data) + b"\r\n")
+                self._write(b"+ " + sasl.encode_challenge(result.data) + b"\r\n")
                 return None
             return self._login(result)
 
@@ -697,7 +740,7 @@ class POP3Server(pop3.POP3):
                 self._ok(b"%d %s" % (number, _as_bytes(value(number))))
             return
         lines = [b"%d %s\r\n" % (n, _as_bytes(value(n))) for n, _, _ in self.maildrop.listing()]
-        self.transport.write(header + b"\r\n" + b"".join(lines) + b".\r\n")
+        self._write(header + b"\r\n" + b"".join(lines) + b".\r\n")
 
     def cmd_RETR(self, rest: bytes) -> defer.Deferred[Any] | None:
         """RFC 1939 §5 RETR msg: the whole message, byte-stuffed."""
@@ -723,41 +766,116 @@ class POP3Server(pop3.POP3):
             return None
         return self._send(number, b"Top of message follows", int(words[1]))
 
-    def _send(self, number: int, status: bytes, body_lines: int | None) -> defer.Deferred[Any]:
+    def _send(
+        self, number: int, status: bytes, body_lines: int | None
+    ) -> defer.Deferred[Any] | None:
+        """Send message ``number`` (all of it, or TOP's part); None when sent at once."""
         maildrop = self.maildrop
         assert maildrop is not None
-        uid = maildrop.uid(number)
-        run_disk = self.factory.run_disk
-        if maildrop.size(number) <= SMALL_MESSAGE:
-            keep = body_lines is not None
-            data = maildrop.take_cached(number, keep)
-            if data is not None:
-                self.transport.write(b"+OK " + status + b"\r\n" + stuff(data, body_lines))
-                return defer.succeed(None)
-            numbers = maildrop.read_ahead(number)
-            d = run_disk(maildrop.read_messages, [maildrop.uid(n) for n in numbers])
-
-            def send_small(found: dict[int, bytes]) -> None:
-                for n in numbers[1:]:
-                    if maildrop.uid(n) in found:
-                        maildrop.remember(n, found[maildrop.uid(n)])
-                if keep:
-                    maildrop.remember(number, found[uid])
-                if not self._closing:
-                    self.transport.write(b"+OK " + status + b"\r\n" + stuff(found[uid], body_lines))
-
-            d.addCallbacks(send_small, self._read_failed)
+        if maildrop.size(number) > SMALL_MESSAGE:
+            return self._send_big(maildrop, number, status, body_lines)
+        keep = body_lines is not None  # TOP leaves the content for the RETR that usually follows
+        data = maildrop.take_cached(number, keep)
+        if data is not None:
+            self._send_content(status, data, body_lines)
+            self._prefetch(maildrop, number)
+            return None
+        if self._reading:
+            # The read in flight (a prefetch) probably holds it: look again when it ends.
+            d = self._when_read()
+            d.addCallback(
+                lambda _: None if self._closing else self._send(number, status, body_lines)
+            )
             return d
+
+        def send_small(_: object) -> None:
+            data = maildrop.take_cached(number, keep)
+            if self._closing:
+                return
+            if data is None:  # read, but marked deleted meanwhile: cannot happen while busy
+                self._err(b"[SYS/TEMP] Cannot read the message, try again later.")
+                return
+            self._send_content(status, data, body_lines)
+
+        d = self._read(maildrop, maildrop.read_ahead(number), required=True)
+        d.addCallbacks(send_small, self._read_failed)
+        return d
+
+    def _send_content(self, status: bytes, data: bytes, body_lines: int | None) -> None:
+        """The whole response for a message in memory, as one write (or held with the others)."""
+        head = b"+OK " + status + b"\r\n"
+        if body_lines is not None:
+            self._write(head + stuff(data, body_lines))
+            return
+        body, end = stuff_parts(data)
+        if self._corked:
+            self._out += (head, body, end)
+            self._out_len += len(head) + len(body) + len(end)
+            if self._out_len >= OUTPUT_BATCH:
+                self._flush()
+        else:
+            self.transport.writeSequence((head, body, end))
+
+    # -- read-ahead ------------------------------------------------------------
+
+    def _read(self, maildrop: Maildrop, numbers: list[int], required: bool) -> defer.Deferred[None]:
+        """Read messages ``numbers`` into the maildrop's cache in one disk job.
+
+        With ``required`` the job fails when the first message cannot be read;
+        the others are skipped when they are gone.  One read runs at a time.
+        """
+        uids = [maildrop.uid(n) for n in numbers]
+        self._reading = True
+        d = self.factory.run_disk(maildrop.read_messages, uids, required)
+
+        def got(found: dict[int, bytes]) -> None:
+            for n, uid in zip(numbers, uids, strict=True):
+                content = found.get(uid)
+                if content is not None:
+                    maildrop.remember(n, content)
+
+        def ended(result: Any) -> Any:
+            self._reading = False
+            waiters, self._read_waiters = self._read_waiters, []
+            for waiter in waiters:
+                waiter.callback(None)
+            return result
+
+        return d.addCallback(got).addBoth(ended)
+
+    def _prefetch(self, maildrop: Maildrop, number: int) -> None:
+        """Read the next messages in the background before the cache runs out."""
+        if self._reading:
+            return
+        numbers = maildrop.prefetch(number)
+        if numbers:
+            d = self._read(maildrop, numbers, required=False)
+            d.addErrback(lambda f: log.failure("reading ahead failed", f))
+
+    def _when_read(self) -> defer.Deferred[None]:
+        """Fires once no read is in flight (whatever its outcome)."""
+        if not self._reading:
+            return defer.succeed(None)
+        d: defer.Deferred[None] = defer.Deferred()
+        self._read_waiters.append(d)
+        return d
+
+    def _send_big(
+        self, maildrop: Maildrop, number: int, status: bytes, body_lines: int | None
+    ) -> defer.Deferred[Any]:
+        """Stream a message too big to hold, with back-pressure."""
+        run_disk = self.factory.run_disk
 
         def send_big(fileobj: IO[bytes]) -> defer.Deferred[None] | None:
             if self._closing:
                 run_disk(fileobj.close)
                 return None
             self._ok(status)
+            self._flush()  # the streamer writes to the transport itself
             self._streamer = _MessageStreamer(self, fileobj, Stuffer(body_lines))
             return self._streamer.start().addBoth(self._streamed)
 
-        d = run_disk(maildrop.open_message, uid)
+        d = run_disk(maildrop.open_message, maildrop.uid(number))
         d.addCallbacks(send_big, self._read_failed)
         return d
 
@@ -805,36 +923,30 @@ class POP3Server(pop3.POP3):
             self._ok(b"Logging out.")
             self._close()
             return None
-        maildrop = self.maildrop
+        maildrop, self.maildrop = self.maildrop, None
         assert maildrop is not None
         self.session_state = UPDATE
         self._inbuf.clear()
-        wanted = len(maildrop.deleted_uids())
-        d = self.factory.run_disk(maildrop.commit)
+        wanted = len(maildrop) - maildrop.stat()[0]
+        # One disk job commits and releases the maildrop (lock released before the reply, so
+        # the client may log in again at once), after any read still in flight.
+        d = self._when_read()
+        d.addCallback(lambda _: self.factory.run_disk(maildrop.update))
 
-        def committed(removed: Any) -> defer.Deferred[Any]:
+        def committed(removed: Any) -> None:
             # Messages another session removed meanwhile are gone all the same.
-            return self._finish_update(b"+OK Logging out, %d messages deleted.\r\n" % wanted)
+            self._finish_update(b"+OK Logging out, %d messages deleted.\r\n" % wanted)
 
-        def failed(failure: Failure) -> defer.Deferred[Any]:
+        def failed(failure: Failure) -> None:
             log.failure("POP3 UPDATE failed", failure)
-            return self._finish_update(b"-ERR [SYS/TEMP] Deleted messages were not removed.\r\n")
+            self._finish_update(b"-ERR [SYS/TEMP] Deleted messages were not removed.\r\n")
 
         return d.addCallbacks(committed, failed)
 
-    def _finish_update(self, reply: bytes) -> defer.Deferred[Any]:
-        # Release the lock before replying, so the client may log in again at once.
-        maildrop, self.maildrop = self.maildrop, None
-        d: defer.Deferred[Any] = defer.succeed(None)
-        if maildrop is not None:
-            d = self.factory.run_disk(maildrop.close)
-
-        def reply_and_close(_: object) -> None:
-            if not self._closing:
-                self.transport.write(reply)
-                self._close()
-
-        return d.addBoth(reply_and_close)
+    def _finish_update(self, reply: bytes) -> None:
+        if not self._closing:
+            self._write(reply)
+            self._close()
 
 
 _STATES: dict[str, tuple[str, ...]] = {
@@ -854,7 +966,8 @@ _STATES: dict[str, tuple[str, ...]] = {
     "NOOP": (TRANSACTION,),
     "RSET": (TRANSACTION,),
 }
-# Command name -> (states where it is valid, handler); RFC 1939 §3.
-_COMMANDS: dict[str, tuple[tuple[str, ...], Callable[..., Any]]] = {
-    name: (states, getattr(POP3Server, "cmd_" + name)) for name, states in _STATES.items()
+# Command name (upper case) -> (states where it is valid, handler); RFC 1939 §3.
+_COMMANDS: dict[bytes, tuple[tuple[str, ...], Callable[..., Any]]] = {
+    name.encode("ascii"): (states, getattr(POP3Server, "cmd_" + name))
+    for name, states in _STATES.items()
 }

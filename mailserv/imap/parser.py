@@ -28,6 +28,13 @@ class Atom(str):
     __slots__ = ()
 
 
+class Literal(bytes):
+    """The octets of a literal held in memory (a quoted string is plain ``bytes``):
+    APPEND tells its messages from a quoted date-time by this."""
+
+    __slots__ = ()
+
+
 class LiteralFile:
     """A large literal spooled to a temporary file (APPEND)."""
 
@@ -65,7 +72,7 @@ def tokenize(fragments: Sequence[bytes | LiteralFile]) -> list[Token]:
     stack: list[list[Token]] = [top]
     for index, frag in enumerate(fragments):
         if index % 2 == 1:
-            stack[-1].append(frag if isinstance(frag, LiteralFile) else bytes(frag))
+            stack[-1].append(frag if isinstance(frag, LiteralFile) else Literal(frag))
             continue
         assert isinstance(frag, bytes)
         _tokenize_line(frag, stack)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import email.utils
 import functools
+import io
 import re
 import tempfile
 import time
@@ -54,6 +55,7 @@ from mailserv.imap.mailbox import ChangeHub, SelectedMailbox, SharedFolder, flag
 from mailserv.imap.parser import (
     Args,
     Atom,
+    Literal,
     LiteralFile,
     ParseError,
     Token,
@@ -70,7 +72,8 @@ log = Logger()
 SYSTEM_FLAGS = ("\\Answered", "\\Flagged", "\\Deleted", "\\Seen", "\\Draft")
 FETCH_CHUNK = 100
 FETCH_CHUNK_NO_DATA = 2000  # FLAGS, UID, sizes, dates: built on the reactor, about 2 ms a 1000
-MAX_LITERALS = 8  # per command: APPEND needs at most three (name, date, message)
+MAX_LITERALS = 8  # per command other than APPEND
+MAX_APPEND_MESSAGES = 32  # messages in one MULTIAPPEND (RFC 3502), each up to APPENDLIMIT
 FETCH_CHUNK_BYTES = 4 << 20  # message octets read per disk job of a FETCH
 CLOSE_GRACE = 0.5  # seconds between a TLS close_notify and dropping the TCP connection
 _UNSAFE_TEXT = re.compile(r"[^\x20-\x7e]")
@@ -302,7 +305,7 @@ class IMAPServer(Protocol):
                     "QUOTA=RES-MESSAGE", f"APPENDLIMIT={self.settings.max_append}",
                     "CONDSTORE", "QRESYNC", "ESEARCH", "SORT", "SORT=DISPLAY",
                     "THREAD=ORDEREDSUBJECT", "THREAD=REFERENCES", "STATUS=SIZE", "UTF8=ACCEPT",
-                    "BINARY",
+                    "BINARY", "MULTIAPPEND",
                 ]
             )  # fmt: skip
         return " ".join(caps).encode("ascii")
@@ -442,7 +445,7 @@ class IMAPServer(Protocol):
         words = first.split(b" ", 3)
         tag = words[0] if words and _valid_tag(words[0]) else b"*"
         is_append = len(words) > 1 and words[1].upper() == b"APPEND"
-        literals = sum(1 for f in self.fragments if not isinstance(f, bytes) or f is not first)
+        literals = len(self.fragments) // 2  # the ones already read
         problem = None
         if nonsync and size > 2 * max(self.settings.max_append, self.settings.max_command):
             # RFC 7888 section 4, second choice: no limit admits it; rather than read it
@@ -459,7 +462,7 @@ class IMAPServer(Protocol):
             self.command_size > self.settings.max_command
         ):
             problem = b"BAD [TOOBIG] Command too long" if nonsync else b"BAD Command too long"
-        elif literals > 2 * MAX_LITERALS:
+        elif literals >= (MAX_APPEND_MESSAGES + 1 if is_append else MAX_LITERALS):
             problem = b"BAD Too many literals in one command"
         elif nonsync and not self._literal_plus() and size > self.settings.max_nonsync_literal:
             # RFC 7888 section 5: LITERAL- allows at most 4096 octets without "+"; the
@@ -483,7 +486,9 @@ class IMAPServer(Protocol):
         if not is_append:
             self.command_size += size
         self.literal_left = size
-        self.literal_spooled = size > self.settings.spool_threshold
+        # what the command's literals hold in memory stays under the threshold (MULTIAPPEND)
+        held = sum(len(f) for f in self.fragments[1::2] if isinstance(f, bytes))
+        self.literal_spooled = held + size > self.settings.spool_threshold
         self.literal_sink = tempfile.TemporaryFile() if self.literal_spooled else bytearray()
         if size == 0:
             self.literal_left = 0
@@ -1232,16 +1237,53 @@ class IMAPServer(Protocol):
         return d.addCallback(send)
 
     def do_append(self, tag: bytes, args: Args) -> Any:
-        """RFC 3501 section 6.3.11 with UIDPLUS (RFC 4315) and APPENDLIMIT (RFC 7889)."""
+        """RFC 3501 section 6.3.11 with MULTIAPPEND (RFC 3502: several messages, all or
+        none), UIDPLUS (RFC 4315) and APPENDLIMIT (RFC 7889)."""
         name = self._mailbox_name(args.next("mailbox"))
+        items: list[tuple[bytes | LiteralFile, list[str], float | None]] = []
+        while True:
+            items.append(self._append_message(args))
+            if not args.more():
+                break
+        sources = [source for source, _, _ in items]
+        if any((len(src) if isinstance(src, bytes) else src.size) == 0 for src in sources):
+            raise ImapError("NO", "Empty message")
+        account = self._require_account()
+        shared = self.ctx.hub.hold(self._hub_key(name))
+        d = self.run_write([shared], _append, account.account, name, items, shared)
+        if shared is not None:
+            d.addBoth(self._release_after, shared)
+
+        def appended(result: tuple[int, list[int]]) -> Any:
+            uidvalidity, uids = result
+            self._notify(name)
+            if self.selected is not None and self.selected.name == name:
+                self.dirty = True
+            return ("OK", f"[APPENDUID {uidvalidity} {format_set(uids)}] APPEND completed")
+
+        def failed(failure: Failure) -> Any:
+            if failure.check(NoSuchFolder):
+                raise ImapError("NO", "[TRYCREATE] No such mailbox")
+            return failure
+
+        def cleanup(result: Any) -> Any:
+            for source in sources:
+                if isinstance(source, LiteralFile):
+                    source.file.close()
+            return result
+
+        return d.addCallbacks(appended, failed).addBoth(cleanup)
+
+    def _append_message(self, args: Args) -> tuple[bytes | LiteralFile, list[str], float | None]:
+        """One ``append-message`` (RFC 3502 section 6.3.11): [flag-list] [date-time] literal."""
         flags: list[str] = []
         date: float | None = None
         tok = args.next("message")
         if isinstance(tok, list):
-            flags = _flag_list(tok)
+            flags = [f for f in _flag_list(tok) if f != "\\Recent"]
             tok = args.next("message")
-        if isinstance(tok, bytes) and args.more():
-            date = _parse_date_time(tok)
+        if isinstance(tok, bytes) and not isinstance(tok, Literal):
+            date = _parse_date_time(tok)  # a date-time is always a quoted string
             tok = args.next("message")
         if isinstance(tok, Atom) and tok.upper() == "UTF8":
             # RFC 6855 section 4: UTF8 (~{n}<octets>), allowed once UTF8=ACCEPT is enabled
@@ -1256,41 +1298,9 @@ class IMAPServer(Protocol):
             tok = wrapped[1]
         elif isinstance(tok, Atom) and tok == "~":
             tok = args.next("message")  # literal8 (BINARY, RFC 3516 section 4.2)
-        if not isinstance(tok, (bytes, LiteralFile)):
+        if not isinstance(tok, (Literal, LiteralFile)):
             raise ParseError("expected a message literal")
-        args.end()
-        if isinstance(tok, bytes):
-            size = len(tok)
-        else:
-            size = tok.size
-        if size == 0:
-            raise ImapError("NO", "Empty message")
-        source = tok
-        account = self._require_account()
-        flags = [f for f in flags if f != "\\Recent"]
-        shared = self.ctx.hub.hold(self._hub_key(name))
-        d = self.run_write([shared], _append, account.account, name, source, flags, date, shared)
-        if shared is not None:
-            d.addBoth(self._release_after, shared)
-
-        def appended(result: tuple[int, int]) -> Any:
-            uidvalidity, uid = result
-            self._notify(name)
-            if self.selected is not None and self.selected.name == name:
-                self.dirty = True
-            return ("OK", f"[APPENDUID {uidvalidity} {uid}] APPEND completed")
-
-        def failed(failure: Failure) -> Any:
-            if failure.check(NoSuchFolder):
-                raise ImapError("NO", "[TRYCREATE] No such mailbox")
-            return failure
-
-        def cleanup(result: Any) -> Any:
-            if isinstance(source, LiteralFile):
-                source.file.close()
-            return result
-
-        return d.addCallbacks(appended, failed).addBoth(cleanup)
+        return tok, flags, date
 
     # ------------------------------------------------------------------
     # Selected (RFC 3501 section 6.4)
@@ -2054,35 +2064,41 @@ def _expunge_deleted(
 def _append(
     account: Any,
     name: str,
-    source: Any,
-    flags: list[str],
-    date: float | None,
+    items: list[tuple[bytes | LiteralFile, list[str], float | None]],
     shared: SharedFolder | None,
-) -> tuple[int, int]:
-    """APPEND (the caller holds the lock of ``shared``, the target if some session has it)."""
-    import io
-
-    if isinstance(source, LiteralFile):
-        source.file.seek(0)
-        stream = source.file
-    else:
-        stream = io.BytesIO(source)
-    when = date if date is not None else time.time()
-    if shared is None:
-        box = account.open_folder(name)
-        try:
-            uid = box.append(stream, flags, when)
-            return int(box.uidvalidity), int(uid)
-        finally:
+) -> tuple[int, list[int]]:
+    """APPEND of one or more messages (the caller holds the lock of ``shared``, the
+    target if some session has it): all of them or, if one fails, none (RFC 3502
+    section 6.3.11: the ones stored are expunged again before the error goes out)."""
+    box = shared.box if shared is not None else account.open_folder(name)
+    before = shared.box_state() if shared is not None else (0, 0)
+    uids: list[int] = []
+    try:
+        for source, flags, date in items:
+            if isinstance(source, LiteralFile):
+                source.file.seek(0)
+                stream: Any = source.file
+            else:
+                stream = io.BytesIO(source)
+            when = date if date is not None else time.time()
+            uids.append(int(box.append(stream, flags, when)))
+        uidvalidity = int(box.uidvalidity)
+    except BaseException:
+        if uids:
+            box.expunge(uids)
+        if shared is not None:
+            shared.invalidate()  # UIDNEXT and modseq moved: see the store again
+        raise
+    finally:
+        if shared is None:
             box.close()
-    before = shared.box_state()
-    uid = shared.box.append(stream, flags, when)
-    info = _info_of(shared.box, uid)
-    if info is None:
-        shared.invalidate()
-    else:
-        shared.apply(before, added=[info])
-    return int(shared.box.uidvalidity), int(uid)
+    if shared is not None:
+        added = [_info_of(box, uid) for uid in uids]
+        if any(info is None for info in added):
+            shared.invalidate()
+        else:
+            shared.apply(before, added=added)
+    return uidvalidity, uids
 
 
 def _copy(

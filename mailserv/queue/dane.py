@@ -8,8 +8,11 @@ handshake, before MAIL FROM, by ``Session._check_peer``:
   DNSSEC-validating resolver (AD bit), must match the presented chain.
   DANE-EE(3) matches the leaf's certificate or public key and ignores names
   and dates (§3.1.1); DANE-TA(2) matches a certificate of the chain, which
-  must then chain the leaf to it and carry one of the reference names
-  (§3.1.2).  PKIX-TA(0) and PKIX-EE(1) are unusable for SMTP (§3.1.3).
+  must then chain the leaf to it; the leaf must carry one of the reference
+  names (§3.1.2), and the leaf and every certificate below the trust anchor
+  must be within their validity periods (the anchor itself is vouched for by
+  DNSSEC; one given by its public key alone has no dates to check).
+  PKIX-TA(0) and PKIX-EE(1) are unusable for SMTP (§3.1.3).
 - PKIX (MTA-STS enforce, RFC 8461 §4.2; a smarthost with verified TLS): the
   chain must verify against the trust roots and name the MX host.
 """
@@ -145,6 +148,20 @@ def _signed_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
     return True
 
 
+def _out_of_date(certs: Sequence[x509.Certificate], now: Any = None) -> str | None:
+    """Why one of ``certs`` is not valid now (expired or not yet valid), or None."""
+    import datetime
+
+    now = now or datetime.datetime.now(datetime.UTC)
+    for cert in certs:
+        subject = cert.subject.rfc4514_string() or "the certificate"
+        if cert.not_valid_after_utc < now:
+            return f"{subject} expired on {cert.not_valid_after_utc:%Y-%m-%d %H:%M} UTC"
+        if cert.not_valid_before_utc > now:
+            return f"{subject} is not valid before {cert.not_valid_before_utc:%Y-%m-%d %H:%M} UTC"
+    return None
+
+
 def match(
     records: Sequence[Any], chain: Sequence[x509.Certificate], names: Sequence[str]
 ) -> str | None:
@@ -158,6 +175,7 @@ def match(
     for usage, selector, mtype, data in records:
         if usage == DANE_EE and _association(leaf, selector, mtype) == data:
             return None  # §3.1.1: names and expiry are not checked for DANE-EE
+    dated: str | None = None
     for usage, selector, mtype, data in records:
         if usage != DANE_TA:
             continue
@@ -170,7 +188,13 @@ def match(
             if i == 0:
                 path_ok = False  # a TA that is the leaf itself is DANE-EE's job
             if path_ok and any(name_matches(p, n) for p in _names_of(leaf) for n in names):
-                return None
+                # §3.1.1/§3.1.2: with DANE-TA the server's chain is checked as
+                # in PKIX, dates included, up to (not including) the anchor.
+                dated = _out_of_date(chain[:i])
+                if dated is None:
+                    return None
+    if dated is not None:
+        return f"DANE-TA chain not valid now: {dated}"
     return "the certificate matches none of the TLSA records"
 
 

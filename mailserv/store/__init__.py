@@ -51,8 +51,12 @@ the UIDs that went away; new ones appear in ``messages()``),
 one iterable; raises ``ValueError`` for a malformed flag and
 ``TooManyKeywords`` when a maildir folder already uses 26 keywords),
 ``append(source, flags, internal_date)``, ``copy_to``/``move_to(uids, target)``
-(UIDPLUS mapping), ``expunge(uids)``.  ``\\Recent`` is not stored.  Every
-change bumps the folder's highest modseq; an expunge bumps it too.
+(UIDPLUS mapping), ``expunge(uids)``, ``expunged_since(modseq)`` (sorted UIDs
+expunged with a higher modseq, for QRESYNC's VANISHED (EARLIER); a superset
+when ``modseq`` is older than the bounded history).  ``\\Recent`` is not
+stored (the IMAP server tracks it per process).  Every change bumps the
+folder's highest modseq; an expunge bumps it too (one modseq per expunge
+call, shared by its UIDs).
 """
 
 from __future__ import annotations

@@ -13,15 +13,20 @@ Layout (cr.yp.to/proto/maildir.html, Courier's Maildir++, Dovecot)::
     <folder>/mailserv-modseq        flag changes since the last uidlist write (store.uidlist)
 
 Delivery writes ``tmp/<unique>`` (time, microseconds, pid, counter, host),
-fsyncs it, renames it to ``new/<unique>,S=<size>`` and fsyncs ``new/``: a
-message is never visible half written.  Delivery does not take the uidlist
-lock; UIDs are given out when a reader synchronises the folder (as Dovecot
-does), under the lock, moving new/ files to cur/.  Flags live in the
-``:2,<letters>`` info suffix (D F P R S T, keywords a..z); every flag change,
-append and expunge bumps the folder's highest modseq (RFC 7162).  A flag
-change renames the file and appends its new modseq to the folder's journal,
-with one fsync of the journal and without rewriting the uidlist; the parsed index is kept in
-memory and reused while the uidlist and journal are unchanged on disk.
+fsyncs it, renames it to ``new/<unique>,S=<size>,W=<size>`` and fsyncs
+``new/``: a message is never visible half written.  Deliveries running at
+once share the fsyncs of ``new/`` (``DirSync``: each waits for one that began
+after its rename).  Delivery does not take the uidlist lock; UIDs are given
+out when a reader synchronises the folder (as Dovecot does), under the lock,
+moving new/ files to cur/ and appending their records to the uidlist.  Flags
+live in the ``:2,<letters>`` info suffix (D F P R S T, keywords a..z); every
+flag change, append and expunge bumps the folder's highest modseq (RFC 7162).
+A flag change renames the file and appends its new modseq to the folder's
+journal; an expunge unlinks the files, fsyncs cur/ once and appends one
+journal line for all of them (the expunge history QRESYNC reads).  The
+uidlist is rewritten only to fold a long journal or drop many dead records
+(a POP3 QUIT that empties the folder).  The parsed index and the message list
+are kept in memory and reused while the files are unchanged.
 """
 
 from __future__ import annotations
@@ -440,6 +445,7 @@ class MaildirFolder(FolderBase):
         self._size_cache: dict[str, tuple[int, int]] = {}
         self._sig: tuple[tuple[int, int, int], ...] | None = None
         self._index_key: IndexKey | None = None
+        self._infos: list[MessageInfo] | None = None  # messages(), until the index changes
         _make_maildir(path, subfolder=path != account.root)
         self.clean_tmp()
         self.refresh()
@@ -589,6 +595,7 @@ class MaildirFolder(FolderBase):
         uidlist.highest_modseq = modseq
         rec.filename = new_name
         rec.modseq = modseq
+        self._infos = None
         self._append_journal(journal_record(rec.uid, modseq, new_name))
 
     def _journal_expunge(self, uidlist: UidList, uids: list[int]) -> None:
@@ -763,7 +770,10 @@ class MaildirFolder(FolderBase):
                 self._by_uid = {r.uid: r for r in uidlist.records}
             self._uidlist = uidlist
             self._index_key = key
-            self._keywords = parse_keywords(read_file(os.path.join(self.path, KEYWORDS_NAME)))
+            keywords = parse_keywords(read_file(os.path.join(self.path, KEYWORDS_NAME)))
+            if not same or keywords != self._keywords:
+                self._infos = None
+            self._keywords = keywords
 
     # -- IMailbox ---------------------------------------------------------
 
@@ -830,8 +840,12 @@ class MaildirFolder(FolderBase):
         )
 
     def messages(self) -> list[MessageInfo]:
+        """Every message in UID order; the list is kept until the index changes."""
         with self._mutex:
-            return [self._info(r) for r in sorted(self._by_uid.values(), key=lambda r: r.uid)]
+            if self._infos is None:
+                records = sorted(self._by_uid.values(), key=lambda r: r.uid)
+                self._infos = [self._info(r) for r in records]
+            return list(self._infos)
 
     def message(self, uid: int) -> MessageInfo:
         """The MessageInfo of one UID (KeyError if unknown)."""
@@ -879,6 +893,7 @@ class MaildirFolder(FolderBase):
                     fsync=self.fsync,
                 )
             self._keywords = slots
+            self._infos = None
         return "".join(sorted(letters))
 
     def set_flags(self, uid: int, flags: Any) -> MessageInfo:

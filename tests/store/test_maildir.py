@@ -72,3 +72,27 @@ def test_external_flag_change_bumps_modseq(user: User) -> None:
     after = box.message(info.uid)
     assert after.flags == {"\\Seen"} and after.modseq > info.modseq
     assert box.highest_modseq() == after.modseq
+
+
+def test_message_list_is_reused_until_something_changes(user: User) -> None:
+    store = make_store("maildir")
+    for _ in range(3):
+        store.deliver(user, io.BytesIO(MSG))
+    box = store.open(user).open_folder("INBOX")
+    first = box.messages()
+    box.refresh()
+    again = box.messages()
+    assert again == first and all(a is b for a, b in zip(again, first, strict=True))
+    again.clear()  # the caller's copy
+    assert len(box.messages()) == 3
+    box.set_flags(1, ["\\Seen", "$Work"])
+    assert box.messages()[0].all_flags == {"\\Seen", "$Work"}
+    store.deliver(user, io.BytesIO(MSG))
+    box.refresh()
+    assert [i.uid for i in box.messages()] == [1, 2, 3, 4]
+    box.expunge([2])
+    assert [i.uid for i in box.messages()] == [1, 3, 4]
+    other = store.open(user).open_folder("INBOX")
+    other.set_flags(3, ["\\Flagged"])
+    box.refresh()
+    assert box.messages()[1].flags == {"\\Flagged"}

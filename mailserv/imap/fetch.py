@@ -165,6 +165,13 @@ def _format_flags(flags: frozenset[str]) -> bytes:
     return b"(" + " ".join(sorted(flags)).encode("utf-8", "surrogateescape") + b")"
 
 
+class UnknownCTE(Exception):
+    """BINARY of a part whose Content-Transfer-Encoding we cannot decode (RFC 3516 4.3)."""
+
+
+_IDENTITY_CTE = frozenset({b"", b"7bit", b"8bit", b"binary"})
+
+
 def _decode_binary(part_data: bytes, encoding: bytes | None) -> bytes:
     import base64
     import quopri
@@ -174,6 +181,8 @@ def _decode_binary(part_data: bytes, encoding: bytes | None) -> bytes:
         return base64.b64decode(re.sub(rb"[^A-Za-z0-9+/=]", b"", part_data) + b"==")
     if enc == b"quoted-printable":
         return quopri.decodestring(part_data)
+    if enc not in _IDENTITY_CTE:
+        raise UnknownCTE(enc.decode("ascii", "replace"))
     return part_data
 
 

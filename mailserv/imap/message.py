@@ -329,26 +329,93 @@ def _count_lines(body: bytes) -> int:
     return body.count(b"\n") + (0 if body.endswith(b"\n") else 1)
 
 
+def _address(name: str | None, addr: str) -> bytes:
+    local, at, host = addr.rpartition("@")
+    if not at:
+        local, host = addr, ""
+    return (
+        b"("
+        + nstring(name or None)
+        + b" NIL "
+        + nstring(local or None)
+        + b" "
+        + nstring(host or None)
+        + b")"
+    )
+
+
+def _split_groups(text: str) -> list[tuple[str | None, str]]:
+    """Split an address list at its groups (RFC 5322 section 3.4: ``name: a, b;``).
+
+    Returns (group name or None, member text) in order; quoted strings, comments
+    and angle brackets are skipped over, so a ":" or ";" inside them is no
+    delimiter.  Linear in the length of the header.
+    """
+    out: list[tuple[str | None, str]] = []
+    group: str | None = None
+    start = 0
+    depth = 0  # comment nesting
+    quoted = angle = False
+    i, n = 0, len(text)
+    while i < n:
+        ch = text[i]
+        if quoted:
+            if ch == "\\":
+                i += 1
+            elif ch == '"':
+                quoted = False
+        elif depth:
+            if ch == "\\":
+                i += 1
+            elif ch == "(":
+                depth += 1
+            elif ch == ")":
+                depth -= 1
+        elif ch == '"':
+            quoted = True
+        elif ch == "(":
+            depth = 1
+        elif angle:
+            angle = ch != ">"
+        elif ch == "<":
+            angle = True
+        elif ch == ":" and group is None:
+            head = text[start:i]
+            cut = head.rfind(",")  # addresses before the group stay ungrouped
+            if cut >= 0:
+                out.append((None, head[:cut]))
+            name = head[cut + 1 :].strip()
+            if len(name) >= 2 and name[0] == name[-1] == '"':
+                name = name[1:-1].replace('\\"', '"').replace("\\\\", "\\")
+            group = name
+            start = i + 1
+        elif ch == ";" and group is not None:
+            out.append((group, text[start:i]))
+            group = None
+            start = i + 1
+        i += 1
+    if group is not None:
+        out.append((group, text[start:]))  # an unterminated group ends with the header
+    else:
+        out.append((None, text[start:]))
+    return out
+
+
 def _addresses(value: bytes | None) -> bytes:
+    """An ENVELOPE address list; a group is (NIL NIL "name" NIL) before its members and
+    (NIL NIL NIL NIL) after them (RFC 3501 section 7.4.2)."""
     if value is None:
         return b"NIL"
     text = value.decode("utf-8", "replace")
     out = []
-    for name, addr in getaddresses([text]):
-        if not addr and not name:
-            continue
-        local, at, host = addr.rpartition("@")
-        if not at:
-            local, host = addr, ""
-        out.append(
-            b"("
-            + nstring(name or None)
-            + b" NIL "
-            + nstring(local or None)
-            + b" "
-            + nstring(host or None)
-            + b")"
-        )
+    for group, members in _split_groups(text):
+        if group is not None:
+            out.append(b"(NIL NIL " + nstring(group) + b" NIL)")
+        for name, addr in getaddresses([members]) if members.strip() else []:
+            if addr or name:
+                out.append(_address(name, addr))
+        if group is not None:
+            out.append(b"(NIL NIL NIL NIL)")
     if not out:
         return b"NIL"
     return b"(" + b"".join(out) + b")"

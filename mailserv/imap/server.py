@@ -583,6 +583,9 @@ class IMAPServer(Protocol):
             self._finish(tag, exc.status, exc.text, bad=exc.status == "BAD")
         elif isinstance(exc, ParseError):
             self._finish(tag, "BAD", str(exc), bad=True)
+        elif isinstance(exc, fetchmod.UnknownCTE):
+            # RFC 3516 section 4.3
+            self._finish(tag, "NO", "[UNKNOWN-CTE] Cannot decode the part's transfer encoding")
         elif isinstance(exc, InvalidFolderName):
             self._finish(tag, "NO", f"[CANNOT] Invalid mailbox name: {exc}")
         elif isinstance(exc, NoSuchFolder):

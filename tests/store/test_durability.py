@@ -125,6 +125,7 @@ def test_sigkill_never_leaves_a_partial_message(fmt: str, tmp_path: Path) -> Non
     acknowledged: set[str] = set()
     uid_of: dict[str, int] = {}
     verified: set[str] = set()
+    validity: dict[str, int] = {}
     store = make_store(fmt, lock_stale=500.0) if fmt == "mbox" else make_store(fmt)
     deadline = time.monotonic() + 90
     for round_no in range(KILLS):
@@ -145,6 +146,8 @@ def test_sigkill_never_leaves_a_partial_message(fmt: str, tmp_path: Path) -> Non
         acknowledged |= {line.decode() for line in received.split(b"\n") if line}
         # Through the store (which repairs what the dead writer left under its lock).
         box = store.open(User("alice", path, fmt)).open_folder("INBOX")
+        # A reader killed while appending to the index never costs the folder its UIDs.
+        assert validity.setdefault("first", box.uidvalidity) == box.uidvalidity
         present = {}
         for info in box.messages():
             if info.key not in verified:

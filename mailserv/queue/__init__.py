@@ -80,7 +80,14 @@ def build_queue_service(service: Any) -> Any:
     resolver = resolver_for(service)
     mx = MXResolver(resolver, own_address_checker(config), qconf.prefer_ipv6)
     mta_sts = (
-        MTASTSFetcher(resolver, service.reactor, qconf.tls_ca_file, qconf.mta_sts_port)
+        MTASTSFetcher(
+            resolver,
+            service.reactor,
+            qconf.tls_ca_file,
+            qconf.mta_sts_port,
+            cache_dir=os.path.join(config.state_dir, "mta-sts"),
+            threads=service.threads,
+        )
         if qconf.mta_sts
         else None
     )

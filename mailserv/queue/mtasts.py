@@ -5,21 +5,28 @@ and when the id is new fetches ``https://mta-sts.<domain>/.well-known/mta-sts.tx
 (§3.3: HTTPS with a valid certificate for that name, no redirects, at most
 64 KiB) and caches the policy for its ``max_age``.  A cached, unexpired
 policy is used when the TXT record or the fetch fails (§5.1), so an attacker
-who blocks the fetch cannot downgrade an enforced domain.  The HTTPS host is
+who blocks the fetch cannot downgrade an enforced domain.  The cache is kept
+on disk too (``cache_dir``, ``<state_dir>/mta-sts/<domain>.json``, written
+atomically with fsync), so a restart does not open that window either: a
+domain's file is read the first time the process needs its policy, and
+removed once its ``max_age`` has passed.  The HTTPS host is
 resolved through mailserv's own resolver, and the port is configurable for
 tests (``[queue] mta_sts_port``).
 """
 
 from __future__ import annotations
 
+import json
+import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from twisted.internet import defer, protocol
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint, wrapClientTLS
 from twisted.logger import Logger
 
+from mailserv.durable import write_atomic
 from mailserv.queue.dane import name_matches
 
 log = Logger()
@@ -76,6 +83,57 @@ def parse_policy(text: str, policy_id: str, now: float) -> Policy:
     return Policy(policy_id, mode, mx, min(int(age), MAX_AGE_LIMIT), now)
 
 
+_DOMAIN = re.compile(r"^[a-z0-9]([a-z0-9-]*[a-z0-9])?(\.[a-z0-9]([a-z0-9-]*[a-z0-9])?)*$")
+
+
+class PolicyCache:
+    """The on-disk policy cache: one JSON file per domain (blocking: the "disk" pool)."""
+
+    def __init__(self, directory: str) -> None:
+        self.directory = directory
+
+    def path(self, domain: str) -> str | None:
+        """The file of ``domain`` (an A-label name), None for anything else."""
+        if len(domain) > 253 or not _DOMAIN.match(domain):
+            return None
+        return os.path.join(self.directory, f"{domain}.json")
+
+    def read(self, domain: str) -> Policy | None:
+        path = self.path(domain)
+        if path is None:
+            return None
+        try:
+            with open(path, "rb") as f:
+                raw = json.loads(f.read())
+            return Policy(
+                str(raw["id"]),
+                str(raw["mode"]),
+                [str(m) for m in raw["mx"]],
+                int(raw["max_age"]),
+                float(raw["fetched_at"]),
+            )
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            log.warn("MTA-STS cache {path} unreadable: {error}", path=path, error=exc)
+            return None
+
+    def write(self, domain: str, policy: Policy) -> None:
+        path = self.path(domain)
+        if path is None:
+            return
+        os.makedirs(self.directory, mode=0o750, exist_ok=True)
+        write_atomic(path, json.dumps(asdict(policy), sort_keys=True).encode(), mode=0o640)
+
+    def remove(self, domain: str) -> None:
+        path = self.path(domain)
+        if path is not None:
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+
+
 _TXT_ID = re.compile(r"^v=STSv1;\s*id=([A-Za-z0-9]{1,32})\s*;?")
 
 
@@ -119,27 +177,70 @@ class _BodyReader(protocol.Protocol):
 
 
 class MTASTSFetcher:
-    """Policies of destination domains, fetched on demand and cached in memory."""
+    """Policies of destination domains, fetched on demand, cached in memory and on disk.
+
+    ``cache_dir`` None keeps the cache in memory only; ``threads`` (the
+    service's pools) runs the disk cache's file operations in the "disk" pool.
+    """
 
     def __init__(
-        self, resolver: Any, reactor: Any, ca_file: str | None = None, port: int = 443
+        self,
+        resolver: Any,
+        reactor: Any,
+        ca_file: str | None = None,
+        port: int = 443,
+        cache_dir: str | None = None,
+        threads: Any = None,
     ) -> None:
         self.resolver = resolver
         self.reactor = reactor
         self.ca_file = ca_file
         self.port = port
+        self.threads = threads
         self.cache: dict[str, Policy] = {}
+        self.disk = PolicyCache(cache_dir) if cache_dir else None
+        self._read_from_disk: set[str] = set()
 
     def policy(self, domain: str) -> defer.Deferred[Policy | None]:
         """The policy to apply to ``domain`` now, or None (no MTA-STS)."""
-        return defer.ensureDeferred(self._policy(domain.lower()))
+        return defer.ensureDeferred(self._policy(domain.lower().rstrip(".")))
+
+    async def _disk(self, fn: Any, *args: Any) -> Any:
+        if self.threads is not None:
+            return await self.threads.run("disk", fn, *args)
+        return fn(*args)
+
+    async def remember(self, domain: str, policy: Policy) -> None:
+        """Cache ``policy`` in memory and durably on disk."""
+        self.cache[domain] = policy
+        if self.disk is not None:
+            try:
+                await self._disk(self.disk.write, domain, policy)
+            except OSError as exc:
+                log.warn("MTA-STS policy of {domain} not saved: {error}", domain=domain, error=exc)
+
+    async def cached(self, domain: str, now: float) -> Policy | None:
+        """The unexpired cached policy of ``domain`` (memory, else the disk once)."""
+        cached = self.cache.get(domain)
+        if cached is None and self.disk is not None and domain not in self._read_from_disk:
+            self._read_from_disk.add(domain)
+            cached = await self._disk(self.disk.read, domain)
+            if cached is not None:
+                self.cache.setdefault(domain, cached)
+        if cached is not None and cached.expired(now):
+            self.cache.pop(domain, None)
+            if self.disk is not None:
+                await self._disk(self.disk.remove, domain)
+            cached = None
+        return cached
 
     async def _policy(self, domain: str) -> Policy | None:
+        policy = await self._current(domain)
+        return policy if policy is not None and policy.mode != "none" else None
+
+    async def _current(self, domain: str) -> Policy | None:
         now = self.reactor.seconds()
-        cached = self.cache.get(domain)
-        if cached is not None and cached.expired(now):
-            del self.cache[domain]
-            cached = None
+        cached = await self.cached(domain, now)
         try:
             answer = await self.resolver.lookup(f"_mta-sts.{domain}", "TXT")
             strings = [b"".join(r.strings).decode("utf-8", "replace") for r in answer.records]
@@ -156,8 +257,8 @@ class MTASTSFetcher:
         except Exception as exc:
             log.info("MTA-STS policy of {domain} not fetched: {error}", domain=domain, error=exc)
             return cached
-        self.cache[domain] = policy
-        return policy if policy.mode != "none" else None
+        await self.remember(domain, policy)
+        return policy
 
     async def fetch(self, domain: str) -> bytes:
         """GET the policy over HTTPS, checking the certificate against mta-sts.<domain>."""

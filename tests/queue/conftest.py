@@ -298,6 +298,12 @@ class QueueEnv:
         self.services.append(queue)
         return queue
 
+    def start(self, extra: str = "", **kw: Any) -> Any:
+        """``build`` and start the queue service."""
+        queue = self.build(extra, **kw)
+        queue.startService()
+        return queue
+
     def enqueue(
         self,
         sender: str,

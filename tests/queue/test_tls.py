@@ -150,8 +150,7 @@ async def test_mta_sts_enforce_with_valid_certificate(
     tls_net.mta_sts()
     mx = tls_net.mx()
     queue_env.enqueue("a@sender.test", ["b@remote.test"], message())
-    queue = queue_env.build()
-    queue.startService()
+    queue_env.start()
     await wait_for(lambda: len(mx.messages) == 1 or queue_env.state_reasons())
     assert not queue_env.state_reasons()
     assert mx.messages[0].tls
@@ -162,10 +161,14 @@ async def test_mta_sts_enforce_refuses_a_bad_certificate(
     queue_env: Any, tls_net: Any, mx_net: Any, dns_server: Any, test_ca: Any
 ) -> None:
     tls_net.mta_sts()
+    await refused_for_its_certificate(queue_env, tls_net)
+
+
+async def refused_for_its_certificate(queue_env: Any, tls_net: Any) -> None:
+    """An MX with a certificate for another name under an enforced policy: deferred, no MAIL."""
     mx = tls_net.mx(name="wrong.name.test")
     entry_id = queue_env.enqueue("a@sender.test", ["b@remote.test"], message())
-    queue = queue_env.build()
-    queue.startService()
+    queue_env.start()
     reason = await deferred_reason(queue_env, entry_id)
     assert "4.7.5" in reason and "certificate" in reason
     assert not any(c.startswith("MAIL") for c in mx.commands)
@@ -178,8 +181,7 @@ async def test_mta_sts_enforce_skips_mx_not_in_policy(
     tls_net.mta_sts(POLICY.replace("mx: mx1.remote.test", "mx: *.elsewhere.test"))
     mx = tls_net.mx()
     entry_id = queue_env.enqueue("a@sender.test", ["b@remote.test"], message())
-    queue = queue_env.build()
-    queue.startService()
+    queue_env.start()
     reason = await deferred_reason(queue_env, entry_id)
     assert "MTA-STS" in reason
     assert mx.connections == 0
@@ -273,8 +275,7 @@ async def test_opportunistic_tls_failure_retries_in_plaintext(
     remote_dns(dns_server)
     mx = mx_net.server("127.0.0.2", starttls=True, broken_tls=True)
     queue_env.enqueue("a@sender.test", ["b@remote.test"], message())
-    queue = queue_env.build()
-    queue.startService()
+    queue_env.start()
     await wait_for(lambda: len(mx.messages) == 1)
     assert mx.connections == 2 and mx.messages[0].tls is False
     # The plaintext retry does not even try STARTTLS again.
@@ -338,3 +339,55 @@ async def test_smarthost_auth_failure_defers(
     reason = await deferred_reason(queue_env, entry_id)
     assert "authentication failed" in reason and reason.startswith("4")
     assert not relay.messages
+
+
+@pytest_twisted.ensureDeferred
+async def test_mta_sts_policy_is_kept_on_disk_across_a_restart(
+    queue_env: Any, tls_net: Any, mx_net: Any
+) -> None:
+    """RFC 8461 §5.1: a cached policy outlives a restart; a stripped TXT cannot downgrade."""
+    tls_net.mta_sts()
+    good = tls_net.mx()
+    queue_env.enqueue("a@sender.test", ["b@remote.test"], message())
+    queue = queue_env.start()
+    await wait_for(lambda: len(good.messages) == 1)
+    queue.stopService()
+    # Restart while an attacker strips the TXT record, blocks the policy host and
+    # answers for the MX with a certificate for another name.
+    await tls_net.stop()
+    tls_net.sts_dns(None)
+    await good.port.stopListening()
+    await refused_for_its_certificate(queue_env, tls_net)
+
+
+class FailingTXT:
+    """A resolver whose every lookup fails (the TXT record cannot be read)."""
+
+    def lookup(self, name: str, rdtype: str) -> Any:
+        from twisted.internet import defer
+
+        from mailserv.errors import TemporaryFailure
+
+        return defer.fail(TemporaryFailure("SERVFAIL"))
+
+
+@pytest_twisted.ensureDeferred
+async def test_mta_sts_disk_cache_is_used_until_max_age(tmp_path: Any) -> None:
+    import time
+
+    from twisted.internet import reactor
+
+    from mailserv.queue.mtasts import MTASTSFetcher, Policy
+
+    cache = str(tmp_path / "mta-sts")
+    fresh = Policy("1", "enforce", ["mx1.fresh.test"], 3600, time.time() - 60)
+    stale = Policy("2", "enforce", ["mx1.stale.test"], 3600, time.time() - 3700)
+    first = MTASTSFetcher(FailingTXT(), reactor, cache_dir=cache)
+    await first.remember("fresh.test", fresh)
+    await first.remember("stale.test", stale)
+    # Another process (a restart) with nothing in memory and no DNS answers:
+    second = MTASTSFetcher(FailingTXT(), reactor, cache_dir=cache)
+    assert await second.policy("fresh.test") == fresh
+    assert await second.policy("stale.test") is None
+    assert not os.path.exists(os.path.join(cache, "stale.test.json"))
+    assert await second.policy("../escape") is None

@@ -63,6 +63,7 @@ from mailserv.imap.parser import (
     format_set,
     literal_marker,
     parse_seqset,
+    resolve_seqset,
     strip_marker,
     tokenize,
 )
@@ -982,37 +983,46 @@ class IMAPServer(Protocol):
         lines.append(b"* OK [UIDVALIDITY %d] UIDs valid" % sel.uidvalidity)
         lines.append(b"* OK [UIDNEXT %d] Predicted next UID" % uidnext)
         lines.append(b"* OK [HIGHESTMODSEQ %d] Highest" % highest)
-        if qresync is not None:
-            lines.extend(self._qresync_lines(sel, qresync))
-        self.send_lines(lines)
-        return (
+        done = (
             "OK",
             "[READ-ONLY] EXAMINE completed" if readonly else "[READ-WRITE] SELECT completed",
         )
-
-    def _qresync_lines(self, sel: SelectedMailbox, params: list[Token]) -> list[bytes]:
-        """RFC 7162 section 3.2.5: VANISHED (EARLIER) and flags changed since a modseq."""
-        if len(params) < 2:
-            raise ParseError("QRESYNC needs uidvalidity and modseq")
-        try:
-            uidvalidity = int(str(params[0]))
-            modseq = int(str(params[1]))
-        except ValueError as exc:
-            raise ParseError("bad QRESYNC parameters") from exc
+        if qresync is None:
+            self.send_lines(lines)
+            return done
+        uidvalidity, modseq, known = _qresync_params(qresync)
         if uidvalidity != sel.uidvalidity:
-            return []
-        known: list[tuple[int, int]] | None = None
-        if len(params) > 2 and isinstance(params[2], Atom):
-            known = parse_seqset(str(params[2]))
-        present = set(sel.uids)
-        vanished: list[int] = []
-        if known is not None:
-            top = sel.highest_uid
-            for lo, hi in known:
-                lo, hi = (lo or top), (hi or top)
-                if hi - lo > 100000:
-                    hi = lo + 100000
-                vanished.extend(u for u in range(min(lo, hi), max(lo, hi) + 1) if u not in present)
+            self.send_lines(lines)
+            return done
+        d = self.run(_expunged_since, sel.box, modseq)
+
+        def resync(expunged: list[int] | None) -> tuple[str, str]:
+            lines.extend(self._qresync_lines(sel, modseq, known, expunged))
+            self.send_lines(lines)
+            return done
+
+        return d.addCallback(resync)
+
+    def _qresync_lines(
+        self,
+        sel: SelectedMailbox,
+        modseq: int,
+        known: list[tuple[int, int]] | None,
+        expunged: list[int] | None,
+    ) -> list[bytes]:
+        """RFC 7162 section 3.2.5.1: VANISHED (EARLIER) and flags changed since a modseq.
+
+        ``expunged`` is the store's history of UIDs expunged after ``modseq``
+        (IMailbox.expunged_since); without one, every UID of ``known`` that is
+        missing is reported (a superset, which the client must accept).
+        """
+        if expunged is not None:
+            vanished = _in_uid_ranges(expunged, known, sel) if known is not None else expunged
+            vanished = [u for u in vanished if not sel.seq_of(u)]
+        elif known is not None:
+            vanished = _missing_uids(known, sel)
+        else:
+            vanished = []
         lines = []
         if vanished:
             lines.append(b"* VANISHED (EARLIER) " + format_set(sorted(set(vanished))).encode())
@@ -1398,19 +1408,35 @@ class IMAPServer(Protocol):
         sel = self._sel()
         if changedsince is not None:
             self.condstore = True
-            if vanished:
-                # no expunge history is kept: report every missing UID of the range (RFC 7162 3.2.6)
-                gone = _missing_uids(parse_seqset(set_text), sel)
-                if gone:
-                    self.send_line(b"* VANISHED (EARLIER) " + format_set(gone).encode())
             uids = [u for u in uids if int(sel.info[u].modseq) > changedsince]
-        want_uid = uid or any(a.name == "UID" for a in attrs)
-        want_flags = any(a.name == "FLAGS" for a in attrs)
-        want_modseq = changedsince is not None or any(a.name == "MODSEQ" for a in attrs)
-        set_seen = not sel.readonly and any(a.sets_seen for a in attrs)
-        needs_data = any(a.needs_data for a in attrs)
-        return self._fetch_chunks(
-            sel, uids, attrs, want_uid, want_flags, want_modseq, set_seen, needs_data
+
+        def fetch(_: Any = None) -> Any:
+            return self._fetch_chunks(
+                sel,
+                uids,
+                attrs,
+                want_uid=uid or any(a.name == "UID" for a in attrs),
+                want_flags=any(a.name == "FLAGS" for a in attrs),
+                want_modseq=changedsince is not None or any(a.name == "MODSEQ" for a in attrs),
+                set_seen=not sel.readonly and any(a.sets_seen for a in attrs),
+                needs_data=any(a.needs_data for a in attrs),
+            )
+
+        if changedsince is None or not vanished:
+            return fetch()
+        # RFC 7162 section 3.2.6: the UIDs of the set expunged since CHANGEDSINCE
+        ranges = parse_seqset(set_text)
+
+        def report(expunged: list[int] | None) -> None:
+            if expunged is None:  # no history: every missing UID of the set
+                gone = _missing_uids(ranges, sel)
+            else:
+                gone = _in_uid_ranges(expunged, ranges, sel)
+            if gone:
+                self.send_line(b"* VANISHED (EARLIER) " + format_set(gone).encode())
+
+        return (
+            self.run(_expunged_since, sel.box, changedsince).addCallback(report).addCallback(fetch)
         )
 
     def _fetch_chunks(
@@ -1885,6 +1911,35 @@ def _missing_uids(ranges: list[tuple[int, int]], sel: SelectedMailbox) -> list[i
             lo = hi - 100000
         out.update(u for u in range(lo, hi + 1) if u not in present)
     return sorted(out)
+
+
+def _qresync_params(params: list[Token]) -> tuple[int, int, list[tuple[int, int]] | None]:
+    """(uidvalidity, modseq, known UIDs) of SELECT ... (QRESYNC (...)) (RFC 7162 3.2.5)."""
+    if len(params) < 2:
+        raise ParseError("QRESYNC needs uidvalidity and modseq")
+    try:
+        uidvalidity = int(str(params[0]))
+        modseq = int(str(params[1]))
+    except ValueError as exc:
+        raise ParseError("bad QRESYNC parameters") from exc
+    known = None
+    if len(params) > 2 and isinstance(params[2], Atom):
+        known = parse_seqset(str(params[2]))
+    return uidvalidity, modseq, known
+
+
+def _in_uid_ranges(
+    uids: list[int], ranges: list[tuple[int, int]], sel: SelectedMailbox
+) -> list[int]:
+    """The UIDs of ``uids`` inside a UID set (``*``: the highest UID the view has seen)."""
+    spans = resolve_seqset(ranges, sel.highest_uid)
+    return sorted({u for u in uids for lo, hi in spans if lo <= u <= hi})
+
+
+def _expunged_since(box: Any, modseq: int) -> list[int] | None:
+    """IMailbox.expunged_since (thread pool), or None where the store keeps no history."""
+    method = getattr(box, "expunged_since", None)
+    return None if method is None else list(method(modseq))
 
 
 def _uses_modseq(key: searchmod.Key) -> bool:

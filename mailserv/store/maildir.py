@@ -324,10 +324,11 @@ class MaildirStore:
                     path, source, prefix, fsync=self.fsync, quota=quota
                 )
                 break
-            except FileNotFoundError:
-                if attempt or os.path.isdir(os.path.join(path, "tmp")):
-                    raise  # the source is missing, not the folder
-                self._create_folder(path, subfolder=not inbox)
+            except FileNotFoundError:  # the folder (or the source) is missing
+                if attempt:
+                    raise
+                if not os.path.isdir(os.path.join(path, "tmp")):  # else made meanwhile
+                    self._create_folder(path, subfolder=not inbox)
         name = os.path.basename(tmp) + size_suffix(size, vsize)
         new = f"{path}/new"
         try:

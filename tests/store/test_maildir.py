@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import threading
 from pathlib import Path
 
 import pytest
@@ -96,3 +97,33 @@ def test_message_list_is_reused_until_something_changes(user: User) -> None:
     other.set_flags(3, ["\\Flagged"])
     box.refresh()
     assert box.messages()[1].flags == {"\\Flagged"}
+
+
+def test_first_deliveries_at_once_create_the_maildir_once(tmp_path: Path) -> None:
+    """SMTP delivers concurrently through the disk pool, also into a mailbox not yet made."""
+    store = make_store("maildir")
+    errors: list[BaseException] = []
+    for round_no in range(20):
+        user = User(name="alice", mailbox=str(tmp_path / f"Maildir{round_no}"))
+        start = threading.Barrier(8)
+
+        def deliver(user: User = user, start: threading.Barrier = start) -> None:
+            start.wait()
+            try:
+                store.deliver(user, io.BytesIO(MSG))
+            except BaseException as exc:
+                errors.append(exc)
+
+        threads = [threading.Thread(target=deliver) for _ in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert len(os.listdir(Path(user.mailbox, "new"))) == 8 - len(errors)
+    assert errors == []
+
+
+def test_delivery_from_a_missing_source_fails(user: User, tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError):
+        make_store("maildir").deliver(user, str(tmp_path / "nothing"))
+    assert os.listdir(Path(user.mailbox, "tmp")) == []

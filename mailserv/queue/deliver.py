@@ -180,12 +180,17 @@ class Deliverer:
         self, domain: str, item: Any, indices: list[int], chunks: Any
     ) -> dict[int, Outcome]:
         requiretls = bool(getattr(item.entry, "requiretls", False))
+        # RFC 8689 §5: "TLS-Required: No" asks to deliver even where the recipient's
+        # DANE or MTA-STS policy fails; the REQUIRETLS parameter overrides it.
+        relaxed = bool(getattr(item, "tls_optional", False)) and not requiretls
         key = "[relay]" if self.config.relay_host else domain
         if requiretls:
             key += "/requiretls"  # its connections were all made with verified TLS
+        elif relaxed:
+            key += "/tls-optional"  # its connections may not satisfy the policy
         dest = self._destination(key)
         try:
-            return await self._deliver(dest, domain, requiretls, item, indices, chunks)
+            return await self._deliver(dest, domain, requiretls, item, indices, chunks, relaxed)
         finally:
             if not (dest.count or dest.idle or dest.waiters):
                 # Bounded memory: no state is kept for domains nothing is sent to.
@@ -199,6 +204,7 @@ class Deliverer:
         item: Any,
         indices: list[int],
         chunks: Any,
+        relaxed: bool = False,
     ) -> dict[int, Outcome]:
         outcomes: dict[int, Outcome] = {}
         remaining = list(indices)
@@ -227,7 +233,7 @@ class Deliverer:
                 dest.release()
             return outcomes
         try:
-            plans = await self.plan(domain, requiretls)
+            plans = await self.plan(domain, requiretls, relaxed)
         except (SMTPReply, TemporaryFailure) as exc:
             if slot:
                 dest.release()
@@ -392,14 +398,26 @@ class Deliverer:
     # ------------------------------------------------------------------
     # Where to go and with which TLS
 
-    async def plan(self, domain: str, requiretls: bool = False) -> list[HostPlan]:
-        """The hosts to try for ``domain`` with their TLS requirements (cached briefly)."""
+    async def plan(
+        self, domain: str, requiretls: bool = False, relaxed: bool = False
+    ) -> list[HostPlan]:
+        """The hosts to try for ``domain`` with their TLS requirements (cached briefly).
+
+        ``relaxed`` (RFC 8689 "TLS-Required: No"): the MX hosts with
+        opportunistic TLS only, whatever DANE or MTA-STS would require.
+        """
         now = self.reactor.seconds()
         key = f"{domain}/requiretls" if requiretls else domain
+        if relaxed and not requiretls:
+            key = f"{domain}/tls-optional"
         cached = self._plans.get(key)
         if cached is not None and cached[0] > now:
             return cached[1]
-        plans = await self._plan(domain, requiretls)
+        if relaxed and not requiretls and self.config.relay_host is None:
+            route = await self.mx.resolve(domain)
+            plans = [HostPlan(host, "may", [], [host.name]) for host in route.hosts]
+        else:
+            plans = await self._plan(domain, requiretls)
         if len(self._plans) >= PLAN_CACHE_SIZE:
             self._plans.pop(next(iter(self._plans)))
         self._plans[key] = (now + PLAN_CACHE_TIME, plans)

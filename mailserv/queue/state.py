@@ -41,6 +41,7 @@ STATE_VERSION = 1
 PENDING, SENT, FAILED, DONE = "pending", "sent", "failed", "done"
 ORPHAN_AGE = 3600.0  # a .msg without .env older than this is left over from a crash
 _tmp_names = itertools.count()
+HEADER_SCAN = 64 * 1024  # header bytes read to find TLS-Required in a large message
 
 
 @dataclass
@@ -67,6 +68,8 @@ class QueueItem:
     size: int = 0
     # The message itself when it is small (read with the envelope: one disk hop).
     data: bytes | None = None
+    # RFC 8689 "TLS-Required: No" in the header: the sender lifts DANE/MTA-STS.
+    tls_optional: bool = False
 
     @property
     def id(self) -> str:
@@ -158,6 +161,9 @@ class QueueStore:
             size = os.fstat(f.fileno()).st_size
             if size <= preload:
                 data = f.read()
+                head = data
+            else:
+                head = f.read(HEADER_SCAN)
         raw: dict[str, Any] = {}
         try:
             with open(self.path(entry_id, "state"), "rb") as f:
@@ -183,6 +189,7 @@ class QueueStore:
             warned=bool(raw.get("warned", False)),
             size=size,
             data=data,
+            tls_optional=tls_required_no(head),
         )
 
     def save(self, item: QueueItem) -> None:
@@ -306,6 +313,20 @@ class QueueStore:
             except FileNotFoundError:
                 pass
         return out
+
+
+def tls_required_no(message: bytes) -> bool:
+    """Does the header section say "TLS-Required: No" (RFC 8689 §5)?"""
+    end = message.find(b"\r\n\r\n")
+    header = message[: end + 2] if end >= 0 else message[:HEADER_SCAN]
+    if b"tls-required" not in header.lower():
+        return False
+    unfolded = header.replace(b"\r\n ", b" ").replace(b"\r\n\t", b" ")
+    for line in unfolded.split(b"\r\n"):
+        name, colon, value = line.partition(b":")
+        if colon and name.strip().lower() == b"tls-required":
+            return value.strip().lower() == b"no"
+    return False
 
 
 def arrival_of(entry_id: str) -> float:

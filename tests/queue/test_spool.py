@@ -94,3 +94,20 @@ def test_enqueue_writes_message_and_envelope_durably(
     assert synced == [str(tmp_path / "q")]
     with pytest.raises(FileExistsError):  # never overwrites an entry
         spool.enqueue(str(tmp_path / "q"), entry, [b"other"])
+
+
+@pytest.mark.parametrize(
+    ("message", "expected"),
+    [
+        (b"TLS-Required: No\r\nSubject: x\r\n\r\nbody\r\n", True),
+        (b"Subject: x\r\ntls-required:   no  \r\n\r\nbody\r\n", True),
+        (b"Subject: x\r\nTLS-Required:\r\n No\r\n\r\n", True),  # folded
+        (b"Subject: x\r\nTLS-Required: Yes\r\n\r\n", False),
+        (b"Subject: x\r\nX-TLS-Required: No\r\n\r\n", False),
+        (b"Subject: x\r\n\r\nTLS-Required: No\r\n", False),  # in the body
+    ],
+)
+def test_tls_required_no_is_read_from_the_header_only(message: bytes, expected: bool) -> None:
+    from mailserv.queue.state import tls_required_no
+
+    assert tls_required_no(message) is expected

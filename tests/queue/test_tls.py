@@ -166,8 +166,14 @@ async def test_mta_sts_enforce_refuses_a_bad_certificate(
 
 async def refused_for_its_certificate(queue_env: Any, tls_net: Any) -> None:
     """An MX with a certificate for another name under an enforced policy: deferred, no MAIL."""
+    await refused_for_its_certificate_with(queue_env, tls_net)
+
+
+async def refused_for_its_certificate_with(
+    queue_env: Any, tls_net: Any, data: bytes | None = None, **entry: Any
+) -> None:
     mx = tls_net.mx(name="wrong.name.test")
-    entry_id = queue_env.enqueue("a@sender.test", ["b@remote.test"], message())
+    entry_id = queue_env.enqueue("a@sender.test", ["b@remote.test"], data or message(), **entry)
     queue_env.start()
     reason = await deferred_reason(queue_env, entry_id)
     assert "4.7.5" in reason and "certificate" in reason
@@ -391,3 +397,41 @@ async def test_mta_sts_disk_cache_is_used_until_max_age(tmp_path: Any) -> None:
     assert await second.policy("stale.test") is None
     assert not os.path.exists(os.path.join(cache, "stale.test.json"))
     assert await second.policy("../escape") is None
+
+
+def relaxed_message() -> bytes:
+    """A message whose sender asks for delivery even where TLS policy fails (RFC 8689 §5)."""
+    return b"TLS-Required: No\r\n" + message()
+
+
+@pytest_twisted.ensureDeferred
+async def test_tls_required_no_delivers_despite_mta_sts_failure(
+    queue_env: Any, tls_net: Any
+) -> None:
+    """RFC 8689: "TLS-Required: No" lifts the MTA-STS requirement; STARTTLS is still used."""
+    tls_net.mta_sts()
+    mx = tls_net.mx(name="wrong.name.test")
+    queue_env.enqueue("a@sender.test", ["b@remote.test"], relaxed_message())
+    queue_env.start()
+    await wait_for(lambda: len(mx.messages) == 1)
+    assert mx.messages[0].tls
+
+
+@pytest_twisted.ensureDeferred
+async def test_tls_required_no_delivers_despite_dane_mismatch(
+    queue_env: Any, tls_net: Any, test_ca: Any
+) -> None:
+    other = test_ca.issue("someone-else.test")
+    tls_net.dane_dns(spki_sha256(other[0]))
+    mx = tls_net.mx()
+    queue_env.enqueue("a@sender.test", ["b@remote.test"], relaxed_message())
+    build_validating(queue_env).startService()
+    await wait_for(lambda: len(mx.messages) == 1)
+    assert mx.messages[0].tls
+
+
+@pytest_twisted.ensureDeferred
+async def test_tls_required_no_is_ignored_with_requiretls(queue_env: Any, tls_net: Any) -> None:
+    """RFC 8689: with the REQUIRETLS MAIL parameter the header field is ignored."""
+    tls_net.mta_sts()
+    await refused_for_its_certificate_with(queue_env, tls_net, relaxed_message(), requiretls=True)

@@ -398,10 +398,10 @@ def flags_item(info: Any, recent: bool) -> bytes:
     A mailbox has few distinct flag sets: each is formatted once, keyed by the
     store's (flags, keywords) frozensets, whose hashes Python keeps.
     """
-    key = (info.flags, getattr(info, "keywords", _EMPTY), recent)
     try:
+        key = (info.flags, info.keywords, recent)
         text = _FLAG_TEXT.get(key)
-    except TypeError:  # not hashable (a set): format it every time
+    except (AttributeError, TypeError):  # no keywords, or not hashable: format every time
         flags = _flags(info)
         return b"FLAGS " + format_flags(flags | RECENT if recent else flags)
     if text is None:

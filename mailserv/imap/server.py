@@ -1476,6 +1476,9 @@ class IMAPServer(Protocol):
                 )
             elif needs_data:
                 d = self.run(_fetch_work, None, sel.box, infos, attrs, True, False)
+            elif only_view and want_flags and not want_uid and not want_modseq:
+                write_flags(chunk)  # FETCH 1:* (FLAGS), which clients send often
+                d = defer.succeed(None)
             elif only_view:
                 d = defer.succeed([(info, b"", False) for info in infos])
             else:
@@ -1487,7 +1490,23 @@ class IMAPServer(Protocol):
             d.addCallback(next_chunk)
             d.addErrback(result.errback)
 
-        def write(rows: list[tuple[Any, bytes | None, bool]]) -> None:
+        def write_flags(chunk: list[int]) -> None:
+            info = sel.info
+            recent = sel.recent
+            first = bisect_left(sel.uids, chunk[0]) if chunk else 0
+            if sel.uids[first : first + len(chunk)] != chunk:  # not a run of the view
+                write([(info[u], b"", False) for u in chunk])
+                return
+            self.send_lines(
+                [
+                    b"* %d FETCH (%s)" % (seq, flags_item(info[u], u in recent))
+                    for seq, u in enumerate(chunk, first + 1)
+                ]
+            )
+
+        def write(rows: list[tuple[Any, bytes | None, bool]] | None) -> None:
+            if rows is None:
+                return  # written already
             out = []
             suids = sel.uids
             recent = sel.recent

@@ -66,3 +66,25 @@ def test_envelope_renders_groups():
         b'((NIL NIL "undisclosed-recipients" NIL)(NIL NIL NIL NIL)) '
         b"NIL NIL NIL))\r\na OK FETCH completed\r\n"
     )
+
+
+def test_fetch_flags_of_runs_and_scattered_messages():
+    """FETCH n:m (FLAGS) and a scattered set give the same lines, numbered by sequence."""
+    env = Env()
+    for n in range(1, 6):
+        env.deliver(b"Subject: %d\r\n\r\nx\r\n" % n, flags=["\\Seen"] if n % 2 else [])
+    s = env.selected_session()
+    expected = {
+        n: b"* %d FETCH (FLAGS (%s))\r\n" % (n, b"\\Recent \\Seen" if n % 2 else b"\\Recent")
+        for n in range(1, 6)
+    }
+    assert s.cmd("a FETCH 2:4 (FLAGS)") == b"".join(expected[n] for n in (2, 3, 4)) + (
+        b"a OK FETCH completed\r\n"
+    )
+    assert s.cmd("b FETCH 1,3,5 (FLAGS)") == b"".join(expected[n] for n in (1, 3, 5)) + (
+        b"b OK FETCH completed\r\n"
+    )
+    assert s.cmd("c UID FETCH 4:* (FLAGS)") == (
+        b"* 4 FETCH (UID 4 FLAGS (\\Recent))\r\n* 5 FETCH (UID 5 FLAGS (\\Recent \\Seen))\r\n"
+        b"c OK FETCH completed\r\n"
+    )

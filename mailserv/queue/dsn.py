@@ -6,8 +6,11 @@ Remote-MTA, Diagnostic-Code) and the original message: its header section
 when the sender asked RET=HDRS, otherwise its first ``limit`` bytes (Postfix's
 bounce_size_limit, 50 000).  Whether a recipient is reported follows its
 NOTIFY parameter (RFC 3461 §4.1: absent means FAILURE, and DELAY at the
-MTA's discretion; NEVER means nothing).  A DSN is never sent to the null
-reverse-path (RFC 3461 §6.2, RFC 5321 §4.5.5), so bounces never loop.
+MTA's discretion; NEVER means nothing).  The DSN of an SMTPUTF8 message is
+a global one (RFC 6533): message/global-delivery-status with utf-8 address
+types for non-ASCII addresses, and message/global or message/global-headers.
+A DSN is never sent to the null reverse-path (RFC 3461 §6.2, RFC 5321
+§4.5.5), so bounces never loop.
 """
 
 from __future__ import annotations
@@ -148,7 +151,9 @@ def build(
     lines.append(f"Arrival-Date: {arrival}")
     for r in reports:
         lines.append("")
-        lines.append(f"Final-Recipient: rfc822; {_field(r.address)}")
+        # RFC 6533 §3: a non-ASCII address is of type utf-8 (global DSNs only).
+        kind = "utf-8" if utf8 and not r.address.isascii() else "rfc822"
+        lines.append(f"Final-Recipient: {kind}; {_field(r.address)}")
         if r.orcpt:
             kind, _, value = r.orcpt.partition(";")
             lines.append(f"Original-Recipient: {kind.strip()}; {_field(value.strip())}")

@@ -126,6 +126,37 @@ async def test_5xx_bounces_that_recipient_only_and_4xx_defers(
 
 
 @pytest_twisted.ensureDeferred
+async def test_bounce_of_an_smtputf8_message_is_a_global_dsn(
+    queue_env: Any, mx_net: Any, dns_server: Any
+) -> None:
+    """RFC 6533: the DSN of an SMTPUTF8 message is message/global-delivery-status, its
+    non-ASCII addresses are of type utf-8, the original is message/global, and it goes
+    back over SMTPUTF8."""
+    remote_dns(dns_server)
+    mx_net.server("127.0.0.2", rcpt_replies={"josé@remote.test": "550 5.1.1 no such user"})
+    sender_mx = mx_net.server("127.0.0.5")
+    data = (
+        "From: <grüße@sender.test>\r\nTo: <josé@remote.test>\r\nSubject: Grüße\r\n"
+        "Message-ID: <1@sender.test>\r\n\r\nHällo.\r\n"
+    ).encode()
+    queue_env.enqueue(
+        "grüße@sender.test", ["josé@remote.test"], data, smtputf8=True, body="8BITMIME"
+    )
+    queue_env.start()
+    await wait_for(lambda: len(sender_mx.messages) == 1)
+    mail = next(c for c in sender_mx.commands if c.startswith("MAIL"))
+    assert mail.startswith("MAIL FROM:<>") and mail.endswith(" SMTPUTF8")
+    bounce = sender_mx.messages[0]
+    assert bounce.recipients == ["grüße@sender.test"]
+    text = bounce.data.decode("utf-8")
+    assert "Content-Type: message/global-delivery-status\r\n" in text
+    assert "Final-Recipient: utf-8; josé@remote.test\r\n" in text
+    assert "Status: 5.1.1" in text and "Action: failed" in text
+    assert "Content-Type: message/global\r\n" in text and "Hällo." in text
+    assert "message/rfc822" not in text and "message/delivery-status" not in text
+
+
+@pytest_twisted.ensureDeferred
 async def test_null_mx_bounces_at_once_without_connecting(
     queue_env: Any, mx_net: Any, dns_server: Any
 ) -> None:

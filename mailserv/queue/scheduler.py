@@ -131,7 +131,9 @@ class QueueService(Service):
         try:
             notifier = inotify.INotify(self.reactor)
             notifier.startReading()
-            mask = inotify.IN_MOVED_TO | inotify.IN_CLOSE_WRITE
+            # Entries and control requests appear by rename only (spool.enqueue,
+            # post_control): one event per message, not one per file written.
+            mask = inotify.IN_MOVED_TO
             notifier.watch(
                 filepath.FilePath(self.store.directory), mask, callbacks=[self._inotified]
             )

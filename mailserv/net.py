@@ -59,3 +59,48 @@ def make_eager(port: Any) -> Any:
     if isinstance(port, tcp.Port) and getattr(port, "transport", None) is tcp.Server:
         port.transport = EagerServer
     return port
+
+
+class EagerClient(tcp.Client):
+    """The client side of :class:`EagerServer`: an outbound connection's writes go out at once
+    when nothing is buffered.
+
+    A *streaming* producer may be registered (the SMTP client pauses its message data when the
+    buffer fills): with an empty buffer there is nothing to keep in order behind, and a partial
+    send hands the rest to the buffered path, which pauses the producer as usual.
+    """
+
+    def _may_send_now(self) -> bool:
+        return (
+            not self.TLS
+            and bool(self.connected)
+            and not self.disconnecting
+            and not self._writeDisconnected
+            and (self.producer is None or bool(self.streamingProducer))
+            and not self._tempDataLen
+            and self.offset == len(self.dataBuffer)
+        )
+
+    def write(self, data: bytes) -> None:
+        if type(data) is bytes and data and self._may_send_now():
+            sent = self.writeSomeData(data)
+            data = data[sent:] if isinstance(sent, int) and sent > 0 else data
+            if not data:
+                return
+        super().write(data)
+
+
+class EagerConnector(tcp.Connector):
+    """``reactor.connectTCP``'s connector, building :class:`EagerClient` transports."""
+
+    def _makeTransport(self) -> EagerClient:
+        return EagerClient(self.host, self.port, self.bindAddress, self, self.reactor)
+
+
+def connect_eager(
+    reactor: Any, host: str, port: int, factory: Any, timeout: float = 30.0
+) -> EagerConnector:
+    """``reactor.connectTCP(host, port, factory, timeout)`` with eager writes (IPv4 or IPv6)."""
+    connector = EagerConnector(host, port, factory, timeout, None, reactor)
+    connector.connect()
+    return connector

@@ -161,6 +161,7 @@ class SMTPClientProtocol(Protocol):
         self._closed: Failure | None = None
         self._paused: defer.Deferred[None] | None = None
         self.lost: defer.Deferred[None] = defer.Deferred()
+        self.on_connect: Any = None  # called at the end of connectionMade (deliver.py)
         # The greeting's timer starts when the connection does (connectionMade).
         self.greeting = self._expect("greeting", None)
 
@@ -173,6 +174,8 @@ class SMTPClientProtocol(Protocol):
                 waiter.timer = self.reactor.callLater(
                     self.timeouts.greeting, self._timed_out, waiter
                 )
+        if self.on_connect is not None:
+            self.on_connect()
 
     def dataReceived(self, data: bytes) -> None:
         self._buffer += data

@@ -22,8 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from twisted.internet import defer
-from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint
-from twisted.internet.protocol import Factory
+from twisted.internet.protocol import ClientFactory
 from twisted.logger import Logger
 
 from mailserv.errors import SMTPReply, TemporaryFailure
@@ -391,9 +390,12 @@ class Deliverer:
         return Connection(session, address)
 
     def _connect_tcp(self, address: str, port: int, protocol: SMTPClientProtocol) -> Any:
-        kind = TCP6ClientEndpoint if ":" in address else TCP4ClientEndpoint
-        endpoint = kind(self.reactor, address, port, timeout=self.timeouts.connect)
-        return endpoint.connect(_OneShot(protocol))
+        """Connect ``protocol``; fires once it is connected (its transport set)."""
+        from mailserv.net import connect_eager
+
+        factory = _OneShot(protocol)
+        connect_eager(self.reactor, address, port, factory, self.timeouts.connect)
+        return factory.connected
 
     # ------------------------------------------------------------------
     # Where to go and with which TLS
@@ -502,16 +504,27 @@ class Deliverer:
         return HostPlan(host, "may", [], [host.name])
 
 
-class _OneShot(Factory):
-    """endpoints.connectProtocol's factory, without its two log lines per connection."""
+class _OneShot(ClientFactory):
+    """The factory of one outbound connection: ``connected`` fires with the protocol once
+    it is connected, or fails with the reason (refused, timeout); no log lines."""
 
     noisy = False
 
     def __init__(self, protocol: SMTPClientProtocol) -> None:
         self.protocol_instance = protocol
+        self.connected: defer.Deferred[SMTPClientProtocol] = defer.Deferred()
+        protocol.on_connect = self._made
+
+    def _made(self) -> None:
+        if not self.connected.called:
+            self.connected.callback(self.protocol_instance)
 
     def buildProtocol(self, addr: Any) -> SMTPClientProtocol:
         return self.protocol_instance
+
+    def clientConnectionFailed(self, connector: Any, reason: Any) -> None:
+        if not self.connected.called:
+            self.connected.errback(reason)
 
 
 def relay_credentials(config: Any) -> tuple[str, str] | None:

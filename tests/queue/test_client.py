@@ -6,6 +6,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
+import pytest_twisted
 from twisted.internet import defer
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
@@ -303,3 +304,38 @@ def test_chunking_failed_chunk_decides() -> None:
     )
     peer.say(b"250 ok\r\n250 ok\r\n452 4.3.1 disk full\r\n250 ok\r\n")
     assert result.result["b@t.test"].temporary
+
+
+@pytest.mark.integration
+@pytest_twisted.ensureDeferred
+async def test_outbound_connections_send_at_once_without_buffering() -> None:
+    """The client's writes leave at once when nothing is buffered (mailserv.net.EagerClient):
+    no extra reactor iteration and epoll_ctl pair per pipelined group or message body."""
+    from twisted.internet import protocol, reactor
+
+    from mailserv.queue.client import SMTPClientProtocol, Timeouts
+    from mailserv.queue.deliver import Deliverer
+
+    received: list[bytes] = []
+
+    class Greeter(protocol.Protocol):
+        def connectionMade(self) -> None:
+            self.transport.write(b"220 hello\r\n")
+
+        def dataReceived(self, data: bytes) -> None:
+            received.append(data)
+
+    factory = protocol.Factory.forProtocol(Greeter)
+    port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+    try:
+        client = SMTPClientProtocol(reactor, Timeouts())
+        deliverer = Deliverer.__new__(Deliverer)
+        deliverer.reactor = reactor
+        deliverer.timeouts = Timeouts(connect=5)
+        await deliverer._connect_tcp("127.0.0.1", port.getHost().port, client)
+        await client.greeting
+        client.transport.write(b"EHLO x\r\n")
+        assert client.transport.dataBuffer == b"" and not client.transport._tempDataBuffer
+        client.abort()
+    finally:
+        await port.stopListening()

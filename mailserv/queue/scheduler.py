@@ -266,6 +266,8 @@ class QueueService(Service):
                 heapq.heappop(self._heap)  # stale slot
                 continue
             delay = max(0.0, when - self.reactor.seconds())
+            if not delay and len(self.active) >= self.config.max_deliveries:
+                break  # due but no room: the next attempt to finish wakes us (no busy timer)
             self._timer = self.reactor.callLater(delay, self._wake)
             break
 

@@ -260,3 +260,29 @@ async def test_notify_success_relayed_dsn_only_when_the_peer_lacks_dsn(
     assert "Action: relayed" in text and "Final-Recipient: rfc822; c@nodsn.test" in text
     status = text.split("Content-Type: message/delivery-status")[1].split("\r\n--")[0]
     assert "c@nodsn.test" in status and "b@remote.test" not in status
+
+
+@pytest_twisted.ensureDeferred
+async def test_no_busy_wakeups_while_every_delivery_slot_is_taken(
+    queue_env: Any, mx_net: Any, dns_server: Any
+) -> None:
+    """Entries due while max_deliveries attempts run wait for one to finish, not a 0 s timer."""
+    from twisted.internet import reactor, task
+
+    remote_dns(dns_server)
+    mx = mx_net.server("127.0.0.2", silent_after_data=True)  # attempts hang at the final dot
+    for i in range(5):
+        queue_env.enqueue("a@sender.test", ["b@remote.test"], message(f"m{i}"))
+    queue = queue_env.start("max_deliveries = 2")
+    await wait_for(lambda: len(queue.active) == 2 and mx.raw.count(b".") == 2)
+    wakes = 0
+    real_wake = queue._wake
+
+    def counting_wake() -> None:
+        nonlocal wakes
+        wakes += 1
+        real_wake()
+
+    queue._wake = counting_wake
+    await task.deferLater(reactor, 0.3, lambda: None)
+    assert wakes <= 2, f"{wakes} wake-ups in 0.3 s with every slot taken"

@@ -7,6 +7,7 @@ the ``crypto`` pool with our resolver for the keys, like DKIM.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from typing import Any
 
@@ -22,6 +23,7 @@ from mailserv.filters.common import (
     clean,
     load_options,
     outcome,
+    prepared,
     resolver_for,
     results_for,
 )
@@ -69,6 +71,12 @@ class ARCFilter(FilterBase):
         self.resolver = resolver_for(service)
         self.threads = service.threads
 
+    def message_job(self, session: Any, envelope: Any, message: Any) -> Any:
+        """The chain verification, for the chain's one thread job per message."""
+        if not message.header("ARC-Seal") or message.size > self.config.max_size:
+            return None
+        return functools.partial(verify_chain, message, self.resolver, self.config.min_key_bits)
+
     @defer.inlineCallbacks
     def check_message(self, session: Any, envelope: Any, message: Any) -> Any:
         results = results_for(session, envelope)
@@ -78,9 +86,12 @@ class ARCFilter(FilterBase):
         if message.size > self.config.max_size:
             results.arc = MethodResult("arc", "neutral", comment="message too large")
             return CONTINUE
-        results.arc = yield self.threads.run(
-            "crypto", verify_chain, message, self.resolver, self.config.min_key_bits
-        )
+        job = prepared(session, envelope, self.name)
+        if job is None:
+            job = self.threads.run(
+                "crypto", verify_chain, message, self.resolver, self.config.min_key_bits
+            )
+        results.arc = yield job
         if results.arc.result != "fail":
             return CONTINUE
         reason = f"ARC chain failed: {results.arc.comment}"

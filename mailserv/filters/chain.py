@@ -10,6 +10,7 @@ that spoke are collected in order.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from inspect import iscoroutine
 from typing import Any
 
 from twisted.internet import defer
@@ -17,6 +18,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from mailserv.filters.base import FILTER_FAILURE, Action, StageResult, Verdict
+from mailserv.filters.common import start_jobs
 from mailserv.interfaces import (
     IConnectionFilter,
     IHeloFilter,
@@ -74,51 +76,134 @@ class FilterChain:
         return self.run("message", session, envelope, message)
 
     def run(self, stage: str, *args: Any) -> defer.Deferred[StageResult]:
-        """Run ``stage`` over the filters that implement it; Deferred[StageResult]."""
-        if not self._by_stage[stage]:
+        """Run ``stage`` over the filters that implement it; Deferred[StageResult].
+
+        Filters that answer at once (a Verdict, not a Deferred) are run in a
+        plain loop: no Deferred, generator or timer per call.  The first
+        filter that returns a Deferred gets its timeout and the rest of the
+        stage continues when it fires.
+        """
+        filters = self._by_stage[stage]
+        if not filters:
             return defer.succeed(StageResult())
-        return self._run(stage, *args)
-
-    @defer.inlineCallbacks
-    def _run(self, stage: str, *args: Any) -> Any:
         result = StageResult()
-        method_name = STAGES[stage][1]
-        for flt in self._by_stage[stage]:
-            verdict = yield self._call(flt, method_name, args)
-            if verdict.action is not Action.CONTINUE or verdict.headers:
-                result.trail.append(f"{verdict.filter}:{verdict.action.value}")
-            result.headers.extend(verdict.headers)
-            if verdict.final:
-                result.verdict = verdict
-                break
-        return result
+        if stage == "message":
+            self._start_jobs(filters, *args)
+        pending = self._loop(filters, 0, STAGES[stage][1], args, result)
+        if pending is None:
+            return defer.succeed(result)
+        return pending
 
-    def _call(self, flt: Any, method_name: str, args: tuple[Any, ...]) -> defer.Deferred[Verdict]:
+    @staticmethod
+    def _start_jobs(filters: list[Any], session: Any, envelope: Any, message: Any) -> None:
+        """Start the blocking work of the message stage's filters as one thread job.
+
+        A filter with ``message_job(session, envelope, message)`` returns a
+        callable (or None); all of them run in one ``crypto`` pool job
+        (mailserv.filters.common.start_jobs) instead of one round trip each,
+        and each filter awaits its own result under its own timeout.
+        """
+        jobs: dict[str, Any] = {}
+        threads = None
+        for flt in filters:
+            make = getattr(flt, "message_job", None)
+            if make is None:
+                continue
+            try:
+                job = make(session, envelope, message)
+            except Exception:  # the filter meets the same problem when it runs
+                log.failure("message job of {filter} not started", filter=_filter_name(flt))
+                continue
+            if job is not None:
+                jobs[_filter_name(flt)] = job
+                threads = threads or flt.threads
+        if jobs:
+            start_jobs(threads, session, envelope, jobs)
+
+    def _loop(
+        self,
+        filters: list[Any],
+        start: int,
+        method_name: str,
+        args: tuple[Any, ...],
+        result: StageResult,
+    ) -> defer.Deferred[StageResult] | None:
+        """Run ``filters[start:]``; None when the stage finished synchronously."""
+        for i in range(start, len(filters)):
+            flt = filters[i]
+            try:
+                value = getattr(flt, method_name)(*args)
+            except Exception:
+                value = self._failed(Failure(), _filter_name(flt), method_name)
+            if iscoroutine(value):
+                value = defer.Deferred.fromCoroutine(value)
+            if isinstance(value, defer.Deferred):
+                d = self._guard(value, flt, method_name)
+                return d.addCallback(self._resume, filters, i, method_name, args, result)
+            if self._take(self._checked(value, flt, method_name), result):
+                return None
+        return None
+
+    def _resume(
+        self,
+        verdict: Verdict,
+        filters: list[Any],
+        i: int,
+        method_name: str,
+        args: tuple[Any, ...],
+        result: StageResult,
+    ) -> Any:
+        if self._take(verdict, result):
+            return result
+        pending = self._loop(filters, i + 1, method_name, args, result)
+        return result if pending is None else pending
+
+    @staticmethod
+    def _take(verdict: Verdict, result: StageResult) -> bool:
+        """Add ``verdict`` to ``result``; True when it ends the stage."""
+        if verdict.action is not Action.CONTINUE or verdict.headers:
+            result.trail.append(f"{verdict.filter}:{verdict.action.value}")
+        result.headers.extend(verdict.headers)
+        if verdict.final:
+            result.verdict = verdict
+            return True
+        return False
+
+    def _checked(self, value: Any, flt: Any, method_name: str) -> Verdict:
+        if isinstance(value, Verdict):
+            if value.filter:
+                return value
+            name = _filter_name(flt)
+            return Verdict(value.action, value.reply, value.headers, value.reason, name)
+        if isinstance(value, Failure):
+            return self._failed(value, _filter_name(flt), method_name)
         name = _filter_name(flt)
-        timeout = float(getattr(flt, "timeout", 10.0))
-        d = defer.maybeDeferred(getattr(flt, method_name), *args)
+        try:
+            raise TypeError(f"filter {name} returned {type(value).__name__}, not a Verdict")
+        except TypeError:
+            return self._failed(Failure(), name, method_name)
+
+    def _guard(self, d: defer.Deferred[Any], flt: Any, method_name: str) -> defer.Deferred[Verdict]:
+        """The filter's own deadline, the Verdict check and fail-closed, on its Deferred."""
         if not d.called:  # a filter that answered at once needs no timer
-            d.addTimeout(timeout, self._reactor)
-
-        def check(value: Any) -> Verdict:
-            if not isinstance(value, Verdict):
-                raise TypeError(f"filter {name} returned {type(value).__name__}, not a Verdict")
-            if not value.filter:
-                value = Verdict(value.action, value.reply, value.headers, value.reason, name)
-            return value
-
-        def failed(failure: Failure) -> Verdict:
-            log.failure(
-                "filter {filter} failed at {stage}; failing closed",
-                failure,
-                filter=name,
-                stage=method_name,
-            )
-            return Verdict(Action.TEMPFAIL, FILTER_FAILURE, reason="filter failure", filter=name)
-
-        d.addCallback(check)
-        d.addErrback(failed)
+            d.addTimeout(float(getattr(flt, "timeout", 10.0)), self._reactor)
+        d.addCallbacks(
+            self._checked,
+            self._failed,
+            callbackArgs=(flt, method_name),
+            errbackArgs=(_filter_name(flt), method_name),
+        )
         return d
+
+    @staticmethod
+    def _failed(failure: Failure, name: str, method_name: str) -> Verdict:
+        log.failure(
+            "filter {filter} failed at {stage}; failing closed",
+            failure,
+            filter=name,
+            stage=method_name,
+        )
+        return Verdict(Action.TEMPFAIL, FILTER_FAILURE, reason="filter failure", filter=name)
 
 
 EMPTY_CHAIN_NAME = "(none)"

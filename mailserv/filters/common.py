@@ -8,8 +8,11 @@ hit for the tarpit, quarantine reasons for the quarantine filter) lives in
 
 from __future__ import annotations
 
+import functools
+import ipaddress
 import os
 import re
+import time
 import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -54,6 +57,19 @@ def regex_kind(value: Any, ctx: Context, key: str) -> str:
     except regex.error as exc:
         raise Invalid(f"bad regular expression: {exc}") from None
     return value
+
+
+# --------------------------------------------------------------------------
+# Client addresses (parsed once per address, not once per filter call)
+
+
+@functools.lru_cache(maxsize=4096)
+def parse_ip(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """``ipaddress.ip_address(host)``, None when ``host`` is not an address (cached)."""
+    try:
+        return ipaddress.ip_address(host)
+    except ValueError:
+        return None
 
 
 # --------------------------------------------------------------------------
@@ -221,12 +237,45 @@ def header_comment(text: str) -> str:
 # DNS answers already in the resolver's cache, without a thread-pool round trip
 
 
+# Answers found in dnspython's cache, by (name, type), with the cache entry's
+# expiry: a repeated lookup is one dict read instead of building a dns.name
+# and a cache key (per dnspython cache object, so a reloaded resolver starts empty).
+_answers: weakref.WeakKeyDictionary[Any, dict[tuple[str, str], tuple[float, Any]]] = (
+    weakref.WeakKeyDictionary()
+)
+ANSWERS_MAX = 10_000
+
+
 def cached_answer(resolver: Any, name: str, rdtype: str) -> Any:
     """The DNSAnswer of ``name``/``rdtype`` if dnspython's cache holds it, else None.
 
     The cache honours TTLs and is thread-safe; NXDOMAIN and anything not
-    cached go through ``resolver.lookup`` as usual.
+    cached go through ``resolver.lookup`` as usual.  An answer read from the
+    cache is remembered until the cache entry expires (its TTL).
     """
+    cache = getattr(getattr(resolver, "resolver", None), "cache", None)
+    if not cache:
+        return None
+    try:
+        memo = _answers[cache]
+    except KeyError:
+        memo = _answers.setdefault(cache, {})
+    except TypeError:  # a cache object that cannot be weakly referenced
+        memo = {}
+    found = memo.get((name, rdtype))
+    if found is not None:
+        if found[0] > time.time():
+            return found[1]
+        memo.pop((name, rdtype), None)
+    expires, answer = _from_cache(cache, name, rdtype)
+    if answer is not None:
+        if len(memo) >= ANSWERS_MAX:
+            memo.clear()
+        memo[(name, rdtype)] = (expires, answer)
+    return answer
+
+
+def _from_cache(cache: Any, name: str, rdtype: str) -> tuple[float, Any]:
     import dns.exception
     import dns.flags
     import dns.name
@@ -236,22 +285,19 @@ def cached_answer(resolver: Any, name: str, rdtype: str) -> Any:
 
     from mailserv.dns import DNSAnswer
 
-    cache = getattr(getattr(resolver, "resolver", None), "cache", None)
-    if not cache:
-        return None
     try:
         qname = dns.name.from_text(name)
         key = (qname, dns.rdatatype.from_text(rdtype), dns.rdataclass.IN)
     except (dns.exception.DNSException, ValueError):
-        return None
+        return 0.0, None
     answer = cache.get(key)
     if answer is None:
         negative = cache.get((qname, dns.rdatatype.ANY, dns.rdataclass.IN))
         if negative is not None and negative.response.rcode() == dns.rcode.NXDOMAIN:
-            return DNSAnswer(name, rdtype, nxdomain=True)
-        return None
+            return negative.expiration, DNSAnswer(name, rdtype, nxdomain=True)
+        return 0.0, None
     records = tuple(answer.rrset) if answer.rrset is not None else ()
-    return DNSAnswer(
+    return answer.expiration, DNSAnswer(
         name, rdtype, records, authenticated=bool(answer.response.flags & dns.flags.AD)
     )
 
@@ -288,4 +334,78 @@ def header_name(value: Any, ctx: Context, key: str) -> str:
     """An RFC 5322 §2.2 field name (printable ASCII without colon or space)."""
     if not isinstance(value, str) or not _FIELD_NAME.match(value):
         raise Invalid(f"expected a header field name such as 'X-Spam-Flag', got {value!r}")
+    return value
+
+
+class Pending:
+    """A result that several later callers wait for (each gets its own Deferred)."""
+
+    def __init__(self, d: Any) -> None:
+        self.done = False
+        self.result: Any = None
+        self._waiters: list[Any] = []
+        d.addBoth(self._fire)
+
+    def _fire(self, result: Any) -> None:
+        self.done, self.result = True, result
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            waiter.callback(result)
+
+    def wait(self) -> Any:
+        from twisted.internet import defer
+
+        if self.done:
+            return defer.succeed(self.result)
+        waiter: defer.Deferred[Any] = defer.Deferred()
+        self._waiters.append(waiter)
+        return waiter
+
+
+# --------------------------------------------------------------------------
+# One thread job per message for the CPU-bound work of the message stage
+
+PREPARED = "prepared_jobs"
+
+
+def run_jobs(jobs: Mapping[str, Callable[[], Any]]) -> dict[str, tuple[bool, Any]]:
+    """Run each job (blocking); ``name -> (True, value)`` or ``(False, exception)``."""
+    out: dict[str, tuple[bool, Any]] = {}
+    for name, job in jobs.items():
+        try:
+            out[name] = (True, job())
+        except Exception as exc:  # given to the filter, which fails closed with it
+            out[name] = (False, exc)
+    return out
+
+
+def start_jobs(threads: Any, session: Any, envelope: Any, jobs: Mapping[str, Any]) -> None:
+    """Run the message-stage ``jobs`` of several filters in one ``crypto`` pool job.
+
+    The chain calls this before the first filter of the message stage; each
+    filter picks its result with ``prepared``.
+    """
+    pending = Pending(threads.run("crypto", run_jobs, dict(jobs)))
+    session.notes[PREPARED] = (envelope.id, pending, frozenset(jobs))
+
+
+def prepared(session: Any, envelope: Any, name: str) -> Any:
+    """Deferred of the result of filter ``name``'s job started by ``start_jobs``, or None.
+
+    None when no job was started for this filter and message, or when the
+    message was rewritten since (forged Authentication-Results removed): the
+    filter then does its work itself, on the message as it is now.
+    """
+    entry = session.notes.get(PREPARED)
+    if entry is None or entry[0] != envelope.id or name not in entry[2]:
+        return None
+    if results_for(session, envelope).forged_removed:
+        return None
+    return entry[1].wait().addCallback(_pick, name)
+
+
+def _pick(outcomes: dict[str, tuple[bool, Any]], name: str) -> Any:
+    ok, value = outcomes[name]
+    if not ok:
+        raise value
     return value

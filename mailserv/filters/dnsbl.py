@@ -36,6 +36,7 @@ from mailserv.config.schema import (
 from mailserv.errors import TemporaryFailure
 from mailserv.filters.base import CONTINUE, FilterBase, Verdict
 from mailserv.filters.common import (
+    Pending,
     action_kind,
     clean,
     connection_marks,
@@ -43,6 +44,7 @@ from mailserv.filters.common import (
     load_options,
     lookup,
     outcome,
+    parse_ip,
     resolver_for,
     results_for,
 )
@@ -160,29 +162,6 @@ def query_zones(resolver: Any, name: str, zones: list[Zone]) -> Any:
     return result
 
 
-class Pending:
-    """A lookup started at connect that later stages wait for (each gets its own Deferred)."""
-
-    def __init__(self, d: defer.Deferred[Any]) -> None:
-        self.done = False
-        self.result: Any = None
-        self._waiters: list[defer.Deferred[Any]] = []
-        d.addBoth(self._fire)
-
-    def _fire(self, result: Any) -> None:
-        self.done, self.result = True, result
-        waiters, self._waiters = self._waiters, []
-        for waiter in waiters:
-            waiter.callback(result)
-
-    def wait(self) -> defer.Deferred[Any]:
-        if self.done:
-            return defer.succeed(self.result)
-        waiter: defer.Deferred[Any] = defer.Deferred()
-        self._waiters.append(waiter)
-        return waiter
-
-
 class DNSBLOptions(Section):
     """Keys of ``filter = "dnsbl"``."""
 
@@ -212,9 +191,8 @@ class DNSBLFilter(FilterBase):
         self._key = f"dnsbl:{id(self)}"
 
     def _name(self, session: Any) -> str | None:
-        try:
-            ip = ipaddress.ip_address(session.peer_host)
-        except ValueError:
+        ip = parse_ip(session.peer_host)
+        if ip is None:
             return None
         if any(ip in net for net in self.config.allowlist):
             return None

@@ -16,6 +16,7 @@ Triplets that passed within the last hour are answered from memory.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from collections import OrderedDict
 from collections.abc import Mapping
@@ -37,7 +38,7 @@ from mailserv.config.schema import (
     string,
 )
 from mailserv.filters.base import CONTINUE, FilterBase, Verdict
-from mailserv.filters.common import config_error, load_options, state_path
+from mailserv.filters.common import config_error, load_options, parse_ip, state_path
 from mailserv.interfaces import IRecipientFilter
 
 RECENT = 3600.0
@@ -55,8 +56,9 @@ TABLES = (
 )
 
 
+@functools.lru_cache(maxsize=4096)
 def client_network(address: str, v4_prefix: int = 24, v6_prefix: int = 64) -> str:
-    """The network a client address is greylisted as (/24 or /64 by default)."""
+    """The network a client address is greylisted as (/24 or /64 by default; cached)."""
     ip = ipaddress.ip_address(address)
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
         ip = ip.ipv4_mapped
@@ -287,9 +289,8 @@ class GreylistFilter(FilterBase):
     def _skip(self, session: Any) -> bool:
         if self.config.skip_authenticated and session.auth_user is not None:
             return True
-        try:
-            ip = ipaddress.ip_address(session.peer_host)
-        except ValueError:
+        ip = parse_ip(session.peer_host)
+        if ip is None:
             return True
         return any(ip in net for net in self.config.allowlist)
 

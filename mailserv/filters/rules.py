@@ -19,6 +19,7 @@ rule (``on_timeout = "skip"``).
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -43,7 +44,13 @@ from mailserv.config.schema import (
 )
 from mailserv.filters.authresults import read_header_block, split_fields
 from mailserv.filters.base import CONTINUE, Action, FilterBase, Verdict
-from mailserv.filters.common import clean, config_error, load_options, results_for
+from mailserv.filters.common import (
+    clean,
+    config_error,
+    load_options,
+    prepared,
+    results_for,
+)
 from mailserv.interfaces import IMessageFilter
 
 log = Logger()
@@ -287,13 +294,9 @@ class RulesFilter(FilterBase):
         )
         self.threads = service.threads
 
-    @defer.inlineCallbacks
-    def check_message(self, session: Any, envelope: Any, message: Any) -> Any:
-        if not self.header_rules and not self.body_rules:
-            return CONTINUE
+    def _job(self, message: Any) -> Any:
         cfg = self.config
-        hits = yield self.threads.run(
-            "crypto",
+        return functools.partial(
             evaluate,
             message,
             self.header_rules,
@@ -303,6 +306,21 @@ class RulesFilter(FilterBase):
             cfg.max_body_bytes,
             cfg.on_timeout == "skip",
         )
+
+    def message_job(self, session: Any, envelope: Any, message: Any) -> Any:
+        """The evaluation, for the chain's one thread job per message."""
+        if not self.header_rules and not self.body_rules:
+            return None
+        return self._job(message)
+
+    @defer.inlineCallbacks
+    def check_message(self, session: Any, envelope: Any, message: Any) -> Any:
+        if not self.header_rules and not self.body_rules:
+            return CONTINUE
+        job = prepared(session, envelope, self.name)
+        if job is None:
+            job = self.threads.run("crypto", self._job(message))
+        hits = yield job
         headers: list[tuple[str, str]] = []
         results = results_for(session, envelope)
         for hit in hits:

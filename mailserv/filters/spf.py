@@ -31,6 +31,7 @@ from mailserv.filters.common import (
     clean,
     load_options,
     outcome,
+    parse_ip,
     resolver_for,
     results_for,
 )
@@ -177,9 +178,8 @@ class SPFFilter(FilterBase):
     def _skip(self, session: Any) -> bool:
         if self.config.skip_authenticated and session.auth_user is not None:
             return True
-        try:
-            ip = ipaddress.ip_address(session.peer_host)
-        except ValueError:
+        ip = parse_ip(session.peer_host)
+        if ip is None:
             return True
         # Mail from this host itself is not checked (as policyd-spf does).
         return ip.is_loopback or any(ip in net for net in self.config.trusted_networks)

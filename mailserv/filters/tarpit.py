@@ -9,7 +9,6 @@ delay applies to the connection, HELO, MAIL and RCPT replies.
 
 from __future__ import annotations
 
-import ipaddress
 from collections.abc import Mapping
 from typing import Any
 
@@ -18,7 +17,7 @@ from zope.interface import implementer
 
 from mailserv.config.schema import Section, boolean, duration, integer, list_of, network, option
 from mailserv.filters.base import CONTINUE, FilterBase
-from mailserv.filters.common import connection_marks, load_options
+from mailserv.filters.common import connection_marks, load_options, parse_ip
 from mailserv.interfaces import IConnectionFilter, IHeloFilter, IRecipientFilter, ISenderFilter
 
 
@@ -54,9 +53,8 @@ class TarpitFilter(FilterBase):
         errors = int(session.notes.get("errors", 0)) + int(marks.get("refusals", 0))
         if self.config.after_errors and errors >= self.config.after_errors:
             return True
-        try:
-            ip = ipaddress.ip_address(session.peer_host)
-        except ValueError:
+        ip = parse_ip(session.peer_host)
+        if ip is None:
             return False
         return any(ip in net for net in self.config.networks)
 

@@ -133,3 +133,33 @@ def test_fast_integer_conversions_agree_with_dkimpys() -> None:
             assert ours._int2str(n, length) == ours._slow_int2str(n, length)
         data = bytes(ours._slow_int2str(n))
         assert ours._str2int(data) == ours._slow_str2int(data) == n
+
+
+def test_openssl_rsa_verification_agrees_with_dkimpys(dkim_keys: Any) -> None:
+    """The OpenSSL RSASSA-PKCS1-v1_5 check gives dkimpy's answer, valid or not."""
+    import hashlib
+
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import padding
+
+    import mailserv.filters.dkim as ours
+
+    private = serialization.load_pem_private_key(dkim_keys.rsa_private, None)
+    numbers = private.public_key().public_numbers()  # type: ignore[union-attr]
+    public = {"modulus": numbers.n, "publicExponent": numbers.e}
+    cases = []
+    for i in range(40):
+        data = f"message {i}".encode()
+        sig = private.sign(data, padding.PKCS1v15(), hashes.SHA256())  # type: ignore[union-attr]
+        cases.append((data, sig))
+        cases.append((data + b"x", sig))  # wrong digest
+        cases.append((data, sig[:-1] + bytes([sig[-1] ^ 1])))  # damaged signature
+        if sig[0] == 0:
+            cases.append((data, sig.lstrip(b"\0")))  # leading zero octets dropped
+    cases.append((b"m", b"\xff" * 256))  # not below the modulus
+    cases.append((b"m", b"\x01" * 300))  # longer than the modulus: dkimpy's own code
+    for data, sig in cases:
+        for algorithm in (hashlib.sha256, hashlib.sha1):
+            fast = ours._rsa_verify(algorithm(data), sig, public)
+            assert fast == ours._slow_rsa_verify(algorithm(data), sig, public)
+    assert ours._rsa_verify(hashlib.sha256(cases[0][0]), cases[0][1], public) is True

@@ -22,6 +22,7 @@ class Action(enum.Enum):
     REJECT = "reject"  # permanent refusal (5xx)
     TEMPFAIL = "tempfail"  # temporary refusal (4xx)
     QUARANTINE = "quarantine"  # accept, deliver into the Junk folder
+    DISCARD = "discard"  # message stage: accept (250), then drop the message (Postfix DISCARD)
     DISCONNECT = "disconnect"  # reply (421) and close the connection
 
 

@@ -55,7 +55,18 @@ class FilterChain:
         }
 
     def __add__(self, other: FilterChain) -> FilterChain:
-        return FilterChain(self.filters + other.filters, self._reactor, other.name or self.name)
+        """``self``'s filters then ``other``'s, except filters with ``runs_first = True``.
+
+        Those go before all others, in their order: a listener's chain is its
+        built-in policy filters (relay control, recipient existence) plus its
+        pipeline, and a spam trap must see RCPT to trap addresses that are no
+        user and maybe no local domain before the policy refuses them
+        (as Postfix puts check_recipient_access before reject_unauth_destination).
+        """
+        both = self.filters + other.filters
+        first = [f for f in both if getattr(f, "runs_first", False)]
+        rest = [f for f in both if not getattr(f, "runs_first", False)]
+        return FilterChain(first + rest, self._reactor, other.name or self.name)
 
     def has_stage(self, stage: str) -> bool:
         return bool(self._by_stage[stage])

@@ -5,10 +5,12 @@ Each rule is ``/pattern/flags ACTION optional text``; flags are ``i``
 does not.  Header rules see each logical (unfolded) header line ``Name: value``;
 body rules see each body line.  For every line the first matching rule wins.
 Actions: ``REJECT`` and ``TEMPFAIL`` (``DEFER``) refuse the message,
-``QUARANTINE`` (``HOLD``) and ``DISCARD`` deliver it into Junk (DISCARD is
-kept rather than destroyed: the chain has no verdict that drops accepted mail),
-``WARN`` logs, ``PREPEND``/``ADD_HEADER`` adds ``Name: value``, ``OK`` stops the
-rules, ``DUNNO`` goes on.
+``QUARANTINE`` (``HOLD``) delivers it into the Junk folder with the reason in a
+header, ``DISCARD`` accepts it and drops it (as Postfix: the client gets 250,
+nobody gets the message; the transaction log keeps ``rules:discard``; header
+and body rules only, at the message stage), ``WARN`` logs,
+``PREPEND``/``ADD_HEADER`` adds ``Name: value``, ``OK`` stops the rules,
+``DUNNO`` goes on.
 
 Guard: patterns run with the ``regex`` module's per-match timeout in the
 ``crypto`` thread pool, under an overall deadline, so that a catastrophic
@@ -290,7 +292,7 @@ class RulesFilter(FilterBase):
         if self.config.body_checks_file:
             self.body_rules += load_rule_file(self.config.body_checks_file, "body_checks_file")
         self.may_quarantine = any(
-            r.action in ("quarantine", "discard") for r in self.header_rules + self.body_rules
+            r.action == "quarantine" for r in self.header_rules + self.body_rules
         )
         self.threads = service.threads
 
@@ -341,6 +343,10 @@ class RulesFilter(FilterBase):
                 return Verdict.tempfail(
                     451, "4.7.1", text or "Message content deferred, try again later", "rule"
                 )
-            elif action in ("quarantine", "discard"):
+            elif action == "discard":
+                reason = f"rule discard: {text or clean(hit.line, 100)}"
+                log.info("message {id} discarded: {reason}", id=envelope.id, reason=reason)
+                return Verdict(Action.DISCARD, headers=tuple(headers), reason=reason)
+            elif action == "quarantine":
                 results.quarantine.append(f"rule {action}: {text or clean(hit.line, 100)}")
         return Verdict(Action.CONTINUE, headers=tuple(headers))

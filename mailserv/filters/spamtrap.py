@@ -5,9 +5,9 @@ The RCPT to the trap is refused, and so is every later connection and
 recipient of that client (per address, IPv6 per /64) until the block
 expires.  Blocks are kept in memory (per process, bounded by ``max_entries``).
 
-The MX runs its built-in relay and recipient checks before the pipeline, so
-a trap address must be one the server accepts (a user or an alias, e.g. to
-a mailbox nobody reads) or it is refused as unknown before this filter sees it.
+A trap address need not be a user, an alias nor even in a local domain: the
+filter has ``runs_first``, so a listener's chain runs it before the built-in
+relay and recipient checks (mailserv/filters/chain.py ``FilterChain.__add__``).
 """
 
 from __future__ import annotations
@@ -41,6 +41,7 @@ class SpamtrapFilter(FilterBase):
     """Block clients that send to a trap address."""
 
     name = "spamtrap"
+    runs_first = True  # before the MX's relay and recipient checks
 
     def __init__(
         self, options: Mapping[str, Any] | None = None, service: Any = None, clock: Any = None

@@ -1009,6 +1009,12 @@ class SMTPServer(smtp.ESMTP):
                 if result.verdict.action is Action.DISCONNECT:
                     raise _Disconnect(result.verdict.smtp_reply())
                 raise result.verdict.smtp_reply()
+            if result.verdict.action is Action.DISCARD:  # accept, deliver nothing (Postfix)
+                await self._cleanup(txn, message)
+                reply = SMTPReply(250, "2.0.0", f"Ok: queued as {envelope.id}")
+                self._reply(reply)
+                self._log(envelope, reply, message, started)
+                return
             if result.verdict.action is Action.QUARANTINE:
                 envelope.quarantine = result.verdict.reason or "quarantined"
             envelope.add_headers.extend(result.headers)

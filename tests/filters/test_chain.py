@@ -219,3 +219,18 @@ def test_relay_control_pop_before_smtp(tmp_path: Any) -> None:
     local = Recipient(Address("x", "example.org"))
     assert mx.check_recipient(SESSION, _envelope(), local) is CONTINUE
     assert service.pop_before_smtp.asked == []  # type: ignore[attr-defined]
+
+
+def test_filters_that_run_first_go_before_the_policy_filters() -> None:
+    """A listener's chain is builtin + pipeline; ``runs_first`` filters come before both."""
+    relay, exists = Fixed("relay", CONTINUE), Fixed("recipient", CONTINUE)
+    trap = Fixed("spamtrap", Verdict.reject(550, "5.1.1", "trap"))
+    trap.runs_first = True  # type: ignore[attr-defined]
+    later = Fixed("later", CONTINUE)
+    chain = FilterChain([relay, exists], Clock(), "builtin") + FilterChain(
+        [later, trap], Clock(), "inbound"
+    )
+    assert [f.name for f in chain.filters] == ["spamtrap", "relay", "recipient", "later"]
+    assert chain.name == "inbound"
+    result = _run(chain)
+    assert result.verdict.filter == "spamtrap" and relay.calls == 0

@@ -91,8 +91,13 @@ def test_quarantine_discard_and_ok(plain_env: Any) -> Any:
         plain_env, header_checks=["/^From:.*sender\\.test/ OK", "/^Subject:/ REJECT x"]
     )
     assert verdict.action is Action.CONTINUE and results.quarantine == []
-    _verdict, results = yield run(plain_env, body_checks=["/pills/ DISCARD"])
-    assert results.quarantine == ["rule discard: visit http://pills.example/ today"]
+    # DISCARD accepts and drops (Postfix): its own verdict, not a quarantine.
+    verdict, results = yield run(
+        plain_env, body_checks=["/pills/ DISCARD", "/today/ HOLD never reached"]
+    )
+    assert verdict.action is Action.DISCARD and not verdict.refuses
+    assert verdict.reason == "rule discard: visit http://pills.example/ today"
+    assert results.quarantine == []
 
 
 @pytest_twisted.inlineCallbacks

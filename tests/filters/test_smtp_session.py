@@ -30,7 +30,11 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 V6_LISTED = ".".join(reversed(ipaddress.ip_address("2001:db8::dead").exploded.replace(":", "")))
 TRUSTED = ["192.0.2.0/24", "198.51.100.0/24", "203.0.113.0/24", "2001:db8::/32"]
 PIPELINE: list[dict[str, Any]] = [
-    {"filter": "spamtrap", "addresses": ["trap@example.test"], "block_for": "1h"},
+    {
+        "filter": "spamtrap",
+        "addresses": ["trap@example.test", "@spamtrap.test"],
+        "block_for": "1h",
+    },
     {"filter": "tarpit", "networks": ["203.0.113.0/24"], "delay": "1s"},
     {"filter": "dnsbl", "zones": ["zen.dnsbl.test"]},
     {"filter": "ratelimit", "limits": [{"by": "client", "messages": 2, "interval": "1h"}]},
@@ -41,7 +45,14 @@ PIPELINE: list[dict[str, Any]] = [
     {"filter": "arc"},
     {"filter": "dmarc"},
     {"filter": "uribl", "zones": ["uribl.test"], "action": "quarantine"},
-    {"filter": "rules", "body_checks": ["/^FORBIDDEN/ REJECT Forbidden content"]},
+    {
+        "filter": "rules",
+        "body_checks": [
+            "/^FORBIDDEN/ REJECT Forbidden content",
+            "/^DROPME/ DISCARD dropped by rule",
+            "/^HOLDME/ HOLD held by rule",
+        ],
+    },
     {"filter": "authresults"},
 ]
 
@@ -114,10 +125,8 @@ def mx(tmp_path_factory: pytest.TempPathFactory, dkim_keys: Any) -> Iterator[MX]
     state = base / "state"
     state.mkdir()
     secret = schemes.hash_password("pw", "PLAIN")
-    # Trap addresses must pass the built-in recipient check, which runs first.
-    (state / "users.passwd").write_text(
-        f"bob@example.test:{secret}::::::\ntrap@example.test:{secret}::::::\n"
-    )
+    # The trap address is no user: the spamtrap sees RCPT before the recipient check.
+    (state / "users.passwd").write_text(f"bob@example.test:{secret}::::::\n")
     config = test_config(
         state,
         {
@@ -250,6 +259,50 @@ def test_spamtrap_blocks_the_client(mx: MX) -> None:
     client, code, text = mx.connect("198.51.100.60")
     assert (code, text) == (554, b"5.7.1 Access denied")
     client.close()
+
+
+def test_spamtrap_domain_outside_the_local_domains(mx: MX) -> None:
+    """A trap domain is no local domain: the trap answers, not the relay check."""
+    with mx.session("198.51.100.61") as s:
+        assert s.mail("x@sender.test")[0] == 250
+        assert s.rcpt("anyone@spamtrap.test") == (550, b"5.1.1 Recipient address rejected")
+    client, code, _ = mx.connect("198.51.100.61")
+    assert code == 554
+    client.close()
+    with mx.session("198.51.100.62") as s:  # other clients still get the usual replies
+        assert s.mail("x@sender.test")[0] == 250
+        assert s.rcpt("nobody@example.test")[0] == 550
+        assert s.rcpt("someone@elsewhere.test")[0] == 554
+        assert s.rcpt("bob@example.test")[0] == 250
+
+
+def _send_marked(mx: MX, client_ip: str, keyword: str) -> tuple[bytes, tuple[int, bytes]]:
+    """Send a message whose body line starts with ``keyword``; (its marker, DATA reply)."""
+    marker = f"{keyword}-{time.monotonic_ns()}"
+    with mx.session(client_ip) as s:
+        assert s.mail("x@sender.test")[0] == 250
+        assert s.rcpt("bob@example.test")[0] == 250
+        reply = s.data(message("a@sender.test", f"{keyword} {marker}\n"))
+        assert s.mail("x@sender.test")[0] == 250  # the session goes on as usual
+    return marker.encode(), reply
+
+
+def test_rule_discard_accepts_and_drops(mx: MX) -> None:
+    """Postfix DISCARD: claim success, deliver nothing (issue 9, rules)."""
+    marker, (code, text) = _send_marked(mx, "198.51.100.90", "DROPME")
+    assert code == 250 and text.startswith(b"2.0.0 Ok"), text
+    assert not any(marker in m for m in mx.mailbox("bob") + mx.mailbox("bob", "Junk"))
+    assert not list((mx.state / "spool" / "incoming").iterdir())
+
+
+def test_rule_quarantine_delivers_into_junk_with_the_reason(mx: MX) -> None:
+    marker, (code, _) = _send_marked(mx, "198.51.100.91", "HOLDME")
+    assert code == 250
+    assert not any(marker in m for m in mx.mailbox("bob"))
+    [junk] = [m for m in mx.mailbox("bob", "Junk") if marker in m]
+    head = junk.split(b"\r\n\r\n", 1)[0]
+    assert b"X-Mailserv-Quarantine: rule quarantine: held by rule" in head
+    assert b"Authentication-Results: mail.example.test;" in head
 
 
 def test_rate_limit_per_client(mx: MX) -> None:

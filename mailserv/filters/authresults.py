@@ -111,12 +111,15 @@ def forged_by_id(our_id: str) -> Callable[[str, bytes], bool]:
     return drop
 
 
-def remove_forged(service: Any, message: Any, our_id: str) -> defer.Deferred[int]:
-    """Deferred[int]: remove forged Authentication-Results fields in the disk pool."""
+def remove_forged(service: Any, message: Any, our_id: str) -> int | defer.Deferred[int]:
+    """Remove forged Authentication-Results fields in the disk pool: Deferred[int].
+
+    0 at once when the message has none that claims ``our_id``.
+    """
     values = message.header("Authentication-Results")
     our = our_id.lower().rstrip(".")
     if not any(claimed_authserv_id(v) == our for v in values):
-        return defer.succeed(0)
+        return 0
     return service.threads.run("disk", rewrite_without, message, forged_by_id(our_id))  # type: ignore[no-any-return]
 
 
@@ -145,10 +148,15 @@ class AuthResultsFilter(FilterBase):
         self.config = load_options(AuthResultsOptions, self.options)
         self.authserv_id = authserv_id(service, self.config.authserv_id)
 
-    @defer.inlineCallbacks
     def check_message(self, session: Any, envelope: Any, message: Any) -> Any:
         results = results_for(session, envelope)
+        removed: Any = 0
         if self.config.remove_forged:
-            removed = yield remove_forged(self.service, message, self.authserv_id)
-            results.forged_removed += removed
+            removed = remove_forged(self.service, message, self.authserv_id)
+        if isinstance(removed, int):
+            return self._header(results, removed)
+        return removed.addCallback(lambda count: self._header(results, count))
+
+    def _header(self, results: Any, removed: int) -> Verdict:
+        results.forged_removed += removed
         return Verdict.cont(("Authentication-Results", render(self.authserv_id, results.all())))

@@ -25,6 +25,7 @@ from mailserv.filters.base import CONTINUE, FilterBase, Verdict
 from mailserv.filters.common import (
     MethodResult,
     action_kind,
+    cached_answer,
     load_options,
     lookup,
     outcome,
@@ -118,6 +119,18 @@ def from_domain(message: Any) -> str | None:
         return None
 
 
+def policy_of(answer: Any, domain: str) -> Policy | None:
+    """The policy in the TXT answer of ``_dmarc.<domain>`` (§6.6.3 steps 3-5)."""
+    records = []
+    for rdata in answer.records:
+        text = b"".join(rdata.strings).decode("utf-8", "replace")
+        if text.startswith("v=DMARC1"):
+            records.append(text)
+    if len(records) != 1:  # none, or several: no policy (§6.6.3 step 5)
+        return None
+    return parse_record(records[0], domain)
+
+
 class DMARCOptions(Section):
     """Keys of ``filter = "dmarc"``: what each published policy leads to here."""
 
@@ -150,9 +163,26 @@ class DMARCFilter(FilterBase):
         self.resolver = resolver_for(service)
         self.random = rng or random.Random()  # noqa: S311 - pct sampling, not security
 
-    @defer.inlineCallbacks
     def discover(self, domain: str) -> Any:
-        """§6.6.3: the record of the From domain, else of its organizational domain."""
+        """§6.6.3: the record of the From domain, else of its organizational domain.
+
+        Policy | None at once when the answers are cached, else a Deferred of it.
+        """
+        answer = cached_answer(self.resolver, f"_dmarc.{domain}", "TXT")
+        if answer is not None:
+            policy = policy_of(answer, domain)
+            if policy is not None:
+                return policy
+            org = organizational_domain(domain)
+            if org == domain:
+                return None
+            answer = cached_answer(self.resolver, f"_dmarc.{org}", "TXT")
+            if answer is not None:
+                return policy_of(answer, org)
+        return self._discover(domain)
+
+    @defer.inlineCallbacks
+    def _discover(self, domain: str) -> Any:
         policy = yield self._lookup(domain)
         if policy is None:
             org = organizational_domain(domain)
@@ -163,17 +193,11 @@ class DMARCFilter(FilterBase):
     @defer.inlineCallbacks
     def _lookup(self, domain: str) -> Any:
         answer = yield lookup(self.resolver, f"_dmarc.{domain}", "TXT")
-        records = []
-        for rdata in answer.records:
-            text = b"".join(rdata.strings).decode("utf-8", "replace")
-            if text.startswith("v=DMARC1"):
-                records.append(text)
-        if len(records) != 1:  # none, or several: no policy (§6.6.3 step 5)
-            return None
-        return parse_record(records[0], domain)
+        return policy_of(answer, domain)
 
     @defer.inlineCallbacks
     def check_message(self, session: Any, envelope: Any, message: Any) -> Any:
+
         results = results_for(session, envelope)
         if self.config.skip_authenticated and session.auth_user is not None:
             return CONTINUE

@@ -38,6 +38,7 @@ from mailserv.filters.base import CONTINUE, FilterBase, Verdict
 from mailserv.filters.common import (
     Pending,
     action_kind,
+    cached_answer,
     clean,
     connection_marks,
     header_name,
@@ -117,34 +118,72 @@ def _strip_arpa(pointer: str) -> str:
     return pointer
 
 
-@defer.inlineCallbacks
-def query_zone(resolver: Any, name: str, zone: Zone) -> Any:
-    """Listing | None for ``name.zone``; TemporaryFailure propagates."""
-    answer = yield lookup(resolver, f"{name}.{zone.zone}", "A")
+def _listing(zone: Zone, answer: Any) -> list[str]:
+    """The return codes of an A answer that count for ``zone`` (RFC 5782 §2.1)."""
     codes = []
     for rdata in answer.records:
-        ip = ipaddress.ip_address(rdata.address)
+        ip = parse_ip(rdata.address)
+        if ip is None:
+            continue
         if ip in ERROR_CODES:
             log.warn("blocklist {zone} answered error code {code}", zone=zone.zone, code=str(ip))
             continue
         if any(ip in net for net in zone.codes):
             codes.append(str(ip))
+    return codes
+
+
+def _reason(txt: Any) -> str:
+    for rdata in txt.records:
+        return clean(b"".join(rdata.strings).decode("utf-8", "replace"), 200)
+    return ""
+
+
+@defer.inlineCallbacks
+def query_zone(resolver: Any, name: str, zone: Zone) -> Any:
+    """Listing | None for ``name.zone``; TemporaryFailure propagates."""
+    answer = yield lookup(resolver, f"{name}.{zone.zone}", "A")
+    codes = _listing(zone, answer)
     if not codes:
         return None
     reason = ""
     try:
-        txt = yield lookup(resolver, f"{name}.{zone.zone}", "TXT")
-        for rdata in txt.records:
-            reason = clean(b"".join(rdata.strings).decode("utf-8", "replace"), 200)
-            break
+        reason = _reason((yield lookup(resolver, f"{name}.{zone.zone}", "TXT")))
     except TemporaryFailure:
         pass
     return Listing(zone.zone, zone.weight, tuple(codes), reason)
 
 
-@defer.inlineCallbacks
+def cached_result(resolver: Any, name: str, zones: list[Zone]) -> LookupResult | None:
+    """The LookupResult of ``name`` when every answer it needs is cached, else None."""
+    result = LookupResult()
+    for zone in zones:
+        answer = cached_answer(resolver, f"{name}.{zone.zone}", "A")
+        if answer is None:
+            return None
+        codes = _listing(zone, answer)
+        if not codes:
+            continue
+        txt = cached_answer(resolver, f"{name}.{zone.zone}", "TXT")
+        if txt is None:
+            return None
+        result.listings.append(Listing(zone.zone, zone.weight, tuple(codes), _reason(txt)))
+    return result
+
+
 def query_zones(resolver: Any, name: str, zones: list[Zone]) -> Any:
-    """LookupResult of ``name`` in every zone, in parallel; never fails."""
+    """Deferred LookupResult of ``name`` in every zone, in parallel; never fails.
+
+    Answered at once when every answer is in the resolver's cache.
+    """
+    cached = cached_result(resolver, name, zones)
+    if cached is not None:
+        return defer.succeed(cached)
+    return _query_zones(resolver, name, zones)
+
+
+@defer.inlineCallbacks
+def _query_zones(resolver: Any, name: str, zones: list[Zone]) -> Any:
     outcomes = yield defer.DeferredList(
         [query_zone(resolver, name, zone) for zone in zones], consumeErrors=True
     )

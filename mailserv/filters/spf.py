@@ -228,16 +228,31 @@ class SPFFilter(FilterBase):
                 return self._act(action, check, results, tuple(headers))
         return Verdict.cont(*headers)
 
-    @defer.inlineCallbacks
     def _evaluate(
         self, ip: str, sender: str, helo: str, check_helo: bool, check_mailfrom: bool
     ) -> Any:
-        """Both checks in one dns-pool job, reusing a recent result for the same inputs."""
+        """Both checks in one dns-pool job, reusing a recent result for the same inputs.
+
+        The checks at once when reused, else a Deferred of them.
+        """
         key = (ip, sender.lower(), helo.lower(), check_helo, check_mailfrom)
         now = self.clock.seconds()
         memo = self._memo.get(key)
         if memo is not None and memo[0] > now:
             return memo[1]
+        return self._evaluate_now(key, now, ip, sender, helo, check_helo, check_mailfrom)
+
+    @defer.inlineCallbacks
+    def _evaluate_now(
+        self,
+        key: tuple[Any, ...],
+        now: float,
+        ip: str,
+        sender: str,
+        helo: str,
+        check_helo: bool,
+        check_mailfrom: bool,
+    ) -> Any:
         checks = yield self.resolver.threads.run(
             "dns",
             evaluate_identities,

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from email import policy
 from email.parser import BytesParser
 from typing import Any
@@ -88,11 +88,35 @@ def extract_domains(raw: bytes, limit: int) -> list[str]:
     return _domains_in(texts, limit)
 
 
+def _links(text: str) -> Iterator[re.Match[str]]:
+    """``_URL.finditer(text)``, trying the pattern only where a link can start.
+
+    The case-insensitive alternation is slow to try at every position; the
+    places where "http" or "www." occur are found with str.find first.  A
+    start inside the previous link is skipped, as finditer would.
+    """
+    low = text.lower()
+    starts = []
+    for needle in ("http", "www."):
+        i = low.find(needle)
+        while i >= 0:
+            starts.append(i)
+            i = low.find(needle, i + 1)
+    end = 0
+    for i in sorted(starts):
+        if i < end:
+            continue
+        match = _URL.match(text, i)
+        if match is not None:
+            end = match.end()
+            yield match
+
+
 def _domains_in(texts: list[str], limit: int) -> list[str]:
     found: dict[str, None] = {}
     seen: set[tuple[str, bool]] = set()
     for text in texts:
-        for match in _URL.finditer(text):
+        for match in _links(text):
             host = (match.group(1), match.group(0)[:4].lower() == "www.")
             if host in seen:
                 continue

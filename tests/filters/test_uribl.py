@@ -65,3 +65,18 @@ def test_listed_link_rejected_or_tagged(filter_env: Any, dns_server: Any) -> Any
     flt = filter_env.build("uribl", zones=["multi.surbl.test"], threshold=3)
     verdict = yield flt.check_message(session, envelope, filter_env.message(QP))
     assert verdict.action is Action.CONTINUE and verdict.headers == ()
+
+
+def test_link_scan_finds_what_a_full_regex_scan_finds() -> None:
+    """``_links`` tries the pattern only where http/www occur: the same matches as finditer."""
+    import random
+
+    from mailserv.filters import uribl
+
+    rng = random.Random(9)
+    pieces = ["http://", "https://", "www.", "HTTP://", "Www.", "a", ".", "/", " ", "\n"]
+    pieces += ["x.example", "user@", "[1.2.3.4]", "-", "ahttp://b.c", "swww.d.e", "://", ":"]
+    for _ in range(5000):
+        text = "".join(rng.choice(pieces) for _ in range(rng.randint(0, 30)))
+        full = [(m.start(), m.group(0)) for m in uribl._URL.finditer(text)]
+        assert [(m.start(), m.group(0)) for m in uribl._links(text)] == full, text

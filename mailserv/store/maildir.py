@@ -622,8 +622,8 @@ class MaildirFolder(FolderBase):
         fd = os.open(os.path.join(self.path, UIDLIST_NAME), os.O_RDWR | os.O_APPEND)
         try:
             size = os.fstat(fd).st_size
-            tail = os.pread(fd, min(size, 64 * 1024), max(0, size - 64 * 1024))
-            if tail and not tail.endswith(b"\n"):
+            if size and os.pread(fd, 1, size - 1) != b"\n":
+                tail = os.pread(fd, min(size, 64 * 1024), max(0, size - 64 * 1024))
                 cut = tail.rfind(b"\n")
                 if cut < 0:
                     raise UidListError("uidlist record longer than 64 KiB")
@@ -746,7 +746,10 @@ class MaildirFolder(FolderBase):
                 key = self._write_index(uidlist)
             else:
                 if added:
-                    key = self._append_records(added)
+                    try:
+                        key = self._append_records(added)
+                    except UidListError:  # a last line we cannot make sense of: start afresh
+                        key = self._write_index(uidlist)
                 self._uidlist = uidlist
                 if gone:
                     self._journal_expunge(uidlist, gone)

@@ -329,3 +329,15 @@ def test_index_kept_in_memory_still_sees_outside_changes(user: User) -> None:
     assert [(i.uid, i.modseq) for i in again.messages()] == [
         (i.uid, i.modseq) for i in box.messages()
     ]
+
+
+def test_uidlist_ending_in_a_huge_torn_line_is_rewritten(user: User) -> None:
+    box = _box(user, 2)
+    uidlist = Path(user.mailbox, UIDLIST_NAME)
+    with uidlist.open("ab") as f:
+        f.write(b"3 M9 :" + b"x" * 70_000)  # no newline anywhere in the last 64 KiB
+    make_store("maildir").deliver(user, io.BytesIO(b"Subject: 3\r\n\r\nbody\r\n"))
+    again = _reopen(user)
+    assert again.uidvalidity == box.uidvalidity
+    assert [i.uid for i in again.messages()] == [1, 2, 3]
+    assert [r.uid for r in parse_uidlist(uidlist.read_bytes()).records] == [1, 2, 3]

@@ -15,7 +15,7 @@ transactions (connection reuse).
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -270,8 +270,14 @@ class SMTPClientProtocol(Protocol):
             self.transport.write(b"".join(line.encode("utf-8") + b"\r\n" for line, _ in lines))
         return deferreds
 
-    async def send_body(self, chunks: AsyncIterator[bytes]) -> Reply:
-        """Send the message, dot-stuffed, then "."; the final reply (RFC 5321 §4.1.1.4)."""
+    async def send_body(
+        self, chunks: AsyncIterator[bytes], sent: Callable[[], None] | None = None
+    ) -> Reply:
+        """Send the message, dot-stuffed, then "."; the final reply (RFC 5321 §4.1.1.4).
+
+        ``sent`` is called once the "." is written, before its reply: the next
+        transaction may be pipelined behind it (RFC 2920 §3.1).
+        """
         stuffer = DotStuffer()
         async for chunk in chunks:
             if self._closed is not None:
@@ -288,6 +294,8 @@ class SMTPClientProtocol(Protocol):
             self._closed.raiseException()
         final = self._expect("DATA", self.timeouts.final_dot)
         self.transport.write(stuffer.end())
+        if sent is not None:
+            sent()
         return await final
 
     async def send_bdat(self, chunks: AsyncIterator[bytes]) -> Reply:
@@ -528,8 +536,14 @@ class Session:
             if problem:
                 raise SMTPClientError(f"{self.mx_host}: certificate: {problem}", "4.7.5")
 
-    async def send(self, txn: Transaction) -> dict[str, Reply]:
-        """Send one message; the reply that decides each recipient (RFC 5321 §3.3)."""
+    async def send(
+        self, txn: Transaction, sent: Callable[[], None] | None = None
+    ) -> dict[str, Reply]:
+        """Send one message; the reply that decides each recipient (RFC 5321 §3.3).
+
+        ``sent`` is called when the whole message is written and only its final
+        reply is outstanding (DATA with PIPELINING: the next one may follow at once).
+        """
         p = self.protocol
         ext = self.extensions
         rcpts = [r[0] for r in txn.recipients]
@@ -589,6 +603,8 @@ class Session:
             # RFC 3030 §4.2 with RFC 2920: MAIL, every RCPT and the BDAT chunks in one
             # stream: no 354 round trip, and no dot-stuffing at all.
             waiting = p.commands([(mail, t.command)] + [(r, t.command) for r in rcpt_lines])
+            # No ``sent`` here: when every RCPT is refused an RSET follows the chunks,
+            # which must not land in a transaction pipelined behind them.
             final_d = defer.ensureDeferred(p.send_bdat(txn.chunks()))
             try:
                 replies = await defer.gatherResults(waiting, consumeErrors=True).addErrback(
@@ -645,7 +661,7 @@ class Session:
             if not p.closed:
                 await p.command("RSET")
             return results
-        final = await p.send_body(txn.chunks())
+        final = await p.send_body(txn.chunks(), sent if "PIPELINING" in ext else None)
         results.update(dict.fromkeys(accepted, final))
         return results
 

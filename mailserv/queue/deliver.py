@@ -310,11 +310,26 @@ class Deliverer:
         label = conn.label
         tls = session.tls_info or None
         conn.messages += 1
+        handed = False
+
+        def sent() -> None:
+            # RFC 2920 §3.1: the next message waiting for this destination goes out
+            # behind our "." at once; the replies stay in order on the connection.
+            nonlocal handed
+            if (
+                dest.waiters
+                and not session.protocol.closed
+                and conn.messages < self.config.max_messages_per_connection
+            ):
+                handed = True
+                dest.hand_over(conn)
+
         try:
-            replies = await session.send(txn)
+            replies = await session.send(txn, sent)
         except Exception as exc:
             session.protocol.abort()
-            dest.release()
+            if not handed:  # else the connection (and its slot) is the next message's
+                dest.release()
             text = f"451 4.4.2 {label}: {exc}"
             for index in indices:
                 outcomes[index] = Outcome(PENDING, text, label, tls)
@@ -332,7 +347,8 @@ class Deliverer:
                 else:
                     outcomes[index] = Outcome(PENDING, _reason(reply), label, tls)
                     temporary.append(index)
-        self._keep(dest, conn)
+        if not handed:
+            self._keep(dest, conn)
         return temporary
 
     def _keep(self, dest: Destination, conn: Connection) -> None:

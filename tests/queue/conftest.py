@@ -51,6 +51,7 @@ class Behaviour:
     broken_tls: bool = False  # answer STARTTLS with 220, then send garbage and close
     auth: tuple[str, str] | None = None  # AUTH PLAIN user/password to require
     silent_after_data: bool = False  # never answer the final dot
+    final_reply_delay: float = 0.0  # answer the final dot this much later (seconds)
 
 
 class FakeMXProtocol(LineReceiver):
@@ -64,6 +65,7 @@ class FakeMXProtocol(LineReceiver):
         self.reset()
         self.tls = False
         self.authenticated = False
+        self.held: list[bytes] | None = None  # lines received while a reply is delayed
 
     def reset(self) -> None:
         self.sender: str | None = None
@@ -79,6 +81,10 @@ class FakeMXProtocol(LineReceiver):
         self.transport.write(text.encode() + b"\r\n")
 
     def lineReceived(self, line: bytes) -> None:
+        if self.held is not None:
+            self.held.append(line)
+            self.server.events.append("held")  # arrived before the delayed reply
+            return
         if self.in_data:
             self.server.raw.append(line)
             if line == b".":
@@ -93,8 +99,24 @@ class FakeMXProtocol(LineReceiver):
                     self.server.messages.append(
                         Received(self.sender or "", list(self.rcpts), data, self.tls, self.number)
                     )
-                self.reply(reply)
                 self.reset()
+                if self.b.final_reply_delay:
+                    # A slow server: later lines wait, so replies stay in order.
+                    from twisted.internet import reactor
+
+                    self.held = []
+
+                    def late() -> None:
+                        self.server.events.append("final reply")
+                        self.reply(reply)
+                        held, self.held = self.held or [], None
+                        for waiting in held:
+                            self.lineReceived(waiting)
+
+                    reactor.callLater(self.b.final_reply_delay, late)
+                    return
+                self.server.events.append("final reply")
+                self.reply(reply)
                 return
             if self.b.drop_in_data:
                 self.transport.loseConnection()
@@ -103,6 +125,7 @@ class FakeMXProtocol(LineReceiver):
             return
         text = line.decode("utf-8", "replace")
         self.server.commands.append(text)
+        self.server.events.append(text.split(" ", 1)[0].upper())
         verb = text.split(" ", 1)[0].upper()
         if verb == "EHLO":
             if not self.b.ehlo:
@@ -175,6 +198,7 @@ class FakeMX(protocol.Factory):
         self.messages: list[Received] = []
         self.raw: list[bytes] = []
         self.commands: list[str] = []
+        self.events: list[str] = []  # command verbs and "final reply", in order
         self.connections = 0
         self.port: Any = None
 

@@ -217,6 +217,34 @@ async def test_connection_is_reused_for_several_messages(
 
 
 @pytest_twisted.ensureDeferred
+async def test_next_message_is_pipelined_behind_the_final_dot(
+    queue_env: Any, mx_net: Any, dns_server: Any
+) -> None:
+    """RFC 2920 §3.1: message content may open a group, so the next message's MAIL, RCPT
+    and DATA go out right after the "." without waiting for its reply; each message
+    still gets its own reply."""
+    remote_dns(dns_server)
+    mx = mx_net.server(
+        "127.0.0.2",
+        final_reply_delay=0.2,
+        rcpt_replies={"r2@remote.test": "550 5.1.1 no such user"},
+    )
+    sender_mx = mx_net.server("127.0.0.5")  # takes the bounce of r2
+    for i in range(4):
+        queue_env.enqueue("a@sender.test", [f"r{i}@remote.test"], message(f"m{i}"))
+    queue_env.start('destination_concurrency = 1\nconnection_reuse_time = "10s"')
+    await wait_for(lambda: len(sender_mx.messages) == 1 and not queue_env.entries())
+    assert sorted(m.recipients[0] for m in mx.messages) == [
+        "r0@remote.test",
+        "r1@remote.test",
+        "r3@remote.test",
+    ]
+    assert {m.connection for m in mx.messages} == {1}
+    events = mx.events  # "held": a line that arrived while a final reply was pending
+    assert events.count("MAIL") == 4 and "held" in events[: events.index("final reply")]
+
+
+@pytest_twisted.ensureDeferred
 async def test_never_connects_to_itself(queue_env: Any, mx_net: Any, dns_server: Any) -> None:
     remote_dns(dns_server, **{"mx1.remote.test": {"A": ["127.0.0.4"]}})
     me = mx_net.server("127.0.0.4")

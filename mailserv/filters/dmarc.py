@@ -42,8 +42,12 @@ def _psl() -> Any:
     return PublicSuffixList()
 
 
+@functools.lru_cache(maxsize=8192)
 def organizational_domain(domain: str) -> str:
-    """RFC 7489 §3.2: the public suffix plus one label (the domain itself if it is a suffix)."""
+    """RFC 7489 §3.2: the public suffix plus one label (the domain itself if it is a suffix).
+
+    Cached: the list is the package's bundled snapshot, fixed for the process.
+    """
     domain = domain.lower().rstrip(".")
     return str(_psl().privatesuffix(domain) or domain)
 

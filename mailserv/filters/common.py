@@ -318,12 +318,11 @@ INLINE_LIMIT = 16 * 1024
 def run_on_message(
     threads: Any, pool: str, fn: Callable[..., Any], message: Any, *args: Any
 ) -> Any:
-    """Deferred of ``fn(message, *args)``: at once for a small message held in memory
-    (linear work on bytes already in memory, no I/O), else in the ``pool`` thread pool."""
-    from twisted.internet import defer
-
+    """``fn(message, *args)``: called at once for a small message held in memory
+    (linear work on bytes already in memory, no I/O), else a Deferred of it run in
+    the ``pool`` thread pool.  Callers ``yield`` it in inlineCallbacks either way."""
     if getattr(message, "path", "") is None and message.size <= INLINE_LIMIT:
-        return defer.maybeDeferred(fn, message, *args)
+        return fn(message, *args)
     return threads.run(pool, fn, message, *args)
 
 

@@ -34,7 +34,7 @@ from mailserv.filters.common import (
     run_on_message,
 )
 from mailserv.filters.dmarc import organizational_domain
-from mailserv.filters.dnsbl import Zone, query_zones, reversed_name, zone_kind
+from mailserv.filters.dnsbl import Zone, cached_result, query_zones, reversed_name, zone_kind
 from mailserv.interfaces import IMessageFilter
 
 _URL = re.compile(
@@ -169,9 +169,11 @@ class URIBLFilter(FilterBase):
         domains = yield run_on_message(self.threads, "crypto", self._domains, message)
         if not domains:
             return CONTINUE
-        lookups = yield defer.gatherResults(
-            [query_zones(self.resolver, name, cfg.zones) for name in domains]
-        )
+        lookups: list[Any] = [cached_result(self.resolver, name, cfg.zones) for name in domains]
+        if any(result is None for result in lookups):
+            lookups = yield defer.gatherResults(
+                [query_zones(self.resolver, name, cfg.zones) for name in domains]
+            )
         listed = []
         score = 0
         errors = False

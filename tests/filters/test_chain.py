@@ -234,3 +234,48 @@ def test_filters_that_run_first_go_before_the_policy_filters() -> None:
     assert chain.name == "inbound"
     result = _run(chain)
     assert result.verdict.filter == "spamtrap" and relay.calls == 0
+
+
+class _InlineThreads:
+    def __init__(self) -> None:
+        self.jobs = 0
+
+    def run(self, pool: str, fn: Any, *args: Any) -> Any:
+        assert pool == "crypto"
+        self.jobs += 1
+        return defer.maybeDeferred(fn, *args)
+
+
+@implementer(IMessageFilter)
+class _Worker:
+    """A message filter whose blocking work the chain runs in its one job per message."""
+
+    def __init__(self, name: str, threads: _InlineThreads, work: Any) -> None:
+        self.name, self.threads, self.work, self.timeout = name, threads, work, 10.0
+
+    def message_job(self, session: Any, envelope: Any, message: Any) -> Any:
+        return self.work
+
+    def check_message(self, session: Any, envelope: Any, message: Any) -> Any:
+        from mailserv.filters.common import prepared
+
+        job = prepared(session, envelope, self.name)
+        assert job is not None
+        return job.addCallback(lambda value: Verdict.cont(("X-" + self.name, value)))
+
+
+def test_message_jobs_of_all_filters_run_as_one_thread_job_and_fail_closed() -> None:
+    threads = _InlineThreads()
+
+    def broken() -> str:
+        raise RuntimeError("bug in the job")
+
+    good = _Worker("good", threads, lambda: "yes")
+    bad = _Worker("bad", threads, broken)
+    session = Session(id="s2", listener="mx", protocol="smtp", peer_host="192.0.2.1")
+    out: list[Any] = []
+    chain = FilterChain([good, bad], Clock())
+    chain.message(session, _envelope(), Message(None, 0, data=b"")).addCallback(out.append)
+    assert threads.jobs == 1
+    assert out[0].headers == [("X-good", "yes")]
+    assert out[0].verdict.action is Action.TEMPFAIL and out[0].verdict.filter == "bad"

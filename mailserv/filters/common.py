@@ -237,10 +237,13 @@ def header_comment(text: str) -> str:
 # DNS answers already in the resolver's cache, without a thread-pool round trip
 
 
-# Answers found in dnspython's cache, by (name, type), with the cache entry's
-# expiry: a repeated lookup is one dict read instead of building a dns.name
-# and a cache key (per dnspython cache object, so a reloaded resolver starts empty).
-_answers: weakref.WeakKeyDictionary[Any, dict[tuple[str, str], tuple[float, Any]]] = (
+# Per dnspython cache object (a reloaded resolver starts empty): the DNSAnswer
+# made from each cache entry read, until the entry's expiry (its TTL).  A
+# repeated lookup is then one dict read, instead of building a dns.name, hashing
+# and comparing it in dnspython's cache (most of the cost of a cached lookup).
+# A flush of the whole cache (dnspython's LRUCache.flush() gives it a new
+# ``data`` dict) empties this memo too.
+_answers: weakref.WeakKeyDictionary[Any, tuple[Any, dict[tuple[str, str], tuple[float, Any]]]] = (
     weakref.WeakKeyDictionary()
 )
 ANSWERS_MAX = 10_000
@@ -250,23 +253,24 @@ def cached_answer(resolver: Any, name: str, rdtype: str) -> Any:
     """The DNSAnswer of ``name``/``rdtype`` if dnspython's cache holds it, else None.
 
     The cache honours TTLs and is thread-safe; NXDOMAIN and anything not
-    cached go through ``resolver.lookup`` as usual.  An answer read from the
-    cache is remembered until the cache entry expires (its TTL).
+    cached go through ``resolver.lookup`` as usual.
     """
     cache = getattr(getattr(resolver, "resolver", None), "cache", None)
     if not cache:
         return None
+    generation = getattr(cache, "data", None)
     try:
-        memo = _answers[cache]
+        seen_generation, memo = _answers[cache]
+        if seen_generation is not generation:
+            raise KeyError(cache)
     except KeyError:
-        memo = _answers.setdefault(cache, {})
+        memo = {}
+        _answers[cache] = (generation, memo)
     except TypeError:  # a cache object that cannot be weakly referenced
         memo = {}
     found = memo.get((name, rdtype))
-    if found is not None:
-        if found[0] > time.time():
-            return found[1]
-        memo.pop((name, rdtype), None)
+    if found is not None and found[0] > time.time():
+        return found[1]
     expires, answer = _from_cache(cache, name, rdtype)
     if answer is not None:
         if len(memo) >= ANSWERS_MAX:
@@ -276,28 +280,48 @@ def cached_answer(resolver: Any, name: str, rdtype: str) -> Any:
 
 
 def _from_cache(cache: Any, name: str, rdtype: str) -> tuple[float, Any]:
+    """(expiry, DNSAnswer) of a dnspython cache entry, (0, None) when there is none."""
+    key, negative_key = _cache_keys(name, rdtype)
+    if key is None:
+        return 0.0, None
+    answer = cache.get(key)
+    if answer is None:
+        negative = cache.get(negative_key)
+        if negative is not None and negative.response.rcode() == _rcode_nxdomain():
+            from mailserv.dns import DNSAnswer
+
+            return negative.expiration, DNSAnswer(name, rdtype, nxdomain=True)
+        return 0.0, None
+    return answer.expiration, _answer_of(name, rdtype, answer)
+
+
+def _cache_keys(name: str, rdtype: str) -> tuple[Any, Any]:
     import dns.exception
-    import dns.flags
     import dns.name
-    import dns.rcode
     import dns.rdataclass
     import dns.rdatatype
-
-    from mailserv.dns import DNSAnswer
 
     try:
         qname = dns.name.from_text(name)
         key = (qname, dns.rdatatype.from_text(rdtype), dns.rdataclass.IN)
     except (dns.exception.DNSException, ValueError):
-        return 0.0, None
-    answer = cache.get(key)
-    if answer is None:
-        negative = cache.get((qname, dns.rdatatype.ANY, dns.rdataclass.IN))
-        if negative is not None and negative.response.rcode() == dns.rcode.NXDOMAIN:
-            return negative.expiration, DNSAnswer(name, rdtype, nxdomain=True)
-        return 0.0, None
+        return None, None
+    return key, (qname, dns.rdatatype.ANY, dns.rdataclass.IN)
+
+
+def _rcode_nxdomain() -> Any:
+    import dns.rcode
+
+    return dns.rcode.NXDOMAIN
+
+
+def _answer_of(name: str, rdtype: str, answer: Any) -> Any:
+    import dns.flags
+
+    from mailserv.dns import DNSAnswer
+
     records = tuple(answer.rrset) if answer.rrset is not None else ()
-    return answer.expiration, DNSAnswer(
+    return DNSAnswer(
         name, rdtype, records, authenticated=bool(answer.response.flags & dns.flags.AD)
     )
 

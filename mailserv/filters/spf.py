@@ -28,6 +28,7 @@ from mailserv.filters.base import CONTINUE, FilterBase, Verdict
 from mailserv.filters.common import (
     MethodResult,
     action_kind,
+    cached_answer,
     clean,
     load_options,
     outcome,
@@ -47,7 +48,9 @@ def _dns_lookup(name: str, qtype: str, strict: Any = True, timeout: Any = None) 
     if resolver is None:  # someone else's pyspf call in this process
         return list(_original_lookup(name, qtype, strict, timeout))
     try:
-        answer = resolver.lookup_blocking(name, qtype)
+        answer = cached_answer(resolver, name, qtype)
+        if answer is None:
+            answer = resolver.lookup_blocking(name, qtype)
     except TemporaryFailure as exc:
         raise spf.TempError(f"DNS {exc}") from None
     out: list[Any] = []

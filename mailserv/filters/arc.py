@@ -77,7 +77,6 @@ class ARCFilter(FilterBase):
             return None
         return functools.partial(verify_chain, message, self.resolver, self.config.min_key_bits)
 
-    @defer.inlineCallbacks
     def check_message(self, session: Any, envelope: Any, message: Any) -> Any:
         results = results_for(session, envelope)
         if not message.header("ARC-Seal"):
@@ -86,6 +85,10 @@ class ARCFilter(FilterBase):
         if message.size > self.config.max_size:
             results.arc = MethodResult("arc", "neutral", comment="message too large")
             return CONTINUE
+        return self._verify(session, envelope, message, results)
+
+    @defer.inlineCallbacks
+    def _verify(self, session: Any, envelope: Any, message: Any, results: Any) -> Any:
         job = prepared(session, envelope, self.name)
         if job is None:
             job = self.threads.run(

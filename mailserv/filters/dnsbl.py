@@ -284,9 +284,13 @@ class DNSBLFilter(FilterBase):
             text += f"; {first.reason}"
         return outcome(self.config.action, text, (554, "5.7.1", text))
 
-    @defer.inlineCallbacks
     def check_message(self, session: Any, envelope: Any, message: Any) -> Any:
-        result = yield self._pending(session).wait()
+        pending = self._pending(session)
+        if pending.done and isinstance(pending.result, LookupResult):
+            return self._tag(pending.result, session, envelope)
+        return pending.wait().addCallback(self._tag, session, envelope)
+
+    def _tag(self, result: LookupResult, session: Any, envelope: Any) -> Verdict:
         if result.score < self.config.threshold or self.config.action in ("reject", "tempfail"):
             return CONTINUE
         text = ", ".join(f"{item.zone} ({'/'.join(item.codes)})" for item in result.listings)

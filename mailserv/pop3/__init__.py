@@ -24,6 +24,14 @@ Behaviour, with the Twisted defects fixed (ARCHITECTURE.md items 1 and 8):
   a dropped connection, a timeout or a shutdown (``drain``) removes nothing.
 * The INBOX object of a session is kept for the next login of the same user
   (MailboxCache, 128 users): a poll that finds nothing new costs a ``refresh()``.
+* Download path (bench/pop3.py): the replies to the commands of one read are
+  written together (at most 64 KiB held), so a pipelining client gets few large
+  sends; small messages are read ahead in ``disk`` jobs of up to 64 messages or
+  1 MiB, byte-stuffed in that job, and the next job starts while 48 are still
+  cached, so RETR is answered from memory without a thread round trip or a
+  Deferred; a RETR of a message that a read in flight will bring waits for it.
+  QUIT waits for any read in flight, then commits (one ``IMailbox.expunge`` of
+  all marked messages) and releases the maildrop in one disk job.
 * Message numbers must be 1..N of live messages; UIDL is ``%08X%08X`` of (UID,
   UIDVALIDITY), stable across sessions; lines are limited to 512 octets; idle
   timeout 10 minutes (``idle_timeout`` of the listener); TCP_NODELAY is set; at most

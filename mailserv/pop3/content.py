@@ -114,7 +114,7 @@ def stuff_parts(message: bytes) -> tuple[bytes, bytes]:
     if data.count(b"\n") != data.count(b"\r\n"):  # bare LF: line ends become CRLF
         data = data.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
     if b"\n." in data:
-        data = data.replace(b"\n.", b"\n..")
+        data = b"\n..".join(data.split(b"\n."))  # faster than replace() for a 2-octet pattern
     if data.startswith(b"."):
         data = b"." + data
     if not data or data.endswith(b"\n"):

@@ -24,16 +24,37 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import IO, Any
 
+from mailserv.pop3.content import stuff_parts
+
 # Messages up to this size are read in one go; bigger ones are streamed.
 SMALL_MESSAGE = 256 * 1024
 # RETR reads the next small messages along in the same disk job (clients fetch in order):
 # at most this many messages and octets are held per session.
 READ_AHEAD_MESSAGES = 64
 READ_AHEAD_BYTES = 1024 * 1024
-# Once fewer messages than this are left in the cache, the next ones are read in the background.
-PREFETCH_BELOW = READ_AHEAD_MESSAGES // 2
+# Once fewer messages than this are left in the cache, the next ones are read in the background
+# (early enough that a client pipelining 32 RETRs at a time never waits for the disk).
+PREFETCH_BELOW = READ_AHEAD_MESSAGES * 3 // 4
 # At most this many messages are looked at to pick the next ones to read (big ones are skipped).
 READ_AHEAD_SCAN = 4 * READ_AHEAD_MESSAGES
+
+
+# A message read ahead: (content as stored, RETR's stuffed content, termination octets).
+# The stuffing is done in the disk job, off the reactor; the stuffed content is the stored
+# bytes themselves (not a copy) when nothing needed stuffing.
+Content = tuple[bytes, bytes, bytes]
+
+
+def prepare(data: bytes) -> Content:
+    """A message's Content (mailserv.pop3.content.stuff_parts)."""
+    body, end = stuff_parts(data)
+    return data, body, end
+
+
+def content_size(content: Content) -> int:
+    """Octets held in memory for a Content."""
+    data, body, _ = content
+    return len(data) if body is data else len(data) + len(body)
 
 
 class MaildropInUse(Exception):
@@ -121,7 +142,7 @@ class Maildrop:
         self._release = release
         self.uidvalidity = int(mailbox.uidvalidity)
         self._entries = [_Entry(int(i.uid), message_size(i)) for i in infos]
-        self._cache: dict[int, bytes] = {}
+        self._cache: dict[int, Content] = {}
         self._cached_bytes = 0
         self._live = len(self._entries)
         self._live_octets = sum(e.size for e in self._entries)
@@ -206,18 +227,18 @@ class Maildrop:
         self._read_to = max(self._read_to, n)
         return out
 
-    def remember(self, number: int, data: bytes) -> None:
+    def remember(self, number: int, content: Content) -> None:
         """Keep read-ahead content (not for a message marked deleted meanwhile)."""
         if number not in self._cache and not self._entries[number - 1].deleted:
-            self._cache[number] = data
-            self._cached_bytes += len(data)
+            self._cache[number] = content
+            self._cached_bytes += content_size(content)
 
-    def take_cached(self, number: int, keep: bool = False) -> bytes | None:
+    def take_cached(self, number: int, keep: bool = False) -> Content | None:
         """The read-ahead content of ``number``; forgotten unless ``keep`` (TOP before RETR)."""
-        data = self._cache.get(number) if keep else self._cache.pop(number, None)
-        if data is not None and not keep:
-            self._cached_bytes -= len(data)
-        return data
+        content = self._cache.get(number) if keep else self._cache.pop(number, None)
+        if content is not None and not keep:
+            self._cached_bytes -= content_size(content)
+        return content
 
     def reset(self) -> None:
         """RFC 1939 §5 RSET: unmark every message."""
@@ -237,15 +258,15 @@ class Maildrop:
             data: bytes = f.read()
             return data
 
-    def read_messages(self, uids: Sequence[int], required: bool = True) -> dict[int, bytes]:
+    def read_messages(self, uids: Sequence[int], required: bool = True) -> dict[int, Content]:
         """uid -> content; messages gone meanwhile are skipped (not the first if ``required``)."""
-        out: dict[int, bytes] = {}
+        out: dict[int, Content] = {}
         if required:
-            out[uids[0]] = self.read_message(uids[0])
+            out[uids[0]] = prepare(self.read_message(uids[0]))
             uids = uids[1:]
         for uid in uids:
             try:
-                out[uid] = self.read_message(uid)
+                out[uid] = prepare(self.read_message(uid))
             except (KeyError, FileNotFoundError):
                 continue
         return out

@@ -45,8 +45,8 @@ from zope.interface import implementer
 
 from mailserv.auth import sasl
 from mailserv.errors import TemporaryFailure
-from mailserv.pop3.content import Stuffer, stuff, stuff_parts
-from mailserv.pop3.mailbox import SMALL_MESSAGE, Maildrop, MaildropInUse
+from mailserv.pop3.content import Stuffer, stuff
+from mailserv.pop3.mailbox import SMALL_MESSAGE, Content, Maildrop, MaildropInUse
 
 log = Logger()
 
@@ -775,9 +775,9 @@ class POP3Server(pop3.POP3):
         if maildrop.size(number) > SMALL_MESSAGE:
             return self._send_big(maildrop, number, status, body_lines)
         keep = body_lines is not None  # TOP leaves the content for the RETR that usually follows
-        data = maildrop.take_cached(number, keep)
-        if data is not None:
-            self._send_content(status, data, body_lines)
+        content = maildrop.take_cached(number, keep)
+        if content is not None:
+            self._send_content(status, content, body_lines)
             self._prefetch(maildrop, number)
             return None
         if self._reading:
@@ -789,25 +789,25 @@ class POP3Server(pop3.POP3):
             return d
 
         def send_small(_: object) -> None:
-            data = maildrop.take_cached(number, keep)
+            content = maildrop.take_cached(number, keep)
             if self._closing:
                 return
-            if data is None:  # read, but marked deleted meanwhile: cannot happen while busy
+            if content is None:  # read, but marked deleted meanwhile: cannot happen while busy
                 self._err(b"[SYS/TEMP] Cannot read the message, try again later.")
                 return
-            self._send_content(status, data, body_lines)
+            self._send_content(status, content, body_lines)
 
         d = self._read(maildrop, maildrop.read_ahead(number), required=True)
         d.addCallbacks(send_small, self._read_failed)
         return d
 
-    def _send_content(self, status: bytes, data: bytes, body_lines: int | None) -> None:
+    def _send_content(self, status: bytes, content: Content, body_lines: int | None) -> None:
         """The whole response for a message in memory, as one write (or held with the others)."""
+        data, body, end = content
         head = b"+OK " + status + b"\r\n"
         if body_lines is not None:
             self._write(head + stuff(data, body_lines))
             return
-        body, end = stuff_parts(data)
         if self._corked:
             self._out += (head, body, end)
             self._out_len += len(head) + len(body) + len(end)
@@ -828,7 +828,7 @@ class POP3Server(pop3.POP3):
         self._reading = True
         d = self.factory.run_disk(maildrop.read_messages, uids, required)
 
-        def got(found: dict[int, bytes]) -> None:
+        def got(found: dict[int, Content]) -> None:
             for n, uid in zip(numbers, uids, strict=True):
                 content = found.get(uid)
                 if content is not None:

@@ -17,6 +17,7 @@ from twisted.internet import defer
 from twisted.internet.address import IPv4Address
 
 from mailserv.pop3.content import Stuffer, stuff
+from mailserv.pop3.mailbox import content_size
 from mailserv.pop3.server import OUTPUT_BATCH
 
 from .conftest import TLSStringTransport
@@ -214,7 +215,7 @@ def test_prefetch_skips_messages_deleted_while_it_ran(harness):
     assert t.value() == b"+OK Message %d deleted.\r\n" % victim
     disk.run_next()
     assert victim not in p.maildrop._cache
-    assert p.maildrop._cached_bytes == sum(len(v) for v in p.maildrop._cache.values())
+    assert p.maildrop._cached_bytes == sum(content_size(v) for v in p.maildrop._cache.values())
 
 
 def test_failed_prefetch_is_retried_by_the_retr_that_needs_it(harness):
@@ -308,3 +309,16 @@ def test_whole_message_stuffing_matches_the_chunked_stuffer(seed):
 )
 def test_whole_message_stuffing_edge_cases(message):
     assert stuff(message) == chunked(message, 1)
+
+
+def test_read_ahead_stuffs_in_the_disk_job_without_copying_clean_messages(harness):
+    clean = b"Subject: clean\r\n\r\nno dots here\r\n"
+    inbox = fill(harness, 1, MSG)
+    inbox.add(clean)
+    p, _ = harness.login()
+    found = p.maildrop.read_messages([1, 2])
+    assert found[1] == (MSG, stuff(MSG)[:-3], b".\r\n")
+    data, body, end = found[2]
+    assert body is data and end == b".\r\n"
+    assert content_size(found[2]) == len(clean)
+    assert content_size(found[1]) == len(MSG) + len(found[1][1])

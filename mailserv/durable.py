@@ -14,6 +14,7 @@ import re
 import socket
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from typing import IO, Any, BinaryIO
 
@@ -58,7 +59,8 @@ class DirSync:
     fsync that fails fails every caller it was to cover.
     """
 
-    _registry: dict[str, DirSync] = {}
+    #: weak: a DirSync lives while someone syncs with it (the store has one per mailbox)
+    _registry: weakref.WeakValueDictionary[str, DirSync] = weakref.WeakValueDictionary()
     _registry_lock = threading.Lock()
 
     def __init__(self, path: str) -> None:

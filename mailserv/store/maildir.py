@@ -37,7 +37,6 @@ import re
 import shutil
 import threading
 import time
-import weakref
 from collections.abc import Callable, Iterable, Iterator
 from typing import IO, Any, BinaryIO, NamedTuple
 
@@ -45,6 +44,7 @@ from zope.interface import implementer
 
 from mailserv.durable import (
     COPY_CHUNK,
+    DirSync,
     LineEnds,
     copy_into,
     crlf_size,
@@ -219,67 +219,6 @@ def _bytes_left(src: BinaryIO) -> int | None:
         return os.fstat(src.fileno()).st_size - src.tell()
     except (OSError, AttributeError, ValueError):
         return None
-
-
-class DirSync:
-    """Group commit of the fsyncs of one directory (``new/`` at delivery).
-
-    A caller whose rename is done waits for an fsync of the directory that
-    *started* after its call: if one is running, the next one; a single fsync
-    then acknowledges every delivery that renamed before it began (the disk
-    pool runs deliveries concurrently).  An fsync that fails fails every
-    delivery it was to cover.
-    """
-
-    _registry: weakref.WeakValueDictionary[str, DirSync] = weakref.WeakValueDictionary()
-    _registry_lock = threading.Lock()
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-        self._cond = threading.Condition(threading.Lock())
-        self._started = 0  # fsync rounds begun
-        self._done = 0  # rounds finished
-        self._ok = 0  # last round that succeeded
-        self._error: OSError | None = None
-        self._running = False
-
-    @classmethod
-    def of(cls, path: str) -> DirSync:
-        with cls._registry_lock:
-            syncer = cls._registry.get(path)
-            if syncer is None:
-                syncer = cls._registry[path] = cls(path)
-            return syncer
-
-    def sync(self) -> None:
-        """Return once an fsync of the directory begun after this call succeeded."""
-        with self._cond:
-            need = self._started + 1
-            while self._ok < need:
-                if self._done >= need:  # the round that covered us failed
-                    assert self._error is not None
-                    raise self._error
-                if self._running:
-                    self._cond.wait()
-                    continue
-                self._started += 1
-                round_ = self._started
-                self._running = True
-                self._cond.release()
-                error: OSError | None = None
-                try:
-                    fsync_dir(self.path)
-                except OSError as exc:
-                    error = exc
-                finally:
-                    self._cond.acquire()
-                    self._running = False
-                    self._done = round_
-                    if error is None:
-                        self._ok = round_
-                    else:
-                        self._error = error
-                    self._cond.notify_all()
 
 
 def size_suffix(size: int, vsize: int) -> str:

@@ -1,4 +1,4 @@
-"""Group commit of directory fsyncs at delivery (maildir.DirSync)."""
+"""Group commit of directory fsyncs at delivery (durable.DirSync, as maildir uses it)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from mailserv.store import maildir
+from mailserv import durable
 from mailserv.store.maildir import DirSync
 
 
@@ -58,7 +58,7 @@ def leader_and_waiters(
 ]:
     """One caller whose fsync (round 1) is running, ``n`` more arrived during it."""
     fake = BlockingFsync()
-    monkeypatch.setattr(maildir, "fsync_dir", fake)
+    monkeypatch.setattr(durable, "fsync_dir", fake)
     syncer = DirSync(str(tmp_path))
     first: list[object] = []
     leader = start(syncer, first)

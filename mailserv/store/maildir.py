@@ -15,7 +15,7 @@ Layout (cr.yp.to/proto/maildir.html, Courier's Maildir++, Dovecot)::
 Delivery writes ``tmp/<unique>`` (time, microseconds, pid, counter, host),
 fsyncs it, renames it to ``new/<unique>,S=<size>,W=<size>`` and fsyncs
 ``new/``: a message is never visible half written.  Deliveries running at
-once share the fsyncs of ``new/`` (``DirSync``: each waits for one that began
+once share the fsyncs of ``new/`` (``durable.DirSync``: each waits for one that began
 after its rename).  Delivery does not take the uidlist lock; UIDs are given
 out when a reader synchronises the folder (as Dovecot does), under the lock,
 moving new/ files to cur/ and appending their records to the uidlist.  Flags

@@ -20,6 +20,7 @@ from typing import Any
 
 from twisted.internet import defer
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from mailserv.address import (
@@ -198,13 +199,16 @@ class RouterDelivery:
         self.recipients: list[Recipient] = []
         self.message: Message | None = None
 
-    @defer.inlineCallbacks
-    def add_recipient(self, recipient: Any) -> Any:
-        if recipient.route is None:
-            route = yield self.router.resolve(recipient.address)
-            if route is None:
-                raise UNKNOWN_USER
-            recipient.route = route
+    def add_recipient(self, recipient: Any) -> defer.Deferred[None]:
+        if recipient.route is not None:  # resolved by the recipient filter already
+            self.recipients.append(recipient)
+            return defer.succeed(None)
+        return self.router.resolve(recipient.address).addCallback(self._routed, recipient)
+
+    def _routed(self, route: Route | None, recipient: Any) -> None:
+        if route is None:
+            raise UNKNOWN_USER
+        recipient.route = route
         self.recipients.append(recipient)
 
     def body(self, message: Any) -> defer.Deferred[None]:
@@ -234,8 +238,15 @@ class RouterDelivery:
             for address in rcpt.route.remote:
                 remote.setdefault(address.key, (address, rcpt))
         keys = list(jobs)
-        calls = [self._deliver_local(jobs[k]) for k in keys]
-        results = yield defer.DeferredList(calls, consumeErrors=True)
+        results: list[tuple[bool, Any]]
+        if len(keys) == 1:  # the usual case: one mailbox, no DeferredList
+            try:
+                results = [(True, (yield self._deliver_local(jobs[keys[0]])))]
+            except Exception:
+                results = [(False, Failure())]
+        else:
+            calls = [self._deliver_local(jobs[k]) for k in keys]
+            results = yield defer.DeferredList(calls, consumeErrors=True)
         failed: dict[tuple[str, str | None], SMTPReply] = {}
         for key, (ok, value) in zip(keys, results, strict=True):
             if not ok:

@@ -27,7 +27,7 @@ from __future__ import annotations
 import os
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from email.utils import formatdate
 from typing import Any
@@ -124,6 +124,47 @@ class _Transaction:
         self.delivery = delivery
         self.sink: DataSink | None = None
         self.bdat_error: SMTPReply | None = None
+
+
+def run_now(coro: Coroutine[Any, Any, Any]) -> defer.Deferred[Any] | None:
+    """Run a command's coroutine at once; a Deferred only if it has to wait.
+
+    Awaiting a Deferred that has already fired returns its result on the spot
+    (``Deferred.__iter__``), so a command whose checks answer synchronously
+    (cached routes, in-memory filters, an empty pipeline) completes here
+    without ``ensureDeferred``'s machinery.  When the coroutine waits for a
+    Deferred that has not fired, it is resumed from that Deferred's callbacks;
+    the returned Deferred fires (or fails) with the coroutine's outcome.
+    Returns None when the coroutine completed (its value is not used) and a
+    failed Deferred when it raised before waiting.
+    """
+    try:
+        pending = coro.send(None)
+    except StopIteration:
+        return None
+    except BaseException:
+        return defer.fail()
+    done: defer.Deferred[Any] = defer.Deferred()
+
+    def resume(result: Any) -> None:
+        # A success is re-read by the awaiting Deferred.__iter__ itself; a failure is
+        # raised at the await.  Either way it is consumed: the chain goes on with None.
+        try:
+            if isinstance(result, Failure):
+                nxt = result.throwExceptionIntoGenerator(coro)  # type: ignore[arg-type]
+            else:
+                nxt = coro.send(None)
+        except StopIteration as stop:
+            done.callback(stop.value)
+            return None
+        except BaseException:
+            done.errback()
+            return None
+        nxt.addBoth(resume)
+        return None
+
+    pending.addBoth(resume)
+    return done
 
 
 def _tls_details(transport: Any) -> tuple[str, str | None]:
@@ -365,6 +406,8 @@ class SMTPServer(smtp.ESMTP):
                         break
                     if line is not _SKIP:
                         self._wait(self._line(line))
+                if self._draining:  # a command that completed at once ends nothing else
+                    self._maybe_finish_drain()
         finally:
             self._processing = False
 
@@ -719,7 +762,7 @@ class SMTPServer(smtp.ESMTP):
         if not _enough_space(s.spool_dir, limit * s.min_free_factor, self._reactor.seconds()):
             self._reply(SMTPReply(452, "4.3.1", "Insufficient system storage"))
             return None
-        return defer.ensureDeferred(self._mail(envelope))
+        return run_now(self._mail(envelope))
 
     def _envelope(self, params: dict[str, str | None]) -> Envelope:
         assert self.session is not None
@@ -839,7 +882,7 @@ class SMTPServer(smtp.ESMTP):
             self._send(452, "4.5.3", "Error: too many recipients")
             return None
         rcpt = Recipient(address, notify, orcpt)
-        return defer.ensureDeferred(self._rcpt(txn, rcpt))
+        return run_now(self._rcpt(txn, rcpt))
 
     def _primary_domain(self) -> str:
         router = self.context.router
@@ -925,7 +968,7 @@ class SMTPServer(smtp.ESMTP):
         self._inbuf += data[consumed:]
         self._mode = COMMAND
         self._arm_timer(self.settings.idle_timeout)
-        self._wait(defer.ensureDeferred(self._end_of_data(txn)))
+        self._wait(run_now(self._end_of_data(txn)))
 
     def smtp_BDAT(self, arg: str) -> Any:
         parts = arg.split(" ")
@@ -978,7 +1021,7 @@ class SMTPServer(smtp.ESMTP):
                 self._send(250, "2.0.0", f"{txn.sink.size} octets received")
             return None
         txn.sink.finish_bdat()
-        return defer.ensureDeferred(self._end_of_data(txn))
+        return run_now(self._end_of_data(txn))
 
     async def _end_of_data(self, txn: _Transaction) -> None:
         """Check, filter, deliver durably, then reply (RFC 5321 §4.1.1.4, §6.1)."""
@@ -1123,7 +1166,7 @@ class SMTPServer(smtp.ESMTP):
         rcpt = ""
         if len(envelope.recipients) == 1:
             rcpt = f"\r\n\tfor <{envelope.recipients[0].address}>"
-        date = formatdate(localtime=False)
+        date = _rfc5322_date()
         return (
             f"Received: from {helo} ([{literal}]){tls}{auth}\r\n"
             f"\tby {self.settings.hostname} (mailserv) with {proto} id {envelope.id}"
@@ -1151,6 +1194,18 @@ class SMTPServer(smtp.ESMTP):
             duration=round(time.monotonic() - started, 6),
             listener=session.listener,
         )
+
+
+_DATE: list[Any] = [None, ""]  # (second, its RFC 5322 date): one formatdate per second
+
+
+def _rfc5322_date() -> str:
+    """The current time as an RFC 5322 date-time (UTC), as ``email.utils.formatdate``."""
+    now = time.time()
+    second = int(now)
+    if _DATE[0] != second:
+        _DATE[0], _DATE[1] = second, formatdate(second, localtime=False)
+    return str(_DATE[1])
 
 
 class _Disconnect(Exception):

@@ -76,7 +76,8 @@ class DataSink:
         self.dot_stuffed = dot_stuffed
         # A line of at most max_line characters plus CR, before the LF.
         self._max_raw = max_line + 1
-        self.path = os.path.join(spool_dir, f"{secrets.token_hex(12)}.eml")
+        self.spool_dir = spool_dir
+        self.path = ""  # the spool file, named when the message outgrows memory_limit
         # Small messages stay in memory; past ``memory_limit`` they go to the spool file.
         self.memory_limit = memory_limit
         self._memory: bytearray | None = bytearray()
@@ -157,6 +158,7 @@ class DataSink:
             self._memory += data
             if len(self._memory) <= self.memory_limit:
                 return
+            self.path = os.path.join(self.spool_dir, f"{secrets.token_hex(12)}.eml")
             self._file = open(self.path, "xb", buffering=65536)
             data, self._memory = bytes(self._memory), None
         if self._file is not None:

@@ -851,3 +851,68 @@ def test_requiretls_offered_and_accepted_only_inside_tls(env: SMTPEnv) -> None:
     assert c.read().startswith(b"250 ")
     [env_file] = glob.glob(str(env.state / "queue" / "*.env"))
     assert json.loads(open(env_file).read())["requiretls"] is True
+
+
+def test_run_now_completes_at_once_when_nothing_waits() -> None:
+    """Commands whose checks answer synchronously need no Deferred (server.run_now)."""
+    from mailserv.smtp.server import run_now
+
+    seen = []
+
+    async def command() -> None:
+        seen.append(await defer.succeed(1))
+        seen.append(await defer.maybeDeferred(lambda: 2))
+
+    assert run_now(command()) is None
+    assert seen == [1, 2]
+
+
+def test_run_now_resumes_when_a_deferred_fires_and_passes_failures_in() -> None:
+    from mailserv.smtp.server import run_now
+
+    first: defer.Deferred[int] = defer.Deferred()
+    second: defer.Deferred[int] = defer.Deferred()
+    seen: list[object] = []
+
+    async def command() -> str:
+        seen.append(await first)
+        try:
+            await second
+        except ValueError as exc:
+            seen.append(str(exc))
+        seen.append(await defer.succeed(3))
+        return "done"
+
+    d = run_now(command())
+    assert d is not None and not d.called and seen == []
+    first.callback(1)
+    assert seen == [1] and not d.called
+    second.errback(ValueError("boom"))
+    assert seen == [1, "boom", 3]
+    assert d.called and d.result == "done"
+    assert first.result is None and second.result is None  # consumed: no unhandled error
+
+
+def test_run_now_reports_errors_as_failed_deferreds() -> None:
+    from mailserv.smtp.server import run_now
+
+    async def fails_at_once() -> None:
+        raise KeyError("now")
+
+    gate: defer.Deferred[None] = defer.Deferred()
+
+    async def fails_later() -> None:
+        await gate
+        raise KeyError("later")
+
+    now = run_now(fails_at_once())
+    assert now is not None
+    now_errors: list[object] = []
+    now.addErrback(lambda f: now_errors.append(f.value))
+    assert [str(e) for e in now_errors] == ["'now'"]
+    later = run_now(fails_later())
+    assert later is not None
+    later_errors: list[object] = []
+    later.addErrback(lambda f: later_errors.append(f.value))
+    gate.callback(None)
+    assert [str(e) for e in later_errors] == ["'later'"]

@@ -313,6 +313,12 @@ class SMTPServer(smtp.ESMTP):
 
     def _send(self, code: int, enhanced: str, text: str, *more: str) -> None:
         """Write one (possibly multi-line) reply; RFC 2034 codes on every line."""
+        if self._mode == CLOSED and code not in (421, 221, 554):
+            return
+        if not more and "\r" not in text and "\n" not in text:  # the usual one-line reply
+            line = f"{code} {enhanced} {text}\r\n" if enhanced else f"{code} {text}\r\n"
+            self.transport.write(line.encode("utf-8"))
+            return
         # A reply text (a filter's, say) must never break the framing.
         lines = [line.replace("\r", " ").replace("\n", " ") for line in (text, *more)]
         out = []
@@ -320,8 +326,7 @@ class SMTPServer(smtp.ESMTP):
             sep = " " if i == len(lines) - 1 else "-"
             code_text = f"{code}{sep}{enhanced} " if enhanced else f"{code}{sep}"
             out.append(f"{code_text}{line}\r\n")
-        if self._mode != CLOSED or code in (421, 221, 554):
-            self.transport.write("".join(out).encode("utf-8"))
+        self.transport.write("".join(out).encode("utf-8"))
 
     def _reply(self, reply: SMTPReply) -> None:
         self._send(reply.code, reply.enhanced, reply.text)

@@ -168,6 +168,10 @@ class SMTPClientProtocol(Protocol):
     # -- Twisted callbacks -------------------------------------------------
 
     def connectionMade(self) -> None:
+        # Writes leave at once (mailserv.net.EagerClient); a small one right behind another
+        # (the next pipelined MAIL after a ".") must not wait for a delayed ACK (Nagle).
+        if hasattr(self.transport, "setTcpNoDelay"):
+            self.transport.setTcpNoDelay(True)
         self.transport.registerProducer(self, True)
         for waiter in self._waiters:
             if waiter.timer is None:
@@ -279,24 +283,31 @@ class SMTPClientProtocol(Protocol):
         transaction may be pipelined behind it (RFC 2920 §3.1).
         """
         stuffer = DotStuffer()
+        held = b""  # the last chunk goes out with the "." in one write (one segment)
         async for chunk in chunks:
             if self._closed is not None:
                 break
-            timer = self.reactor.callLater(self.timeouts.block, self._block_timed_out)
-            try:
-                self.transport.write(stuffer.feed(chunk))
-                while self._paused is not None and self._closed is None:
-                    await self._paused
-            finally:
-                if timer.active():
-                    timer.cancel()
+            if held:
+                await self._write_block(held)
+            held = stuffer.feed(chunk)
         if self._closed is not None:
             self._closed.raiseException()
         final = self._expect("DATA", self.timeouts.final_dot)
-        self.transport.write(stuffer.end())
+        self.transport.write(held + stuffer.end())
         if sent is not None:
             sent()
         return await final
+
+    async def _write_block(self, data: bytes) -> None:
+        """Write message data, waiting while the transport's buffer is full (block timeout)."""
+        timer = self.reactor.callLater(self.timeouts.block, self._block_timed_out)
+        try:
+            self.transport.write(data)
+            while self._paused is not None and self._closed is None:
+                await self._paused
+        finally:
+            if timer.active():
+                timer.cancel()
 
     async def send_bdat(self, chunks: AsyncIterator[bytes]) -> Reply:
         """Send the message as BDAT chunks (RFC 3030 §2), pipelined; the deciding reply.

@@ -339,3 +339,24 @@ async def test_outbound_connections_send_at_once_without_buffering() -> None:
         client.abort()
     finally:
         await port.stopListening()
+
+
+def test_the_last_data_and_the_dot_go_out_in_one_write() -> None:
+    """With eager writes and no Nagle, a separate 3-byte "." would be its own segment (or,
+    with Nagle, wait for a delayed ACK): the last chunk carries the end of data."""
+    peer = Peer()
+    peer.say(b"220 hello\r\n")
+    writes: list[bytes] = []
+    real_write = peer.transport.write
+
+    def recording(data: bytes) -> None:
+        writes.append(data)
+        real_write(data)
+
+    peer.transport.write = recording  # type: ignore[method-assign]
+    d = defer.ensureDeferred(peer.protocol.send_body(_chunks(b"Subject: x\r\n\r\n.hi\r\n", 100)))
+    assert writes == [b"Subject: x\r\n\r\n..hi\r\n.\r\n"]
+    got: list[Reply] = []
+    d.addCallback(got.append)
+    peer.say(b"250 ok\r\n")
+    assert got == [Reply(250, ("ok",))]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import random
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from email.utils import getaddresses
@@ -107,16 +108,38 @@ def parse_record(text: str, found_at: str) -> Policy | None:
     )
 
 
+_ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
+_DOMAIN = (
+    r"([A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)+)"
+)
+_LOCAL = rf"{_ATOM}(?:\.{_ATOM})*"
+# ``Display Name <local@domain>`` (atoms only in the name) or ``local@domain``.
+_SIMPLE_FROM = re.compile(
+    rf"[ \t]*(?:(?:{_ATOM}(?: {_ATOM})* ?)?<{_LOCAL}@{_DOMAIN}>|{_LOCAL}@{_DOMAIN})[ \t]*"
+)
+
+
 def from_domain(message: Any) -> str | None:
     """RFC 7489 §6.6.1: the domain of the single author address, None if not exactly one."""
     values = message.header("From")
     if len(values) != 1:
         return None
     text = values[0].decode("utf-8", "replace").replace("\r\n", "")
+    simple = _SIMPLE_FROM.fullmatch(text)
+    if simple is None:
+        return _parsed_from_domain(text)
+    # The common plain forms, without the full RFC 5322 parser.
+    return _normalised(simple.group(1) or simple.group(2))
+
+
+def _parsed_from_domain(text: str) -> str | None:
     addresses = [addr for _name, addr in getaddresses([text]) if addr]
     if len(addresses) != 1 or "@" not in addresses[0]:
         return None
-    domain = addresses[0].rpartition("@")[2].strip().rstrip(">")
+    return _normalised(addresses[0].rpartition("@")[2].strip().rstrip(">"))
+
+
+def _normalised(domain: str) -> str | None:
     try:
         return normalise_domain(domain)[0]
     except AddressError:

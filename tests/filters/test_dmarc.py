@@ -185,3 +185,31 @@ def test_authenticated_sessions_and_loopback_are_not_judged(
     local = filter_env.session("127.0.0.1", helo=None)
     verdict = yield filter_env.build("spf").check_sender(local, envelope)
     assert verdict.action is Action.CONTINUE and verdict.headers == ()
+
+
+def test_from_domain_fast_path_agrees_with_the_rfc5322_parser() -> None:
+    from mailserv.envelope import Message
+    from mailserv.filters import dmarc
+
+    simple = [
+        " Alice <alice@sender.test>",
+        "alice@Sender.Test",
+        " Bob Smith <bob.smith+x@mail.example.co.uk> ",
+        "<a@b.test>",
+        "Alice<a@b.test>",
+    ]
+    other = [
+        "a@b.test, c@d.test",
+        ' "Quoted, Name" <q@quoted.test>',
+        " Alice <alice@sender.test> (comment)",
+        "Eve <eve@evil.test>  <x@y.test>",
+        "undisclosed-recipients:;",
+        "Bad <a@-bad.test>",
+        "x@y",
+        "A <a@b.test",
+        "a..b@c.test",
+    ]
+    for value in simple + other:
+        assert (dmarc._SIMPLE_FROM.fullmatch(value) is not None) == (value in simple), value
+        message = Message(None, 1, [("From", value.encode())])
+        assert dmarc.from_domain(message) == dmarc._parsed_from_domain(value), value

@@ -27,9 +27,11 @@ Behaviour, with the Twisted defects fixed (ARCHITECTURE.md items 1 and 8):
 * Download path (bench/pop3.py): the replies to the commands of one read are
   written together (at most 64 KiB held), so a pipelining client gets few large
   sends; small messages are read ahead in ``disk`` jobs of up to 64 messages or
-  1 MiB, byte-stuffed in that job, and the next job starts while 48 are still
-  cached, so RETR is answered from memory without a thread round trip or a
-  Deferred; a RETR of a message that a read in flight will bring waits for it.
+  1 MiB, byte-stuffed in that job; once fewer than 48 are cached, jobs of 32 follow
+  each other until 96 are cached, so reading runs beside the client and RETR is
+  answered from memory without a thread round trip or a Deferred.  A RETR of a
+  message that a read in flight will bring waits for it; any other miss is read
+  at once.
   QUIT waits for any read in flight, then commits (one ``IMailbox.expunge`` of
   all marked messages) and releases the maildrop in one disk job.
 * Message numbers must be 1..N of live messages; UIDL is ``%08X%08X`` of (UID,

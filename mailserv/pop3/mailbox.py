@@ -32,9 +32,12 @@ SMALL_MESSAGE = 256 * 1024
 # at most this many messages and octets are held per session.
 READ_AHEAD_MESSAGES = 64
 READ_AHEAD_BYTES = 1024 * 1024
-# Once fewer messages than this are left in the cache, the next ones are read in the background
-# (early enough that a client pipelining 32 RETRs at a time never waits for the disk).
+# Once fewer messages than this are left in the cache, the next ones are read in the background,
+# PREFETCH_MESSAGES per job, one job after the other while fewer than PREFETCH_UPTO are cached
+# (and within READ_AHEAD_BYTES): reading runs beside the client instead of in turn with it.
 PREFETCH_BELOW = READ_AHEAD_MESSAGES * 3 // 4
+PREFETCH_MESSAGES = 32
+PREFETCH_UPTO = 3 * PREFETCH_MESSAGES
 # At most this many messages are looked at to pick the next ones to read (big ones are skipped).
 READ_AHEAD_SCAN = 4 * READ_AHEAD_MESSAGES
 
@@ -205,7 +208,13 @@ class Maildrop:
         """
         if len(self._cache) >= PREFETCH_BELOW:
             return []
-        return self._following(max(number, self._read_to), 0, READ_AHEAD_MESSAGES)
+        return self._following(max(number, self._read_to), 0, PREFETCH_MESSAGES)
+
+    def prefetch_more(self) -> list[int]:
+        """After a background read: the next messages, while fewer than PREFETCH_UPTO are cached."""
+        if len(self._cache) >= PREFETCH_UPTO:
+            return []
+        return self._following(self._read_to, 0, PREFETCH_MESSAGES)
 
     def _following(self, after: int, extra: int, room: int) -> list[int]:
         """Live, small, uncached messages after ``after``, within the read-ahead bounds."""

@@ -261,8 +261,9 @@ class POP3Server(pop3.POP3):
         self._corked = False
         self._out: list[bytes] = []
         self._out_len = 0
-        # A read-ahead job in the disk pool, and who waits for it to end.
-        self._reading = False
+        # Read-ahead jobs in the disk pool, the messages they read, who waits for them to end.
+        self._reads = 0
+        self._reading: set[int] = set()
         self._read_waiters: list[defer.Deferred[None]] = []
 
     # -- connection ----------------------------------------------------------
@@ -780,8 +781,8 @@ class POP3Server(pop3.POP3):
             self._send_content(status, content, body_lines)
             self._prefetch(maildrop, number)
             return None
-        if self._reading:
-            # The read in flight (a prefetch) probably holds it: look again when it ends.
+        if number in self._reading:
+            # A read in flight (a prefetch) brings it: look again when it ends.
             d = self._when_read()
             d.addCallback(
                 lambda _: None if self._closing else self._send(number, status, body_lines)
@@ -822,10 +823,12 @@ class POP3Server(pop3.POP3):
         """Read messages ``numbers`` into the maildrop's cache in one disk job.
 
         With ``required`` the job fails when the first message cannot be read;
-        the others are skipped when they are gone.  One read runs at a time.
+        the others are skipped when they are gone.  At most one background read
+        runs at a time, beside at most one read a RETR waits for.
         """
         uids = [maildrop.uid(n) for n in numbers]
-        self._reading = True
+        self._reads += 1
+        self._reading.update(numbers)
         d = self.factory.run_disk(maildrop.read_messages, uids, required)
 
         def got(found: dict[int, Content]) -> None:
@@ -835,26 +838,33 @@ class POP3Server(pop3.POP3):
                     maildrop.remember(n, content)
 
         def ended(result: Any) -> Any:
-            self._reading = False
+            self._reads -= 1
+            self._reading.difference_update(numbers)
+            if self._reads:
+                return result
             waiters, self._read_waiters = self._read_waiters, []
             for waiter in waiters:
                 waiter.callback(None)
+            if not (waiters or required or self._closing) and self.maildrop is maildrop:
+                # Nobody waits: go on reading ahead (a RETR waiting gets the disk first).
+                self._start_prefetch(maildrop, maildrop.prefetch_more())
             return result
 
         return d.addCallback(got).addBoth(ended)
 
     def _prefetch(self, maildrop: Maildrop, number: int) -> None:
         """Read the next messages in the background before the cache runs out."""
-        if self._reading:
-            return
-        numbers = maildrop.prefetch(number)
+        if not self._reads:
+            self._start_prefetch(maildrop, maildrop.prefetch(number))
+
+    def _start_prefetch(self, maildrop: Maildrop, numbers: list[int]) -> None:
         if numbers:
             d = self._read(maildrop, numbers, required=False)
             d.addErrback(lambda f: log.failure("reading ahead failed", f))
 
     def _when_read(self) -> defer.Deferred[None]:
         """Fires once no read is in flight (whatever its outcome)."""
-        if not self._reading:
+        if not self._reads:
             return defer.succeed(None)
         d: defer.Deferred[None] = defer.Deferred()
         self._read_waiters.append(d)

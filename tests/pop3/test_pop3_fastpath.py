@@ -17,7 +17,13 @@ from twisted.internet import defer
 from twisted.internet.address import IPv4Address
 
 from mailserv.pop3.content import Stuffer, stuff
-from mailserv.pop3.mailbox import content_size
+from mailserv.pop3.mailbox import (
+    PREFETCH_BELOW,
+    PREFETCH_MESSAGES,
+    PREFETCH_UPTO,
+    READ_AHEAD_BYTES,
+    content_size,
+)
 from mailserv.pop3.server import OUTPUT_BATCH
 
 from .conftest import TLSStringTransport
@@ -224,8 +230,14 @@ def test_failed_prefetch_is_retried_by_the_retr_that_needs_it(harness):
     inbox.contents.clear()  # every read of the prefetch fails
     disk.run_next()
     inbox.contents.update(saved)
+    assert len(disk.jobs) == 1  # reading ahead goes on (97..128)
     p.dataReceived(b"RETR 65\r\n")
-    assert disk.names[-1] == "read_messages" and len(disk.jobs) == 1
+    # 65 is not in the read in flight: RETR reads it at once, beside it.
+    assert len(disk.jobs) == 2
+    _, _, (uids, required), _ = disk.jobs[1]
+    assert uids[0] == 65 and required is True
+    disk.run_next()
+    assert t.value() == b""
     disk.run_next()
     assert t.value() == retr_reply(MSG)
 
@@ -235,7 +247,9 @@ def test_message_removed_before_its_prefetch_gets_an_error(harness):
     del inbox.contents[65]  # removed by another program meanwhile
     disk.run_next()
     p.dataReceived(b"RETR 65\r\nRETR 66\r\n")
-    disk.run_next()  # RETR 65 reads again, for itself
+    assert [job[2][0][0] for job in disk.jobs] == [97, 65]  # reading ahead, and 65 for itself
+    disk.jobs.reverse()
+    disk.run_next()
     assert t.value() == b"-ERR Message was removed by another session.\r\n" + retr_reply(MSG)
 
 
@@ -322,3 +336,24 @@ def test_read_ahead_stuffs_in_the_disk_job_without_copying_clean_messages(harnes
     assert body is data and end == b".\r\n"
     assert content_size(found[2]) == len(clean)
     assert content_size(found[1]) == len(MSG) + len(found[1][1])
+
+
+def test_reading_ahead_goes_on_beside_the_client_up_to_a_bound(harness):
+    p, t, disk, _ = prefetching(harness, 300)
+    assert len(p.maildrop._cache) < PREFETCH_BELOW
+    runs = 0
+    while disk.jobs:
+        disk.run_next()
+        runs += 1
+    # One job after the other while nobody waits, then it stops with a bounded cache.
+    assert runs > 1
+    assert len(p.maildrop._cache) >= PREFETCH_UPTO
+    assert len(p.maildrop._cache) < PREFETCH_UPTO + PREFETCH_MESSAGES
+    assert p.maildrop._cached_bytes <= READ_AHEAD_BYTES
+    assert t.value() == b""
+    # A dropped connection stops it: nothing more is read.
+    p.dataReceived(b"".join(b"RETR %d\r\n" % n for n in range(65, 130)))
+    assert len(disk.jobs) == 1
+    p.connectionLost(None)
+    disk.run_next()
+    assert [name for name, *_ in disk.jobs] == ["close"]

@@ -845,8 +845,8 @@ class POP3Server(pop3.POP3):
             waiters, self._read_waiters = self._read_waiters, []
             for waiter in waiters:
                 waiter.callback(None)
-            if not (waiters or required or self._closing) and self.maildrop is maildrop:
-                # Nobody waits: go on reading ahead (a RETR waiting gets the disk first).
+            if not (required or self._closing or self._reads) and self.maildrop is maildrop:
+                # Go on reading ahead (unless QUIT or a close waited for this read).
                 self._start_prefetch(maildrop, maildrop.prefetch_more())
             return result
 

@@ -21,7 +21,20 @@ from twisted.internet import tcp
 
 
 class EagerServer(tcp.Server):
-    """A TCP server connection whose writes go out immediately when the buffer is empty."""
+    """A TCP server connection whose writes go out immediately when the buffer is empty.
+
+    TCP_NODELAY is set: a reply written in two pieces (untagged lines, then the tagged one)
+    leaves as two segments at once, where Nagle would hold the second until the client's
+    delayed ACK (up to 40 ms). Twisted's buffered path coalesced such pieces; sending at once
+    must not turn them into a stall.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        try:
+            self.setTcpNoDelay(True)
+        except OSError:
+            pass  # a socket that cannot take it (already reset) fails on its first send
 
     def _idle(self) -> bool:
         # Nothing buffered, no producer to pace, not closing: a direct send keeps byte order.

@@ -35,6 +35,7 @@ class Scripted(protocol.Protocol):
         if "ran" not in self.seen:
             self.seen["ran"] = True
             self.seen["transport"] = type(self.transport)
+            self.seen["nodelay"] = self.transport.getTcpNoDelay()
             self.script(self.transport)
             self.seen["writing"] = self.transport in reactor.getWriters()
 
@@ -69,6 +70,7 @@ def test_a_reply_leaves_at_once_without_registering_for_write() -> Any:
     data, seen = yield _exchange(script)
     assert seen["transport"] is EagerServer
     assert seen["writing"] is False  # sent directly: no epoll registration, no extra iteration
+    assert seen["nodelay"]  # a reply in two writes must not wait for a delayed ACK (Nagle)
     assert data == b"+OK hello\r\n+OK two\r\n"
 
 

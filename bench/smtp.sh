@@ -10,8 +10,12 @@
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
-PYTHON=${PYTHON:-$(command -v python3)}
-[ -x /work/venv/bin/python ] && PYTHON=${PYTHON_OVERRIDE:-/work/venv/bin/python}
+if [ -z "${PYTHON:-}" ]; then  # the project's venv (Twisted and mailserv's dependencies)
+    for p in "$ROOT/.venv/bin/python" /work/venv/bin/python; do
+        [ -x "$p" ] && { PYTHON=$p; break; }
+    done
+    PYTHON=${PYTHON:-$(command -v python3)}
+fi
 MS_PORT=${MS_PORT:-22525}
 PF_PORT=${PF_PORT:-22526}
 SMTP_SOURCE=$(command -v smtp-source || echo /usr/sbin/smtp-source)

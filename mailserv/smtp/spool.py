@@ -97,12 +97,16 @@ class DataSink:
         self.received += len(data)
         old_tail = len(self._tail)
         buf = self._tail + data if self._tail else data
+        dots = True  # "\n." may occur in buf (a dot-stuffed line or the end marker)
         if self.dot_stuffed:
             if self._at_line_start and buf.startswith(b".\r\n"):
                 self._tail = b""
                 self._region(b"")
                 return 3 - old_tail
-            end = buf.find(_END)
+            # The end marker contains "\n.", so one search of the usual body
+            # chunk rules out both the marker and dot-stuffed lines.
+            dots = b"\n." in buf
+            end = buf.find(_END) if dots else -1
             if end >= 0:
                 self._tail = b""
                 self._region(buf[: end + 2])
@@ -113,7 +117,7 @@ class DataSink:
         else:
             region, self._tail = buf[: cut + 1], buf[cut + 1 :]
         if region:
-            self._region(region)
+            self._region(region, dots)
         if len(self._tail) > self._max_raw + 4:
             # An over-long line without its end yet: flag it, keep scanning
             # (never leave DATA mode), hold back at most the bytes that could
@@ -129,8 +133,12 @@ class DataSink:
         if self.error is None:
             self.error = reply
 
-    def _region(self, region: bytes) -> None:
-        """Check and write complete lines (``region`` ends with LF, or is the final part)."""
+    def _region(self, region: bytes, dots: bool = True) -> None:
+        """Check and write complete lines (``region`` ends with LF, or is the final part).
+
+        ``dots`` False: the caller knows that no line of ``region`` after the
+        first starts with "." (nothing to unstuff).
+        """
         if not region:
             return
         crlf = region.count(b"\r\n")
@@ -141,7 +149,7 @@ class DataSink:
         if self.dot_stuffed:
             if self._at_line_start and region[:1] == b".":
                 region = region[1:]
-            if b"\n." in region:
+            if dots and b"\n." in region:
                 region = region.replace(b"\n.", b"\n")
         self._write(region, continuation=False)
         self._at_line_start = region.endswith(b"\r\n")

@@ -57,6 +57,25 @@ def test_any_split_gives_the_same_message(tmp_path: Path, seed: int) -> None:
 
 
 @pytest.mark.parametrize(
+    "body",
+    [
+        b"Subject: s\r\n\r\nplain\r\nlines\r\n",
+        b"Subject: s\r\n\r\n.dot first\r\nmid\r\n.\r\n..\r\nlast.\r\n",
+        b"Subject: s\r\n\r\n.\r\n",
+    ],
+)
+def test_end_of_data_found_at_every_split(tmp_path: Path, body: bytes) -> None:
+    """Whether a TCP segment boundary falls inside the end marker or a dot-stuffed line,
+    the end of data is the first CRLF.CRLF and the dots are removed (RFC 5321 §4.5.2)."""
+    wire = body.replace(b"\r\n.", b"\r\n..") + b".\r\nQUIT\r\n"
+    for split in range(1, len(wire)):
+        sink = DataSink(str(tmp_path), 10**6)
+        assert _feed_all(sink, wire, [split, len(wire)]) == len(wire) - 6, split
+        with sink.finish().open() as f:
+            assert f.read() == body, split
+
+
+@pytest.mark.parametrize(
     ("data", "error"),
     [
         (b"a\nb\r\n.\r\n", BARE_LINE_END),

@@ -386,6 +386,7 @@ class MaildirFolder(FolderBase):
         self._sig: tuple[tuple[int, int, int], ...] | None = None
         self._index_key: IndexKey | None = None
         self._infos: list[MessageInfo] | None = None  # messages(), until the index changes
+        self._cur_seen: _Stat | None = None  # cur/ after our last change to it (_quick_add)
         _make_maildir(path, subfolder=path != account.root)
         self.clean_tmp()
         self.refresh()
@@ -632,8 +633,9 @@ class MaildirFolder(FolderBase):
     def _sync_locked(self, order: list[str] | None = None) -> UidList:
         """Match the index with the files (lock held): new files get UIDs, lost ones go.
 
-        ``order``: base names placed in cur/ by the caller (APPEND, COPY), in
-        the order their UIDs should follow; cur/ is fsynced for them.  New
+        ``order``: base names placed in cur/ by the caller (APPEND, COPY while
+        deliveries wait in new/; else ``_add_placed``), in the order their UIDs
+        should follow; cur/ is fsynced for them.  New
         UIDs are appended to the uidlist; vanished files are recorded in the
         journal; the uidlist is rewritten only when the header or old records
         must change.
@@ -646,7 +648,9 @@ class MaildirFolder(FolderBase):
             found_list, key = self._read_uidlist()
         rewrite = found_list is None or key.stale
         uidlist = found_list or UidList(uidvalidity=next_uidvalidity(self.account.root))
+        seen = _stat3(f"{self.path}/cur")  # before listing: a later change makes it differ
         files = self._list_files()
+        moved = any(sub == "new" for sub, _ in files.values())
         kept: list[UidRecord] = []
         gone: list[int] = []
         for rec in uidlist.records:
@@ -693,6 +697,10 @@ class MaildirFolder(FolderBase):
                 if gone:
                     self._journal_expunge(uidlist, gone)
                     key = self._index_key or IndexKey(*self._stat_index(), False)
+        # After our moves from new/: a change by another program in the moment between
+        # the listing and this stat would go unseen until the next refresh (whose
+        # signature differs from the one before this synchronisation).
+        self._cur_seen = _stat3(f"{self.path}/cur") if moved else seen
         self._install(uidlist, key)
         return uidlist
 
@@ -853,6 +861,7 @@ class MaildirFolder(FolderBase):
                 if letters == "".join(sorted(info_letters(old))):
                     return self._info(rec)
                 new_name = with_letters(rec.base, letters)
+                ours = self._cur_ours()
                 try:
                     os.rename(
                         os.path.join(self.path, "cur", old),
@@ -863,16 +872,73 @@ class MaildirFolder(FolderBase):
                         raise
                     self._sync_locked()  # renamed or removed by another program
                     continue
+                self._changed_cur(ours)
                 self._journal_change(rec, new_name)
                 return self._info(rec)
         raise AssertionError("unreachable")
 
     def _place(self, tmp: str, flags: Iterable[str]) -> str:
-        """Move a complete file into cur/ with its flags (lock held); returns its base."""
-        base = os.path.basename(tmp)
-        letters = self._letters_for(flags, "")
-        os.rename(tmp, os.path.join(self.path, "cur", with_letters(base, letters)))
-        return base
+        """Move a complete file into cur/ with its flags (lock held); returns its name."""
+        name = with_letters(os.path.basename(tmp), self._letters_for(flags, ""))
+        os.rename(tmp, os.path.join(self.path, "cur", name))
+        return name
+
+    def _cur_ours(self) -> bool:
+        """Is cur/ as our last change left it?  (Lock held.)"""
+        return self._cur_seen is not None and _stat3(f"{self.path}/cur") == self._cur_seen
+
+    def _changed_cur(self, ours: bool) -> None:
+        """After our own change to cur/ (lock held): remember how it looks if it was
+        ``ours`` (``_cur_ours()``) before, else forget (the next add lists it)."""
+        self._cur_seen = _stat3(f"{self.path}/cur") if ours else None
+
+    def _quick_add(self) -> bool:
+        """Can files about to be placed in cur/ get UIDs without listing it?  (Lock held.)
+
+        Yes when the index is current, nothing waits in new/ (deliveries get
+        their UIDs first: UIDs follow arrival) and cur/ is as our last change
+        left it (with the kernel's fine-grained directory timestamps, any
+        change by another program since gives cur/ another mtime).
+        """
+        return (
+            self._index_current()
+            and self._cur_ours()
+            and not any(not n.startswith(".") for n in _listdir(os.path.join(self.path, "new")))
+        )
+
+    def _add_placed(self, names: list[str], quick: bool) -> list[UidRecord]:
+        """Give UIDs to files the caller just put in cur/ (lock held), in this order.
+
+        ``quick`` (``_quick_add()`` before placing them): cur/ is not listed;
+        it is fsynced and the new records appended to the uidlist, as
+        Dovecot's maildir saving does.  Else one full synchronisation.
+        """
+        if not quick:
+            self._sync_locked(order=[base_name(n) for n in names])
+            by_base = {r.base: r for r in self._by_uid.values()}
+            return [by_base[base_name(n)] for n in names]
+        uidlist = self._uidlist
+        assert uidlist is not None
+        self._changed_cur(True)  # _quick_add() said it was ours just before
+        if self.fsync:
+            fsync_dir(os.path.join(self.path, "cur"))
+        self._index_key = None  # read again if the uidlist cannot be appended to
+        added: list[UidRecord] = []
+        for name in names:
+            uidlist.highest_modseq += 1
+            added.append(UidRecord(uidlist.nextuid, name, uidlist.highest_modseq))
+            uidlist.nextuid += 1
+        uidlist.records.extend(added)
+        try:
+            key = self._append_records(added)
+        except UidListError:  # a last line we cannot make sense of: start afresh
+            key = self._write_index(uidlist)
+        for rec in added:
+            self._by_uid[rec.uid] = rec
+        self._uidlist = uidlist
+        self._infos = None
+        self._index_key = key
+        return added
 
     def append(
         self,
@@ -891,21 +957,14 @@ class MaildirFolder(FolderBase):
         os.rename(tmp, final)
         try:
             with self._mutex, self._lock():
-                base = self._place(final, flags)
-                self._sync_locked(order=[base])
+                quick = self._quick_add()
+                [rec] = self._add_placed([self._place(final, flags)], quick)
         except BaseException:
             with contextlib.suppress(OSError):
                 os.unlink(final)
             raise
         quota.add(size, 1)
-        return self._uid_of(base)
-
-    def _uid_of(self, base: str) -> int:
-        with self._mutex:
-            for rec in self._by_uid.values():
-                if rec.base == base:
-                    return rec.uid
-        raise KeyError(base)
+        return rec.uid
 
     def copy_to(self, uids: Any, target: Any) -> dict[int, int]:
         """COPY (RFC 3501 §6.4.7, UIDPLUS RFC 4315): returns {source uid: new uid}."""
@@ -922,10 +981,12 @@ class MaildirFolder(FolderBase):
         quota.check(sum(size for _, _, _, size in infos), len(infos))
         placed: list[tuple[int, str, int]] = []
         with target._mutex, target._lock():
+            quick = target._quick_add()
             for uid, rec, info, size in infos:
                 base = unique_name() + size_suffix(size, info.size)
                 letters = target._letters_for(info.all_flags, info_letters(rec.filename))
-                dest = os.path.join(target.path, "cur", with_letters(base, letters))
+                name = with_letters(base, letters)
+                dest = os.path.join(target.path, "cur", name)
                 src = os.path.join(self.path, "cur", rec.filename)
                 try:
                     os.link(src, dest)
@@ -935,12 +996,10 @@ class MaildirFolder(FolderBase):
                     tmp, _, _ = write_message(target.path, src, b"", fsync=self.fsync)
                     os.utime(tmp, (info.internal_date, info.internal_date))
                     os.rename(tmp, dest)
-                placed.append((uid, base, size))
-            target._sync_locked(order=[b for _, b, _ in placed])
+                placed.append((uid, name, size))
+            added = target._add_placed([n for _, n, _ in placed], quick) if placed else []
         quota.add(sum(s for _, _, s in placed), len(placed))
-        with target._mutex:
-            new_uids = {rec.base: rec.uid for rec in target._by_uid.values()}
-        return {uid: new_uids[base] for uid, base, _ in placed}
+        return {uid: rec.uid for (uid, _, _), rec in zip(placed, added, strict=True)}
 
     def expunge(self, uids: Any) -> list[int]:
         """Remove messages for good; returns the UIDs actually removed.
@@ -954,6 +1013,7 @@ class MaildirFolder(FolderBase):
         with self._mutex, self._lock():
             uidlist = self._current_locked()
             cur = os.path.join(self.path, "cur")
+            ours = self._cur_ours()
             missing: list[UidRecord] = []
             for rec in uidlist.records:
                 if rec.uid in wanted:
@@ -979,6 +1039,7 @@ class MaildirFolder(FolderBase):
             if removed:
                 for uid in removed:
                     self._size_cache.pop(self._by_uid[uid].base, None)
+                self._changed_cur(ours and not missing)
                 if self.fsync:
                     fsync_dir(cur)
                 gone = set(removed)

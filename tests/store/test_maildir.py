@@ -127,3 +127,53 @@ def test_delivery_from_a_missing_source_fails(user: User, tmp_path: Path) -> Non
     with pytest.raises(FileNotFoundError):
         make_store("maildir").deliver(user, str(tmp_path / "nothing"))
     assert os.listdir(Path(user.mailbox, "tmp")) == []
+
+
+def test_append_does_not_list_the_directories(user: User, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Our own APPEND knows its file: its uidlist record is appended without a scan."""
+    from mailserv.store import maildir
+
+    store = make_store("maildir")
+    for _ in range(3):
+        store.deliver(user, io.BytesIO(MSG))
+    box = store.open(user).open_folder("INBOX")
+    assert len(box.messages()) == 3
+    listed: list[str] = []
+    real = maildir._listdir
+    monkeypatch.setattr(maildir, "_listdir", lambda d: listed.append(d) or real(d))
+    uid = box.append(io.BytesIO(MSG), ["\\Seen"])
+    assert [os.path.basename(d) for d in listed] == ["new"]  # empty: no delivery waits
+    assert uid == 4 and box.message(uid).flags == {"\\Seen"}
+    assert box.message(uid).modseq == box.highest_modseq()
+    monkeypatch.setattr(maildir, "_listdir", real)
+    # the index on disk says the same to a fresh reader
+    again = make_store("maildir").open(user).open_folder("INBOX")
+    assert [(m.uid, m.flags, m.modseq) for m in again.messages()] == [
+        (m.uid, m.flags, m.modseq) for m in box.messages()
+    ]
+
+
+def test_delivery_waiting_in_new_gets_its_uid_before_an_append(user: User) -> None:
+    store = make_store("maildir")
+    store.deliver(user, io.BytesIO(MSG))
+    box = store.open(user).open_folder("INBOX")
+    store.deliver(user, io.BytesIO(b"Subject: later\r\n\r\n\r\n"))  # not seen yet
+    uid = box.append(io.BytesIO(MSG))
+    uids = [m.uid for m in box.messages()]
+    assert uids == [1, 2, uid] and uid == 3  # arrival order
+    assert os.listdir(Path(user.mailbox, "new")) == []
+    reread = make_store("maildir").open(user).open_folder("INBOX")
+    assert [m.uid for m in reread.messages()] == uids
+
+
+def test_append_after_an_external_uidlist_change_reads_it_first(user: User) -> None:
+    """Another process (Dovecot) gave UIDs meanwhile: the append continues after them."""
+    store = make_store("maildir")
+    store.deliver(user, io.BytesIO(MSG))
+    box = store.open(user).open_folder("INBOX")
+    other = make_store("maildir").open(user).open_folder("INBOX")
+    store.deliver(user, io.BytesIO(MSG))
+    other.refresh()  # gives UID 2 in the other process
+    uid = box.append(io.BytesIO(MSG))
+    assert uid == 3
+    assert [m.uid for m in box.messages()] == [1, 2, 3]

@@ -28,6 +28,7 @@ from mailserv.interfaces import (
 )
 
 log = Logger()
+_CONTINUE = Action.CONTINUE
 
 STAGES = {
     "connect": (IConnectionFilter, "check_connect"),
@@ -146,6 +147,8 @@ class FilterChain:
                 value = getattr(flt, method_name)(*args)
             except Exception:
                 value = self._failed(Failure(), _filter_name(flt), method_name)
+            if value.__class__ is Verdict and value.action is _CONTINUE and not value.headers:
+                continue  # the common answer: nothing to record
             if iscoroutine(value):
                 value = defer.Deferred.fromCoroutine(value)
             if isinstance(value, defer.Deferred):

@@ -222,9 +222,7 @@ class DMARCFilter(FilterBase):
         answer = yield lookup(self.resolver, f"_dmarc.{domain}", "TXT")
         return policy_of(answer, domain)
 
-    @defer.inlineCallbacks
     def check_message(self, session: Any, envelope: Any, message: Any) -> Any:
-
         results = results_for(session, envelope)
         if self.config.skip_authenticated and session.auth_user is not None:
             return CONTINUE
@@ -236,10 +234,30 @@ class DMARCFilter(FilterBase):
             return self._act(self.config.permerror, "From header unusable", results)
         props = [("header.from", domain)]
         try:
-            policy = yield self.discover(domain)
+            policy = self.discover(domain)  # at once when the records are cached
         except TemporaryFailure:
-            results.dmarc = MethodResult("dmarc", "temperror", props, "policy lookup failed")
-            return self._act(self.config.temperror, "DMARC policy lookup failed", results)
+            return self._temperror(results, props)
+        if isinstance(policy, defer.Deferred):
+            return policy.addCallbacks(
+                self._evaluate,
+                self._lookup_failed,
+                callbackArgs=(domain, props, results),
+                errbackArgs=(results, props),
+            )
+        return self._evaluate(policy, domain, props, results)
+
+    def _lookup_failed(self, failure: Any, results: Any, props: list[tuple[str, str]]) -> Verdict:
+        failure.trap(TemporaryFailure)
+        return self._temperror(results, props)
+
+    def _temperror(self, results: Any, props: list[tuple[str, str]]) -> Verdict:
+        results.dmarc = MethodResult("dmarc", "temperror", props, "policy lookup failed")
+        return self._act(self.config.temperror, "DMARC policy lookup failed", results)
+
+    def _evaluate(
+        self, policy: Policy | None, domain: str, props: list[tuple[str, str]], results: Any
+    ) -> Verdict:
+        """§6.6.2 alignment, §6.6.4 pct, and the verdict for ``policy``."""
         if policy is None:
             results.dmarc = MethodResult("dmarc", "none", props)
             return CONTINUE

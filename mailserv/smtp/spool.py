@@ -53,6 +53,19 @@ def has_long_line(data: bytes, limit: int) -> bool:
     return False
 
 
+_ALL_BUT_CR_LF = bytes(b for b in range(256) if b not in b"\r\n")
+
+
+def has_bare_line_end(data: bytes) -> bool:
+    """True if ``data`` has a CR not followed by LF or an LF not preceded by CR.
+
+    Every CRLF pair holds one CR and one LF, so there is a bare one exactly when
+    CRs and LFs together outnumber twice the pairs (counted in two passes, the
+    CR/LF total from the small string ``translate`` leaves, not two ``count``s).
+    """
+    return len(data.translate(None, _ALL_BUT_CR_LF)) != 2 * data.count(b"\r\n")
+
+
 class DataSink:
     """Scans message data into a spool file; see the module docstring.
 
@@ -141,8 +154,7 @@ class DataSink:
         """
         if not region:
             return
-        crlf = region.count(b"\r\n")
-        if region.count(b"\n") != crlf or region.count(b"\r") != crlf:
+        if has_bare_line_end(region):
             self._flag(BARE_LINE_END)
         if len(region) > self._max_raw and has_long_line(region, self._max_raw):
             self._flag(LINE_TOO_LONG)

@@ -8,7 +8,13 @@ from pathlib import Path
 import pytest
 
 from mailserv.errors import SMTPReply
-from mailserv.smtp.spool import BARE_LINE_END, LINE_TOO_LONG, DataSink, has_long_line
+from mailserv.smtp.spool import (
+    BARE_LINE_END,
+    LINE_TOO_LONG,
+    DataSink,
+    has_bare_line_end,
+    has_long_line,
+)
 
 
 def _reference(data: bytes, limit: int) -> bool:
@@ -22,6 +28,23 @@ def test_has_long_line_matches_reference() -> None:
         data = b"\n".join(b"x" * n for n in lengths) + rng.choice([b"", b"\n"])
         for limit in (999, 10, 1):
             assert has_long_line(data, limit) == _reference(data, limit), (lengths, limit)
+
+
+def test_has_bare_line_end_matches_reference() -> None:
+    """RFC 5321 §2.3.8: CR and LF only as CRLF; anything else is a bare line end."""
+
+    def reference(data: bytes) -> bool:
+        return any(
+            (ch == 13 and data[i + 1 : i + 2] != b"\n") or (ch == 10 and data[i - 1 : i] != b"\r")
+            for i, ch in enumerate(data)
+        )
+
+    rng = random.Random(3030)
+    for _ in range(20000):
+        data = bytes(rng.choice(b"a\r\n.") for _ in range(rng.randint(0, 10)))
+        assert has_bare_line_end(data) == reference(data), data
+    assert has_bare_line_end(b"\rx\n")  # as many CRs as LFs, none paired
+    assert not has_bare_line_end(b"a\r\n" * 1000 + b"\xff\x00")
 
 
 def _feed_all(sink: DataSink, data: bytes, sizes: list[int]) -> int | None:

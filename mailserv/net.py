@@ -19,6 +19,37 @@ from typing import Any
 
 from twisted.internet import tcp
 
+# Stop reading a client's commands while more than WRITE_HIGH bytes of replies wait to be sent,
+# and read again below WRITE_LOW: a client that pipelines commands and never reads the replies
+# (RETR or FETCH of a large message, over and over) holds at most about one read's worth of
+# replies in memory instead of an unbounded buffer.
+WRITE_HIGH = 1 << 20
+WRITE_LOW = 256 << 10
+
+
+def _send_now(conn: Any, data: bytes, producer_ok: bool) -> bytes:
+    """Send what the kernel takes of ``data`` now if ``conn`` has nothing buffered; the rest.
+
+    Not when closing, and never after STARTTLS (``conn.TLS``: writes must go through the TLS
+    protocol); a direct send with nothing buffered keeps byte order.
+    """
+    if (
+        data
+        and type(data) is bytes
+        and producer_ok
+        and not conn.TLS
+        and conn.connected
+        and not conn.disconnecting
+        and not conn._writeDisconnected
+        and not conn._tempDataLen
+        and conn.offset == len(conn.dataBuffer)
+    ):
+        sent = conn.writeSomeData(data)
+        if isinstance(sent, int) and sent > 0:
+            return data[sent:]
+        # An error is left to the buffered path: doWrite reports the loss as usual.
+    return data
+
 
 class EagerServer(tcp.Server):
     """A TCP server connection whose writes go out immediately when the buffer is empty.
@@ -27,37 +58,27 @@ class EagerServer(tcp.Server):
     leaves as two segments at once, where Nagle would hold the second until the client's
     delayed ACK (up to 40 ms). Twisted's buffered path coalesced such pieces; sending at once
     must not turn them into a stall.
+
+    Back-pressure: above ``WRITE_HIGH`` bytes waiting to be sent the connection stops reading
+    (the protocol gets no more commands) until the client has taken all but ``WRITE_LOW``;
+    a pause the protocol asked for itself (``pauseProducing``) is kept apart and honoured.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        self._backlogged = False
+        self._paused_by_protocol = False
         try:
             self.setTcpNoDelay(True)
         except OSError:
             pass  # a socket that cannot take it (already reset) fails on its first send
 
-    def _idle(self) -> bool:
-        # Nothing buffered, no producer to pace, not closing: a direct send keeps byte order.
-        # After STARTTLS (self.TLS) writes must go through the TLS protocol: never eager.
-        return (
-            not self.TLS
-            and bool(self.connected)
-            and not self.disconnecting
-            and not self._writeDisconnected
-            and self.producer is None
-            and not self._tempDataLen
-            and self.offset == len(self.dataBuffer)
-        )
-
     def write(self, data: bytes) -> None:
-        if data and type(data) is bytes and self._idle():
-            sent = self.writeSomeData(data)
-            if isinstance(sent, int) and sent > 0:
-                if sent == len(data):
-                    return
-                data = data[sent:]
-            # An error is left to the buffered path: doWrite reports the loss as usual.
-        super().write(data)
+        # A registered producer is paced by the buffered path.
+        rest = _send_now(self, data, self.producer is None)
+        if rest:
+            super().write(rest)
+            self._check_backlog()
 
     def writeSequence(self, iovec: Iterable[bytes]) -> None:
         chunks = list(iovec)
@@ -65,6 +86,36 @@ class EagerServer(tcp.Server):
             self.write(b"".join(chunks))
         else:
             super().writeSequence(chunks)
+            self._check_backlog()
+
+    def doWrite(self) -> Any:
+        result = super().doWrite()
+        self._check_backlog()
+        return result
+
+    def pending_bytes(self) -> int:
+        """Bytes written by the protocol and not yet taken by the kernel."""
+        return len(self.dataBuffer) - self.offset + self._tempDataLen
+
+    def _check_backlog(self) -> None:
+        pending = self.pending_bytes()
+        if not self._backlogged:
+            if pending > WRITE_HIGH:
+                self._backlogged = True
+                tcp.Server.pauseProducing(self)
+        elif pending <= WRITE_LOW:
+            self._backlogged = False
+            if not self._paused_by_protocol:
+                tcp.Server.resumeProducing(self)
+
+    def pauseProducing(self) -> None:
+        self._paused_by_protocol = True
+        super().pauseProducing()
+
+    def resumeProducing(self) -> None:
+        self._paused_by_protocol = False
+        if not self._backlogged:
+            super().resumeProducing()
 
 
 def make_eager(port: Any) -> Any:
@@ -83,24 +134,10 @@ class EagerClient(tcp.Client):
     send hands the rest to the buffered path, which pauses the producer as usual.
     """
 
-    def _may_send_now(self) -> bool:
-        return (
-            not self.TLS
-            and bool(self.connected)
-            and not self.disconnecting
-            and not self._writeDisconnected
-            and (self.producer is None or bool(self.streamingProducer))
-            and not self._tempDataLen
-            and self.offset == len(self.dataBuffer)
-        )
-
     def write(self, data: bytes) -> None:
-        if type(data) is bytes and data and self._may_send_now():
-            sent = self.writeSomeData(data)
-            data = data[sent:] if isinstance(sent, int) and sent > 0 else data
-            if not data:
-                return
-        super().write(data)
+        rest = _send_now(self, data, self.producer is None or bool(self.streamingProducer))
+        if rest:
+            super().write(rest)
 
 
 class EagerConnector(tcp.Connector):

@@ -6,7 +6,7 @@ import os
 from typing import Any
 
 import pytest_twisted
-from twisted.internet import defer, protocol, reactor, tcp
+from twisted.internet import defer, protocol, reactor, task, tcp
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 
 from mailserv.net import EagerServer, make_eager
@@ -134,3 +134,96 @@ def test_make_eager_leaves_other_ports_alone() -> None:
     assert make_eager(other) is other and other.transport is object
     port = tcp.Port(0, protocol.Factory())  # not listening; only the class matters
     assert make_eager(port).transport is EagerServer
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_client_that_never_reads_stops_being_read() -> Any:
+    """Back-pressure: replies above WRITE_HIGH stop command reading until the client reads."""
+    import socket
+
+    from mailserv.net import WRITE_HIGH
+
+    reply = os.urandom(256 * 1024)
+    state: dict[str, Any] = {"commands": 0, "max_pending": 0, "per_read": 1}
+
+    class Replier(protocol.Protocol):
+        def dataReceived(self, data: bytes) -> None:
+            state["transport"] = self.transport
+            state["per_read"] = max(state["per_read"], data.count(b"\n"))
+            for _ in range(data.count(b"\n")):
+                state["commands"] += 1
+                self.transport.write(reply)
+                state["max_pending"] = max(state["max_pending"], self.transport.pending_bytes())
+
+    port = make_eager(
+        reactor.listenTCP(0, protocol.Factory.forProtocol(Replier), interface="127.0.0.1")
+    )
+    sock = socket.create_connection(("127.0.0.1", port.getHost().port))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+    sock.setblocking(False)
+    try:
+        for _ in range(200):  # 200 commands = 50 MiB of replies, if all were served
+            sock.send(b"x\n")
+            yield task.deferLater(reactor, 0.002, lambda: None)
+        yield task.deferLater(reactor, 0.2, lambda: None)
+        transport = state["transport"]
+        served = state["commands"]
+        assert served < 40, served  # stopped reading: most commands wait in the kernel
+        assert transport not in reactor.getReaders()
+        # What is buffered: the threshold plus at most the replies to one read's commands.
+        bound = WRITE_HIGH + state["per_read"] * len(reply)
+        assert state["max_pending"] <= bound < 20 * 1024 * 1024
+        # The client reads: reading resumes and every reply arrives, complete.
+        received = 0
+        while received < 200 * len(reply):
+            try:
+                chunk = sock.recv(1 << 20)
+            except BlockingIOError:
+                yield task.deferLater(reactor, 0.001, lambda: None)
+                continue
+            assert chunk
+            received += len(chunk)
+        assert state["commands"] == 200 and received == 200 * len(reply)
+        assert state["max_pending"] <= WRITE_HIGH + state["per_read"] * len(reply)
+    finally:
+        sock.close()
+        yield port.stopListening()
+
+
+@pytest_twisted.inlineCallbacks
+def test_back_pressure_keeps_a_pause_the_protocol_asked_for() -> Any:
+    """A protocol's own pauseProducing is not undone when the backlog drains."""
+    import socket
+
+    reply = os.urandom(2 * 1024 * 1024)
+    state: dict[str, Any] = {}
+
+    class Pauser(protocol.Protocol):
+        def dataReceived(self, data: bytes) -> None:
+            state["transport"] = self.transport
+            self.transport.write(reply)  # backlogged: reading stops
+            self.transport.pauseProducing()  # and the protocol wants a pause of its own
+
+    port = make_eager(
+        reactor.listenTCP(0, protocol.Factory.forProtocol(Pauser), interface="127.0.0.1")
+    )
+    sock = socket.create_connection(("127.0.0.1", port.getHost().port))
+    sock.setblocking(False)
+    try:
+        sock.send(b"go\n")
+        yield task.deferLater(reactor, 0.1, lambda: None)
+        received = 0
+        while received < len(reply):
+            try:
+                received += len(sock.recv(1 << 20))
+            except BlockingIOError:
+                yield task.deferLater(reactor, 0.001, lambda: None)
+        yield task.deferLater(reactor, 0.05, lambda: None)
+        transport = state["transport"]
+        assert transport.pending_bytes() == 0
+        assert transport not in reactor.getReaders()  # still paused: the protocol's choice
+        transport.resumeProducing()
+        assert transport in reactor.getReaders()
+    finally:
+        sock.close()
+        yield port.stopListening()

@@ -1263,7 +1263,19 @@ class IMAPServer(Protocol):
             raise ImapError("NO", "Empty message")
         account = self._require_account()
         shared = self.ctx.hub.hold(self._hub_key(name))
-        d = self.run_write([shared], _append, account.account, name, items, shared)
+        stage = getattr(shared.box, "stage", None) if shared is not None else None
+        staged: list[Any] = []
+        if stage is None:
+            d = self.run_write([shared], _append, account.account, name, items, shared)
+        else:  # the messages written and fsynced before the folder's write turn
+            d = self.run(_stage, stage, items, staged)
+            acct = account.account
+            d.addCallback(lambda ok: self.run_write([shared], _append, acct, name, ok, shared))
+
+            def discard(failure: Failure) -> Any:
+                return self.run(_discard, staged).addBoth(lambda _: failure)
+
+            d.addErrback(discard)
         if shared is not None:
             d.addBoth(self._release_after, shared)
 
@@ -2138,10 +2150,37 @@ def _expunge_deleted(
     return removed
 
 
+def _stream(source: bytes | LiteralFile) -> Any:
+    if isinstance(source, LiteralFile):
+        source.file.seek(0)
+        return source.file
+    return io.BytesIO(source)
+
+
+def _stage(
+    stage: Callable[..., Any],
+    items: list[tuple[bytes | LiteralFile, list[str], float | None]],
+    staged: list[Any],
+) -> list[tuple[Any, list[str], float | None]]:
+    """Write APPEND's messages ahead with the store's ``stage`` (thread pool); each
+    staged message is also put in ``staged`` (discarded if the APPEND fails)."""
+    ready: list[tuple[Any, list[str], float | None]] = []
+    for source, flags, date in items:
+        when = date if date is not None else time.time()
+        staged.append(stage(_stream(source), when))
+        ready.append((staged[-1], flags, when))
+    return ready
+
+
+def _discard(staged: list[Any]) -> None:
+    for item in staged:
+        item.discard()
+
+
 def _append(
     account: Any,
     name: str,
-    items: list[tuple[bytes | LiteralFile, list[str], float | None]],
+    items: list[tuple[Any, list[str], float | None]],
     shared: SharedFolder | None,
 ) -> tuple[int, list[int]]:
     """APPEND of one or more messages (the caller holds the lock of ``shared``, the
@@ -2152,11 +2191,7 @@ def _append(
     uids: list[int] = []
     try:
         for source, flags, date in items:
-            if isinstance(source, LiteralFile):
-                source.file.seek(0)
-                stream: Any = source.file
-            else:
-                stream = io.BytesIO(source)
+            stream = source if not isinstance(source, bytes | LiteralFile) else _stream(source)
             when = date if date is not None else time.time()
             uids.append(int(box.append(stream, flags, when)))
         uidvalidity = int(box.uidvalidity)

@@ -369,6 +369,22 @@ class MaildirAccount(AccountBase):
         return os.path.join(self.root, "subscriptions")
 
 
+class StagedMessage:
+    """A message written and fsynced to a folder's tmp/ ahead of its APPEND
+    (``MaildirFolder.stage``)."""
+
+    def __init__(self, folder: str, path: str, size: int, internal_date: float | None) -> None:
+        self.folder = folder
+        self.path = path
+        self.size = size
+        self.internal_date = internal_date
+
+    def discard(self) -> None:
+        """Remove the file unless it was appended (then it is no longer there)."""
+        with contextlib.suppress(OSError):
+            os.unlink(self.path)
+
+
 @implementer(IMailbox)
 class MaildirFolder(FolderBase):
     """One maildir folder, with the UID index of dovecot-uidlist."""
@@ -940,21 +956,53 @@ class MaildirFolder(FolderBase):
         self._index_key = key
         return added
 
+    def stage(self, source: Any, internal_date: float | None = None) -> StagedMessage:
+        """Write a message to be appended to tmp/, fsynced, without the folder's lock.
+
+        ``append(staged, flags, internal_date)`` then only places it in cur/
+        and gives it its UID, so the writing and its fsync need not wait for
+        (or hold up) other writers of the folder.  The quota is checked here;
+        ``discard()`` removes a staged message that is not appended.
+        """
+        tmp, size, vsize = write_message(
+            self.path,
+            source,
+            b"",
+            fsync=self.fsync,
+            quota=self.account._quota(),
+            internal_date=internal_date,
+        )
+        final = tmp + size_suffix(size, vsize)
+        try:
+            os.rename(tmp, final)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+        return StagedMessage(self.path, final, size, internal_date)
+
     def append(
         self,
         source: Any,
         flags: Any = (),
         internal_date: float | None = None,
     ) -> int:
-        """APPEND (RFC 3501 §6.3.11): store a message with flags and date; returns its UID."""
+        """APPEND (RFC 3501 §6.3.11): store a message with flags and date; returns its UID.
+
+        ``source`` may be a message ``stage()``d for this folder.
+        """
         flags = list(flags)
         split_flags(flags)
         quota = self.account._quota()
-        tmp, size, vsize = write_message(
-            self.path, source, b"", fsync=self.fsync, quota=quota, internal_date=internal_date
-        )
-        final = tmp + size_suffix(size, vsize)
-        os.rename(tmp, final)
+        if isinstance(source, StagedMessage) and source.folder == self.path:
+            staged = source
+            if internal_date is not None and internal_date != staged.internal_date:
+                os.utime(staged.path, (internal_date, internal_date))
+        else:
+            if isinstance(source, StagedMessage):  # staged for another folder: copy it
+                source = source.path
+            staged = self.stage(source, internal_date)
+        final, size = staged.path, staged.size
         try:
             with self._mutex, self._lock():
                 quick = self._quick_add()

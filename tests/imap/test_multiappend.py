@@ -3,6 +3,7 @@ APPENDUID uid-set of UIDPLUS (RFC 4315 section 3)."""
 
 from __future__ import annotations
 
+import io
 from typing import Any
 
 import pytest
@@ -129,3 +130,73 @@ def test_multiappend_holds_many_messages_without_keeping_them_in_memory(
     assert len(spooled) == 2  # the first fits under the threshold, the others do not
     folder = env.store.account("alice").folders["INBOX"]
     assert [folder.messages[u][0] for u in (1, 2, 3)] == [data] * 3
+
+
+class _Staged:
+    """What a store's ``stage`` returns in these tests: the bytes, and whether discarded."""
+
+    def __init__(self, data: bytes, locked: bool) -> None:
+        self.data = data
+        self.locked = locked
+        self.discarded = False
+
+    def discard(self) -> None:
+        self.discarded = True
+
+
+def _staging(monkeypatch: pytest.MonkeyPatch, env: Env, fail_at: int = 0) -> list[_Staged]:
+    """Give the in-memory folder a ``stage`` (as the maildir store has) and an append
+    that takes what it staged; ``fail_at``: the n-th append fails."""
+    staged: list[_Staged] = []
+    real = SharedMemoryFolder.append
+
+    def stage(self: Any, source: Any, internal_date: Any = None) -> _Staged:
+        shared = env.hub.hold(("alice", "INBOX"))
+        assert shared is not None
+        item = _Staged(source.read(), shared.lock.locked())
+        env.hub.release(shared)
+        staged.append(item)
+        return item
+
+    def append(self: Any, source: Any, flags: Any = (), internal_date: Any = None) -> int:
+        assert isinstance(source, _Staged)
+        if fail_at and source is staged[fail_at - 1]:
+            raise QuotaExceeded("over quota")
+        return real(self, io.BytesIO(source.data), flags, internal_date)
+
+    monkeypatch.setattr(SharedMemoryFolder, "stage", stage, raising=False)
+    monkeypatch.setattr(SharedMemoryFolder, "append", append)
+    return staged
+
+
+def test_append_to_an_open_mailbox_is_staged_before_the_folder_lock(
+    monkeypatch: pytest.MonkeyPatch,
+):
+    """A store that can write a message ahead of its APPEND (maildir's ``stage``) does so
+    outside the folder's write turn: the fsync of the data does not hold up other writers."""
+    env = Env()
+    watcher = env.selected_session()
+    staged = _staging(monkeypatch, env)
+    s = env.session()
+    s.login()
+    out = s.send(_multi(b"one\r\n", b"two\r\n"))
+    assert out == b"a OK [APPENDUID 1000 1:2] APPEND completed\r\n"
+    assert [(x.data, x.locked, x.discarded) for x in staged] == [
+        (b"one\r\n", False, False),
+        (b"two\r\n", False, False),
+    ]
+    folder = env.store.account("alice").folders["INBOX"]
+    assert [folder.messages[u][0] for u in (1, 2)] == [b"one\r\n", b"two\r\n"]
+    assert watcher.cmd("n NOOP").startswith(b"* 2 EXISTS")
+
+
+def test_staged_messages_of_a_failed_multiappend_are_discarded(monkeypatch: pytest.MonkeyPatch):
+    env = Env()
+    env.selected_session()
+    staged = _staging(monkeypatch, env, fail_at=2)
+    s = env.session()
+    s.login()
+    out = s.send(_multi(b"one\r\n", b"two\r\n", b"three\r\n"))
+    assert out == b"a NO [OVERQUOTA] Quota exceeded\r\n"
+    assert env.store.account("alice").folders["INBOX"].messages == {}
+    assert [x.discarded for x in staged] == [True, True, True]

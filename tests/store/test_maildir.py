@@ -177,3 +177,39 @@ def test_append_after_an_external_uidlist_change_reads_it_first(user: User) -> N
     uid = box.append(io.BytesIO(MSG))
     assert uid == 3
     assert [m.uid for m in box.messages()] == [1, 2, 3]
+
+
+def test_staged_append_writes_the_message_before_the_lock(
+    user: User, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """stage() writes and fsyncs the file; append() of it only places it and gives its UID."""
+    from mailserv.store import maildir
+
+    store = make_store("maildir")
+    box = store.open(user).open_folder("INBOX")
+    staged = box.stage(io.BytesIO(MSG), 1_000_000_000.0)
+    [name] = os.listdir(Path(user.mailbox, "tmp"))
+    assert Path(user.mailbox, "tmp", name).read_bytes() == MSG
+    writes: list[str] = []
+    real = maildir.write_message
+    monkeypatch.setattr(
+        maildir, "write_message", lambda *a, **k: writes.append("w") or real(*a, **k)
+    )
+    uid = box.append(staged, ["\\Flagged"], 1_000_000_000.0)
+    assert writes == []
+    assert os.listdir(Path(user.mailbox, "tmp")) == []
+    info = box.message(uid)
+    assert info.flags == {"\\Flagged"} and info.internal_date == 1_000_000_000.0
+    with box.open_message(uid) as f:
+        assert f.read() == MSG
+    staged.discard()  # after the append: nothing to remove, no error
+    assert len(box.messages()) == 1
+
+
+def test_a_staged_message_never_appended_is_discarded(user: User) -> None:
+    box = make_store("maildir").open(user).open_folder("INBOX")
+    staged = box.stage(io.BytesIO(MSG))
+    staged.discard()
+    assert os.listdir(Path(user.mailbox, "tmp")) == []
+    box.refresh()
+    assert box.messages() == []

@@ -194,10 +194,11 @@ class MailService(MultiService):
                 problems.extend(exc.problems)
         if problems:
             raise ConfigError(problems)
-        # The outbound queue (mailserv/queue/): delivers <state_dir>/queue to remote MXs.
-        from mailserv.queue import build_queue_service
+        # The outbound queue (mailserv/queue/): delivers <state_dir>/queue to remote MXs,
+        # in this process or in a child process ([queue] delivery).
+        from mailserv.queue import build_delivery
 
-        service.queue = build_queue_service(service)
+        service.queue = build_delivery(service)
         service.queue.setServiceParent(service)
         return service
 

@@ -308,6 +308,9 @@ class DeliverySection(Section):
 class QueueSection(Section):
     """``[queue]``: the outbound queue and its SMTP client (mailserv/queue/, LIMITS.md)."""
 
+    # "inline": the process with the listeners delivers; "process": a child process
+    # (python -m mailserv.queue.worker, restarted if it dies) delivers, on its own core.
+    delivery: str = option(choice("inline", "process"), "inline")
     # Port of remote MXs (25; tests and benchmarks point it at a loopback sink).
     smtp_port: int = option(integer(1, 65535), 25)
     retry_first: float = option(duration, 300.0)  # Postfix minimal_backoff_time

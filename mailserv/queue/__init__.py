@@ -114,3 +114,23 @@ def build_queue_service(service: Any) -> Any:
         router=lambda: service.router,
         signer=signer,
     )
+
+
+def build_delivery(service: Any) -> Any:
+    """What delivers the queue for a MailService, per ``[queue] delivery``.
+
+    "inline": the QueueService itself.  "process": a WorkerMonitor (worker.py)
+    running ``python -m mailserv.queue.worker --config FILE``; it needs the
+    configuration file, so a configuration without one (the embedded default of
+    ``twistd mailserv`` without ``--config``) delivers inline, with a warning.
+    """
+    config = service.config
+    if config.queue.delivery == "process":
+        if config.source and os.path.isfile(config.source):
+            from mailserv.queue.worker import WorkerMonitor
+
+            return service._reloadable(WorkerMonitor(config, service.reactor))
+        from twisted.logger import Logger
+
+        Logger().warn('queue delivery = "process" needs a configuration file; delivering inline')
+    return build_queue_service(service)

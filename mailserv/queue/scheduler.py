@@ -106,6 +106,11 @@ class QueueService(Service):
         self._watch()
         self.scan()
 
+    @property
+    def delivering(self) -> bool:
+        """True while this service holds the queue's lock (only the holder delivers)."""
+        return self._locked
+
     def stopService(self) -> defer.Deferred[None] | None:
         super().stopService()
         for timer in (self._timer, self._scan_timer):

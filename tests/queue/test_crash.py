@@ -70,11 +70,8 @@ def start(mailserv: Any, config: dict[str, Any]) -> Any:
     return process
 
 
-def test_sigkill_while_delivering_loses_nothing(
-    mailserv: Any, state_dir: Path, tmp_path: Path, dns_server: Any, require_program: Any
-) -> None:
-    sink = require_program("smtp-sink")
-    port = free_port(["127.0.0.2"])
+def remote_config(state_dir: Path, dns_server: Any, port: int, **queue: Any) -> dict[str, Any]:
+    """An MX listener on 127.0.0.1; remote.test's MX is 127.0.0.2:port (the sink)."""
     dns_server.set(
         {
             "remote.test": {"MX": [[10, "mx.remote.test"]]},
@@ -82,12 +79,20 @@ def test_sigkill_while_delivering_loses_nothing(
         }
     )
     (state_dir / "users.passwd").write_text("")
-    config = make_config(
+    return make_config(
         state_dir,
         {"mx": {}},
         dns={"nameservers": [dns_server.address], "timeout": "2s"},
-        queue={"smtp_port": port, "destination_concurrency": 4},
+        queue={"smtp_port": port, **queue},
     )
+
+
+def test_sigkill_while_delivering_loses_nothing(
+    mailserv: Any, state_dir: Path, tmp_path: Path, dns_server: Any, require_program: Any
+) -> None:
+    sink = require_program("smtp-sink")
+    port = free_port(["127.0.0.2"])
+    config = remote_config(state_dir, dns_server, port, destination_concurrency=4)
     dump = tmp_path / "dump"
     sink_proc = start_sink(sink, dump, port, delay=1)
     try:

@@ -12,6 +12,7 @@ view refuses to go back).
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from bisect import bisect_left, bisect_right, insort
 from collections.abc import Callable
@@ -419,15 +420,20 @@ def locked(
     """Run ``fn(*args)`` holding the locks of ``folders`` (in key order: no deadlock);
     ``write`` invalidates their listings afterwards."""
     ordered = sorted({id(f): f for f in folders if f is not None}.values(), key=lambda f: f.key)
-    for f in ordered:
-        f.lock.acquire()
-    try:
-        return fn(*args)
-    finally:
-        for f in reversed(ordered):
-            if write:
-                f.invalidate()
-            f.lock.release()
+    with contextlib.ExitStack() as batches:
+        for f in ordered:  # announced before waiting: the store keeps its dotlock for us
+            batch = getattr(f.box, "batch", None)
+            if batch is not None:
+                batches.enter_context(batch())
+        for f in ordered:
+            f.lock.acquire()
+        try:
+            return fn(*args)
+        finally:
+            for f in reversed(ordered):
+                if write:
+                    f.invalidate()
+                f.lock.release()
 
 
 class SelectedMailbox:

@@ -105,6 +105,7 @@ FLAG_LETTERS = {
 }
 LETTER_FLAGS = {v: k for k, v in FLAG_LETTERS.items()}
 UIDLIST_STALE = 120.0  # Dovecot's MAILDIR_UIDLIST_LOCK_STALE_TIMEOUT
+BATCH_HOLD = 0.05  # seconds a batch of writers keeps the uidlist dotlock at most
 TMP_MAX_AGE = 36 * 3600  # maildir spec: tmp files older than 36 hours are garbage
 _SIZE = re.compile(r",S=(\d+)")
 _VSIZE = re.compile(r",W=(\d+)")
@@ -403,6 +404,11 @@ class MaildirFolder(FolderBase):
         self._index_key: IndexKey | None = None
         self._infos: list[MessageInfo] | None = None  # messages(), until the index changes
         self._cur_seen: _Stat | None = None  # cur/ after our last change to it (_quick_add)
+        self._dotlock: DotLock | None = None  # held by the mutex's holder, or for a batch
+        self._dotlock_since = 0.0
+        self._lock_depth = 0  # _locked() sections entered by the mutex's holder
+        self._batch = 0  # writers announced (batch())
+        self._batch_guard = threading.Lock()
         _make_maildir(path, subfolder=path != account.root)
         self.clean_tmp()
         self.refresh()
@@ -411,6 +417,53 @@ class MaildirFolder(FolderBase):
 
     def _lock(self) -> DotLock:
         return DotLock(os.path.join(self.path, UIDLIST_NAME + ".lock"), stale_timeout=UIDLIST_STALE)
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        """The folder's write lock: the mutex, and the uidlist's dotlock.
+
+        While writers are queued for the folder (``batch()``), the dotlock
+        is kept from one write to the next (at most ``BATCH_HOLD`` seconds),
+        instead of an open, a link and two unlinks per write; other
+        processes wait for it as usual.
+        """
+        with self._mutex:
+            if self._dotlock is None:
+                lock = self._lock()
+                lock.acquire()
+                self._dotlock, self._dotlock_since = lock, time.monotonic()
+            self._lock_depth += 1
+            try:
+                yield
+            finally:
+                self._lock_depth -= 1
+                if self._lock_depth == 0 and (
+                    self._batch == 0 or time.monotonic() - self._dotlock_since > BATCH_HOLD
+                ):
+                    self._release_dotlock()
+
+    def _release_dotlock(self) -> None:
+        """Give the dotlock back (mutex held)."""
+        lock, self._dotlock = self._dotlock, None
+        if lock is not None:
+            lock.release()
+
+    @contextlib.contextmanager
+    def batch(self) -> Iterator[None]:
+        """Announce a writer (any thread) before it queues for the folder: while any
+        is announced, the writes share one take of the dotlock (``_locked``)."""
+        with self._batch_guard:
+            self._batch += 1
+        try:
+            yield
+        finally:
+            with self._batch_guard:
+                self._batch -= 1
+                last = self._batch == 0
+            if last:
+                with self._mutex:
+                    if self._batch == 0 and self._lock_depth == 0:
+                        self._release_dotlock()
 
     def _stat_index(self) -> tuple[_Stat, _Stat]:
         return (
@@ -640,7 +693,7 @@ class MaildirFolder(FolderBase):
             else:
                 uidlist, key = self._read_uidlist()
             if uidlist is None or key.stale or self._needs_write(uidlist, self._list_files()):
-                with self._lock():
+                with self._locked():
                     self._sync_locked()
                 return
             self._install(uidlist, key, same=uidlist is self._uidlist)
@@ -866,7 +919,7 @@ class MaildirFolder(FolderBase):
     def set_flags(self, uid: int, flags: Any) -> MessageInfo:
         """Replace the flags and keywords of one message (RFC 3501 §6.4.6 STORE FLAGS)."""
         flags = list(flags)
-        with self._mutex, self._lock():
+        with self._locked():
             self._current_locked()
             for attempt in range(2):
                 rec = self._by_uid.get(uid)
@@ -1004,7 +1057,7 @@ class MaildirFolder(FolderBase):
             staged = self.stage(source, internal_date)
         final, size = staged.path, staged.size
         try:
-            with self._mutex, self._lock():
+            with self._locked():
                 quick = self._quick_add()
                 [rec] = self._add_placed([self._place(final, flags)], quick)
         except BaseException:
@@ -1028,7 +1081,7 @@ class MaildirFolder(FolderBase):
         quota = target.account._quota()
         quota.check(sum(size for _, _, _, size in infos), len(infos))
         placed: list[tuple[int, str, int]] = []
-        with target._mutex, target._lock():
+        with target._locked():
             quick = target._quick_add()
             for uid, rec, info, size in infos:
                 base = unique_name() + size_suffix(size, info.size)
@@ -1058,7 +1111,7 @@ class MaildirFolder(FolderBase):
         wanted = set(uids)
         removed: list[int] = []
         freed = 0
-        with self._mutex, self._lock():
+        with self._locked():
             uidlist = self._current_locked()
             cur = os.path.join(self.path, "cur")
             ours = self._cur_ours()

@@ -200,3 +200,30 @@ def test_staged_messages_of_a_failed_multiappend_are_discarded(monkeypatch: pyte
     assert out == b"a NO [OVERQUOTA] Quota exceeded\r\n"
     assert env.store.account("alice").folders["INBOX"].messages == {}
     assert [x.discarded for x in staged] == [True, True, True]
+
+
+def test_writes_announce_themselves_to_the_store_before_the_folder_lock(
+    monkeypatch: pytest.MonkeyPatch,
+):
+    """A store that can batch its writers (maildir's ``batch``: one take of the dotlock
+    for writes queued back to back) hears of each write before it waits for its turn."""
+    import contextlib
+
+    env = Env()
+    watcher = env.selected_session()
+    seen: list[tuple[str, bool]] = []
+
+    @contextlib.contextmanager
+    def batch(self: Any) -> Any:
+        shared = env.hub.hold(("alice", "INBOX"))
+        assert shared is not None
+        seen.append(("enter", shared.lock.locked()))
+        yield
+        seen.append(("exit", shared.lock.locked()))
+        env.hub.release(shared)
+
+    monkeypatch.setattr(SharedMemoryFolder, "batch", batch, raising=False)
+    s = env.selected_session()
+    assert s.send(_multi(b"one\r\n")).endswith(b"APPEND completed\r\n")
+    assert seen and seen[0] == ("enter", False) and seen[-1] == ("exit", False)
+    assert watcher.cmd("n NOOP").endswith(b"n OK NOOP completed\r\n")

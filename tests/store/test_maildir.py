@@ -213,3 +213,52 @@ def test_a_staged_message_never_appended_is_discarded(user: User) -> None:
     assert os.listdir(Path(user.mailbox, "tmp")) == []
     box.refresh()
     assert box.messages() == []
+
+
+def test_writes_of_a_batch_take_the_dotlock_once(
+    user: User, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Writers queued for a folder (``batch()``) share one take of dovecot-uidlist.lock."""
+    from mailserv.store.dotlock import DotLock
+
+    store = make_store("maildir")
+    for _ in range(3):
+        store.deliver(user, io.BytesIO(MSG))
+    box = store.open(user).open_folder("INBOX")
+    takes: list[str] = []
+    real = DotLock._try_link
+    monkeypatch.setattr(DotLock, "_try_link", lambda self: takes.append("t") or real(self))
+    lock = Path(user.mailbox, "dovecot-uidlist.lock")
+    with box.batch():
+        box.set_flags(1, ["\\Seen"])
+        assert lock.exists()  # still held for the next writer of the batch
+        box.set_flags(2, ["\\Seen"])
+        box.append(io.BytesIO(MSG))
+        box.expunge([3])
+    assert not lock.exists()
+    assert takes == ["t"]
+    box.set_flags(1, [])  # outside a batch: taken and given back at once
+    assert takes == ["t", "t"] and not lock.exists()
+    again = make_store("maildir").open(user).open_folder("INBOX")
+    assert [(m.uid, m.flags) for m in again.messages()] == [
+        (1, frozenset()),
+        (2, {"\\Seen"}),
+        (4, frozenset()),
+    ]
+
+
+def test_another_writer_gets_the_dotlock_when_the_batch_ends(user: User) -> None:
+    store = make_store("maildir")
+    store.deliver(user, io.BytesIO(MSG))
+    box = store.open(user).open_folder("INBOX")
+    other = make_store("maildir").open(user).open_folder("INBOX")  # as another program
+    done = threading.Event()
+    with box.batch():
+        box.set_flags(1, ["\\Seen"])
+        t = threading.Thread(target=lambda: (other.set_flags(1, ["\\Flagged"]), done.set()))
+        t.start()
+        assert not done.wait(0.2)  # waits for the dotlock the batch holds
+    assert done.wait(10)
+    t.join()
+    box.refresh()
+    assert box.message(1).flags == {"\\Flagged"}

@@ -9,6 +9,7 @@
 # it never touches the system's Postfix or port 25.
 #
 # Usage: bench/relay.sh     (env: PYTHON, MESSAGES=2000, SIZE=4096, SESSIONS=20, ROUNDS=3, KEEP=1,
+#                           DELIVERY=process|inline: mailserv's [queue] delivery (default process),
 #                           PROFILE=FILE: cProfile stats of the twistd process, for diagnosis only)
 set -euo pipefail
 
@@ -19,6 +20,7 @@ MESSAGES=${MESSAGES:-2000}
 SIZE=${SIZE:-4096}
 SESSIONS=${SESSIONS:-20}
 ROUNDS=${ROUNDS:-3}
+DELIVERY=${DELIVERY:-process}
 MS_PORT=${MS_PORT:-23525}
 PF_PORT=${PF_PORT:-23526}
 SINK_PORT=${SINK_PORT:-23527}
@@ -85,6 +87,7 @@ path = "$W/ms/mail/{domain}/{localpart}/Maildir"
 nameservers = ["127.0.0.1:$DNS_PORT"]
 [queue]
 smtp_port = $SINK_PORT
+delivery = "$DELIVERY"
 [aliases]
 "relay@example.test" = "sink@remote.test"
 EOF
@@ -204,7 +207,8 @@ EOF
 "$PYTHON" "$W/measure.py" wait 127.0.0.1 "$MS_PORT"
 "$PYTHON" "$W/measure.py" wait 127.0.0.1 "$PF_PORT"
 
-echo "relay: $MESSAGES messages of $SIZE bytes, $SESSIONS sessions, $ROUNDS rounds;"
+echo "relay: $MESSAGES messages of $SIZE bytes, $SESSIONS sessions, $ROUNDS rounds;" \
+    "mailserv delivery=$DELIVERY"
 echo "msgs/s from the first submission until the queue is empty (submission-only rate in brackets)"
 ms=(); pf=()
 for round in $(seq "$ROUNDS"); do
@@ -241,5 +245,7 @@ for round in $(seq "$ROUNDS"); do
     ms+=("$m"); pf+=("$p")
 done
 echo "median: mailserv $(median "${ms[@]}") msgs/s   postfix $(median "${pf[@]}") msgs/s"
-MS_RSS=$(awk '/VmHWM/ {print $2}' "/proc/$MS_PID/status" 2>/dev/null || echo "?")
-echo "mailserv peak RSS: ${MS_RSS} kB"
+# Peak RSS of twistd and of its children (the delivery process with DELIVERY=process).
+for pid in "$MS_PID" $(pgrep -P "$MS_PID" || true); do
+    echo "mailserv peak RSS (pid $pid): $(awk '/VmHWM/ {print $2}' "/proc/$pid/status" 2>/dev/null || echo "?") kB"
+done

@@ -23,7 +23,11 @@ live in the ``:2,<letters>`` info suffix (D F P R S T, keywords a..z); every
 flag change, append and expunge bumps the folder's highest modseq (RFC 7162).
 A flag change renames the file and appends its new modseq to the folder's
 journal; an expunge unlinks the files, fsyncs cur/ once and appends one
-journal line for all of them (the expunge history QRESYNC reads).  The
+journal line for all of them (the expunge history QRESYNC reads).  APPEND
+and COPY place their files in cur/ and append their records without listing
+cur/ (``_add_placed``), unless the index or cur/ changed outside this process
+or deliveries wait in new/; ``stage()`` writes an APPEND's message before the
+lock.  Writers announced with ``batch()`` share one take of the dotlock.  The
 uidlist is rewritten only to fold a long journal or drop many dead records
 (a POP3 QUIT that empties the folder).  The parsed index and the message list
 are kept in memory and reused while the files are unchanged.

@@ -189,3 +189,23 @@ def test_delivery_mode_is_validated(state_dir: Path) -> None:
 
     with pytest.raises(ConfigError, match="delivery"):
         from_dict(make_config(state_dir, {}, queue={"delivery": "thread"}))
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_worker_waits_for_a_lock_held_elsewhere(relay: Any, state_dir: Path) -> None:
+    from mailserv.queue.state import QueueStore
+
+    other = QueueStore(str(state_dir / "queue"))  # another process delivering this queue
+    assert other.try_lock()
+    try:
+        proc, worker, dump = running(relay)
+        send(proc.port("mx"), ["crash-0"])
+        time.sleep(1.5)
+        assert delivered(dump) == set()
+        assert not holds_lock(worker, state_dir)
+    finally:
+        other.unlock()
+    wait_for(lambda: "[queue] queue worker took the queue lock" in proc.log, what="lock taken")
+    delivered_by(proc, worker, dump, state_dir, ["crash-0"])
+    stop_both(proc, worker)

@@ -411,6 +411,9 @@ class MaildirFolder(FolderBase):
         self._dotlock: DotLock | None = None  # held by the mutex's holder, or for a batch
         self._dotlock_since = 0.0
         self._lock_depth = 0  # _locked() sections entered by the mutex's holder
+        self._take = 0  # dotlock takes so far
+        self._trusted: IndexKey | None = None  # current as long as take _trusted_take lasts
+        self._trusted_take = 0
         self._batch = 0  # writers announced (batch())
         self._batch_guard = threading.Lock()
         _make_maildir(path, subfolder=path != account.root)
@@ -436,6 +439,7 @@ class MaildirFolder(FolderBase):
                 lock = self._lock()
                 lock.acquire()
                 self._dotlock, self._dotlock_since = lock, time.monotonic()
+                self._take += 1
             self._lock_depth += 1
             try:
                 yield
@@ -499,14 +503,24 @@ class MaildirFolder(FolderBase):
         return uidlist, IndexKey(*stats, stale)
 
     def _index_current(self) -> bool:
-        """The index in memory is what the uidlist and journal say (lock held)."""
+        """The index in memory is what the uidlist and journal say (lock held).
+
+        Not looked at again while the dotlock has been ours since the index
+        was last found (or made) current: nobody else may change the files.
+        """
         key = self._index_key
-        return (
-            key is not None
-            and not key.stale
-            and self._uidlist is not None
-            and (key.uidlist, key.journal) == self._stat_index()
-        )
+        if key is None or key.stale or self._uidlist is None:
+            return False
+        if self._trusted is key and self._trusted_take == self._take:
+            return True
+        if (key.uidlist, key.journal) != self._stat_index():
+            return False
+        self._trust(key)
+        return True
+
+    def _trust(self, key: IndexKey) -> None:
+        """``key`` describes the files as of now (lock held): see ``_index_current``."""
+        self._trusted, self._trusted_take = key, self._take
 
     def _current_locked(self) -> UidList:
         """The index, read again only if another process changed it (lock held)."""
@@ -595,6 +609,7 @@ class MaildirFolder(FolderBase):
         if self._fold_due(uidlist, key.journal[1]):
             key = self._write_index(uidlist)
         self._index_key = key
+        self._trust(key)
 
     def _journal_change(self, rec: UidRecord, new_name: str) -> None:
         """Record a flag change (file already renamed) with the next modseq; lock held.
@@ -1011,6 +1026,7 @@ class MaildirFolder(FolderBase):
         self._uidlist = uidlist
         self._infos = None
         self._index_key = key
+        self._trust(key)
         return added
 
     def stage(self, source: Any, internal_date: float | None = None) -> StagedMessage:

@@ -262,3 +262,30 @@ def test_another_writer_gets_the_dotlock_when_the_batch_ends(user: User) -> None
     t.join()
     box.refresh()
     assert box.message(1).flags == {"\\Flagged"}
+
+
+def test_a_batch_trusts_its_index_while_it_keeps_the_dotlock(
+    user: User, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Nobody else can change the uidlist or the journal while the dotlock is ours:
+    writes after the first of a batch do not stat them again before writing."""
+    from mailserv.store import maildir
+
+    store = make_store("maildir")
+    for _ in range(2):
+        store.deliver(user, io.BytesIO(MSG))
+    box = store.open(user).open_folder("INBOX")
+    other = make_store("maildir").open(user).open_folder("INBOX")
+    stats: list[str] = []
+    real = maildir._stat3
+    monkeypatch.setattr(maildir, "_stat3", lambda p: stats.append(os.path.basename(p)) or real(p))
+    with box.batch():
+        box.set_flags(1, ["\\Seen"])
+        del stats[:]
+        box.set_flags(2, ["\\Seen"])
+        first_write = stats.index("cur")  # _cur_ours() just before the rename
+        assert "dovecot-uidlist" not in stats[:first_write]
+    other.set_flags(1, ["\\Flagged"])  # another program, once the batch is over
+    box.set_flags(2, ["\\Seen", "\\Answered"])  # sees that change first
+    assert box.message(1).flags == {"\\Flagged"}
+    assert box.highest_modseq() == other.highest_modseq() + 1

@@ -892,19 +892,26 @@ class MaildirFolder(FolderBase):
             return self._info(self._by_uid[uid])
 
     def open_message(self, uid: int) -> BinaryIO:
-        for attempt in range(2):
-            with self._mutex:
+        """The message's text.  The record is read without the folder's mutex (one
+        dict lookup), so readers do not wait for a write's fsyncs; a file renamed
+        meanwhile is looked up again after the write in progress, then after a
+        synchronisation (renamed or removed by another program)."""
+        for attempt in range(3):
+            if attempt == 0:
                 rec = self._by_uid[uid]
-                path = os.path.join(self.path, "cur", rec.filename)
+            else:
+                with self._mutex:
+                    if attempt == 2:
+                        self._sync()
+                    rec = self._by_uid[uid]
+            path = f"{self.path}/cur/{rec.filename}"
             try:
                 size, vsize = self._sizes(rec)
                 if size == vsize:
                     return open(path, "rb")
                 return open_crlf(path, 0, size)  # LF file (Dovecot, procmail): CRLF view
             except FileNotFoundError:
-                if attempt:
-                    raise KeyError(uid) from None
-                self._sync()
+                continue
         raise KeyError(uid)
 
     def _letters_for(self, flags: Iterable[str], old_letters: str) -> str:

@@ -289,3 +289,41 @@ def test_a_batch_trusts_its_index_while_it_keeps_the_dotlock(
     box.set_flags(2, ["\\Seen", "\\Answered"])  # sees that change first
     assert box.message(1).flags == {"\\Flagged"}
     assert box.highest_modseq() == other.highest_modseq() + 1
+
+
+def test_reading_a_message_does_not_wait_for_a_write_in_progress(user: User) -> None:
+    """FETCH reads many messages; a writer holding the folder (its fsyncs) must not hold
+    them up, unless the file was renamed under the reader (then it waits and looks again)."""
+    store = make_store("maildir")
+    store.deliver(user, io.BytesIO(MSG))
+    box = store.open(user).open_folder("INBOX")
+    held, release = threading.Event(), threading.Event()
+
+    def writer() -> None:
+        with box._mutex:
+            held.set()
+            release.wait(10)
+
+    t = threading.Thread(target=writer)
+    t.start()
+    try:
+        assert held.wait(10)
+        done = threading.Event()
+        result: list[bytes] = []
+
+        def read() -> None:
+            with box.open_message(1) as f:
+                result.append(f.read())
+            done.set()
+
+        threading.Thread(target=read, daemon=True).start()
+        assert done.wait(2), "open_message waited for the writer"
+        assert result == [MSG]
+    finally:
+        release.set()
+        t.join()
+    cur = Path(user.mailbox, "cur")
+    [name] = os.listdir(cur)
+    os.rename(cur / name, cur / (name + "S"))  # renamed by another program
+    with box.open_message(1) as f:
+        assert f.read() == MSG

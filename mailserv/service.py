@@ -19,6 +19,7 @@ import functools
 import importlib
 import os
 import signal
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -291,10 +292,19 @@ class MailService(MultiService):
     # ------------------------------------------------------------------
     # Lifecycle
 
+    def tune_process(self) -> None:
+        """Process-wide settings, applied when the service owns its process (twistd, .tac)."""
+        # Store writes in the disk pool hold a folder's lock across several system calls and
+        # take the GIL back after each; with Python's default 5 ms a busy reactor makes each
+        # wait up to 5 ms, and every write queued behind the lock with it (bench/imap.py: 957
+        # against 864 cmd/s at 0.5 ms, same CPU; no change for SMTP or POP3).
+        sys.setswitchinterval(self.config.threads.switch_interval)
+
     def startService(self) -> None:
         super().startService()
         if not self.handle_signals:
             return
+        self.tune_process()
         if self.config.source and os.path.exists(self.config.source):
             install_signal(
                 signal.SIGHUP, lambda: self.reactor.callFromThread(self.reload_from_file)

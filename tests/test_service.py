@@ -410,3 +410,18 @@ def test_sni_certificates_config_is_checked(state_dir: Path) -> None:
     config["tls"] = {"certificates": [{"cert_file": "a.crt", "key_file": "a.key"}]}
     loaded = from_dict(config, "/etc/mailserv/mailserv.toml", "/etc/mailserv")
     assert loaded.tls.certificates[0].cert_file == "/etc/mailserv/a.crt"
+
+
+def test_the_daemon_sets_the_gil_switch_interval_from_the_config(state_dir: Path) -> None:
+    import sys
+
+    assert build(state_dir, {"mx": {}}).config.threads.switch_interval == 0.0005
+    service = build(state_dir, {"mx": {}}, threads={"switch_interval": "2ms"})
+    before = sys.getswitchinterval()
+    try:
+        service.tune_process()
+        assert sys.getswitchinterval() == pytest.approx(0.002)
+    finally:
+        sys.setswitchinterval(before)
+    with pytest.raises(ConfigError, match=r"threads\.switch_interval"):
+        build(state_dir, {"mx": {}}, threads={"switch_interval": "0s"})

@@ -242,6 +242,13 @@ class ThreadsSection(Section):
     auth: int = option(integer(1, 256), 10)
     disk: int = option(integer(1, 256), 10)
     crypto: int = option(integer(1, 256), 4)
+    # Python's GIL switch interval for the daemon (sys.setswitchinterval): how long a pool
+    # thread back from a system call may wait for the reactor to hand over the GIL.
+    switch_interval: float = option(duration, 0.0005)
+
+    def validate(self, ctx: Context, path: str) -> None:
+        if not 0.00001 <= self.switch_interval <= 0.1:
+            ctx.error(f"{path or 'threads'}.switch_interval", "must be between 0.01ms and 100ms")
 
 
 class PipelineEntry(Section):

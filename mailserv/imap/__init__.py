@@ -8,7 +8,6 @@ service share a ChangeHub, so a change in one session reaches the others
 
 from __future__ import annotations
 
-import sys
 from typing import Any
 
 from twisted.internet.protocol import Factory
@@ -30,9 +29,6 @@ __all__ = [
     "build_factory",
     "hub_for",
 ]
-
-
-SWITCH_INTERVAL = 0.0005  # seconds (sys.setswitchinterval) once an IMAP listener exists
 
 
 class IMAPFactory(Factory):
@@ -101,11 +97,6 @@ def build_factory(service: Any, name: str, listener: Any) -> IMAPFactory:
     if listener.idle_timeout:
         settings.idle_timeout = float(listener.idle_timeout)
     settings.auth_failure_delay = float(service.config.auth.failure_delay)
-    # Store writes run in the disk pool and hold the folder's lock across several system
-    # calls, taking the GIL back after each; with Python's default 5 ms switch interval a
-    # busy reactor makes each of them wait up to 5 ms, and every write queued behind the
-    # lock waits with it.  0.5 ms: bench/imap.py 957 against 864 cmd/s, same CPU.
-    sys.setswitchinterval(min(sys.getswitchinterval(), SWITCH_INTERVAL))
     threads = service.threads
 
     def run(fn: Any, *args: Any) -> Any:

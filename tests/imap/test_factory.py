@@ -81,19 +81,3 @@ def test_connections_per_ip_refused_beyond_the_limit() -> None:
     assert factory.buildProtocol(IPv4Address("TCP", "192.0.2.10", 1000)) is not None
     first.connectionLost()
     assert factory.buildProtocol(addr) is not None
-
-
-def test_imap_listener_shortens_the_gil_switch_interval() -> None:
-    """Pool threads returning from a store call wait at most SWITCH_INTERVAL for the GIL."""
-    import sys
-
-    from mailserv.imap import SWITCH_INTERVAL
-
-    before = sys.getswitchinterval()
-    try:
-        sys.setswitchinterval(0.005)
-        service = Service({"imap": listener()})
-        build_factory(service, "imap", service.config.listeners["imap"])
-        assert sys.getswitchinterval() <= SWITCH_INTERVAL
-    finally:
-        sys.setswitchinterval(before)

@@ -11,7 +11,7 @@ The peer is Dovecot's auth service (2.3) on the same passwd-files, spoken to
 over its auth-client socket (the protocol its login processes use), with
 the same number of concurrent clients.
 
-    /work/venv/bin/python bench/auth.py [--seconds 5] [--concurrency 8] [--only NAME ...]
+    .venv/bin/python bench/auth.py [--seconds 5] [--concurrency 8] [--only NAME ...]
 
 Backends whose server or program is missing are reported as skipped.
 """

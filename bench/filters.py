@@ -18,7 +18,7 @@ used per message, read from /proc before and after the run; the DNS server
 runs in its own process and is not counted.  Goal (issue 9): the full chain
 at most doubles the CPU per message of the bare path.
 
-    /work/venv/bin/python bench/filters.py [--messages 300] [--rounds 3]
+    .venv/bin/python bench/filters.py [--messages 300] [--rounds 3]
 """
 
 from __future__ import annotations

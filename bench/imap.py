@@ -9,7 +9,7 @@ second, logins per second, p50/p99 latency per command and overall, and
 protocol errors (any NO, BAD or broken response).  Plaintext LOGIN on
 127.0.0.1 for both servers; each server gets its own copy of the maildir.
 
-    /work/venv/bin/python bench/imap.py [--clients 10] [--seconds 20] [--messages 1000]
+    .venv/bin/python bench/imap.py [--clients 10] [--seconds 20] [--messages 1000]
 
 Needs Debian's dovecot-imapd (``apt-get install dovecot-imapd``; where a
 policy-rc.d forbids it, installing does not start a system Dovecot).  This

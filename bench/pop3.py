@@ -4,7 +4,7 @@ One poplib client logs in, RETRs and DELEs every message, then QUITs (the
 deletions happen at QUIT, so QUIT is timed too).  Both servers read a fresh
 copy of the same maildir each round; plaintext on 127.0.0.1 for both.
 
-    /work/venv/bin/python bench/pop3.py [--messages 1000] [--size 4096] [--rounds 3]
+    .venv/bin/python bench/pop3.py [--messages 1000] [--size 4096] [--rounds 3]
 
 Needs Debian's dovecot-pop3d (``apt-get install dovecot-pop3d``; where a
 policy-rc.d forbids it, installing does not start a system Dovecot).  This

@@ -2,7 +2,7 @@
 
 Not a test: run it by hand on the machine you care about::
 
-    /work/venv/bin/python bench/store.py [--dir /var/tmp] [--seconds 5]
+    .venv/bin/python bench/store.py [--dir /var/tmp] [--seconds 5]
 
 For 4 KiB and 1 MiB messages it measures, in one run on the same filesystem:
 

@@ -14,7 +14,7 @@
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
-PYTHON=${PYTHON:-/work/venv/bin/python}
+PYTHON=${PYTHON:-$ROOT/.venv/bin/python}  # the README install: Twisted and mailserv's dependencies
 [ -x "$PYTHON" ] || PYTHON=$(command -v python3)
 MESSAGES=${MESSAGES:-2000}
 SIZE=${SIZE:-4096}

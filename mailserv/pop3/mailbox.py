@@ -269,6 +269,12 @@ class Maildrop:
 
     def read_messages(self, uids: Sequence[int], required: bool = True) -> dict[int, Content]:
         """uid -> content; messages gone meanwhile are skipped (not the first if ``required``)."""
+        bulk = getattr(self.mailbox, "read_messages", None)
+        if bulk is not None:  # the store reads small files in bulk (maildir)
+            found: dict[int, bytes] = bulk(uids)
+            if required and uids[0] not in found:
+                raise KeyError(uids[0])
+            return {uid: prepare(data) for uid, data in found.items()}
         out: dict[int, Content] = {}
         if required:
             out[uids[0]] = prepare(self.read_message(uids[0]))

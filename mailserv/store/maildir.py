@@ -113,6 +113,8 @@ BATCH_HOLD = 0.05  # seconds a batch of writers keeps the uidlist dotlock at mos
 TMP_MAX_AGE = 36 * 3600  # maildir spec: tmp files older than 36 hours are garbage
 _SIZE = re.compile(r",S=(\d+)")
 _VSIZE = re.compile(r",W=(\d+)")
+# read_messages reads files up to this size in one read.
+SMALL_READ = 1024 * 1024
 
 
 def info_letters(filename: str) -> str:
@@ -229,6 +231,14 @@ def _bytes_left(src: BinaryIO) -> int | None:
 def size_suffix(size: int, vsize: int) -> str:
     """Dovecot's ``,S=<size>,W=<size with CRLF>`` file name fields."""
     return f",S={size},W={vsize}"
+
+
+def _read_rest(fd: int, data: bytes) -> bytes:
+    """``data`` and the rest of the file ``fd`` (a short read of a regular file is its end)."""
+    parts = [data]
+    while chunk := os.read(fd, 65536):
+        parts.append(chunk)
+    return b"".join(parts)
 
 
 @implementer(IMailStore)
@@ -914,6 +924,44 @@ class MaildirFolder(FolderBase):
                 continue
         raise KeyError(uid)
 
+    def read_messages(self, uids: Iterable[int], limit: int = SMALL_READ) -> dict[int, bytes]:
+        """uid -> the whole text of each message, for small ones (POP3 read-ahead).
+
+        A message gone (unknown UID, file removed) is left out.  The common case
+        (a CRLF file whose name gives its size) is one open, read and close per
+        message without a file object; a file renamed meanwhile (flag change),
+        an LF file or a big one goes through ``open_message``, which looks it up
+        again.
+        """
+        out: dict[int, bytes] = {}
+        by_uid, sizes, cached = self._by_uid, self._sizes, self._size_cache
+        cur = f"{self.path}/cur/"
+        flags = os.O_RDONLY | os.O_CLOEXEC
+        for uid in uids:
+            rec = by_uid.get(uid)
+            if rec is not None:
+                size, vsize = cached.get(rec.base) or sizes(rec)
+                if size == vsize and size <= limit:
+                    try:
+                        fd = os.open(cur + rec.filename, flags)
+                    except FileNotFoundError:
+                        pass  # renamed or removed: open_message looks again
+                    else:
+                        try:
+                            data = os.read(fd, size + 1)
+                            if len(data) > size:  # longer than its name says: read on
+                                data = _read_rest(fd, data)
+                        finally:
+                            os.close(fd)
+                        out[uid] = data
+                        continue
+            try:
+                with self.open_message(uid) as f:
+                    out[uid] = f.read()
+            except (KeyError, FileNotFoundError):
+                continue
+        return out
+
     def _letters_for(self, flags: Iterable[str], old_letters: str) -> str:
         """Flag letters for ``flags``, keeping letters we do not manage (P).  Lock held."""
         system, keywords = split_flags(flags)
@@ -1147,7 +1195,7 @@ class MaildirFolder(FolderBase):
                 if rec.uid in wanted:
                     size = self._sizes(rec)[0]
                     try:
-                        os.unlink(os.path.join(cur, rec.filename))
+                        os.unlink(f"{cur}/{rec.filename}")
                     except FileNotFoundError:
                         missing.append(rec)
                     else:

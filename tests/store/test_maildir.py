@@ -327,3 +327,47 @@ def test_reading_a_message_does_not_wait_for_a_write_in_progress(user: User) -> 
     os.rename(cur / name, cur / (name + "S"))  # renamed by another program
     with box.open_message(1) as f:
         assert f.read() == MSG
+
+
+def test_read_messages_reads_small_messages_in_bulk(user: User) -> None:
+    """POP3 read-ahead: uid -> text of each message, a gone one left out."""
+    store = make_store("maildir")
+    texts = [MSG + b"n%d\r\n" % n * (n + 1) for n in range(5)]
+    for text in texts:
+        store.deliver(user, io.BytesIO(text))
+    box = store.open(user).open_folder("INBOX")
+    uids = [i.uid for i in box.messages()]
+    assert box.read_messages(uids) == dict(zip(uids, texts, strict=True))
+    assert box.read_messages([uids[1], 999]) == {uids[1]: texts[1]}
+
+
+def test_read_messages_finds_a_renamed_file_and_leaves_out_a_removed_one(user: User) -> None:
+    store = make_store("maildir")
+    for n in range(3):
+        store.deliver(user, io.BytesIO(MSG + b"%d\r\n" % n))
+    box = store.open(user).open_folder("INBOX")
+    uids = [i.uid for i in box.messages()]
+    cur = Path(user.mailbox, "cur")
+    names = sorted(os.listdir(cur))
+    by_uid = {uid: box._by_uid[uid].filename for uid in uids}
+    assert sorted(by_uid.values()) == names
+    os.rename(cur / by_uid[uids[0]], cur / (by_uid[uids[0]] + "S"))  # a flag change elsewhere
+    os.unlink(cur / by_uid[uids[2]])  # removed by another program
+    assert box.read_messages(uids) == {uids[0]: MSG + b"0\r\n", uids[1]: MSG + b"1\r\n"}
+
+
+def test_read_messages_gives_an_lf_file_crlf_and_reads_past_a_wrong_size(user: User) -> None:
+    """A file whose name has no sizes (procmail, LF) is read through its CRLF view; a file
+    longer than its name says is read whole."""
+    store = make_store("maildir")
+    store.deliver(user, io.BytesIO(MSG))
+    cur = Path(user.mailbox, "cur")
+    Path(user.mailbox, "new", "1700000000.P1Q1.host").write_bytes(b"Subject: y\n\nlf\n")
+    box = store.open(user).open_folder("INBOX")
+    [lf] = [u for u, r in box._by_uid.items() if r.filename.startswith("1700000000.")]
+    [crlf] = [u for u in box._by_uid if u != lf]
+    (cur / box._by_uid[crlf].filename).write_bytes(MSG + b"x" * 100_000)  # bigger than ,S=
+    assert box.read_messages([crlf, lf]) == {
+        crlf: MSG + b"x" * 100_000,
+        lf: b"Subject: y\r\n\r\nlf\r\n",
+    }

@@ -100,8 +100,10 @@ def main() -> None:
     zones, portfile = sys.argv[1], sys.argv[2]
     # UDP and TCP on the same port: bind UDP to a free port, then TCP to it (retry on clash).
     factory = server.DNSServerFactory(authorities=[ZoneFileResolver(zones)])
-    protocol = dns.DNSDatagramProtocol(factory)
     for _ in range(50):
+        # A new protocol per attempt: the one of an abandoned UDP port keeps its transport
+        # until the reactor runs, and a protocol cannot be connected twice.
+        protocol = dns.DNSDatagramProtocol(factory)
         udp = reactor.listenUDP(0, protocol, interface="127.0.0.1")
         port = udp.getHost().port
         try:

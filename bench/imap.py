@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import pwd
 import random
 import re
 import shutil
@@ -252,41 +251,10 @@ def report(name: str, stats: Stats, elapsed: float) -> dict[str, float]:
 
 
 class ImapDovecot(popbench.Dovecot):
-    """A private Dovecot (imap only); ``own``, ``version`` and ``stop`` come from bench/pop3.py."""
+    """A private Dovecot (imap only); everything but the protocol comes from bench/pop3.py."""
 
-    def __init__(self, work: Path, mail_root: Path) -> None:
-        self.binary = shutil.which("dovecot") or "/usr/sbin/dovecot"
-        self.port = popbench.free_port()
-        self.work = work
-        self.mail_root = mail_root
-        # Dovecot never accesses mail as root: as root, the mail belongs to "nobody".
-        self.uid, self.gid = (65534, 65534) if os.getuid() == 0 else (os.getuid(), os.getgid())
-        (work / "passwd").write_text(f"{USER}:{{PLAIN}}{PASSWORD}\n")
-        me = pwd.getpwuid(os.getuid()).pw_name
-        users = (
-            "default_internal_user = dovecot\ndefault_login_user = dovenull\n"
-            if os.getuid() == 0
-            else f"default_internal_user = {me}\ndefault_login_user = {me}\n"
-            f"default_internal_group = {me}\n"
-        )
-        (work / "dovecot.conf").write_text(
-            f"base_dir = {work}/run\nstate_dir = {work}/state\nlog_path = {work}/dovecot.log\n"
-            f"{users}protocols = imap\nlisten = 127.0.0.1\nssl = no\n"
-            "disable_plaintext_auth = no\nauth_mechanisms = plain\n"
-            "first_valid_uid = 0\nfirst_valid_gid = 0\nmail_max_userip_connections = 100\n"
-            f"mail_location = maildir:{mail_root}/%u/Maildir\n"
-            f"passdb {{\n  driver = passwd-file\n  args = {work}/passwd\n}}\n"
-            f"userdb {{\n  driver = static\n  args = uid={self.uid} gid={self.gid}"
-            f" home={mail_root}/%u\n}}\n"
-            "service imap-login {\n  inet_listener imap {\n"
-            f"    address = 127.0.0.1\n    port = {self.port}\n  }}\n"
-            "  inet_listener imaps {\n    port = 0\n  }\n}\n"
-            "service anvil {\n  chroot =\n}\nservice stats {\n  chroot =\n}\n"
-        )
-        self.proc = subprocess.Popen(
-            [self.binary, "-F", "-c", str(work / "dovecot.conf")], start_new_session=True
-        )
-        popbench.wait_port(self.port, self.proc, "dovecot")
+    PROTOCOL = "imap"
+    EXTRA = "mail_max_userip_connections = 100\n"
 
 
 class ImapMailserv(popbench.Mailserv):

@@ -130,7 +130,13 @@ def download_pipelined(port: int, count: int, window: int = 32) -> float:
 
 
 class Dovecot:
-    """A private Dovecot (pop3 only) over ``mail_root/<user>/Maildir``."""
+    """A private Dovecot serving one protocol (pop3 here) over ``mail_root/<user>/Maildir``.
+
+    bench/imap.py's subclass changes only the protocol and its extra settings.
+    """
+
+    PROTOCOL = "pop3"
+    EXTRA = "pop3_uidl_format = %08Xu%08Xv\n"
 
     def __init__(self, work: Path, mail_root: Path) -> None:
         self.binary = shutil.which("dovecot") or "/usr/sbin/dovecot"
@@ -148,20 +154,21 @@ class Dovecot:
                 f"default_internal_user = {me.pw_name}\ndefault_login_user = {me.pw_name}\n"
                 f"default_internal_group = {me.pw_name}\n"
             )
+        proto = self.PROTOCOL
         (work / "dovecot.conf").write_text(
             f"base_dir = {work}/run\nstate_dir = {work}/state\n"
             f"log_path = {work}/dovecot.log\ninfo_log_path = {work}/dovecot.log\n"
-            f"{users}protocols = pop3\nlisten = 127.0.0.1\nssl = no\n"
+            f"{users}protocols = {proto}\nlisten = 127.0.0.1\nssl = no\n"
             "disable_plaintext_auth = no\nauth_mechanisms = plain\n"
             "first_valid_uid = 0\nfirst_valid_gid = 0\n"
             f"mail_location = maildir:{mail_root}/%u/Maildir\n"
-            "pop3_uidl_format = %08Xu%08Xv\n"
+            f"{self.EXTRA}"
             f"passdb {{\n  driver = passwd-file\n  args = {work}/passwd\n}}\n"
             f"userdb {{\n  driver = static\n  args = uid={self.uid} gid={self.gid}"
             f" home={mail_root}/%u\n}}\n"
-            "service pop3-login {\n  inet_listener pop3 {\n"
+            f"service {proto}-login {{\n  inet_listener {proto} {{\n"
             f"    address = 127.0.0.1\n    port = {self.port}\n  }}\n"
-            "  inet_listener pop3s {\n    port = 0\n  }\n}\n"
+            f"  inet_listener {proto}s {{\n    port = 0\n  }}\n}}\n"
             "service anvil {\n  chroot =\n}\nservice stats {\n  chroot =\n}\n"
         )
         self.proc = subprocess.Popen(

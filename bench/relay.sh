@@ -14,6 +14,8 @@
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
+# shellcheck source=bench/lib.sh
+. "$ROOT/bench/lib.sh"
 PYTHON=${PYTHON:-$ROOT/.venv/bin/python}  # the README install: Twisted and mailserv's dependencies
 [ -x "$PYTHON" ] || PYTHON=$(command -v python3)
 MESSAGES=${MESSAGES:-2000}
@@ -65,21 +67,9 @@ DNS_PORT=$(cat "$W/dns/port")
 # ---------------------------------------------------------------- mailserv
 mkdir -p "$W/ms"
 : > "$W/ms/users.passwd"
-cat > "$W/ms/mailserv.toml" <<EOF
-config_version = 1
-hostname = "ms.example.test"
-domains = ["example.test"]
-state_dir = "$W/ms"
-[listeners.mx]
-protocol = "smtp"
-endpoints = ["tcp:$MS_PORT:interface=127.0.0.1"]
-tls = "none"
-max_connections_per_ip = 100
-[auth]
-backends = ["local"]
-[auth.backend.local]
-type = "passwd-file"
-path = "$W/ms/users.passwd"
+{
+    ms_config_head "$W/ms" "$MS_PORT"
+    cat <<EOF
 [store]
 format = "maildir"
 path = "$W/ms/mail/{domain}/{localpart}/Maildir"
@@ -91,13 +81,10 @@ delivery = "$DELIVERY"
 [aliases]
 "relay@example.test" = "sink@remote.test"
 EOF
+} > "$W/ms/mailserv.toml"
 PROFILE_ARGS=()
 [ -n "${PROFILE:-}" ] && PROFILE_ARGS=(--profile="$PROFILE" --profiler=cprofile --savestats)
-(cd "$W/ms" && PYTHONPATH="$ROOT" exec "$PYTHON" -c \
-    "import sys; from twisted.scripts.twistd import run; sys.exit(run())" \
-    -n --pidfile= --logfile="$W/ms/twistd.log" "${PROFILE_ARGS[@]}" \
-    mailserv --config "$W/ms/mailserv.toml") &
-MS_PID=$!
+ms_start "$W/ms" "${PROFILE_ARGS[@]}"
 PIDS+=("$MS_PID")
 
 # ---------------------------------------------------------------- Postfix

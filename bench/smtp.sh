@@ -10,6 +10,8 @@
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
+# shellcheck source=bench/lib.sh
+. "$ROOT/bench/lib.sh"
 if [ -z "${PYTHON:-}" ]; then  # the project's venv (Twisted and mailserv's dependencies)
     for p in "$ROOT/.venv/bin/python" /work/venv/bin/python; do
         [ -x "$p" ] && { PYTHON=$p; break; }
@@ -40,22 +42,10 @@ trap cleanup EXIT
 # ---------------------------------------------------------------- mailserv
 mkdir -p "$W/ms"
 echo "u@example.test:{PLAIN}bench::::::" > "$W/ms/users.passwd"
-cat > "$W/ms/mailserv.toml" <<EOF
-config_version = 1
-hostname = "ms.example.test"
-domains = ["example.test"]
-state_dir = "$W/ms"
-[listeners.mx]
-protocol = "smtp"
-endpoints = ["tcp:$MS_PORT:interface=127.0.0.1"]
-tls = "none"
-max_connections_per_ip = 100
+{
+    ms_config_head "$W/ms" "$MS_PORT"
+    cat <<EOF
 max_messages_per_connection = 100000  # smtp-source -d sends every message on one connection
-[auth]
-backends = ["local"]
-[auth.backend.local]
-type = "passwd-file"
-path = "$W/ms/users.passwd"
 [threads]
 # Deliveries (and their fsyncs) in parallel, as many as Postfix's virtual(8)
 # default_destination_concurrency_limit (20); the default pool has 10 threads.
@@ -66,10 +56,8 @@ path = "$W/ms/mail/{domain}/{localpart}/Maildir"
 fsync = true
 quota = "100G"  # the benchmark fills one mailbox with 600 MB
 EOF
-(cd "$W/ms" && PYTHONPATH="$ROOT" exec "$PYTHON" -c \
-    "import sys; from twisted.scripts.twistd import run; sys.exit(run())" \
-    -n --pidfile= --logfile="$W/ms/twistd.log" mailserv --config "$W/ms/mailserv.toml") &
-MS_PID=$!
+} > "$W/ms/mailserv.toml"
+ms_start "$W/ms"
 
 # ---------------------------------------------------------------- Postfix
 PF=$W/pf

@@ -127,16 +127,10 @@ def ensure_self_signed(state_dir: str, hostname: str, names: Sequence[str]) -> t
     return cert_file, key_file
 
 
-def load_context(
-    cert_file: str, key_file: str, min_version: str = "TLSv1.2", key: str = "tls"
-) -> SSL.Context:
-    """Build a server context from PEM files; raises ConfigError naming the key and problem."""
-    return _load(cert_file, key_file, min_version, key)[0]
-
-
 def _load(
     cert_file: str, key_file: str, min_version: str, key: str
 ) -> tuple[SSL.Context, x509.Certificate]:
+    """A server context and its leaf certificate from PEM files; ConfigError names the key."""
     problems = []
     try:
         with open(cert_file, "rb") as f:
@@ -179,17 +173,10 @@ def certificate_names(cert: x509.Certificate) -> list[str]:
     return names
 
 
-def _expiries(cert_file: str, extra: Sequence[tuple[str, str]]) -> list[tuple[str, float]]:
-    out = []
-    for path in [cert_file, *(c for c, _ in extra)]:
-        try:
-            with open(path, "rb") as f:
-                cert = x509.load_pem_x509_certificates(f.read())[0]
-        except (OSError, ValueError, IndexError):
-            continue  # build_server_context has just loaded it; a race leaves it out
-        names = certificate_names(cert) or [os.path.basename(path)]
-        out.append((names[0], cert.not_valid_after_utc.timestamp()))
-    return out
+def _expiry(cert: x509.Certificate) -> tuple[str, float]:
+    """(first DNS name, notAfter as Unix time) of a certificate, for metrics."""
+    names = certificate_names(cert) or ["-"]
+    return names[0], cert.not_valid_after_utc.timestamp()
 
 
 class _SNIMap:
@@ -222,12 +209,15 @@ class _SNIMap:
 
 def build_server_context(
     cert_file: str, key_file: str, min_version: str, extra: Sequence[tuple[str, str]]
-) -> SSL.Context:
-    """The default context, choosing one of ``extra`` by SNI; every problem reported at once."""
+) -> tuple[SSL.Context, list[x509.Certificate]]:
+    """The default context, choosing one of ``extra`` by SNI, and the certificates loaded
+    (default first); every problem reported at once."""
     problems: list[ConfigProblem] = []
     default: SSL.Context | None = None
+    certs: list[x509.Certificate] = []
     try:
-        default = load_context(cert_file, key_file, min_version)
+        default, cert = _load(cert_file, key_file, min_version, "tls")
+        certs.append(cert)
     except ConfigError as exc:
         problems.extend(exc.problems)
     sni = _SNIMap()
@@ -238,6 +228,7 @@ def build_server_context(
             problems.extend(exc.problems)
             continue
         sni.add(cert, context)
+        certs.append(cert)
     if problems or default is None:
         raise ConfigError(problems)
     if sni.exact or sni.wildcard:
@@ -248,7 +239,7 @@ def build_server_context(
                 connection.set_context(context)
 
         default.set_tlsext_servername_callback(choose)
-    return default
+    return default, certs
 
 
 @implementer(IOpenSSLServerConnectionCreator)
@@ -271,8 +262,8 @@ class ServerTLS:
         self.key_file = key_file
         self.min_version = min_version
         self.extra = list(extra)
-        self._context = build_server_context(cert_file, key_file, min_version, self.extra)
-        self._expiries = _expiries(cert_file, self.extra)
+        self._context, certs = build_server_context(cert_file, key_file, min_version, self.extra)
+        self._expiries = [_expiry(c) for c in certs]
 
     def expiries(self) -> list[tuple[str, float]]:
         """(first DNS name, notAfter as Unix time) of the default and every SNI certificate."""
@@ -297,9 +288,9 @@ class ServerTLS:
         cert_file = cert_file or self.cert_file
         key_file = key_file or self.key_file
         extra = list(self.extra if extra is None else extra)
-        self._context = build_server_context(cert_file, key_file, self.min_version, extra)
+        self._context, certs = build_server_context(cert_file, key_file, self.min_version, extra)
         self.cert_file, self.key_file, self.extra = cert_file, key_file, extra
-        self._expiries = _expiries(cert_file, extra)
+        self._expiries = [_expiry(c) for c in certs]
         log.info(
             "reloaded TLS certificate {cert} and {count} SNI certificate(s)",
             cert=self.cert_file,

@@ -112,14 +112,14 @@ class ServiceCollector:
             deliveries.add_metric([status], count)
         yield deliveries
 
-        queue = getattr(service, "queue", None)
-        rows = getattr(queue, "rows", None)
+        # With [queue] delivery = "process" service.queue is the worker's monitor: no rows here.
+        rows = getattr(service.queue, "rows", None)
         if rows is not None:
             messages = GaugeMetricFamily(
                 "mailserv_queue_messages", "Messages in the outbound queue", labels=["state"]
             )
             held = sum(1 for row in rows.values() if getattr(row, "hold", False))
-            in_delivery = len(getattr(queue, "active", ()))
+            in_delivery = len(service.queue.active)
             messages.add_metric(["held"], held)
             messages.add_metric(["delivering"], in_delivery)
             messages.add_metric(["waiting"], max(0, len(rows) - held - in_delivery))
@@ -138,16 +138,14 @@ class ServiceCollector:
         yield busy
         yield queued
 
-        tls = getattr(service, "_tls", None)
-        if tls is not None:
-            expiry = GaugeMetricFamily(
-                "mailserv_tls_certificate_expiry_seconds",
-                "notAfter of each configured certificate (Unix time)",
-                labels=["certificate"],
-            )
-            for name, not_after in tls.expiries():
-                expiry.add_metric([name], not_after)
-            yield expiry
+        expiry = GaugeMetricFamily(
+            "mailserv_tls_certificate_expiry_seconds",
+            "notAfter of each configured certificate (Unix time)",
+            labels=["certificate"],
+        )
+        for name, not_after in service.tls_options().expiries():
+            expiry.add_metric([name], not_after)
+        yield expiry
 
 
 class MetricsResource(resource.Resource):
@@ -190,7 +188,7 @@ class _QuietSite(server.Site):
 
 def build_factory(service: Any, name: str, listener: Any) -> server.Site:
     """The HTTP factory of a metrics listener: ``/metrics``, everything else 404."""
-    events = getattr(service, "metric_events", None)
+    events = service.metric_events  # one observer for every metrics listener
     if events is None:
         events = service.metric_events = EventCounters()
         globalLogPublisher.addObserver(events)

@@ -173,6 +173,7 @@ class MailService(MultiService):
         self.listener_services: list[ListenerService] = []
         self._reloadables: list[Any] = []
         self.queue: Any = None  # the QueueService (mailserv.queue.build_queue_service)
+        self.metric_events: Any = None  # mailserv.metrics.EventCounters (metrics listeners)
 
     # ------------------------------------------------------------------
     # Construction

@@ -82,7 +82,30 @@ class DirSync:
                 syncer = cls._registry[key] = cls(key)
             return syncer
 
+    #: per thread: where ``sync`` records its directory instead of syncing (``collect``)
+    _collecting = threading.local()
+
+    @classmethod
+    @contextlib.contextmanager
+    def collect(cls, into: list[str]) -> Iterator[list[str]]:
+        """Within the block, ``sync()`` appends its directory to ``into`` and returns.
+
+        For a caller that writes a batch of entries and then fsyncs each directory
+        once (mailserv.helper_child): nothing in ``into`` is durable until the caller
+        has fsynced it, and the entries must not be reported durable before that.
+        """
+        previous = getattr(cls._collecting, "into", None)
+        cls._collecting.into = into
+        try:
+            yield into
+        finally:
+            cls._collecting.into = previous
+
     def sync(self) -> None:
+        into = getattr(self._collecting, "into", None)
+        if into is not None:
+            into.append(self.path)
+            return
         with self._cond:
             need = self._started + 1  # the first round that begins after now
             while self._ok < need:

@@ -173,6 +173,8 @@ class MailService(MultiService):
         self.listener_services: list[ListenerService] = []
         self._reloadables: list[Any] = []
         self.queue: Any = None  # the QueueService (mailserv.queue.build_queue_service)
+        # mailserv.helpers.DeliveryHelpers when deliveries run in child processes, else None
+        self.helpers: Any = None
         self.metric_events: Any = None  # mailserv.metrics.EventCounters (metrics listeners)
 
     # ------------------------------------------------------------------
@@ -188,6 +190,11 @@ class MailService(MultiService):
             raise ConfigError([ConfigProblem(config.source, "state_dir", problem)]) from None
         service = cls(config, reactor, handle_signals)
         service._tls = service._build_tls()
+        from mailserv.helpers import build_helpers
+
+        service.helpers = service._reloadable(build_helpers(service))
+        if service.helpers is not None:  # started before, stopped after the listeners
+            service.helpers.setServiceParent(service)
         problems: list[ConfigProblem] = []
         for name, listener in config.listeners.items():
             try:

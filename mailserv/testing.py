@@ -236,6 +236,7 @@ class FakeSMTPService:
         self.directory = MemoryDirectory()
         self.store = PrefixMemoryStore()
         self.portal = portal
+        self.helpers = None  # deliveries in (synchronous) threads
         self.router = build_router(self)
         self.tls_contexts: list[Any] = []
 

@@ -310,6 +310,9 @@ class DeliverySection(Section):
     # Where postmaster@ and abuse@ of every local domain go (RFC 5321 §4.5.1) when no
     # user or alias has that name; default: a maildir under state_dir/postmaster.
     postmaster: str | None = option(optional(string), None)
+    # Child processes that write accepted mail to the store and the outbound queue
+    # (mailserv/helpers.py); 0 = the disk threads of the listening process.
+    processes: int = option(integer(0, 64), 2)
 
 
 class QueueSection(Section):

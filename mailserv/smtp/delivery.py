@@ -34,8 +34,10 @@ from mailserv.directory import User
 from mailserv.envelope import Envelope, Message, Recipient
 from mailserv.errors import SMTPReply, smtp_reply_for
 from mailserv.filters.policy import UNKNOWN_USER, local_domains
+from mailserv.helper_child import light_message, plain_user
 from mailserv.interfaces import IDelivery, IDeliveryTarget, IReloadable
 from mailserv.queue import spool as queue_spool
+from mailserv.store import deliver_message
 
 log = Logger()
 
@@ -84,7 +86,11 @@ class Router:
         cache_ttl: float = 5.0,
         cache_size: int = 10_000,
         on_delivered: Any = None,
+        helpers: Any = None,
     ) -> None:
+        # mailserv.helpers.DeliveryHelpers: deliveries and queue writes run in child
+        # processes (None: in the "disk" threads).
+        self.helpers = helpers
         # Called on the reactor with (user name, folder) after each local delivery,
         # so that idling IMAP sessions hear of new mail at once (RFC 2177).
         self.on_delivered = on_delivered
@@ -288,32 +294,30 @@ class RouterDelivery:
 
     def _deliver_local(self, target: LocalTarget) -> defer.Deferred[Any]:
         assert self.message is not None
-        store = self.router.store_for(target.user)
+        user = target.user
+        store = self.router.store_for(user)
         message = self.message
         prefix = self._prefix(target)
         folder = "Junk" if self.envelope.quarantine else target.folder
         detail_to_folder = self.router.detail_to_folder
 
-        def deliver() -> Any:
-            chosen = folder
-            if chosen is not None and chosen != "Junk" and detail_to_folder:
-                try:
-                    if chosen not in store.open(target.user).list_folders():
-                        chosen = None
-                except Exception:
-                    chosen = None
-            with message.open() as source:
-                store.deliver(target.user, source, chosen, prefix=prefix)
-            return chosen
+        def in_thread() -> str | None:
+            return deliver_message(store, user, message, folder, prefix, detail_to_folder)
 
         def delivered(chosen: str | None) -> None:
             if self.router.on_delivered is not None:
                 try:
-                    self.router.on_delivered(target.user.name, chosen or "INBOX")
+                    self.router.on_delivered(user.name, chosen or "INBOX")
                 except Exception:
-                    log.failure("new-mail notification for {user} failed", user=target.user.name)
+                    log.failure("new-mail notification for {user} failed", user=user.name)
 
-        return self.router.threads.run("disk", deliver).addCallback(delivered)
+        helpers = self.router.helpers
+        if helpers is None:
+            d = self.router.threads.run("disk", in_thread)
+        else:
+            args = (plain_user(user), folder, detail_to_folder, prefix, light_message(message))
+            d = helpers.run("deliver", args, in_thread)
+        return d.addCallback(delivered)
 
     def _enqueue(self, rows: list[tuple[str, str | None, Any, str, str | None]]) -> Any:
         assert self.message is not None
@@ -328,9 +332,18 @@ class RouterDelivery:
             body=env.body,
             requiretls=env.requiretls,
         )
-        return self.router.threads.run(
-            "disk", queue_spool.enqueue, self.router.queue_dir, entry, self.message.iter_chunks()
-        )
+        queue_dir = self.router.queue_dir
+        message = self.message
+        helpers = self.router.helpers
+        if helpers is None:
+            return self.router.threads.run(
+                "disk", queue_spool.enqueue, queue_dir, entry, message.iter_chunks()
+            )
+
+        def in_thread() -> str:
+            return queue_spool.enqueue(queue_dir, entry, message.iter_chunks())
+
+        return helpers.run("enqueue", (queue_dir, entry, light_message(message)), in_thread)
 
 
 def _normalise_aliases(aliases: dict[str, list[str]]) -> dict[str, list[str]]:
@@ -358,4 +371,5 @@ def build_router(service: Any) -> Router:
         service.threads,
         reactor=service.reactor,
         on_delivered=lambda user, folder: notify_delivery(service, user, folder),
+        helpers=service.helpers,
     )

@@ -65,13 +65,14 @@ import base64
 import os
 import re
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from mailserv.errors import InvalidFolderName, MailservError
 
 if TYPE_CHECKING:
     from mailserv.config.sections import StoreSection
     from mailserv.directory import User
+    from mailserv.envelope import Message
     from mailserv.interfaces import IMailStore
 
 __all__ = [
@@ -354,3 +355,29 @@ def store_for(user: User, config: StoreSection) -> IMailStore:
 
         return MboxStore(config)
     raise ValueError(f"unknown store format {fmt!r}")
+
+
+def deliver_message(
+    store: Any,
+    user: User,
+    message: Message,
+    folder: str | None,
+    prefix: bytes,
+    detail_to_folder: bool,
+) -> str | None:
+    """Deliver an accepted SMTP message into ``folder`` (None: INBOX); returns the folder used.
+
+    A ``user+detail`` folder (``detail_to_folder``) that does not exist means INBOX; Junk
+    (quarantine) is made when missing.  Blocking: the router runs it in a delivery helper
+    process or in the ``disk`` pool.
+    """
+    chosen = folder
+    if chosen is not None and chosen != "Junk" and detail_to_folder:
+        try:
+            if chosen not in store.open(user).list_folders():
+                chosen = None
+        except Exception:
+            chosen = None
+    with message.open() as source:
+        store.deliver(user, source, chosen, prefix=prefix)
+    return chosen

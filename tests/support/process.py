@@ -53,6 +53,11 @@ def toml_value(value: Any) -> str:
     raise TypeError(value)
 
 
+def toml_key(key: str) -> str:
+    """A bare key, or a quoted one (``"fwd@example.test"``)."""
+    return key if re.fullmatch(r"[A-Za-z0-9_-]+", key) else json.dumps(key)
+
+
 def render_toml(data: dict[str, Any], prefix: str = "") -> str:
     """A minimal TOML writer for test configurations (tables and scalars, arrays of scalars)."""
     lines = []
@@ -63,7 +68,7 @@ def render_toml(data: dict[str, Any], prefix: str = "") -> str:
         elif isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
             tables.append((key, value))
         else:
-            lines.append(f"{key} = {toml_value(value)}")
+            lines.append(f"{toml_key(key)} = {toml_value(value)}")
     out = "\n".join(lines) + ("\n" if lines else "")
     for key, value in tables:
         name = f"{prefix}.{key}" if prefix else key

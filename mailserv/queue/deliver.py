@@ -24,6 +24,7 @@ from typing import Any
 from twisted.internet import defer
 from twisted.internet.protocol import ClientFactory
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from mailserv.errors import SMTPReply, TemporaryFailure
 from mailserv.queue import dane
@@ -151,6 +152,7 @@ class Deliverer:
         self._connect = connect or self._connect_tcp
         self.destinations: dict[str, Destination] = {}
         self._plans: dict[str, tuple[float, list[HostPlan]]] = {}
+        self._planning: dict[str, list[defer.Deferred[list[HostPlan]]]] = {}
         self.relay_auth = relay_credentials(config)
         self.timeouts = Timeouts(
             connect=config.connect_timeout,
@@ -431,14 +433,32 @@ class Deliverer:
         cached = self._plans.get(key)
         if cached is not None and cached[0] > now:
             return cached[1]
-        if relaxed and not requiretls and self.config.relay_host is None:
-            route = await self.mx.resolve(domain)
-            plans = [HostPlan(host, "may", [], [host.name]) for host in route.hosts]
-        else:
-            plans = await self._plan(domain, requiretls)
+        # Deliveries to a domain whose plan is being made wait for that one (a burst
+        # of N messages makes one set of lookups, not N).
+        waiters = self._planning.get(key)
+        if waiters is not None:
+            d: defer.Deferred[list[HostPlan]] = defer.Deferred()
+            waiters.append(d)
+            return await d
+        waiters = self._planning[key] = []
+        try:
+            if relaxed and not requiretls and self.config.relay_host is None:
+                route = await self.mx.resolve(domain)
+                plans = [HostPlan(host, "may", [], [host.name]) for host in route.hosts]
+            else:
+                plans = await self._plan(domain, requiretls)
+        except BaseException:
+            failure = Failure()
+            del self._planning[key]
+            for d in waiters:
+                d.errback(failure)
+            raise
+        del self._planning[key]
         if len(self._plans) >= PLAN_CACHE_SIZE:
             self._plans.pop(next(iter(self._plans)))
         self._plans[key] = (now + PLAN_CACHE_TIME, plans)
+        for d in waiters:
+            d.callback(plans)
         return plans
 
     async def _plan(self, domain: str, requiretls: bool = False) -> list[HostPlan]:

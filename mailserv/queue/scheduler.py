@@ -89,7 +89,9 @@ class QueueService(Service):
         self._scanning: defer.Deferred[None] | None = None
         self._locked = False
         self._idle_waiters: list[defer.Deferred[None]] = []
-        self._removals: list[tuple[str, defer.Deferred[None]]] = []
+        # Disk work asked for in one reactor turn goes to the pool in one hop.
+        self._load = Batch(reactor, self._disk, self.store.load_many)
+        self._remove = Batch(reactor, self._disk, self.store.remove_many)
 
     # ------------------------------------------------------------------
     # Lifecycle
@@ -303,26 +305,8 @@ class QueueService(Service):
         if self.running:
             self._wake()
 
-    def _remove(self, entry_id: str) -> defer.Deferred[None]:
-        """Remove a finished entry; removals of the same moment share one disk hop."""
-        d: defer.Deferred[None] = defer.Deferred()
-        self._removals.append((entry_id, d))
-        if len(self._removals) == 1:
-            self.reactor.callLater(0, self._flush_removals)
-        return d
-
-    def _flush_removals(self) -> None:
-        batch, self._removals = self._removals, []
-        done = self.threads.run("disk", self.store.remove_many, [i for i, _ in batch])
-
-        def fire(result: Any) -> None:
-            for _, d in batch:
-                if isinstance(result, Failure):
-                    d.errback(result)
-                else:
-                    d.callback(None)
-
-        done.addBoth(fire)
+    def _disk(self, fn: Callable[..., Any], *args: Any) -> defer.Deferred[Any]:
+        return self.threads.run("disk", fn, *args)  # type: ignore[no-any-return]
 
     def wait_idle(self) -> defer.Deferred[None]:
         """Fires when no attempt is running (tests, drain)."""
@@ -337,7 +321,7 @@ class QueueService(Service):
 
     async def _attempt(self, entry_id: str) -> None:
         try:
-            item = await self.threads.run("disk", self.store.load, entry_id, READ_SIZE)
+            item = await self._load(entry_id)
         except FileNotFoundError:
             self.rows.pop(entry_id, None)
             return
@@ -574,6 +558,51 @@ class QueueService(Service):
             sender=entry.sender,
         )
         self.notify(bounce.id)
+
+
+class Batch:
+    """Calls of a blocking ``many(args) -> results`` made in one reactor turn, in one hop.
+
+    ``batch(arg)`` returns a Deferred of that argument's result; every call of
+    the turn goes to the "disk" pool together (one thread hop and one wake-up
+    of the reactor for many entries, instead of one each).  A result that is
+    an exception fails that caller only.
+    """
+
+    def __init__(
+        self,
+        reactor: Any,
+        run: Callable[..., defer.Deferred[Any]],
+        many: Callable[[list[Any]], list[Any]],
+    ) -> None:
+        self.reactor = reactor
+        self.run = run
+        self.many = many
+        self._calls: list[tuple[Any, defer.Deferred[Any]]] = []
+
+    def __call__(self, arg: Any) -> defer.Deferred[Any]:
+        d: defer.Deferred[Any] = defer.Deferred()
+        self._calls.append((arg, d))
+        if len(self._calls) == 1:
+            self.reactor.callLater(0, self._flush)
+        return d
+
+    def _flush(self) -> None:
+        calls, self._calls = self._calls, []
+        done = self.run(self.many, [arg for arg, _ in calls])
+
+        def fire(results: Any) -> None:
+            if isinstance(results, Failure):
+                for _, d in calls:
+                    d.errback(results)
+                return
+            for (_, d), result in zip(calls, results, strict=True):
+                if isinstance(result, BaseException):
+                    d.errback(Failure(result))
+                else:
+                    d.callback(result)
+
+        done.addBoth(fire)
 
 
 def _log_attempt_failure(failure: Any, entry_id: str) -> None:

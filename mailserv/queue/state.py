@@ -42,6 +42,7 @@ PENDING, SENT, FAILED, DONE = "pending", "sent", "failed", "done"
 ORPHAN_AGE = 3600.0  # a .msg without .env older than this is left over from a crash
 _tmp_names = itertools.count()
 HEADER_SCAN = 64 * 1024  # header bytes read to find TLS-Required in a large message
+PRELOAD = 256 * 1024  # a message up to this size is read with its envelope (load_many)
 
 
 @dataclass
@@ -204,10 +205,26 @@ class QueueStore:
         os.rename(tmp, final)
         DirSync.of(self.directory).sync()
 
-    def remove_many(self, entry_ids: list[str]) -> None:
-        """``remove`` for a batch (one thread hop for many finished entries)."""
+    def load_many(self, entry_ids: list[str], preload: int = PRELOAD) -> list[Any]:
+        """``load`` for a batch (one thread hop): each entry's QueueItem or its exception."""
+        out: list[Any] = []
         for entry_id in entry_ids:
-            self.remove(entry_id)
+            try:
+                out.append(self.load(entry_id, preload))
+            except (OSError, ValueError, TypeError, KeyError) as exc:
+                out.append(exc)
+        return out
+
+    def remove_many(self, entry_ids: list[str]) -> list[Any]:
+        """``remove`` for a batch (one thread hop): None or the exception, per entry."""
+        out: list[Any] = []
+        for entry_id in entry_ids:
+            try:
+                self.remove(entry_id)
+                out.append(None)
+            except OSError as exc:
+                out.append(exc)
+        return out
 
     def remove(self, entry_id: str) -> None:
         """Delete an entry: ``.env`` first (the entry is gone), then the rest.

@@ -106,11 +106,16 @@ class Message:
     headers: list[tuple[str, bytes]] = field(default_factory=list)
     prefix: bytes = b""
     data: bytes | None = None
+    # Every line end is CRLF (SMTP refuses bare CR and LF): a store reading it may take
+    # the CRLF size to be the size instead of counting line ends (``crlf_only`` below).
+    crlf: bool = False
 
     def open(self) -> BinaryIO:
-        if self.path is None:
-            return io.BytesIO(self.data or b"")
-        return open(self.path, "rb")
+        """The bytes, from the start; marked ``crlf_only = True`` when ``crlf``."""
+        source: Any = io.BytesIO(self.data or b"") if self.path is None else open(self.path, "rb")
+        if self.crlf:
+            source.crlf_only = True
+        return source  # type: ignore[no-any-return]
 
     def header(self, name: str) -> list[bytes]:
         """The values of every header called ``name`` (case-insensitive)."""

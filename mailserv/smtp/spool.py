@@ -225,8 +225,8 @@ class DataSink:
         headers = parse_header_section(bytes(self._header))
         if self._memory is not None:
             data, self._memory = bytes(self._memory), None
-            return Message(None, self.size, headers, data=data)
-        return Message(self.path, self.size, headers)
+            return Message(None, self.size, headers, data=data, crlf=True)
+        return Message(self.path, self.size, headers, crlf=True)
 
     def discard(self) -> None:
         self._memory = None

@@ -47,7 +47,6 @@ from typing import IO, Any, BinaryIO, NamedTuple
 from zope.interface import implementer
 
 from mailserv.durable import (
-    COPY_CHUNK,
     DirSync,
     LineEnds,
     copy_into,
@@ -165,6 +164,11 @@ def _make_maildir(path: str, subfolder: bool) -> None:
         os.close(os.open(os.path.join(path, "maildirfolder"), os.O_WRONLY | os.O_CREAT, 0o600))
 
 
+# The prefix and a message up to this size go out in one write; a bigger one is then
+# copied through copy_into's reused buffer (no fresh 1 MiB bytes per message).
+FIRST_CHUNK = 256 * 1024
+
+
 def write_message(
     directory: str,
     source: str | os.PathLike[str] | IO[bytes],
@@ -189,12 +193,15 @@ def write_message(
         try:
             try:
                 ends = LineEnds()
-                first = prefix + src.read(COPY_CHUNK)
+                first = prefix + src.read(FIRST_CHUNK)
                 ends.feed(first)
                 write_all(fd, first)
                 size = len(first)
                 if len(first) > len(prefix):
-                    size += copy_into(fd, src, ends)
+                    # A source that says it has only CRLF line ends (an SMTP message) is
+                    # not scanned again: counting CRLF costs ~0.8 ms per MiB.
+                    trusted = getattr(src, "crlf_only", False)
+                    size += copy_into(fd, src, None if trusted else ends)
                 if quota is not None and hint is None:
                     quota.check(size)
                 if internal_date is not None:

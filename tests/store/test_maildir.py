@@ -31,6 +31,29 @@ def test_delivery_lands_in_new_with_size_fields(user: User) -> None:
     assert sec.isdigit() and rest.startswith("M") and f"P{os.getpid()}Q" in rest
 
 
+def test_big_messages_are_copied_whole_and_their_crlf_size_counted(
+    user: User, tmp_path: Path
+) -> None:
+    """Past the first write (256 KiB) the copy goes through a reused buffer; bare LFs
+    are counted there too, unless the source says it has only CRLF (an SMTP message,
+    ``Message.crlf``), whose CRLF size is its size."""
+    from mailserv.envelope import Message
+
+    store = make_store("maildir")
+    crlf = b"Subject: big\r\n\r\n" + (b"y" * 78 + b"\r\n") * 40_000  # 3.2 MB
+    lf = crlf.replace(b"\r\n", b"\n")
+    spool = tmp_path / "spool"
+    for data, trusted in ((crlf, False), (lf, False), (crlf, True)):
+        spool.write_bytes(data)
+        with Message(str(spool), len(data), crlf=trusted).open() as source:
+            assert getattr(source, "crlf_only", False) is trusted
+            name = store.deliver(user, source, prefix=b"Delivered-To: a\r\n")
+        size = len(data) + 17
+        wsize = size + data.count(b"\n") - data.count(b"\r\n")
+        assert name.endswith(f",S={size},W={wsize}")
+        assert Path(user.mailbox, "new", name).read_bytes() == b"Delivered-To: a\r\n" + data
+
+
 def test_info_letters_and_unknown_letters_are_kept(user: User) -> None:
     store = make_store("maildir")
     store.deliver(user, io.BytesIO(MSG))

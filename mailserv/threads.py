@@ -51,6 +51,11 @@ class ThreadPools(Service):
                 self._started = True
         return pool
 
+    @property
+    def reactor(self) -> Any:
+        """The reactor the pools report to (mailserv.dns sends its queries from it)."""
+        return self._reactor
+
     def pools(self) -> dict[str, ThreadPool]:
         """Every pool by name (for metrics; does not start any)."""
         return dict(self._pools)

@@ -61,3 +61,128 @@ def test_timeout_is_a_temporary_failure(dns_server: Any, resolver: DNSResolver) 
     dns_server.set({"slow.example.test": {"TIMEOUT": True}})
     with pytest.raises(TemporaryFailure):
         yield resolver.lookup("slow.example.test", "A")
+
+
+# --------------------------------------------------------------------------
+# Lookups on the reactor: dnspython's resolution logic, Twisted's sockets, no thread
+
+
+class NoThreads:
+    """A ``threads`` that fails the test if a lookup needs a thread."""
+
+    def __init__(self, reactor: Any) -> None:
+        self.reactor = reactor
+
+    def run(self, name: str, fn: Any, *args: Any) -> Any:
+        raise AssertionError(f"a lookup went to the {name!r} thread pool")
+
+
+def _reactor_resolver(dns_server: Any, **kw: Any) -> DNSResolver:
+    from twisted.internet import reactor
+
+    servers = kw.pop("nameservers", [("127.0.0.1", dns_server.port)])
+    config = DNSSection(nameservers=servers, timeout=kw.pop("timeout", 1.0), **kw)
+    return DNSResolver(config, NoThreads(reactor))
+
+
+@pytest_twisted.inlineCallbacks
+def test_lookups_run_on_the_reactor_without_a_thread(dns_server: Any) -> Any:
+    dns_server.set({"example.test": {"A": ["127.0.0.2"], "TXT": ["hello"]}})
+    resolver = _reactor_resolver(dns_server)
+    a = yield resolver.lookup("example.test", "A")
+    assert [r.address for r in a.records] == ["127.0.0.2"]
+    missing = yield resolver.lookup("nope.example.test", "TXT")
+    assert missing.nxdomain and not missing
+    nodata = yield resolver.lookup("example.test", "MX")
+    assert not nodata.nxdomain and not nodata
+    with pytest.raises(TemporaryFailure):
+        dns_server.set({"slow.example.test": {"TIMEOUT": True}})
+        yield resolver.lookup("slow.example.test", "A")
+
+
+@pytest_twisted.inlineCallbacks
+def test_truncated_udp_answer_is_asked_again_over_tcp(dns_server: Any) -> Any:
+    # 12 strings of 200 bytes: far over the 1232-byte EDNS payload the resolver offers.
+    strings = [f"{i:02d}" + "x" * 198 for i in range(12)]
+    dns_server.set({"big.example.test": {"TXT": [strings]}})
+    resolver = _reactor_resolver(dns_server)
+    answer = yield resolver.lookup("big.example.test", "TXT")
+    assert [s.decode() for s in answer.records[0].strings] == strings
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_nameserver_that_refuses_is_skipped(dns_server: Any) -> Any:
+    import socket
+
+    dns_server.set({"example.test": {"A": ["127.0.0.2"]}})
+    closed = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    closed.bind(("127.0.0.1", 0))
+    dead_port = closed.getsockname()[1]
+    closed.close()  # nothing listens there: ICMP port unreachable
+    resolver = _reactor_resolver(
+        dns_server, nameservers=[("127.0.0.1", dead_port), ("127.0.0.1", dns_server.port)]
+    )
+    a = yield resolver.lookup("example.test", "A")
+    assert [r.address for r in a.records] == ["127.0.0.2"]
+    only_dead = _reactor_resolver(dns_server, nameservers=[("127.0.0.1", dead_port)])
+    with pytest.raises(TemporaryFailure):
+        yield only_dead.lookup("example.test", "A")
+
+
+@pytest_twisted.inlineCallbacks
+def test_answers_and_nxdomain_are_cached_and_shared_with_blocking_lookups(
+    dns_server: Any,
+) -> Any:
+    from twisted.internet import threads
+
+    dns_server.set({"example.test": {"A": ["127.0.0.2"]}})
+    resolver = _reactor_resolver(dns_server)
+    first = yield resolver.lookup("example.test", "A")
+    missing = yield resolver.lookup("gone.example.test", "A")
+    assert missing.nxdomain
+    # The server changes its mind; the cached answers (TTL 60 s) are kept.
+    dns_server.set(
+        {"example.test": {"A": ["127.0.0.3"]}, "gone.example.test": {"A": ["127.0.0.4"]}}
+    )
+    again = yield resolver.lookup("example.test", "A")
+    assert [r.address for r in again.records] == [r.address for r in first.records]
+    still_missing = yield resolver.lookup("gone.example.test", "A")
+    assert still_missing.nxdomain
+    blocking = yield threads.deferToThread(resolver.lookup_blocking, "example.test", "A")
+    assert [r.address for r in blocking.records] == ["127.0.0.2"]
+    # Without a cache every lookup asks the server.
+    uncached = _reactor_resolver(dns_server, cache_size=0)
+    fresh = yield uncached.lookup("example.test", "A")
+    assert [r.address for r in fresh.records] == ["127.0.0.3"]
+    dns_server.set({"example.test": {"A": ["127.0.0.5"]}})
+    fresher = yield uncached.lookup("example.test", "A")
+    assert [r.address for r in fresher.records] == ["127.0.0.5"]
+
+
+@pytest_twisted.inlineCallbacks
+def test_the_timeout_is_the_whole_lookup_time(dns_server: Any) -> Any:
+    import time
+
+    dns_server.set({"slow.example.test": {"TIMEOUT": True}})
+    resolver = _reactor_resolver(
+        dns_server,
+        timeout=0.5,
+        nameservers=[("127.0.0.1", dns_server.port), ("127.0.0.1", dns_server.port)],
+    )
+    started = time.monotonic()
+    with pytest.raises(TemporaryFailure):
+        yield resolver.lookup("slow.example.test", "A")
+    assert 0.4 < time.monotonic() - started < 1.5
+
+
+@pytest_twisted.inlineCallbacks
+def test_bad_names_are_nxdomain_on_the_reactor_too(dns_server: Any) -> Any:
+    resolver = _reactor_resolver(dns_server)
+    answer = yield resolver.lookup("a" * 70 + ".example.test", "A")
+    assert answer.nxdomain
+
+
+def test_the_service_thread_pools_give_the_resolver_its_reactor(resolver: DNSResolver) -> None:
+    from twisted.internet import reactor
+
+    assert resolver.reactor is reactor

@@ -406,10 +406,42 @@ def start_jobs(threads: Any, session: Any, envelope: Any, jobs: Mapping[str, Any
     """Run the message-stage ``jobs`` of several filters in one ``crypto`` pool job.
 
     The chain calls this before the first filter of the message stage; each
-    filter picks its result with ``prepared``.
+    filter picks its result with ``prepared``.  A job may be a Deferred of
+    its callable (DKIM looks its keys up on the reactor first): the thread
+    job starts when all of those fired; one that failed is that filter's
+    result.
     """
-    pending = Pending(threads.run("crypto", run_jobs, dict(jobs)))
-    session.notes[PREPARED] = (envelope.id, pending, frozenset(jobs))
+    from twisted.internet import defer
+
+    waiting = {name: job for name, job in jobs.items() if isinstance(job, defer.Deferred)}
+    if waiting:
+        d = _when_ready(threads, dict(jobs), waiting)
+    else:
+        d = threads.run("crypto", run_jobs, dict(jobs))
+    session.notes[PREPARED] = (envelope.id, Pending(d), frozenset(jobs))
+
+
+def _when_ready(threads: Any, ready: dict[str, Any], waiting: dict[str, Any]) -> Any:
+    from twisted.internet import defer
+
+    failed: dict[str, tuple[bool, Any]] = {}
+
+    def got(job: Any, name: str) -> None:
+        ready[name] = job
+
+    def lost(failure: Any, name: str) -> None:
+        del ready[name]
+        failed[name] = (False, failure.value)
+
+    def run(_: Any) -> Any:
+        d = threads.run("crypto", run_jobs, ready) if ready else defer.succeed({})
+        return d.addCallback(lambda out: {**out, **failed})
+
+    waits = [
+        job.addCallbacks(got, lost, callbackArgs=(name,), errbackArgs=(name,))
+        for name, job in waiting.items()
+    ]
+    return defer.gatherResults(waits).addCallback(run)
 
 
 def prepared(session: Any, envelope: Any, name: str) -> Any:

@@ -24,6 +24,7 @@ from typing import Any
 
 import dkim
 import dkim.crypto
+import dkim.util
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
@@ -201,13 +202,22 @@ class SignatureResult:
     body_length: int | None = None  # l= when present
 
 
-def txt_lookup(resolver: Any, state: dict[str, Any]) -> Callable[..., bytes | None]:
-    """dkimpy's ``dnsfunc``: the joined TXT strings of ``name``, None when there are none."""
+def txt_lookup(
+    resolver: Any, state: dict[str, Any], fetched: Mapping[str, Any] | None = None
+) -> Callable[..., bytes | None]:
+    """dkimpy's ``dnsfunc``: the joined TXT strings of ``name``, None when there are none.
+
+    ``fetched``: answers (or TemporaryFailures) already looked up, by name.
+    """
 
     def dnsfunc(name: bytes, timeout: float = 5) -> bytes | None:
         text = name.decode("ascii", "replace").rstrip(".")
         try:
-            answer = cached_answer(resolver, text, "TXT")
+            answer = fetched.get(text) if fetched else None
+            if isinstance(answer, TemporaryFailure):
+                raise answer
+            if answer is None:
+                answer = cached_answer(resolver, text, "TXT")
             if answer is None:
                 answer = resolver.lookup_blocking(text, "TXT")
         except TemporaryFailure as exc:
@@ -225,8 +235,58 @@ def _text(value: bytes | None) -> str:
     return (value or b"").decode("ascii", "replace")
 
 
+def key_names(message: Any, limit: int) -> list[str]:
+    """The key record names (``s._domainkey.d``) of the message's first ``limit`` signatures.
+
+    Signatures whose tags do not parse are left out (dkimpy reports them).
+    """
+    names: list[str] = []
+    for value in message.header("DKIM-Signature")[:limit]:
+        try:
+            tags = dkim.util.parse_tag_value(value)
+        except Exception:  # noqa: S112 - dkimpy gives the signature its permerror
+            continue
+        selector, domain = tags.get(b"s"), tags.get(b"d")
+        if selector and domain:
+            name = (selector + b"._domainkey." + domain).decode("ascii", "replace").rstrip(".")
+            if name not in names:
+                names.append(name)
+    return names
+
+
+def fetch_keys(resolver: Any, names: list[str]) -> Any:
+    """Deferred of ``{name: DNSAnswer | TemporaryFailure}`` for the key records not cached.
+
+    None when every one is cached (the job reads them from the cache).  Any
+    other failure leaves the name out: the job looks it up itself.
+    """
+    missing = [name for name in names if cached_answer(resolver, name, "TXT") is None]
+    if not missing:
+        return None
+    keys: dict[str, Any] = {}
+
+    def store(answer: Any, name: str) -> None:
+        keys[name] = answer
+
+    def failed(failure: Any, name: str) -> None:
+        if failure.check(TemporaryFailure):
+            keys[name] = failure.value
+
+    lookups = [
+        resolver.lookup(name, "TXT").addCallbacks(
+            store, failed, callbackArgs=(name,), errbackArgs=(name,)
+        )
+        for name in missing
+    ]
+    return defer.gatherResults(lookups).addCallback(lambda _: keys)
+
+
 def verify_message(
-    raw: bytes, resolver: Any, max_signatures: int, min_key_bits: int
+    raw: bytes,
+    resolver: Any,
+    max_signatures: int,
+    min_key_bits: int,
+    fetched: Mapping[str, Any] | None = None,
 ) -> list[SignatureResult]:
     """Verify every DKIM-Signature of ``raw`` (blocking: run in the crypto pool)."""
     try:
@@ -239,15 +299,17 @@ def verify_message(
         if idx >= max_signatures:
             results.append(SignatureResult("neutral", "", "", "", "", "", "signature limit"))
             continue
-        results.append(_verify_one(verifier, idx, resolver, raw))
+        results.append(_verify_one(verifier, idx, resolver, fetched))
     return results
 
 
-def _verify_one(verifier: Any, idx: int, resolver: Any, raw: bytes) -> SignatureResult:
+def _verify_one(
+    verifier: Any, idx: int, resolver: Any, fetched: Mapping[str, Any] | None
+) -> SignatureResult:
     state: dict[str, Any] = {}
     verifier.signature_fields = {}
     try:
-        ok = verifier.verify(idx, txt_lookup(resolver, state))
+        ok = verifier.verify(idx, txt_lookup(resolver, state, fetched))
         error = ""
     except dkim.ValidationError as exc:
         ok, error = False, str(exc)
@@ -311,18 +373,29 @@ class DKIMFilter(FilterBase):
         self.resolver = resolver_for(service)
         self.threads = service.threads
 
-    def _verify_file(self, message: Any) -> list[SignatureResult]:
+    def _verify_file(
+        self, message: Any, fetched: Mapping[str, Any] | None = None
+    ) -> list[SignatureResult]:
         with message.open() as f:
             raw = f.read()
         return verify_message(
-            raw, self.resolver, self.config.max_signatures, self.config.min_key_bits
+            raw, self.resolver, self.config.max_signatures, self.config.min_key_bits, fetched
         )
 
     def message_job(self, session: Any, envelope: Any, message: Any) -> Any:
-        """The verification, for the chain's one thread job per message."""
+        """The verification, for the chain's one thread job per message.
+
+        Keys not in the cache are looked up on the reactor first (a Deferred
+        of the job), so the job does not block a thread on DNS.
+        """
         if not message.header("DKIM-Signature") or message.size > self.config.max_size:
             return None
-        return functools.partial(self._verify_file, message)
+        fetching = fetch_keys(self.resolver, key_names(message, self.config.max_signatures))
+        if fetching is None:
+            return functools.partial(self._verify_file, message)
+        return fetching.addCallback(
+            lambda keys: functools.partial(self._verify_file, message, keys)
+        )
 
     @defer.inlineCallbacks
     def check_message(self, session: Any, envelope: Any, message: Any) -> Any:

@@ -279,3 +279,24 @@ def test_message_jobs_of_all_filters_run_as_one_thread_job_and_fail_closed() -> 
     assert threads.jobs == 1
     assert out[0].headers == [("X-good", "yes")]
     assert out[0].verdict.action is Action.TEMPFAIL and out[0].verdict.filter == "bad"
+
+
+def test_a_message_job_may_wait_for_a_deferred_before_the_thread_job_starts() -> None:
+    """``message_job`` may return a Deferred of its callable (DKIM fetching keys first)."""
+    threads = _InlineThreads()
+    ready: defer.Deferred[Any] = defer.Deferred()
+    waiting = _Worker("waiting", threads, ready)
+    other = _Worker("other", threads, lambda: "now")
+    session = Session(id="s3", listener="mx", protocol="smtp", peer_host="192.0.2.1")
+    out: list[Any] = []
+    chain = FilterChain([waiting, other], Clock())
+    chain.message(session, _envelope(), Message(None, 0, data=b"")).addCallback(out.append)
+    assert threads.jobs == 0 and not out
+    ready.callback(lambda: "fetched")
+    assert threads.jobs == 1
+    assert out[0].headers == [("X-waiting", "fetched"), ("X-other", "now")]
+    failing: defer.Deferred[Any] = defer.Deferred()
+    chain = FilterChain([_Worker("failing", threads, failing), other], Clock())
+    chain.message(session, _envelope(), Message(None, 0, data=b"")).addCallback(out.append)
+    failing.errback(RuntimeError("could not prepare"))
+    assert out[1].verdict.action is Action.TEMPFAIL and out[1].verdict.filter == "failing"

@@ -211,3 +211,39 @@ def test_fast_rfc822_parse_agrees_on_the_bench_message(dkim_keys: Any) -> None:
     text = f"From: Alice <alice@sender.test>\nTo: bob@example.test\nSubject: t\n\n{body}"
     raw = dkim_keys.sign(text.replace("\n", "\r\n").encode(), "sender.test", "rsa")
     assert ours._rfc822_parse(raw) == ours._slow_rfc822_parse(raw)
+
+
+@pytest_twisted.inlineCallbacks
+def test_keys_are_fetched_on_the_reactor_before_the_chains_thread_job(
+    filter_env: Any, dns_server: Any, dkim_keys: Any, monkeypatch: Any
+) -> Any:
+    """In the chain, uncached keys are looked up asynchronously before the crypto job."""
+    from twisted.internet import reactor
+
+    from mailserv.filters.chain import FilterChain
+
+    dns_server.set(
+        {
+            **dkim_keys.records("sender.test", "prefetch-rsa", "prefetch-ed"),
+            "late._domainkey.sender.test": {"TIMEOUT": True},
+        }
+    )
+    signed = dkim_keys.sign(MESSAGE, "sender.test", "rsa", selector="prefetch-rsa")
+    signed = dkim_keys.sign(signed, "sender.test", "ed25519", selector="prefetch-ed")
+    signed = dkim_keys.sign(signed, "sender.test", "rsa", selector="late")
+    flt = filter_env.build("dkim")
+
+    def blocking(name: str, rdtype: str) -> Any:
+        raise AssertionError(f"blocking lookup of {name} in the job")
+
+    monkeypatch.setattr(flt.resolver, "lookup_blocking", blocking)
+    session = filter_env.session()
+    envelope = filter_env.envelope("alice@sender.test", "bob@example.org")
+    stage = yield FilterChain([flt], reactor).message(session, envelope, filter_env.message(signed))
+    assert stage.verdict.action is Action.CONTINUE
+    results = results_for(session, envelope)
+    assert [(r.result, dict(r.properties)["header.s"]) for r in results.dkim] == [
+        ("temperror", "late"),
+        ("pass", "prefetch-ed"),
+        ("pass", "prefetch-rsa"),
+    ]

@@ -9,7 +9,10 @@ from the configuration, reply classes, delivery states; never an address, a user
   delivery attempts per outcome (sent/deferred/failed): counted from the structured log events
   each transaction and each delivery attempt already emits, so the figures are exactly what the
   log says;
-* the outbound queue: messages queued, held, and in delivery now;
+* the outbound queue: messages queued, held, and in delivery now; with ``[queue] delivery =
+  "process"`` the figures the worker reports every second, whether it runs
+  (``mailserv_queue_worker_up``) and its CPU and memory (``mailserv_queue_worker_process_*``);
+  its delivery events reach this process's log, where they are counted as inline;
 * thread pools: size, busy workers, queued jobs;
 * TLS: the expiry time of every configured certificate (alert before it lapses);
 * the process (CPU, memory, file descriptors) from prometheus-client's process collector.
@@ -33,6 +36,7 @@ from twisted.web import resource, server
 from zope.interface import implementer
 
 from mailserv import __version__
+from mailserv.queue.worker import WorkerMonitor
 
 _LOOPBACK = [ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128")]
 
@@ -112,18 +116,23 @@ class ServiceCollector:
             deliveries.add_metric([status], count)
         yield deliveries
 
-        # With [queue] delivery = "process" service.queue is the worker's monitor: no rows here.
-        rows = getattr(service.queue, "rows", None)
-        if rows is not None:
+        # The QueueService's own figures, or with [queue] delivery = "process" those the
+        # worker last reported to its monitor (none while no worker runs).
+        queue = service.queue
+        counts = queue.gauges() if queue is not None else None
+        if counts is not None:
             messages = GaugeMetricFamily(
                 "mailserv_queue_messages", "Messages in the outbound queue", labels=["state"]
             )
-            held = sum(1 for row in rows.values() if getattr(row, "hold", False))
-            in_delivery = len(service.queue.active)
-            messages.add_metric(["held"], held)
-            messages.add_metric(["delivering"], in_delivery)
-            messages.add_metric(["waiting"], max(0, len(rows) - held - in_delivery))
+            for state in ("held", "delivering", "waiting"):
+                messages.add_metric([state], counts.get(state, 0))
             yield messages
+        if isinstance(queue, WorkerMonitor):
+            yield GaugeMetricFamily(
+                "mailserv_queue_worker_up",
+                "1 while the delivery process runs",
+                value=1 if queue.pid is not None else 0,
+            )
 
         size = GaugeMetricFamily("mailserv_thread_pool_size", "Threads allowed", labels=["pool"])
         busy = GaugeMetricFamily("mailserv_thread_pool_busy", "Threads working", labels=["pool"])
@@ -186,6 +195,12 @@ class _QuietSite(server.Site):
         pass
 
 
+def _worker_pid(service: Any) -> int | str:
+    queue = service.queue  # built after the listeners: looked up at scrape time
+    pid = queue.pid if isinstance(queue, WorkerMonitor) else None
+    return pid if pid is not None else "-"
+
+
 def build_factory(service: Any, name: str, listener: Any) -> server.Site:
     """The HTTP factory of a metrics listener: ``/metrics``, everything else 404."""
     events = service.metric_events  # one observer for every metrics listener
@@ -198,6 +213,10 @@ def build_factory(service: Any, name: str, listener: Any) -> server.Site:
     registry = CollectorRegistry(auto_describe=False)
     registry.register(ServiceCollector(service, events))
     ProcessCollector(registry=registry)
+    # /proc/<pid> of the running delivery process; nothing while none runs, or inline.
+    ProcessCollector(
+        namespace="mailserv_queue_worker", pid=lambda: _worker_pid(service), registry=registry
+    )
     root = resource.Resource()
     root.putChild(b"metrics", MetricsResource(registry, listener.allow_from))
     site = _QuietSite(root)

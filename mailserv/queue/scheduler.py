@@ -308,6 +308,13 @@ class QueueService(Service):
     def _disk(self, fn: Callable[..., Any], *args: Any) -> defer.Deferred[Any]:
         return self.threads.run("disk", fn, *args)  # type: ignore[no-any-return]
 
+    def gauges(self) -> dict[str, int]:
+        """Messages in the queue now: held, in delivery, waiting (the metrics' gauges)."""
+        held = sum(1 for row in self.rows.values() if row.hold)
+        delivering = len(self.active)
+        waiting = max(0, len(self.rows) - held - delivering)
+        return {"held": held, "delivering": delivering, "waiting": waiting}
+
     def wait_idle(self) -> defer.Deferred[None]:
         """Fires when no attempt is running (tests, drain)."""
         if not self.active:

@@ -23,9 +23,10 @@ import pytest
 from mailserv.config import from_dict
 from mailserv.queue.scheduler import QueueService
 from mailserv.service import MailService
+from tests.integration.test_metrics import _samples, _scrape
 from tests.queue.conftest import free_port
 from tests.queue.test_crash import delivered, queued, remote_config, start, start_sink
-from tests.support.process import REPO, MailservProcess
+from tests.support.process import REPO, MailservProcess, start_mailserv
 from tests.support.process import test_config as make_config
 
 WORKER_PID = re.compile(r"\[queue\] queue worker pid=(\d+) delivering")
@@ -209,3 +210,141 @@ def test_worker_waits_for_a_lock_held_elsewhere(relay: Any, state_dir: Path) -> 
     wait_for(lambda: "[queue] queue worker took the queue lock" in proc.log, what="lock taken")
     delivered_by(proc, worker, dump, state_dir, ["crash-0"])
     stop_both(proc, worker)
+
+
+def metrics_reaching(port: int, expected: dict[str, float]) -> dict[str, float] | None:
+    """The samples of a scrape if they have the ``expected`` values, else None."""
+    samples = _samples(_scrape(port)[2])
+    return samples if all(samples.get(k) == v for k, v in expected.items()) else None
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_metrics_of_the_parent_show_the_workers_queue_and_deliveries(
+    mailserv: Any, state_dir: Path, tmp_path: Path, dns_server: Any, require_program: Any
+) -> None:
+    """/metrics of twistd reports what the worker process does: its delivery outcomes (the
+    same counters as inline delivery) and its queue gauges."""
+    sink = require_program("smtp-sink")
+    port = free_port(["127.0.0.2"])
+    config = remote_config(state_dir, dns_server, port, delivery="process")
+    config["listeners"]["metrics"] = {
+        "protocol": "metrics",
+        "endpoints": ["tcp:0:interface=127.0.0.1"],
+        "tls": "none",
+    }
+    path = mailserv.write_config(config)
+    with open(path, "a", encoding="utf-8") as f:
+        f.write('\n[aliases]\n"fwd@example.test" = "x@remote.test"\n')
+    proc = start_mailserv(["--config", str(path)], mailserv.tmp_path, 2)
+    mailserv.running.append(proc)
+    wait_for(lambda: worker_pids(proc), what="the worker's start line")
+    metrics = proc.port("metrics")
+    send(proc.port("mx"), ["crash-0", "crash-1"])  # no sink yet: both are deferred
+
+    deferred = 'mailserv_queue_delivery_attempts_total{status="deferred"}'
+    sent = 'mailserv_queue_delivery_attempts_total{status="sent"}'
+    waiting = 'mailserv_queue_messages{state="waiting"}'
+    samples = wait_for(
+        lambda: metrics_reaching(metrics, {deferred: 2, waiting: 2}),
+        what="deferred attempts and waiting messages",
+    )
+    assert samples['mailserv_queue_messages{state="held"}'] == 0
+    assert samples["mailserv_queue_worker_up"] == 1
+    assert samples["mailserv_queue_worker_process_resident_memory_bytes"] > 1e6
+
+    dump = tmp_path / "dump"
+    sink_proc = start_sink(sink, dump, port)
+    try:
+        env = dict(os.environ, PYTHONPATH=str(REPO))
+        cli = [sys.executable, "-m", "mailserv.cli.main", "queue", "--config"]
+        cli += [str(path), "flush"]
+        subprocess.run(cli, env=env, capture_output=True, text=True, check=True)
+        wait_for(lambda: delivered(dump) == {"crash-0", "crash-1"}, what="delivery after flush")
+
+        samples = wait_for(
+            lambda: metrics_reaching(metrics, {sent: 2, waiting: 0}),
+            what="sent attempts and an empty queue",
+        )
+        assert samples[deferred] == 2
+        assert samples['mailserv_queue_messages{state="delivering"}'] == 0
+        assert proc.stop(signal.SIGTERM) == 0
+    finally:
+        sink_proc.terminate()
+        sink_proc.wait(10)
+    # The worker's lines are relayed whole: no empty "[queue] " line (ProcessMonitor's
+    # LineLogger added one at every exit), a warning keeps its level.
+    lines = proc.log.splitlines()
+    assert not [line for line in lines if re.search(r"\[queue[^\]]*\]\s*$", line)], lines
+    sent_lines = [line for line in lines if "status=sent" in line]
+    assert len(sent_lines) == 2, sent_lines
+    assert all("[queue] queue " in line for line in sent_lines), sent_lines
+
+
+class _Monitor:
+    """What WorkerProtocol needs of its WorkerMonitor."""
+
+    def __init__(self) -> None:
+        from twisted.logger import Logger
+
+        self.events: list[dict[str, Any]] = []
+        self.log = Logger(observer=self.events.append)
+        self._gauges: dict[str, int] | None = None
+        self.exited: list[str] = []
+
+    def _monitoredProcessExited(self, name: str, reason: Any = None) -> None:
+        self.exited.append(name)
+
+
+def test_worker_events_reach_the_parent_whole_with_fields_levels_and_gauges() -> None:
+    import io
+
+    from twisted.logger import Logger, LogLevel, formatEventAsClassicLogText
+    from twisted.python.failure import Failure
+
+    from mailserv.metrics import EventCounters
+    from mailserv.queue.worker import ParentRelay, WorkerProtocol
+
+    out = io.StringIO()
+    relay = ParentRelay(out)
+    log = Logger(observer=relay, namespace="mailserv.queue.scheduler")
+    log.info(
+        "queue {id} to=<{rcpt}> status={status} via={mta}",
+        id="X1",
+        rcpt="b@remote.test",
+        status="sent",
+        mta=object(),  # not JSON: its text still arrives
+    )
+    log.warn("queue: {host} refused", host="mx.remote.test")
+    try:
+        raise ZeroDivisionError("division by zero")
+    except ZeroDivisionError:
+        log.failure("queue attempt {id} failed", id="X2")
+    relay.gauges({"held": 1, "delivering": 2, "waiting": 3})
+    data = out.getvalue().encode() + b"a stray line from a library\n\npartial"
+
+    monitor = _Monitor()
+    protocol = WorkerProtocol(monitor, "queue")  # type: ignore[arg-type]
+    for i in range(0, len(data), 7):  # any chunking of the pipe
+        protocol.outReceived(data[i : i + 7])
+    protocol.errReceived(b"Traceback (most recent call last):\n")
+    protocol.processEnded(Failure(Exception("ended")))
+
+    texts = [formatEventAsClassicLogText(e) or "" for e in monitor.events]
+    assert [t.split(" ", 1)[1].splitlines()[0] for t in texts] == [
+        "[queue] queue X1 to=<b@remote.test> status=sent via=<object object at "
+        + texts[0].split("<object object at ")[1].split("\n")[0],
+        "[queue#warn] queue: mx.remote.test refused",
+        "[queue#critical] queue attempt X2 failed",
+        "[queue] a stray line from a library",
+        "[queue#warn] Traceback (most recent call last):",
+        "[queue] partial",
+    ]
+    assert "ZeroDivisionError: division by zero" in texts[2]
+    assert monitor.events[1]["log_level"] == LogLevel.warn
+    assert monitor._gauges == {"held": 1, "delivering": 2, "waiting": 3}
+    assert monitor.exited == ["queue"]
+    counters = EventCounters()
+    for event in monitor.events:
+        counters(event)
+    assert counters.deliveries == {"sent": 1}

@@ -68,7 +68,7 @@ def test_listed_link_rejected_or_tagged(filter_env: Any, dns_server: Any) -> Any
 
 
 def test_link_scan_finds_what_a_full_regex_scan_finds() -> None:
-    """``_links`` tries the pattern only where http/www occur: the same matches as finditer."""
+    """``_link_hosts`` scans the lowercased text: the same links as a case-insensitive finditer."""
     import random
 
     from mailserv.filters import uribl
@@ -78,5 +78,59 @@ def test_link_scan_finds_what_a_full_regex_scan_finds() -> None:
     pieces += ["x.example", "user@", "[1.2.3.4]", "-", "ahttp://b.c", "swww.d.e", "://", ":"]
     for _ in range(5000):
         text = "".join(rng.choice(pieces) for _ in range(rng.randint(0, 30)))
-        full = [(m.start(), m.group(0)) for m in uribl._URL.finditer(text)]
-        assert [(m.start(), m.group(0)) for m in uribl._links(text)] == full, text
+        full = [
+            (m.group(1).lower(), m.group(0)[:4].lower() == "www.")
+            for m in uribl._URL.finditer(text)
+        ]
+        found = [(host.lower(), www) for host, www in uribl._link_hosts(text)]
+        assert list(dict.fromkeys(found)) == list(dict.fromkeys(full)), text
+
+
+def _reference_domains(text: str, limit: int) -> list[str]:
+    """The registered domains of a full case-insensitive ``_URL`` scan, in order, deduplicated."""
+    from mailserv.filters import uribl
+
+    found: dict[str, None] = {}
+    seen: set[tuple[str, bool]] = set()
+    for match in uribl._URL.finditer(text):
+        host = (match.group(1), match.group(0)[:4].lower() == "www.")
+        if host in seen:
+            continue
+        seen.add(host)
+        name = uribl._host_name(*host)
+        if name:
+            found.setdefault(name, None)
+            if len(found) >= limit:
+                break
+    return list(found)
+
+
+def test_domain_scan_finds_what_a_case_insensitive_scan_finds() -> None:
+    import random
+
+    from mailserv.filters import uribl
+
+    rng = random.Random(11)
+    pieces = ["http://", "https://", "HTTPS://", "www.", "Www.", "WWW.", "hTTp://", "http\u017f://"]
+    pieces += ["x.Example", "EXAMPLE.net", "a.b.co.uk", "user@", "[1.2.3.4]", "[::1]", "[AB::Cd]"]
+    pieces += [
+        "a",
+        ".",
+        "/",
+        " ",
+        "\n",
+        "-",
+        ":",
+        "ahttp://b.c",
+        "swww.d.e",
+        "é",
+        "İ",
+        "K",
+        "_www.x",
+        "1http://y",
+    ]
+    pieces += ["bücher.example", "ß", "?", "#", "<", ">", '"', "'", "(", ")"]
+    for _ in range(5000):
+        text = "".join(rng.choice(pieces) for _ in range(rng.randint(0, 40)))
+        for limit in (1, 3, 20):
+            assert uribl._domains_in([text], limit) == _reference_domains(text, limit), text

@@ -294,8 +294,8 @@ class GreylistFilter(FilterBase):
             return True
         return any(ip in net for net in self.config.allowlist)
 
-    @defer.inlineCallbacks
     def check_recipient(self, session: Any, envelope: Any, rcpt: Any) -> Any:
+        """CONTINUE at once for a triplet that passed recently, else a Deferred verdict."""
         if self._skip(session):
             return CONTINUE
         cfg = self.config
@@ -308,6 +308,11 @@ class GreylistFilter(FilterBase):
         passed_at = self._recent.get(triplet)
         if passed_at is not None and now - passed_at < RECENT:
             return CONTINUE
+        return self._check_stored(triplet, now)
+
+    @defer.inlineCallbacks
+    def _check_stored(self, triplet: tuple[str, str, str], now: float) -> Any:
+        cfg = self.config
         if now - self._last_expiry > 3600:
             self._last_expiry = now
             yield self.store.expire(now, cfg.retry_window, cfg.expire)

@@ -187,21 +187,26 @@ class SPFFilter(FilterBase):
         # Mail from this host itself is not checked (as policyd-spf does).
         return ip.is_loopback or any(ip in net for net in self.config.trusted_networks)
 
-    @defer.inlineCallbacks
     def check_sender(self, session: Any, envelope: Any) -> Any:
+        """The verdict at once when a recent result is reused, else a Deferred of it."""
         if self._skip(session):
             return CONTINUE
-        results = results_for(session, envelope)
         helo = session.helo or ""
-        ip = session.peer_host
-        headers: list[tuple[str, str]] = []
-        helo_check, mail_check = yield self._evaluate(
-            ip,
+        checks = self._evaluate(
+            session.peer_host,
             envelope.sender,
             helo,
             self.config.check_helo and _checkable_helo(helo),
             envelope.mail_from is not None,
         )
+        if isinstance(checks, defer.Deferred):
+            return checks.addCallback(self._verdict, session, envelope, helo)
+        return self._verdict(checks, session, envelope, helo)
+
+    def _verdict(self, checks: Any, session: Any, envelope: Any, helo: str) -> Verdict:
+        results = results_for(session, envelope)
+        headers: list[tuple[str, str]] = []
+        helo_check, mail_check = checks
         if helo_check is not None:
             check = helo_check
             results.spf.append(

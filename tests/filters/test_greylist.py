@@ -151,3 +151,27 @@ def test_backend_must_be_an_sql_table(plain_env: Any) -> None:
     [problem] = info.value.problems
     assert problem.key == "pipelines.inbound[0].backend"
     assert problem.message == "no [auth.backend.nope] table of type sql"
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_recent_pass_is_answered_at_once(plain_env: Any) -> Any:
+    """A triplet that passed within the hour: a Verdict, not a Deferred (no database)."""
+    from mailserv.filters.base import Verdict
+
+    clock = Clock()
+    clock.advance(1_000_000)
+    flt = GreylistFilter({"delay": "0s"}, plain_env.service, clock=clock)
+    assert (yield attempt(plain_env, flt, "192.0.2.1", "a@sender.test", "bob@example.org")) is (
+        Action.TEMPFAIL
+    )
+    clock.advance(1)
+    assert (yield attempt(plain_env, flt, "192.0.2.1", "a@sender.test", "bob@example.org")) is (
+        Action.CONTINUE
+    )
+    envelope = plain_env.envelope("a@sender.test", "bob@example.org")
+    verdict = flt.check_recipient(plain_env.session("192.0.2.9"), envelope, envelope.recipients[0])
+    assert isinstance(verdict, Verdict) and verdict.action is Action.CONTINUE
+    clock.advance(3601)  # no longer recent: asked from the database again (and passes)
+    verdict = flt.check_recipient(plain_env.session("192.0.2.9"), envelope, envelope.recipients[0])
+    assert not isinstance(verdict, Verdict)
+    assert (yield verdict).action is Action.CONTINUE

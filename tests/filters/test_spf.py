@@ -154,3 +154,21 @@ def test_recent_results_are_reused_briefly(filter_env: Any, dns_server: Any) -> 
     assert verdict.action is Action.REJECT
     verdict = yield cached.check_sender(session, filter_env.envelope("b@sender.test"))
     assert verdict.action is Action.REJECT  # another sender: evaluated afresh
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_reused_result_is_a_verdict_at_once(filter_env: Any, dns_server: Any) -> Any:
+    from mailserv.filters.base import Verdict
+
+    dns_server.set({"sender.test": {"TXT": ["v=spf1 ip4:192.0.2.0/24 -all"]}})
+    flt = filter_env.build("spf", check_helo=False)
+    session = filter_env.session("192.0.2.1")
+    envelope = filter_env.envelope("a@sender.test")
+    first = yield flt.check_sender(session, envelope)
+    first_results = [r.render() for r in results_for(session, envelope).spf]
+    again_envelope = filter_env.envelope("a@sender.test")
+    again = flt.check_sender(session, again_envelope)
+    assert isinstance(again, Verdict)
+    assert (again.action, again.headers) == (first.action, first.headers)
+    assert [r.render() for r in results_for(session, again_envelope).spf] == first_results
+    assert results_for(session, again_envelope).spf_mailfrom == "pass"

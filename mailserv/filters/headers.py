@@ -166,10 +166,10 @@ class HeadersFilter(FilterBase):
         self.config = load_options(HeadersOptions, self.options)
         self.authserv_id = authserv_id(service, self.config.authserv_id)
 
-    @defer.inlineCallbacks
     def check_message(self, session: Any, envelope: Any, message: Any) -> Any:
-        results = results_for(session, envelope)
-        found = yield run_on_message(
+        """The verdict at once for a small message in memory with nothing forged to
+        remove, else a Deferred of it."""
+        found = run_on_message(
             self.service.threads,
             "disk",
             analyse,
@@ -177,9 +177,21 @@ class HeadersFilter(FilterBase):
             bool(envelope.smtputf8),
             getattr(session, "protocol", "smtp") == "submission",
         )
+        if isinstance(found, defer.Deferred):
+            return found.addCallback(self._remove_forged, session, envelope, message)
+        return self._remove_forged(found, session, envelope, message)
+
+    def _remove_forged(self, found: Any, session: Any, envelope: Any, message: Any) -> Any:
+        removed: Any = 0
         if self.config.remove_forged_authres:
-            removed = yield remove_forged(self.service, message, self.authserv_id)
-            results.forged_removed += removed
+            removed = remove_forged(self.service, message, self.authserv_id)
+        if isinstance(removed, defer.Deferred):
+            return removed.addCallback(lambda count: self._verdict(found, session, envelope, count))
+        return self._verdict(found, session, envelope, removed)
+
+    def _verdict(self, found: Any, session: Any, envelope: Any, removed: int) -> Verdict:
+        results = results_for(session, envelope)
+        results.forged_removed += removed
         if not found.problems:
             return CONTINUE
         worst = max(

@@ -164,17 +164,27 @@ class URIBLFilter(FilterBase):
         raw = _read(message, self.config.max_body_bytes)
         return extract_domains(raw, self.config.max_domains)
 
-    @defer.inlineCallbacks
     def check_message(self, session: Any, envelope: Any, message: Any) -> Any:
-        cfg = self.config
-        domains = yield run_on_message(self.threads, "crypto", self._domains, message)
+        """The verdict at once for a small message in memory whose blocklist answers
+        are cached, else a Deferred of it."""
+        domains = run_on_message(self.threads, "crypto", self._domains, message)
+        if isinstance(domains, defer.Deferred):
+            return domains.addCallback(self._look_up, session, envelope)
+        return self._look_up(domains, session, envelope)
+
+    def _look_up(self, domains: list[str], session: Any, envelope: Any) -> Any:
         if not domains:
             return CONTINUE
-        lookups: list[Any] = [cached_result(self.resolver, name, cfg.zones) for name in domains]
+        zones = self.config.zones
+        lookups: list[Any] = [cached_result(self.resolver, name, zones) for name in domains]
         if any(result is None for result in lookups):
-            lookups = yield defer.gatherResults(
-                [query_zones(self.resolver, name, cfg.zones) for name in domains]
-            )
+            return defer.gatherResults(
+                [query_zones(self.resolver, name, zones) for name in domains]
+            ).addCallback(self._verdict, domains, session, envelope)
+        return self._verdict(lookups, domains, session, envelope)
+
+    def _verdict(self, lookups: list[Any], domains: list[str], session: Any, envelope: Any) -> Any:
+        cfg = self.config
         listed = []
         score = 0
         errors = False

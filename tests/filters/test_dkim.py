@@ -247,3 +247,29 @@ def test_keys_are_fetched_on_the_reactor_before_the_chains_thread_job(
         ("pass", "prefetch-ed"),
         ("pass", "prefetch-rsa"),
     ]
+
+
+def test_key_names_are_those_dkimpy_looks_up(dkim_keys: Any, filter_env: Any) -> None:
+    """The names fetched early are the names dkimpy asks its dnsfunc for."""
+    import dkim
+
+    from mailserv.filters import dkim as ours
+
+    signed = dkim_keys.sign(MESSAGE, "Sender.test", "rsa", selector="one")
+    signed = dkim_keys.sign(signed, "sub.sender.test", "ed25519", selector="two")
+    signed = dkim_keys.sign(signed, "sender.test", "rsa", selector="one")
+    asked: list[str] = []
+
+    def dnsfunc(name: bytes, timeout: float = 5) -> None:
+        asked.append(name.decode().rstrip("."))
+        return None
+
+    verifier = dkim.DKIM(signed)
+    for idx in range(3):
+        try:
+            verifier.verify(idx, dnsfunc)
+        except dkim.DKIMException:
+            pass
+    message = filter_env.message(signed)
+    assert ours.key_names(message, 5) == list(dict.fromkeys(asked))
+    assert ours.key_names(message, 1) == asked[:1]

@@ -140,3 +140,20 @@ def test_submission_gets_date_and_message_id_from_the_msa(plain_env: Any) -> Any
     envelope = plain_env.envelope("alice@sender.test", "bob@example.org")
     verdict = yield flt.check_message(session, envelope, plain_env.message(crlf(head + "\nHi.\n")))
     assert verdict.action is Action.CONTINUE and verdict.headers == ()
+
+
+def test_a_small_message_in_memory_is_answered_at_once(plain_env: Any) -> None:
+    """Analysed inline and nothing forged to remove: a Verdict, not a Deferred."""
+    from mailserv.filters.base import Verdict
+
+    flt = plain_env.build("headers")
+    envelope = plain_env.envelope("alice@sender.test", "bob@example.org")
+    good = flt.check_message(
+        plain_env.session(), envelope, plain_env.message(crlf(GOOD + "\nHi.\n"), memory=True)
+    )
+    assert isinstance(good, Verdict) and good.action is Action.CONTINUE and good.headers == ()
+    head = GOOD.replace("Date: Wed, 25 Nov 2026 10:00:00 +0000\n", "")
+    tagged = flt.check_message(
+        plain_env.session(), envelope, plain_env.message(crlf(head + "\nHi.\n"), memory=True)
+    )
+    assert isinstance(tagged, Verdict) and tagged.action is Action.CONTINUE and tagged.headers

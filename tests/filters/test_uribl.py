@@ -134,3 +134,22 @@ def test_domain_scan_finds_what_a_case_insensitive_scan_finds() -> None:
         text = "".join(rng.choice(pieces) for _ in range(rng.randint(0, 40)))
         for limit in (1, 3, 20):
             assert uribl._domains_in([text], limit) == _reference_domains(text, limit), text
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_small_message_with_cached_answers_is_answered_at_once(
+    filter_env: Any, dns_server: Any
+) -> Any:
+    from mailserv.filters.base import Verdict
+    from tests.filters.conftest import crlf
+
+    dns_server.set({"listed.test.now.surbl.test": {"A": ["127.0.0.2"], "TXT": ["bad"]}})
+    flt = filter_env.build("uribl", zones=["now.surbl.test"], action="tag")
+    raw = crlf("Subject: x\n\nsee http://www.listed.test/ and https://clean.test/x\n")
+    session = filter_env.session()
+    envelope = filter_env.envelope("a@s.test", "bob@example.org")
+    first = yield flt.check_message(session, envelope, filter_env.message(raw, memory=True))
+    again = flt.check_message(session, envelope, filter_env.message(raw, memory=True))
+    assert isinstance(again, Verdict)
+    assert (again.action, again.headers) == (first.action, first.headers)
+    assert again.headers == (("X-Mailserv-URIBL", "listed.test in now.surbl.test"),)

@@ -212,7 +212,8 @@ _UNSAFE = re.compile(r"[\x00-\x1f\x7f]")
 
 def clean(text: str, limit: int = 200) -> str:
     """Text from the network made safe for a header: no controls, bounded length."""
-    text = _UNSAFE.sub("?", text)
+    if not text.isprintable():  # controls are never printable: most text needs no pass
+        text = _UNSAFE.sub("?", text)
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 

@@ -28,7 +28,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import regex
-from twisted.internet import defer
 from twisted.logger import Logger
 from zope.interface import implementer
 
@@ -315,14 +314,15 @@ class RulesFilter(FilterBase):
             return None
         return self._job(message)
 
-    @defer.inlineCallbacks
     def check_message(self, session: Any, envelope: Any, message: Any) -> Any:
         if not self.header_rules and not self.body_rules:
             return CONTINUE
         job = prepared(session, envelope, self.name)
         if job is None:
             job = self.threads.run("crypto", self._job(message))
-        hits = yield job
+        return job.addCallback(self._verdict, session, envelope)
+
+    def _verdict(self, hits: list[Any], session: Any, envelope: Any) -> Verdict:
         headers: list[tuple[str, str]] = []
         results = results_for(session, envelope)
         for hit in hits:

@@ -32,3 +32,10 @@ ms_start() {
         -n --pidfile= --logfile="$dir/twistd.log" "$@" mailserv --config "$dir/mailserv.toml") &
     MS_PID=$!
 }
+
+port_free() {  # a server left over from another run would take the benchmark's connections
+    if ss -ltnH "sport = :$1" | grep -q LISTEN; then
+        echo "port $1 is in use (a server left from another run?)" >&2
+        return 1
+    fi
+}

@@ -57,6 +57,8 @@ fsync = true
 quota = "100G"  # the benchmark fills one mailbox with 600 MB
 EOF
 } > "$W/ms/mailserv.toml"
+port_free "$MS_PORT"
+port_free "$PF_PORT"
 ms_start "$W/ms"
 
 # ---------------------------------------------------------------- Postfix
@@ -143,11 +145,14 @@ if __name__ == "__main__":
         print(f"{throughput(sys.argv[2], int(sys.argv[3]), sys.argv[4], *map(int, sys.argv[5:8])):.1f}")
     elif what == "latency":
         print(f"{latency(int(sys.argv[2]), sys.argv[3]) * 1000:.2f}")
-    elif what == "rss":
-        with open(f"/proc/{sys.argv[2]}/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    print(int(line.split()[1]) // 1024)
+    elif what == "rss":  # peak RSS of each pid, and the sum of their current PSS
+        peaks, pss = [], 0
+        for pid in sys.argv[2:]:
+            with open(f"/proc/{pid}/status") as f:
+                peaks += [int(l.split()[1]) // 1024 for l in f if l.startswith("VmHWM:")]
+            with open(f"/proc/{pid}/smaps_rollup") as f:
+                pss += sum(int(l.split()[1]) for l in f if l.startswith("Pss:"))
+        print(" + ".join(map(str, peaks)), f"MB (PSS of all now: {pss // 1024} MB)")
 EOF
 
 M() { "$PYTHON" "$W/measure.py" "$@"; }
@@ -175,4 +180,5 @@ ms=$(M latency "$MS_PORT" "$MS_NEW")
 pf=$(M latency "$PF_PORT" "$PF_NEW")
 printf "%-28s %10sms %10sms %7.2fx\n" "median latency to maildir" "$ms" "$pf" "$(echo "$ms / $pf" | bc -l)"
 TWISTD_PID=$(pgrep -P "$MS_PID" -f twistd || echo "$MS_PID")
-echo "mailserv peak RSS: $(M rss "$TWISTD_PID") MB"
+HELPERS=$(pgrep -P "$TWISTD_PID" -f mailserv.helper_child | tr '\n' ' ')
+echo "mailserv peak RSS, twistd + delivery helpers: $(M rss "$TWISTD_PID" $HELPERS)"

@@ -10,6 +10,8 @@
 #
 # Usage: bench/relay.sh     (env: PYTHON, MESSAGES=2000, SIZE=4096, SESSIONS=20, ROUNDS=3, KEEP=1,
 #                           DELIVERY=process|inline: mailserv's [queue] delivery (default process),
+#                           BASELINE=DIR: also run the mailserv of another checkout DIR (e.g. an
+#                           older commit: git worktree add /tmp/base COMMIT) in the same rounds,
 #                           PROFILE=FILE: cProfile stats of the twistd process, for diagnosis only)
 set -euo pipefail
 
@@ -26,6 +28,9 @@ DELIVERY=${DELIVERY:-process}
 MS_PORT=${MS_PORT:-23525}
 PF_PORT=${PF_PORT:-23526}
 SINK_PORT=${SINK_PORT:-23527}
+BASE_PORT=${BASE_PORT:-23528}
+BASELINE=${BASELINE:-}
+[ -z "$BASELINE" ] || [ -d "$BASELINE/mailserv" ] || { echo "BASELINE=$BASELINE: no mailserv/ there" >&2; exit 2; }
 SMTP_SOURCE=$(command -v smtp-source || echo /usr/sbin/smtp-source)
 SMTP_SINK=$(command -v smtp-sink || echo /usr/sbin/smtp-sink)
 POSTFIX=$(command -v postfix || echo /usr/sbin/postfix)
@@ -65,14 +70,15 @@ for _ in $(seq 100); do [ -s "$W/dns/port" ] && break; sleep 0.1; done
 DNS_PORT=$(cat "$W/dns/port")
 
 # ---------------------------------------------------------------- mailserv
-mkdir -p "$W/ms"
-: > "$W/ms/users.passwd"
-{
-    ms_config_head "$W/ms" "$MS_PORT"
-    cat <<EOF
+ms_config() {  # DIR PORT: the configuration of a benchmark mailserv in DIR
+    mkdir -p "$1"
+    : > "$1/users.passwd"
+    {
+        ms_config_head "$1" "$2"
+        cat <<EOF
 [store]
 format = "maildir"
-path = "$W/ms/mail/{domain}/{localpart}/Maildir"
+path = "$1/mail/{domain}/{localpart}/Maildir"
 [dns]
 nameservers = ["127.0.0.1:$DNS_PORT"]
 [queue]
@@ -81,7 +87,16 @@ delivery = "$DELIVERY"
 [aliases]
 "relay@example.test" = "sink@remote.test"
 EOF
-} > "$W/ms/mailserv.toml"
+    } > "$1/mailserv.toml"
+}
+BASE_PID=""
+if [ -n "$BASELINE" ]; then  # the other checkout's mailserv: its own state, the same sink
+    ms_config "$W/base" "$BASE_PORT"
+    ROOT=$BASELINE ms_start "$W/base"
+    BASE_PID=$MS_PID
+    PIDS+=("$BASE_PID")
+fi
+ms_config "$W/ms" "$MS_PORT"
 PROFILE_ARGS=()
 [ -n "${PROFILE:-}" ] && PROFILE_ARGS=(--profile="$PROFILE" --profiler=cprofile --savestats)
 ms_start "$W/ms" "${PROFILE_ARGS[@]}"
@@ -110,7 +125,7 @@ chown -R postfix "$PF/data"
 # ---------------------------------------------------------------- measurements
 cat > "$W/measure.py" <<'EOF'
 """Timing helper of bench/relay.sh: messages per second from submission to an empty queue."""
-import glob, os, socket, statistics, subprocess, sys, time
+import os, socket, subprocess, sys, time
 
 
 def wait_port(host, port, timeout=30):
@@ -125,8 +140,10 @@ def wait_port(host, port, timeout=30):
 
 
 def queued(kind, spool):
+    # Polled every 10 ms while the other cores deliver: a listing, not a glob (fnmatch of
+    # thousands of names per poll cost ~0.3 ms of CPU per message delivered).
     if kind == "mailserv":
-        return len(glob.glob(os.path.join(spool, "*.env")))
+        return sum(1 for name in os.listdir(spool) if name.endswith(".env"))
     return sum(len(files) for sub in ("maildrop", "incoming", "active", "deferred", "hold")
                for _, _, files in os.walk(os.path.join(spool, sub)))
 
@@ -154,7 +171,7 @@ def all_deferred(kind, spool, msgs):
     deadline = time.monotonic() + 600
     while True:
         if kind == "mailserv":
-            done = len(glob.glob(os.path.join(spool, "*.state")))
+            done = sum(1 for name in os.listdir(spool) if name.endswith(".state"))
         else:
             done = sum(len(f) for _, _, f in os.walk(os.path.join(spool, "deferred")))
         if done >= msgs:
@@ -164,9 +181,24 @@ def all_deferred(kind, spool, msgs):
         time.sleep(0.05)
 
 
+def flush_request(spool):
+    """What `mailserv queue flush` does for a running server (mailserv/queue/state.py
+    post_control), without the CLI's interpreter start (~0.3 s, not the delivery engine's)."""
+    name = f"{time.time():.6f}-bench.json"
+    tmp = os.path.join(spool, "control", f".{name}.tmp")
+    with open(tmp, "w") as f:
+        f.write('{"op": "flush", "id": null}')
+        f.flush()
+        os.fsync(f.fileno())
+    os.rename(tmp, os.path.join(spool, "control", name))
+
+
 def drain(kind, spool, command, msgs):
     start = time.monotonic()
-    subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+    if command == ["flush"]:
+        flush_request(spool)
+    else:
+        subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
     deadline = time.monotonic() + 600
     while queued(kind, spool):
         if time.monotonic() > deadline:
@@ -193,45 +225,62 @@ EOF
 "$PYTHON" "$W/measure.py" wait 127.0.0.2 "$SINK_PORT"
 "$PYTHON" "$W/measure.py" wait 127.0.0.1 "$MS_PORT"
 "$PYTHON" "$W/measure.py" wait 127.0.0.1 "$PF_PORT"
+[ -z "$BASELINE" ] || "$PYTHON" "$W/measure.py" wait 127.0.0.1 "$BASE_PORT"
 
 echo "relay: $MESSAGES messages of $SIZE bytes, $SESSIONS sessions, $ROUNDS rounds;" \
-    "mailserv delivery=$DELIVERY"
+    "mailserv delivery=$DELIVERY${BASELINE:+; baseline: the mailserv of $BASELINE}"
 echo "msgs/s from the first submission until the queue is empty (submission-only rate in brackets)"
-ms=(); pf=()
+median() { printf '%s\n' "$@" | sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
+ms=(); pf=(); bs=()
 for round in $(seq "$ROUNDS"); do
+    b=""
+    if [ -n "$BASELINE" ]; then
+        read -r b ba < <("$PYTHON" "$W/measure.py" "$SMTP_SOURCE" mailserv "$BASE_PORT" \
+            "$W/base/queue" relay@example.test "$MESSAGES" "$SIZE" "$SESSIONS")
+        bs+=("$b"); b="   baseline $b msgs/s ($ba)"
+    fi
     read -r m ma < <("$PYTHON" "$W/measure.py" "$SMTP_SOURCE" mailserv "$MS_PORT" "$W/ms/queue" \
         relay@example.test "$MESSAGES" "$SIZE" "$SESSIONS")
     read -r p pa < <("$PYTHON" "$W/measure.py" "$SMTP_SOURCE" postfix "$PF_PORT" "$PF/spool" \
         sink@remote.test "$MESSAGES" "$SIZE" "$SESSIONS")
-    echo "round $round: mailserv $m msgs/s ($ma)   postfix $p msgs/s ($pa)"
+    echo "round $round: mailserv $m msgs/s ($ma)   postfix $p msgs/s ($pa)$b"
     ms+=("$m"); pf+=("$p")
 done
-median() { printf '%s\n' "$@" | sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
-echo "median: mailserv $(median "${ms[@]}") msgs/s   postfix $(median "${pf[@]}") msgs/s"
+echo "median: mailserv $(median "${ms[@]}") msgs/s   postfix $(median "${pf[@]}") msgs/s" \
+    "${BASELINE:+  baseline $(median "${bs[@]}") msgs/s}"
 
 # Delivery alone: both queues fill while the sink is down, then each is flushed in turn and
-# timed until it is empty (mailserv queue flush / postqueue -f).
+# timed until it is empty (a flush request in queue/control/, as `mailserv queue flush` makes
+# it, without the CLI's start-up / postqueue -f).
 echo
 echo "drain: $MESSAGES deferred messages flushed to the sink, msgs/s until the queue is empty"
-ms=(); pf=()
+ms=(); pf=(); bs=()
 for round in $(seq "$ROUNDS"); do
     stop_sink
     "$PYTHON" "$W/measure.py" submit "$SMTP_SOURCE" "$MS_PORT" relay@example.test \
         "$MESSAGES" "$SIZE" "$SESSIONS"
     "$PYTHON" "$W/measure.py" submit "$SMTP_SOURCE" "$PF_PORT" sink@remote.test \
         "$MESSAGES" "$SIZE" "$SESSIONS"
+    [ -z "$BASELINE" ] || "$PYTHON" "$W/measure.py" submit "$SMTP_SOURCE" "$BASE_PORT" \
+        relay@example.test "$MESSAGES" "$SIZE" "$SESSIONS"
     "$PYTHON" "$W/measure.py" deferred mailserv "$W/ms/queue" "$MESSAGES"
     "$PYTHON" "$W/measure.py" deferred postfix "$PF/spool" "$MESSAGES"
+    [ -z "$BASELINE" ] || "$PYTHON" "$W/measure.py" deferred mailserv "$W/base/queue" "$MESSAGES"
     start_sink
     "$PYTHON" "$W/measure.py" wait 127.0.0.2 "$SINK_PORT"
-    m=$("$PYTHON" "$W/measure.py" drain mailserv "$W/ms/queue" "$MESSAGES" \
-        env PYTHONPATH="$ROOT" "$PYTHON" -m mailserv.cli.main queue --config "$W/ms/mailserv.toml" flush)
+    b=""
+    if [ -n "$BASELINE" ]; then
+        b=$("$PYTHON" "$W/measure.py" drain mailserv "$W/base/queue" "$MESSAGES" flush)
+        bs+=("$b"); b="   baseline $b msgs/s"
+    fi
+    m=$("$PYTHON" "$W/measure.py" drain mailserv "$W/ms/queue" "$MESSAGES" flush)
     p=$("$PYTHON" "$W/measure.py" drain postfix "$PF/spool" "$MESSAGES" \
         /usr/sbin/postqueue -c "$PF/etc" -f)
-    echo "round $round: mailserv $m msgs/s   postfix $p msgs/s"
+    echo "round $round: mailserv $m msgs/s   postfix $p msgs/s$b"
     ms+=("$m"); pf+=("$p")
 done
-echo "median: mailserv $(median "${ms[@]}") msgs/s   postfix $(median "${pf[@]}") msgs/s"
+echo "median: mailserv $(median "${ms[@]}") msgs/s   postfix $(median "${pf[@]}") msgs/s" \
+    "${BASELINE:+  baseline $(median "${bs[@]}") msgs/s}"
 # Peak RSS of twistd and of its children (the delivery process with DELIVERY=process).
 for pid in "$MS_PID" $(pgrep -P "$MS_PID" || true); do
     echo "mailserv peak RSS (pid $pid): $(awk '/VmHWM/ {print $2}' "/proc/$pid/status" 2>/dev/null || echo "?") kB"

@@ -208,19 +208,20 @@ class WorkerProtocol(ProcessProtocol):
         if line.startswith(b"{"):
             try:
                 event = eventFromJSON(line.decode("utf-8"))
-            except ValueError:
-                pass
+            except Exception:  # not an event after all: logged as text below
+                event = None
             else:
                 if isinstance(event, dict) and isinstance(event.get("log_format"), str):
                     self._relay(event)
                     return
         elif line.startswith(GAUGES):
             try:
-                gauges = json.loads(line[len(GAUGES) :])
-            except ValueError:
+                raw = json.loads(line[len(GAUGES) :])
+                gauges = {str(k): int(v) for k, v in raw.items()}
+            except (ValueError, TypeError, AttributeError):
                 gauges = None
-            if isinstance(gauges, dict):
-                self.monitor._gauges = {str(k): int(v) for k, v in gauges.items()}
+            if gauges is not None:
+                self.monitor._gauges = gauges
                 return
         self._text(LogLevel.info, line)
 

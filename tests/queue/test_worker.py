@@ -321,7 +321,8 @@ def test_worker_events_reach_the_parent_whole_with_fields_levels_and_gauges() ->
     except ZeroDivisionError:
         log.failure("queue attempt {id} failed", id="X2")
     relay.gauges({"held": 1, "delivering": 2, "waiting": 3})
-    data = out.getvalue().encode() + b"a stray line from a library\n\npartial"
+    stray = b"a stray line from a library\n\n{not json\n#gauges [1]\npartial"
+    data = out.getvalue().encode() + stray
 
     monitor = _Monitor()
     protocol = WorkerProtocol(monitor, "queue")  # type: ignore[arg-type]
@@ -337,6 +338,8 @@ def test_worker_events_reach_the_parent_whole_with_fields_levels_and_gauges() ->
         "[queue#warn] queue: mx.remote.test refused",
         "[queue#critical] queue attempt X2 failed",
         "[queue] a stray line from a library",
+        "[queue] {not json",
+        "[queue] #gauges [1]",
         "[queue#warn] Traceback (most recent call last):",
         "[queue] partial",
     ]

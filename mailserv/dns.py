@@ -25,6 +25,7 @@ from typing import Any
 
 import dns.exception
 import dns.flags
+import dns.inet
 import dns.message
 import dns.name
 import dns.nameserver
@@ -101,9 +102,16 @@ def failed_lookup(name: str, rdtype: str, exc: BaseException) -> DNSAnswer:
 
 
 def _reactor_capable(resolver: dns.resolver.Resolver) -> bool:
-    """True when every nameserver is plain DNS over port 53-style UDP/TCP and no TSIG is set."""
+    """True when every nameserver is plain DNS (UDP/TCP) and no TSIG is set.
+
+    Nameservers read from resolv.conf are address strings, which dnspython
+    turns into plain-DNS nameservers; other strings are URLs (DNS over HTTPS).
+    """
     return resolver.keyname is None and all(
-        type(ns) is dns.nameserver.Do53Nameserver for ns in resolver.nameservers
+        dns.inet.is_address(ns)
+        if isinstance(ns, str)
+        else type(ns) is dns.nameserver.Do53Nameserver
+        for ns in resolver.nameservers
     )
 
 

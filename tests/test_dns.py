@@ -186,3 +186,20 @@ def test_the_service_thread_pools_give_the_resolver_its_reactor(resolver: DNSRes
     from twisted.internet import reactor
 
     assert resolver.reactor is reactor
+
+
+def test_nameservers_given_as_addresses_are_queried_from_the_reactor() -> None:
+    """The system's resolv.conf gives address strings (plain DNS); DoH URLs and TSIG do not."""
+    import dns.resolver
+    import dns.tsigkeyring
+
+    from mailserv.dns import _reactor_capable
+
+    resolver = dns.resolver.Resolver(configure=False)
+    resolver.nameservers = ["127.0.0.1", "::1"]
+    assert _reactor_capable(resolver)
+    resolver.nameservers = ["127.0.0.1", "https://dns.example.test/dns-query"]
+    assert not _reactor_capable(resolver)
+    resolver.nameservers = ["127.0.0.1"]
+    resolver.use_tsig(dns.tsigkeyring.from_text({"key.": "c2VjcmV0"}), "key.")
+    assert not _reactor_capable(resolver)

@@ -208,19 +208,18 @@ class DMARCFilter(FilterBase):
                 return policy_of(answer, org)
         return self._discover(domain)
 
-    @defer.inlineCallbacks
     def _discover(self, domain: str) -> Any:
-        policy = yield self._lookup(domain)
+        return self._lookup(domain).addCallback(self._or_organizational, domain)
+
+    def _or_organizational(self, policy: Policy | None, domain: str) -> Any:
         if policy is None:
             org = organizational_domain(domain)
             if org != domain:
-                policy = yield self._lookup(org)
+                return self._lookup(org)
         return policy
 
-    @defer.inlineCallbacks
     def _lookup(self, domain: str) -> Any:
-        answer = yield lookup(self.resolver, f"_dmarc.{domain}", "TXT")
-        return policy_of(answer, domain)
+        return lookup(self.resolver, f"_dmarc.{domain}", "TXT").addCallback(policy_of, domain)
 
     def check_message(self, session: Any, envelope: Any, message: Any) -> Any:
         results = results_for(session, envelope)

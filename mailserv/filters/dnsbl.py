@@ -139,19 +139,25 @@ def _reason(txt: Any) -> str:
     return ""
 
 
-@defer.inlineCallbacks
 def query_zone(resolver: Any, name: str, zone: Zone) -> Any:
-    """Listing | None for ``name.zone``; TemporaryFailure propagates."""
-    answer = yield lookup(resolver, f"{name}.{zone.zone}", "A")
+    """Deferred Listing | None for ``name.zone``; TemporaryFailure propagates."""
+    return lookup(resolver, f"{name}.{zone.zone}", "A").addCallback(_listed, resolver, name, zone)
+
+
+def _listed(answer: Any, resolver: Any, name: str, zone: Zone) -> Any:
     codes = _listing(zone, answer)
     if not codes:
         return None
-    reason = ""
-    try:
-        reason = _reason((yield lookup(resolver, f"{name}.{zone.zone}", "TXT")))
-    except TemporaryFailure:
-        pass
-    return Listing(zone.zone, zone.weight, tuple(codes), reason)
+    listing = Listing(zone.zone, zone.weight, tuple(codes), "")
+
+    def with_reason(txt: Any) -> Listing:
+        return Listing(zone.zone, zone.weight, tuple(codes), _reason(txt))
+
+    def without_reason(failure: Any) -> Listing:
+        failure.trap(TemporaryFailure)
+        return listing
+
+    return lookup(resolver, f"{name}.{zone.zone}", "TXT").addCallbacks(with_reason, without_reason)
 
 
 def cached_result(resolver: Any, name: str, zones: list[Zone]) -> LookupResult | None:
@@ -182,11 +188,13 @@ def query_zones(resolver: Any, name: str, zones: list[Zone]) -> Any:
     return _query_zones(resolver, name, zones)
 
 
-@defer.inlineCallbacks
 def _query_zones(resolver: Any, name: str, zones: list[Zone]) -> Any:
-    outcomes = yield defer.DeferredList(
+    return defer.DeferredList(
         [query_zone(resolver, name, zone) for zone in zones], consumeErrors=True
-    )
+    ).addCallback(_gathered, zones)
+
+
+def _gathered(outcomes: list[tuple[bool, Any]], zones: list[Zone]) -> LookupResult:
     result = LookupResult()
     for zone, (ok, value) in zip(zones, outcomes, strict=True):
         if ok and value is not None:

@@ -10,8 +10,9 @@ against 0.14 ms for the bare create/write/fsync/rename).
 
 ``[delivery] processes = N`` (default 2) runs those jobs in N child
 processes (``python -m mailserv.helper_child``, single-threaded, no Twisted)
-instead.  A job goes to the child with the fewest jobs in flight, over its
-stdin; its Deferred fires on the child's reply, after its fsyncs, so "a 250
+instead.  A job goes to the child its directory hashes to (a mailbox, the
+queue; the least busy child if that one is not running), over its stdin;
+its Deferred fires on the child's reply, after its fsyncs, so "a 250
 means on disk" holds as before.  The failure of a job in a child is the same
 exception as in a thread (pickled back), mapped to an SMTP reply by the
 caller.
@@ -34,6 +35,7 @@ from __future__ import annotations
 
 import os
 import sys
+import zlib
 from collections.abc import Callable
 from typing import Any
 
@@ -247,7 +249,18 @@ class DeliveryHelpers(Service):
 
     # -- jobs
 
-    def _pick(self) -> HelperProtocol | None:
+    def _pick(self, key: str) -> HelperProtocol | None:
+        """The child for ``key`` (a mailbox or the queue directory), else the least busy.
+
+        Jobs for one directory go to one child: they share its batches (one directory
+        fsync for all that arrive together) and never contend for the directory's lock
+        across processes.  Measured on 2000 x 4 KiB to one mailbox under 20 sessions:
+        0.99-1.16 ms of CPU per message with one child, 1.40-1.57 with two taking
+        turns, 1.53-1.78 with three (perf: inode lock spinning, smaller batches).
+        """
+        proto = self.children[zlib.crc32(key.encode("utf-8", "surrogateescape")) % self.count]
+        if proto is not None and proto.alive:
+            return proto
         best: HelperProtocol | None = None
         for proto in self.children:
             if proto is not None and proto.alive:
@@ -256,10 +269,11 @@ class DeliveryHelpers(Service):
         return best
 
     def run(
-        self, op: str, args: tuple[Any, ...], fallback: Callable[[], Any]
+        self, op: str, args: tuple[Any, ...], fallback: Callable[[], Any], key: str = ""
     ) -> defer.Deferred[Any]:
-        """Run ``op(*args)`` in a child; ``fallback()`` in a ``disk`` thread if none runs."""
-        proto = self._pick()
+        """Run ``op(*args)`` in the child for ``key``; ``fallback()`` in a ``disk`` thread
+        if no child runs."""
+        proto = self._pick(key)
         if proto is None:
             return self.threads.run("disk", fallback)  # type: ignore[no-any-return]
         self._next_id += 1

@@ -219,6 +219,35 @@ def test_pool_delivers_replaces_a_dead_child_and_falls_back_to_threads(
     assert not any(_alive(p) for p in pool.children)
 
 
+@pytest_twisted.inlineCallbacks
+def test_jobs_for_one_mailbox_go_to_one_child(tmp_path: Path, monkeypatch: Any) -> Any:
+    """Affinity by directory: shared batches, no cross-process lock contention; the other
+    child takes them while that one is down."""
+    import zlib
+
+    monkeypatch.setattr("mailserv.helpers.RESTART_MIN", 30.0)
+    pool = DeliveryHelpers(2, store_config(tmp_path), SyncThreads(), reactor)
+    pool.startService()
+    try:
+        users = [user(tmp_path, f"u{i}") for i in range(8)]
+        slot = {u.name: zlib.crc32(u.mailbox.encode()) % 2 for u in users}
+        a = users[0]
+        b = next(u for u in users if slot[u.name] != slot[a.name])
+        for u in (a, a, a, b, b):
+            yield pool.run("deliver", (u, None, True, b"", message()), lambda: "t", key=u.mailbox)
+        pids = {u.name: {f.name.split("P")[1].split("Q")[0] for f in new_files(u)} for u in (a, b)}
+        assert pids[a.name] == {str(pool.children[slot[a.name]].transport.pid)}
+        assert pids[b.name] == {str(pool.children[slot[b.name]].transport.pid)}
+        dead = pool.children[slot[a.name]]
+        os.kill(dead.transport.pid, signal.SIGKILL)
+        yield dead.ended
+        yield pool.run("deliver", (a, None, True, b"", message()), lambda: "t", key=a.mailbox)
+        other = str(pool.children[slot[b.name]].transport.pid)
+        assert any(f"P{other}Q" in f.name for f in new_files(a))
+    finally:
+        yield pool.stopService()
+
+
 @pytest.mark.integration
 def test_twistd_writes_mail_and_queue_entries_in_helper_processes(
     mailserv: Any, state_dir: Path

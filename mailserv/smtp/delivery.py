@@ -316,7 +316,7 @@ class RouterDelivery:
             d = self.router.threads.run("disk", in_thread)
         else:
             args = (plain_user(user), folder, detail_to_folder, prefix, light_message(message))
-            d = helpers.run("deliver", args, in_thread)
+            d = helpers.run("deliver", args, in_thread, key=user.mailbox)
         return d.addCallback(delivered)
 
     def _enqueue(self, rows: list[tuple[str, str | None, Any, str, str | None]]) -> Any:
@@ -343,7 +343,8 @@ class RouterDelivery:
         def in_thread() -> str:
             return queue_spool.enqueue(queue_dir, entry, message.iter_chunks())
 
-        return helpers.run("enqueue", (queue_dir, entry, light_message(message)), in_thread)
+        args = (queue_dir, entry, light_message(message))
+        return helpers.run("enqueue", args, in_thread, key=queue_dir)
 
 
 def _normalise_aliases(aliases: dict[str, list[str]]) -> dict[str, list[str]]:

@@ -204,6 +204,34 @@ def _unfold_header_value(content: bytes) -> bytes:
     return _LINE_END.sub(b"", content)
 
 
+# Relaxed header canonicalization (RFC 6376 §3.4.2) of every header field, twice
+# per signature: a field on one line (its only LF ends it) without tabs or double
+# spaces needs no substitution at all.
+_slow_relaxed_headers = dkim.canonicalization.Relaxed.canonicalize_headers
+
+
+def _relaxed_headers(headers: list[Any]) -> list[tuple[bytes, bytes]]:
+    out = []
+    for name, value in headers:
+        if value.endswith(b"\r\n") and value.count(b"\n") == 1:
+            value = value[:-2]
+            if b"\t" in value or b"  " in value:
+                value = _WSP.sub(b" ", value)
+        else:
+            value = _WSP.sub(b" ", _LINE_END.sub(b"", value))
+        out.append((name.lower().rstrip(), value.strip() + b"\r\n"))
+    return out
+
+
+# dkimpy removes the b= value of the signature field with a pattern that enters a
+# group for each of its ~350 characters (FWS before each one; about 28 us).  Its
+# FWS, ``(?:(?:\s*\r?\n)?\s+)?``, matches exactly the runs of whitespace, so the
+# value is the longest run of whitespace and base64 characters that ends with a
+# base64 character: the same matches (tests/filters/test_dkim.py).
+_SLOW_BTAG = dkim.RE_BTAG
+_BTAG = re.compile(rb"([;\s]b\s*=)(?:[\sa-zA-Z0-9+/=]*[a-zA-Z0-9+/=])?(?:\r?\n\Z)?")
+dkim.RE_BTAG = _BTAG
+dkim.canonicalization.Relaxed.canonicalize_headers = staticmethod(_relaxed_headers)  # type: ignore[method-assign]
 dkim.canonicalization.strip_trailing_whitespace = _strip_trailing_whitespace
 dkim.canonicalization.compress_whitespace = _compress_whitespace
 dkim.canonicalization.unfold_header_value = _unfold_header_value

@@ -289,3 +289,40 @@ def test_canonicalization_helpers_agree_with_dkimpys() -> None:
             fast = getattr(ours.dkim.canonicalization, name)
             assert fast is not slow
             assert fast(data) == slow(data), (name, data)
+
+
+def test_relaxed_header_canonicalization_agrees_with_dkimpys() -> None:
+    import random
+
+    from mailserv.filters import dkim as ours
+
+    rng = random.Random(6)
+    pieces = [b" ", b"\t", b"\r\n", b"\n", b"\r", b"a", b"b c", b"\r\n\t", b"\r\n ", b"  \t ", b"x"]
+    relaxed = ours.dkim.canonicalization.Relaxed
+    assert relaxed.canonicalize_headers is not ours._slow_relaxed_headers
+    for _ in range(3000):
+        headers = [
+            [
+                rng.choice([b"Subject", b"FROM ", b"dkim-Signature"]),
+                b"".join(rng.choice(pieces) for _ in range(rng.randint(0, 12)))
+                + rng.choice([b"\r\n", b"", b"\n"]),
+            ]
+            for _ in range(rng.randint(0, 4))
+        ]
+        expected = ours._slow_relaxed_headers([list(h) for h in headers])
+        assert relaxed.canonicalize_headers(headers) == expected, headers
+
+
+def test_b_tag_pattern_agrees_with_dkimpys() -> None:
+    """The b= value removal (RFC 6376 §3.7) on a pattern without a group per character."""
+    import random
+
+    from mailserv.filters import dkim as ours
+
+    assert ours.dkim.RE_BTAG is ours._BTAG
+    rng = random.Random(8)
+    pieces = [b"b", b"=", b";", b" ", b"\t", b"\r\n", b"\n", b"\r", b"ab", b"+/", b"b=", b" b ="]
+    pieces += [b"; b=", b"\r\n b=", b"x", b"-", b"bh=", b"==", b"\r\n\t"]
+    for _ in range(20000):
+        value = b"".join(rng.choice(pieces) for _ in range(rng.randint(0, 25)))
+        assert ours._BTAG.sub(b"\\1", value) == ours._SLOW_BTAG.sub(b"\\1", value), value

@@ -248,6 +248,25 @@ def test_jobs_for_one_mailbox_go_to_one_child(tmp_path: Path, monkeypatch: Any) 
         yield pool.stopService()
 
 
+@pytest_twisted.inlineCallbacks
+def test_reload_sends_the_new_store_section(tmp_path: Path) -> Any:
+    from types import SimpleNamespace
+
+    pool = DeliveryHelpers(1, store_config(tmp_path), SyncThreads(), reactor)
+    pool.startService()
+    try:
+        alice = user(tmp_path)
+        args = (alice, None, True, b"", message(b"x" * 1000))
+        yield pool.run("deliver", args, lambda: "t", key=alice.mailbox)
+        tight = store_config(tmp_path, quota=500, over_quota="reject")
+        pool.reload(SimpleNamespace(store=tight, shutdown_timeout=5.0))
+        with pytest.raises(QuotaExceeded):
+            yield pool.run("deliver", args, lambda: "t", key=alice.mailbox)
+        assert len(new_files(alice)) == 1
+    finally:
+        yield pool.stopService()
+
+
 @pytest.mark.integration
 def test_twistd_writes_mail_and_queue_entries_in_helper_processes(
     mailserv: Any, state_dir: Path

@@ -18,7 +18,7 @@ setup(
         "pyOpenSSL>=24.0",
         "service-identity>=24.1",
         "cryptography>=42",
-        "dnspython>=2.6",
+        "dnspython>=2.6,<3",  # mailserv/dns.py drives dnspython's _Resolution, as its async resolvers do
         "dkimpy>=1.1",
         "pynacl>=1.5",  # Ed25519 DKIM/ARC keys in dkimpy (RFC 8463)
         "pyspf>=2.0.14",  # RFC 7208 SPF evaluation with its processing limits (filters/spf.py)

@@ -152,6 +152,21 @@ def test_detail_folder_and_junk(tmp_path: Path) -> None:
     assert len(new_files(alice)) == 1 and len(new_files(alice, "Junk")) == 1
 
 
+def test_child_delivers_to_mbox_users(tmp_path: Path) -> None:
+    mbox_user = User(name="carol", mailbox=str(tmp_path / "carol.mbox"), store_format="mbox")
+    replies = run_child(
+        [
+            ("config", store_config(tmp_path)),
+            (1, "deliver", (mbox_user, None, True, b"Return-Path: <s@x>\r\n", message())),
+            (2, "deliver", (mbox_user, None, True, b"", message(b"Subject: 2\r\n\r\nb\r\n"))),
+        ]
+    )
+    assert [(rid, ok) for rid, ok, _ in replies] == [(1, True), (2, True)]
+    data = (tmp_path / "carol.mbox").read_bytes()
+    assert data.startswith(b"From ") and data.count(b"\nFrom ") == 1
+    assert b"Return-Path: <s@x>\nSubject: hi\n" in data and b"Subject: 2\n" in data
+
+
 def test_child_writes_queue_entries(tmp_path: Path) -> None:
     queue_dir = str(tmp_path / "queue")
     entry = qspool.QueueEntry(

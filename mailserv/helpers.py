@@ -190,7 +190,9 @@ class DeliveryHelpers(Service):
             self._schedule_restart(slot)
             return
         self.children[slot] = proto
-        proto.transport.write(frame(("config", self.store_config)))  # type: ignore[union-attr]
+        assert proto.transport is not None
+        proto.transport.write(frame(("config", self.store_config)))
+        log.info("delivery helper {slot} running, pid {pid}", slot=slot, pid=proto.transport.pid)
 
     def child_ended(self, proto: HelperProtocol) -> None:
         slot = proto.slot

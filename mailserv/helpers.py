@@ -21,6 +21,8 @@ caller.
   client gets 451 and retries; a job the child had finished is then
   delivered twice, never lost) and is started again after 1 s, doubling to
   30 s while children die within a second of starting.
+- A child that leaves its oldest job unanswered for ``JOB_TIMEOUT`` (300 s: a
+  hung disk, a bug) is killed and replaced the same way.
 - While no child runs, jobs go to the ``disk`` threads as before.
 - SIGHUP: the new ``[store]`` section is sent to every child.
 - Stopping closes the children's stdin: each finishes the jobs it has read
@@ -40,7 +42,7 @@ from collections.abc import Callable
 from typing import Any
 
 from twisted.application.service import Service
-from twisted.internet import defer, error
+from twisted.internet import defer, error, task
 from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -54,6 +56,11 @@ log = Logger()
 
 RESTART_MIN = 1.0
 RESTART_MAX = 30.0
+# A child that has not answered its oldest job for this long is killed (its jobs get 451)
+# and replaced: below the 10 minutes a client waits for the reply to the end of data
+# (RFC 5321 §4.5.3.2.6), so the client hears a 451, not a timeout.
+JOB_TIMEOUT = 300.0
+WATCH_INTERVAL = 10.0
 
 
 def child_command() -> list[str]:
@@ -76,7 +83,8 @@ class HelperProtocol(ProcessProtocol):
     def __init__(self, pool: DeliveryHelpers, slot: int) -> None:
         self.pool = pool
         self.slot = slot
-        self.pending: dict[int, defer.Deferred[Any]] = {}
+        # jobs in flight, oldest first (a child answers in order): id -> (Deferred, sent at)
+        self.pending: dict[int, tuple[defer.Deferred[Any], float]] = {}
         self.buffer = bytearray()
         self.alive = False
         self.started_at = 0.0
@@ -87,7 +95,7 @@ class HelperProtocol(ProcessProtocol):
         self.started_at = self.pool.reactor.seconds()
 
     def send(self, request: bytes, d: defer.Deferred[Any], rid: int) -> None:
-        self.pending[rid] = d
+        self.pending[rid] = (d, self.pool.reactor.seconds())
         assert self.transport is not None
         self.transport.write(request)
 
@@ -111,9 +119,10 @@ class HelperProtocol(ProcessProtocol):
                 self._kill()
                 return
             offset = end
-            d = self.pending.pop(rid, None)
-            if d is None:
+            job = self.pending.pop(rid, None)
+            if job is None:
                 continue
+            d = job[0]
             if ok:
                 d.callback(value)
             else:
@@ -124,6 +133,11 @@ class HelperProtocol(ProcessProtocol):
         for line in data.decode("utf-8", "replace").splitlines():
             if line.strip():
                 log.warn("delivery helper {slot}: {line}", slot=self.slot, line=line)
+
+    def oldest_job_age(self, now: float) -> float:
+        for _, sent in self.pending.values():
+            return now - sent
+        return 0.0
 
     def _kill(self) -> None:
         try:
@@ -142,7 +156,7 @@ class HelperProtocol(ProcessProtocol):
                 n=len(pending),
                 reason=reason.getErrorMessage(),
             )
-        for d in pending.values():
+        for d, _ in pending.values():
             d.errback(Failure(TemporaryFailure("delivery helper exited")))
         self.ended.callback(None)
         self.pool.child_ended(self)
@@ -164,6 +178,7 @@ class DeliveryHelpers(Service):
         self._delays = [RESTART_MIN] * count
         self._restarts: dict[int, Any] = {}
         self._next_id = 0
+        self._watchdog: task.LoopingCall | None = None
 
     # -- lifecycle
 
@@ -171,6 +186,20 @@ class DeliveryHelpers(Service):
         super().startService()
         for slot in range(self.count):
             self._spawn(slot)
+        self._watchdog = task.LoopingCall(self._watch)
+        self._watchdog.clock = self.reactor
+        self._watchdog.start(WATCH_INTERVAL, now=False)
+
+    def _watch(self) -> None:
+        now = self.reactor.seconds()
+        for proto in self.children:
+            if proto is not None and proto.alive and proto.oldest_job_age(now) > JOB_TIMEOUT:
+                log.error(
+                    "delivery helper {slot} has not answered for {age:.0f}s; killing it",
+                    slot=proto.slot,
+                    age=proto.oldest_job_age(now),
+                )
+                proto._kill()
 
     def _spawn(self, slot: int) -> None:
         self._restarts.pop(slot, None)
@@ -215,6 +244,8 @@ class DeliveryHelpers(Service):
 
     def stopService(self) -> defer.Deferred[Any]:  # type: ignore[override]
         super().stopService()
+        if self._watchdog is not None and self._watchdog.running:
+            self._watchdog.stop()
         for call in self._restarts.values():
             if call.active():
                 call.cancel()

@@ -264,6 +264,30 @@ def test_jobs_for_one_mailbox_go_to_one_child(tmp_path: Path, monkeypatch: Any) 
 
 
 @pytest_twisted.inlineCallbacks
+def test_a_child_that_stops_answering_is_replaced(tmp_path: Path, monkeypatch: Any) -> Any:
+    monkeypatch.setattr("mailserv.helpers.JOB_TIMEOUT", 0.3)
+    monkeypatch.setattr("mailserv.helpers.WATCH_INTERVAL", 0.1)
+    monkeypatch.setattr("mailserv.helpers.RESTART_MIN", 0.1)
+    pool = DeliveryHelpers(1, store_config(tmp_path), SyncThreads(), reactor)
+    pool.startService()
+    try:
+        alice = user(tmp_path)
+        args = (alice, None, True, b"", message())
+        hung = pool.children[0]
+        os.kill(hung.transport.pid, signal.SIGSTOP)  # as if stuck in a system call
+        with pytest.raises(TemporaryFailure):
+            yield pool.run("deliver", args, lambda: "t", key=alice.mailbox)
+        for _ in range(50):
+            if _alive(pool.children[0]):
+                break
+            yield task.deferLater(reactor, 0.05, lambda: None)
+        assert pool.children[0] is not hung
+        assert (yield pool.run("deliver", args, lambda: "t", key=alice.mailbox)) is None
+    finally:
+        yield pool.stopService()
+
+
+@pytest_twisted.inlineCallbacks
 def test_reload_sends_the_new_store_section(tmp_path: Path) -> Any:
     from types import SimpleNamespace
 

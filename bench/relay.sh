@@ -193,7 +193,29 @@ def flush_request(spool):
     os.rename(tmp, os.path.join(spool, "control", name))
 
 
-def drain(kind, spool, command, msgs):
+def tree_cpu(root):
+    """CPU seconds of process ``root`` and its descendants, with their reaped children."""
+    parent, cpu = {}, {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat", "rb") as f:
+                fields = f.read().rsplit(b")", 1)[1].split()
+        except OSError:
+            continue
+        parent[int(name)] = int(fields[1])
+        cpu[int(name)] = sum(int(x) for x in fields[11:15])  # utime stime cutime cstime
+    tree, todo = set(), [root]
+    while todo:
+        pid = todo.pop()
+        tree.add(pid)
+        todo.extend(p for p, pp in parent.items() if pp == pid and p not in tree)
+    return sum(cpu.get(p, 0) for p in tree) / os.sysconf("SC_CLK_TCK")
+
+
+def drain(kind, spool, command, msgs, root):
+    cpu = tree_cpu(root)
     start = time.monotonic()
     if command == ["flush"]:
         flush_request(spool)
@@ -204,7 +226,8 @@ def drain(kind, spool, command, msgs):
         if time.monotonic() > deadline:
             sys.exit(f"{kind}: queue not empty after 600 s")
         time.sleep(0.01)
-    return msgs / (time.monotonic() - start)
+    rate = msgs / (time.monotonic() - start)
+    return rate, (tree_cpu(root) - cpu) * 1000 / msgs
 
 
 if __name__ == "__main__":
@@ -215,7 +238,8 @@ if __name__ == "__main__":
     elif sys.argv[1] == "deferred":
         all_deferred(sys.argv[2], sys.argv[3], int(sys.argv[4]))
     elif sys.argv[1] == "drain":
-        print(f"{drain(sys.argv[2], sys.argv[3], sys.argv[5:], int(sys.argv[4])):.1f}")
+        rate, cpu = drain(sys.argv[2], sys.argv[3], sys.argv[6:], int(sys.argv[4]), int(sys.argv[5]))
+        print(f"{rate:.1f} {cpu:.2f}")
     else:
         total, accept = rate(sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4],
                              sys.argv[5], *map(int, sys.argv[6:9]))
@@ -254,6 +278,7 @@ echo "median: mailserv $(median "${ms[@]}") msgs/s   postfix $(median "${pf[@]}"
 # it, without the CLI's start-up / postqueue -f).
 echo
 echo "drain: $MESSAGES deferred messages flushed to the sink, msgs/s until the queue is empty"
+echo "(in brackets: CPU time of the server's processes, all of them, per message)"
 ms=(); pf=(); bs=()
 for round in $(seq "$ROUNDS"); do
     stop_sink
@@ -270,13 +295,15 @@ for round in $(seq "$ROUNDS"); do
     "$PYTHON" "$W/measure.py" wait 127.0.0.2 "$SINK_PORT"
     b=""
     if [ -n "$BASELINE" ]; then
-        b=$("$PYTHON" "$W/measure.py" drain mailserv "$W/base/queue" "$MESSAGES" flush)
-        bs+=("$b"); b="   baseline $b msgs/s"
+        read -r b bc < <("$PYTHON" "$W/measure.py" drain mailserv "$W/base/queue" "$MESSAGES" \
+            "$BASE_PID" flush)
+        bs+=("$b"); b="   baseline $b msgs/s ($bc ms)"
     fi
-    m=$("$PYTHON" "$W/measure.py" drain mailserv "$W/ms/queue" "$MESSAGES" flush)
-    p=$("$PYTHON" "$W/measure.py" drain postfix "$PF/spool" "$MESSAGES" \
-        /usr/sbin/postqueue -c "$PF/etc" -f)
-    echo "round $round: mailserv $m msgs/s   postfix $p msgs/s$b"
+    read -r m mc < <("$PYTHON" "$W/measure.py" drain mailserv "$W/ms/queue" "$MESSAGES" \
+        "$MS_PID" flush)
+    read -r p pc < <("$PYTHON" "$W/measure.py" drain postfix "$PF/spool" "$MESSAGES" \
+        "$(cat "$PF/spool/pid/master.pid")" /usr/sbin/postqueue -c "$PF/etc" -f)
+    echo "round $round: mailserv $m msgs/s ($mc ms)   postfix $p msgs/s ($pc ms)$b"
     ms+=("$m"); pf+=("$p")
 done
 echo "median: mailserv $(median "${ms[@]}") msgs/s   postfix $(median "${pf[@]}") msgs/s" \

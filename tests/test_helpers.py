@@ -369,3 +369,60 @@ def pid_alive(pid: int) -> bool:
             return f.read().split()[2] != "Z"
     except FileNotFoundError:
         return False
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_killing_helpers_during_a_stream_loses_no_acknowledged_message(
+    mailserv: Any, state_dir: Path
+) -> None:
+    """SIGKILL of delivery helpers (not of twistd) while 4 sessions send: every message
+    answered 250 is in the maildir, whole; the others got 451 and the sessions go on."""
+    import threading
+
+    (state_dir / "users.passwd").write_text("alice@example.test:{PLAIN}x::::::\n")
+    process = mailserv.start(test_config(state_dir, ["mx"]))
+    port = process.port("mx")
+    acked: list[str] = []
+    refused: list[str] = []
+    stop = threading.Event()
+    body = (b"y" * 70 + b"\r\n") * 45
+
+    def sender(n: int) -> None:
+        i = 0
+        while not stop.is_set():  # a new connection after max_messages_per_connection
+            with smtplib.SMTP("127.0.0.1", port, timeout=20) as s:
+                while not stop.is_set():
+                    mid = f"<kill-{n}-{i}@test>"
+                    i += 1
+                    data = f"Message-ID: {mid}\r\n\r\n".encode() + body
+                    try:
+                        s.sendmail("s@example.org", ["alice@example.test"], data)
+                        acked.append(mid)
+                    except smtplib.SMTPDataError as exc:
+                        assert exc.smtp_code == 451, exc
+                        refused.append(mid)
+                    except smtplib.SMTPSenderRefused as exc:
+                        assert exc.smtp_code == 421, exc
+                        break
+
+    threads = [threading.Thread(target=sender, args=(n,)) for n in range(4)]
+    for t in threads:
+        t.start()
+    killed = 0
+    for _ in range(6):
+        time.sleep(0.4)
+        for pid in children_of(process.proc.pid, "mailserv.helper_child"):
+            os.kill(pid, signal.SIGKILL)
+            killed += 1
+    time.sleep(2.5)  # restarted (1 s, then 2 s while they die young) and delivering again
+    stop.set()
+    for t in threads:
+        t.join(30)
+    assert killed >= 3 and len(acked) > 50
+    maildir = state_dir / "mail" / "example.test" / "alice" / "Maildir"
+    files = [p.read_bytes() for sub in ("new", "cur") for p in (maildir / sub).iterdir()]
+    assert all(f.endswith(body) for f in files)  # no partial message visible
+    stored = b"\n".join(files)
+    assert [m for m in acked if m.encode() not in stored] == []
+    print(f"{len(acked)} acknowledged, {len(refused)} refused with 451, {killed} helpers killed")

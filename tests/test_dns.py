@@ -203,3 +203,24 @@ def test_nameservers_given_as_addresses_are_queried_from_the_reactor() -> None:
     resolver.nameservers = ["127.0.0.1"]
     resolver.use_tsig(dns.tsigkeyring.from_text({"key.": "c2VjcmV0"}), "key.")
     assert not _reactor_capable(resolver)
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_cname_answer_is_read_on_the_reactor_as_by_the_blocking_resolver(
+    dns_server: Any,
+) -> Any:
+    from twisted.internet import threads
+
+    dns_server.set(
+        {
+            "www.example.test": {"CNAME": ["example.test"]},
+            "example.test": {"A": ["127.0.0.2"]},
+        }
+    )
+    resolver = _reactor_resolver(dns_server, cache_size=0)
+    answer = yield resolver.lookup("www.example.test", "A")
+    blocking = yield threads.deferToThread(resolver.lookup_blocking, "www.example.test", "A")
+    # The test server answers the CNAME alone (it does not chase it), and both paths make the
+    # same Answer of that response (dnspython's chaining rules).
+    assert answer == blocking
+    assert not answer.nxdomain

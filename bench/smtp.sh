@@ -165,12 +165,18 @@ SMALL=${SMALL:-2000}
 LARGE=${LARGE:-200}
 if [ "${QUICK:-0}" = 1 ]; then SMALL=200; LARGE=20; fi
 
-printf "%-28s %12s %12s %8s\n" "workload" "mailserv" "postfix" "ratio"
-row() {  # name msgs size sessions
-    local ms pf
-    ms=$(M throughput "$SMTP_SOURCE" "$MS_PORT" "$MS_NEW" "$2" "$3" "$4")
-    pf=$(M throughput "$SMTP_SOURCE" "$PF_PORT" "$PF_NEW" "$2" "$3" "$4")
-    printf "%-28s %9s/s %9s/s %7.2fx\n" "$1" "$ms" "$pf" "$(echo "$ms / $pf" | bc -l)"
+ROUNDS=${ROUNDS:-3}
+median() { tr ' ' '\n' | sort -g | awk '{v[NR]=$1} END {print v[int((NR+1)/2)]}'; }
+printf "%-28s %12s %12s %8s   %s\n" "workload" "mailserv" "postfix" "ratio" "rounds (mailserv/postfix)"
+row() {  # name msgs size sessions: ROUNDS alternating rounds, medians
+    local ms pf all="" mss="" pfs=""
+    for _ in $(seq "$ROUNDS"); do
+        ms=$(M throughput "$SMTP_SOURCE" "$MS_PORT" "$MS_NEW" "$2" "$3" "$4")
+        pf=$(M throughput "$SMTP_SOURCE" "$PF_PORT" "$PF_NEW" "$2" "$3" "$4")
+        mss="$mss $ms"; pfs="$pfs $pf"; all="$all $ms/$pf"
+    done
+    ms=$(echo $mss | median); pf=$(echo $pfs | median)
+    printf "%-28s %9s/s %9s/s %7.2fx  %s\n" "$1" "$ms" "$pf" "$(echo "$ms / $pf" | bc -l)" "$all"
 }
 row "4 KiB x $SMALL, 1 session" "$SMALL" 4096 1
 row "4 KiB x $SMALL, 20 sessions" "$SMALL" 4096 20

@@ -346,6 +346,8 @@ class MailService(MultiService):
         """Switch to ``new``: certificate, domains, auth, filters.  Listeners need a restart."""
         if vars_of_listeners(new) != vars_of_listeners(self.config):
             log.warn("listener changes take effect only after a restart")
+        if new.delivery.processes != self.config.delivery.processes:
+            log.warn("a new [delivery] processes takes effect only after a restart")
         if self._tls is not None:
             self._tls.reload(
                 new.tls.cert_file,

@@ -292,6 +292,28 @@ def test_reload_reaches_the_listener_factories(state_dir: Path) -> None:
     assert factory.context.chain is not before
 
 
+def test_reload_says_when_the_delivery_helper_count_needs_a_restart(state_dir: Path) -> None:
+    from twisted.internet import reactor
+    from twisted.logger import globalLogPublisher
+
+    config = from_dict(test_config(state_dir, ["mx"]), "t.toml", str(state_dir))
+    service = MailService.from_config(config, reactor)
+    seen: list[str] = []
+
+    def observe(event: dict[str, Any]) -> None:
+        seen.append(str(event.get("log_format", "")))
+
+    globalLogPublisher.addObserver(observe)
+    try:
+        service.reload(from_dict(test_config(state_dir, ["mx"]), "t.toml", str(state_dir)))
+        assert not any("[delivery] processes" in s for s in seen)
+        more = test_config(state_dir, ["mx"], delivery={"processes": 4})
+        service.reload(from_dict(more, "t.toml", str(state_dir)))
+    finally:
+        globalLogPublisher.removeObserver(observe)
+    assert any("[delivery] processes" in s for s in seen)
+
+
 @pytest_twisted.inlineCallbacks
 def test_proxied_protocols_are_built_for_the_client_address(
     state_dir: Path, echo_protocol: None

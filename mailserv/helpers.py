@@ -179,6 +179,7 @@ class DeliveryHelpers(Service):
         self._restarts: dict[int, Any] = {}
         self._next_id = 0
         self._watchdog: task.LoopingCall | None = None
+        self.restarts = 0  # children started again after one died (metrics)
 
     # -- lifecycle
 
@@ -202,7 +203,8 @@ class DeliveryHelpers(Service):
                 proto._kill()
 
     def _spawn(self, slot: int) -> None:
-        self._restarts.pop(slot, None)
+        if self._restarts.pop(slot, None) is not None:
+            self.restarts += 1
         if not self.running:
             return
         proto = HelperProtocol(self, slot)
@@ -279,6 +281,14 @@ class DeliveryHelpers(Service):
         for proto in self.children:
             if proto is not None and proto.alive and proto.transport is not None:
                 proto.transport.write(request)
+
+    # -- state (metrics)
+
+    def running_children(self) -> int:
+        return sum(1 for p in self.children if p is not None and p.alive)
+
+    def jobs_in_flight(self) -> int:
+        return sum(len(p.pending) for p in self.children if p is not None)
 
     # -- jobs
 

@@ -134,6 +134,24 @@ class ServiceCollector:
                 value=1 if queue.pid is not None else 0,
             )
 
+        helpers = service.helpers  # mailserv.helpers.DeliveryHelpers, when deliveries use them
+        if helpers is not None:
+            yield GaugeMetricFamily(
+                "mailserv_delivery_helpers_up",
+                "Delivery helper processes running",
+                value=helpers.running_children(),
+            )
+            yield GaugeMetricFamily(
+                "mailserv_delivery_helper_jobs",
+                "Deliveries and queue writes sent to the helpers and not yet answered",
+                value=helpers.jobs_in_flight(),
+            )
+            yield CounterMetricFamily(
+                "mailserv_delivery_helper_restarts",
+                "Delivery helpers started again after one died or was killed",
+                value=helpers.restarts,
+            )
+
         size = GaugeMetricFamily("mailserv_thread_pool_size", "Threads allowed", labels=["pool"])
         busy = GaugeMetricFamily("mailserv_thread_pool_busy", "Threads working", labels=["pool"])
         queued = GaugeMetricFamily(

@@ -227,6 +227,7 @@ def test_pool_delivers_replaces_a_dead_child_and_falls_back_to_threads(
                 break
             yield task.deferLater(reactor, 0.1, lambda: None)
         assert _alive(pool.children[0]) and pool.children[0] is not child
+        assert pool.restarts == 1 and pool.running_children() == 1
         assert (yield pool.run("deliver", args, lambda: "thread")) is None
         assert threads.calls == 1
     finally:

@@ -61,6 +61,9 @@ def test_metrics_count_connections_transactions_and_show_the_service(
     assert 'mailserv_tls_certificate_expiry_seconds{certificate="mail.example.test"}' in samples
     assert samples["process_resident_memory_bytes"] > 1e6
     assert 'mailserv_queue_messages{state="waiting"}' in samples
+    assert samples["mailserv_delivery_helpers_up"] == 2  # [delivery] processes default
+    assert samples["mailserv_delivery_helper_jobs"] == 0
+    assert samples["mailserv_delivery_helper_restarts_total"] == 0
     assert "@" not in text  # never an address in a label
 
     status, _, _ = _scrape(process.port("metrics"), "/")

@@ -42,6 +42,11 @@ from mailserv.queue.state import DONE, FAILED, PENDING, SENT, IndexRow, QueueIte
 log = Logger()
 
 READ_SIZE = 256 * 1024  # message bytes read per thread hop while sending
+# Finished entries are removed in batches gathered over this long (seconds): fewer wake-ups of
+# a disk thread and of the reactor, whose GIL hand-overs cost more than the unlinks (drain
+# harness: 1150-1300 -> 1720-1800 msgs/s, 0.43-0.45 -> 0.31-0.35 ms CPU per message). A crash
+# in the window delivers those messages again, as any crash before the unlink did.
+REMOVE_WINDOW = 0.01
 
 
 def backoff(attempts: int, first: float, maximum: float) -> float:
@@ -91,7 +96,7 @@ class QueueService(Service):
         self._idle_waiters: list[defer.Deferred[None]] = []
         # Disk work asked for in one reactor turn goes to the pool in one hop.
         self._load = Batch(reactor, self._reader, self.store.load_many)
-        self._remove = Batch(reactor, self._disk, self.store.remove_many)
+        self._remove = Batch(reactor, self._disk, self.store.remove_many, REMOVE_WINDOW)
         # In a process of its own (worker.py) the scheduler reads an entry's small files on
         # the reactor: a few page-cache reads cost less than a thread's GIL hand-overs, and
         # no listener waits behind them. Inline, next to the SMTP server, they go to a thread.
@@ -577,10 +582,11 @@ class QueueService(Service):
 
 
 class Batch:
-    """Calls of a blocking ``many(args) -> results`` made in one reactor turn, in one hop.
+    """Calls of a blocking ``many(args) -> results`` made in one reactor turn (or within
+    ``delay`` seconds of the first), in one hop.
 
     ``batch(arg)`` returns a Deferred of that argument's result; every call of
-    the turn goes to the "disk" pool together (one thread hop and one wake-up
+    the turn goes to ``run`` (the "disk" pool) together (one thread hop and one wake-up
     of the reactor for many entries, instead of one each).  A result that is
     an exception fails that caller only.
     """
@@ -590,17 +596,19 @@ class Batch:
         reactor: Any,
         run: Callable[..., defer.Deferred[Any]],
         many: Callable[[list[Any]], list[Any]],
+        delay: float = 0.0,
     ) -> None:
         self.reactor = reactor
         self.run = run
         self.many = many
+        self.delay = delay
         self._calls: list[tuple[Any, defer.Deferred[Any]]] = []
 
     def __call__(self, arg: Any) -> defer.Deferred[Any]:
         d: defer.Deferred[Any] = defer.Deferred()
         self._calls.append((arg, d))
         if len(self._calls) == 1:
-            self.reactor.callLater(0, self._flush)
+            self.reactor.callLater(self.delay, self._flush)
         return d
 
     def _flush(self) -> None:

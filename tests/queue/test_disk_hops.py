@@ -79,3 +79,29 @@ def test_the_worker_reads_in_its_reactor(tmp_path: Any) -> None:
     (tmp_path / "users.passwd").write_text("")
     config = from_dict(test_config(tmp_path, {}))
     assert build_worker_service(config, reactor).queue.read_in_reactor is True
+
+
+def test_removals_of_a_short_window_share_one_hop() -> None:
+    from twisted.internet import defer
+    from twisted.internet.task import Clock
+
+    from mailserv.queue.scheduler import REMOVE_WINDOW, Batch
+
+    clock = Clock()
+    hops: list[list[str]] = []
+
+    def run(fn: Any, ids: list[str]) -> Any:
+        hops.append(ids)
+        return defer.succeed(fn(ids))
+
+    batch = Batch(clock, run, lambda ids: [None] * len(ids), delay=REMOVE_WINDOW)
+    first = batch("a")
+    clock.advance(REMOVE_WINDOW / 2)
+    second = batch("b")
+    assert hops == [] and not first.called
+    clock.advance(REMOVE_WINDOW / 2)
+    assert hops == [["a", "b"]]
+    assert first.called and second.called
+    batch("c")
+    clock.advance(REMOVE_WINDOW)
+    assert hops == [["a", "b"], ["c"]]

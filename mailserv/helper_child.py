@@ -85,12 +85,6 @@ class _Child:
         return enqueue(queue_dir, entry, message.iter_chunks())
 
 
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view) :]
-
-
 def _picklable_error(exc: BaseException) -> BaseException:
     try:
         loads(pickle.dumps(exc))
@@ -103,6 +97,30 @@ def _readable(fd: int) -> bool:
     return bool(select.select([fd], [], [], 0)[0])
 
 
+def split_frames(buf: bytearray) -> tuple[list[Any], Exception | None]:
+    """Take the complete frames off the front of ``buf``: their objects, in order, and the
+    error that stopped the parse (an oversized frame, an unreadable pickle), if any."""
+    out = []
+    offset = 0
+    error: Exception | None = None
+    while len(buf) - offset >= HEADER.size:
+        (length,) = HEADER.unpack_from(buf, offset)
+        if length > MAX_FRAME:
+            error = ValueError(f"frame of {length} bytes refused")
+            break
+        end = offset + HEADER.size + length
+        if len(buf) < end:
+            break
+        try:
+            out.append(loads(bytes(buf[offset + HEADER.size : end])))
+        except Exception as exc:
+            error = exc
+            break
+        offset = end
+    del buf[:offset]
+    return out, error
+
+
 class _Frames:
     """Frames read from a file descriptor, parsed from one growing buffer."""
 
@@ -112,19 +130,9 @@ class _Frames:
         self.eof = False
 
     def parse(self) -> list[Any]:
-        out = []
-        buf = self.buf
-        offset = 0
-        while len(buf) - offset >= HEADER.size:
-            (length,) = HEADER.unpack_from(buf, offset)
-            if length > MAX_FRAME:
-                raise ValueError(f"frame of {length} bytes refused")
-            end = offset + HEADER.size + length
-            if len(buf) < end:
-                break
-            out.append(loads(bytes(buf[offset + HEADER.size : end])))
-            offset = end
-        del buf[:offset]
+        out, error = split_frames(self.buf)
+        if error is not None:
+            raise ValueError(f"bad request: {error}")
         return out
 
     def fill(self) -> None:
@@ -145,7 +153,7 @@ def serve(read_fd: int, out: int) -> int:
     therefore sent only after its own fsyncs and its directory's, as before; K
     deliveries into one mailbox cost K + 1 fsyncs instead of 2K.
     """
-    from mailserv.durable import DirSync, fsync_dir
+    from mailserv.durable import DirSync, fsync_dir, write_all
 
     child = _Child()
     ops: dict[str, Callable[..., Any]] = {"deliver": child.deliver, "enqueue": child.enqueue}
@@ -184,7 +192,7 @@ def serve(read_fd: int, out: int) -> int:
             error = next((failed[d] for d in dirs if d in failed), None)
             replies.append(frame((rid, False, error) if error else (rid, ok, value)))
         if replies:
-            _write_all(out, b"".join(replies))
+            write_all(out, b"".join(replies))
         if frames.eof:
             return 0
 

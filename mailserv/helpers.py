@@ -49,7 +49,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from mailserv.errors import TemporaryFailure
-from mailserv.helper_child import HEADER, MAX_FRAME, frame, loads
+from mailserv.helper_child import frame, split_frames
 from mailserv.interfaces import IReloadable
 
 log = Logger()
@@ -68,7 +68,8 @@ def child_command() -> list[str]:
 
 
 def child_env() -> dict[str, str]:
-    """The parent's environment, with the directory this mailserv is imported from first."""
+    """The parent's environment, with the directory this mailserv is imported from first
+    (for the delivery helpers and the queue worker)."""
     import mailserv
 
     env = dict(os.environ)
@@ -100,34 +101,23 @@ class HelperProtocol(ProcessProtocol):
         self.transport.write(request)
 
     def outReceived(self, data: bytes) -> None:
-        buf = self.buffer
-        buf += data
-        offset = 0
-        while len(buf) - offset >= HEADER.size:
-            (length,) = HEADER.unpack_from(buf, offset)
-            if length > MAX_FRAME:
-                log.error("delivery helper {slot} sent a bad frame; killing it", slot=self.slot)
-                self._kill()
-                return
-            end = offset + HEADER.size + length
-            if len(buf) < end:
-                break
-            try:
-                rid, ok, value = loads(bytes(buf[offset + HEADER.size : end]))
-            except Exception:
-                log.failure("delivery helper {slot} sent an unreadable reply", slot=self.slot)
-                self._kill()
-                return
-            offset = end
+        self.buffer += data
+        replies, error = split_frames(self.buffer)
+        for rid, ok, value in replies:
             job = self.pending.pop(rid, None)
             if job is None:
                 continue
-            d = job[0]
             if ok:
-                d.callback(value)
+                job[0].callback(value)
             else:
-                d.errback(Failure(value))
-        del buf[:offset]
+                job[0].errback(Failure(value))
+        if error is not None:
+            log.error(
+                "delivery helper {slot} sent an unreadable reply ({error}); killing it",
+                slot=self.slot,
+                error=error,
+            )
+            self._kill()
 
     def errReceived(self, data: bytes) -> None:
         for line in data.decode("utf-8", "replace").splitlines():
@@ -176,7 +166,7 @@ class DeliveryHelpers(Service):
         self.shutdown_timeout = 30.0
         self.children: list[HelperProtocol | None] = [None] * count
         self._delays = [RESTART_MIN] * count
-        self._restarts: dict[int, Any] = {}
+        self._pending_spawns: dict[int, Any] = {}
         self._next_id = 0
         self._watchdog: task.LoopingCall | None = None
         self.restarts = 0  # children started again after one died (metrics)
@@ -203,7 +193,7 @@ class DeliveryHelpers(Service):
                 proto._kill()
 
     def _spawn(self, slot: int) -> None:
-        if self._restarts.pop(slot, None) is not None:
+        if self._pending_spawns.pop(slot, None) is not None:
             self.restarts += 1
         if not self.running:
             return
@@ -241,17 +231,18 @@ class DeliveryHelpers(Service):
         self._schedule_restart(slot)
 
     def _schedule_restart(self, slot: int) -> None:
-        if slot not in self._restarts:
-            self._restarts[slot] = self.reactor.callLater(self._delays[slot], self._spawn, slot)
+        if slot not in self._pending_spawns:
+            delay = self._delays[slot]
+            self._pending_spawns[slot] = self.reactor.callLater(delay, self._spawn, slot)
 
     def stopService(self) -> defer.Deferred[Any]:  # type: ignore[override]
         super().stopService()
         if self._watchdog is not None and self._watchdog.running:
             self._watchdog.stop()
-        for call in self._restarts.values():
+        for call in self._pending_spawns.values():
             if call.active():
                 call.cancel()
-        self._restarts.clear()
+        self._pending_spawns.clear()
         running = [p for p in self.children if p is not None and p.alive]
         for proto in running:
             assert proto.transport is not None

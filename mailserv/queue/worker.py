@@ -54,6 +54,7 @@ from twisted.python.failure import Failure
 from twisted.runner.procmon import ProcessMonitor
 from zope.interface import implementer
 
+from mailserv.helpers import child_env
 from mailserv.interfaces import IReloadable
 from mailserv.queue.state import QueueStore
 
@@ -77,16 +78,6 @@ def worker_command(config_file: str) -> list[str]:
     ]
 
 
-def worker_env() -> dict[str, str]:
-    """The parent's environment, with the directory this mailserv is imported from first."""
-    import mailserv
-
-    env = dict(os.environ)
-    root = os.path.dirname(os.path.dirname(os.path.abspath(mailserv.__file__)))
-    env["PYTHONPATH"] = os.pathsep.join([root, *filter(None, [env.get("PYTHONPATH")])])
-    return env
-
-
 @implementer(IReloadable)
 class WorkerMonitor(ProcessMonitor):
     """The parent's side: runs and restarts the delivery process (see the module docstring)."""
@@ -98,7 +89,7 @@ class WorkerMonitor(ProcessMonitor):
         self.killTime = config.shutdown_timeout
         self._exited: list[defer.Deferred[None]] = []
         self._gauges: dict[str, int] | None = None
-        self.addProcess(WORKER, worker_command(config.source), env=worker_env(), cwd=os.getcwd())
+        self.addProcess(WORKER, worker_command(config.source), env=child_env(), cwd=os.getcwd())
 
     def gauges(self) -> dict[str, int] | None:
         """The queue gauges the running worker last reported (None: none known)."""

@@ -334,15 +334,13 @@ class RouterDelivery:
         )
         queue_dir = self.router.queue_dir
         message = self.message
-        helpers = self.router.helpers
-        if helpers is None:
-            return self.router.threads.run(
-                "disk", queue_spool.enqueue, queue_dir, entry, message.iter_chunks()
-            )
 
         def in_thread() -> str:
             return queue_spool.enqueue(queue_dir, entry, message.iter_chunks())
 
+        helpers = self.router.helpers
+        if helpers is None:
+            return self.router.threads.run("disk", in_thread)
         args = (queue_dir, entry, light_message(message))
         return helpers.run("enqueue", args, in_thread, key=queue_dir)
 

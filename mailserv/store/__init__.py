@@ -15,6 +15,9 @@ They are safe across threads and processes.
 Delivery: ``store.deliver(user, source, folder=None, prefix=b"") -> str``.
 ``source`` is a path or a binary file read from its start (rewound when
 seekable); ``prefix`` (Return-Path:, Delivered-To: lines) is written before it.
+A file object with ``crlf_only = True`` (``Message.open`` of an SMTP message, whose
+bare CR and LF were refused) is taken to hold only CRLF line ends: the maildir store
+then does not count line ends past its first write for the ``,W=`` size.
 It returns once the message is durable (file and directory fsynced), and
 raises ``QuotaExceeded(permanent=config.over_quota == "reject")`` when the
 user's quota (``User.quota_bytes``/``quota_messages``, else ``[store] quota`` /

@@ -109,10 +109,14 @@ class Message:
     # Every line end is CRLF (SMTP refuses bare CR and LF): a store reading it may take
     # the CRLF size to be the size instead of counting line ends (``crlf_only`` below).
     crlf: bool = False
+    # Where the message starts in ``path`` (a queue entry's file begins with its envelope).
+    offset: int = 0
 
     def open(self) -> BinaryIO:
         """The bytes, from the start; marked ``crlf_only = True`` when ``crlf``."""
         source: Any = io.BytesIO(self.data or b"") if self.path is None else open(self.path, "rb")
+        if self.offset:
+            source.seek(self.offset)
         if self.crlf:
             source.crlf_only = True
         return source  # type: ignore[no-any-return]

@@ -179,7 +179,7 @@ def test_child_writes_queue_entries(tmp_path: Path) -> None:
     ((_rid, ok, value),) = run_child(requests)
     assert ok and value == entry.id
     assert qspool.list_entries(queue_dir) == [entry.id]
-    assert Path(qspool.message_path(queue_dir, entry.id)).read_bytes() == b"Received: x\r\nbody\r\n"
+    assert qspool.read_message(queue_dir, entry.id) == b"Received: x\r\nbody\r\n"
 
 
 class SyncThreads:

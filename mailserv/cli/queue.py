@@ -111,7 +111,8 @@ def run_show(args: argparse.Namespace) -> int:
         via = f" via {state.mta}" if state.mta else ""
         print(f"recipient: <{queued.address}>{notify} {state.status}{via}{reason}")
     print()
-    with open(store.path(entry.id, "msg"), "rb") as f:
+    with open(store.entry_path(entry.id), "rb") as f:
+        f.seek(item.offset)
         head = f.read(65536)
     end = head.find(b"\r\n\r\n")
     sys.stdout.write(head[: end + 2 if end >= 0 else len(head)].decode("utf-8", "replace"))

@@ -159,19 +159,21 @@ class Signer:
             )
         return out
 
-    def sign_file(self, path: str) -> bytes:
-        """``sign`` for a queued message file (blocking: run it in the "crypto" pool).
+    def sign_file(self, path: str, offset: int = 0) -> bytes:
+        """``sign`` for a message in a file from ``offset`` (blocking: the "crypto" pool).
 
         The header section is read first; the whole message only if its From
         domain has keys.
         """
         with open(path, "rb") as f:
+            if offset:
+                f.seek(offset)
             head = f.read(65536)
             end = head.find(b"\r\n\r\n")
             domain = author_domain(head[: end + 2] if end >= 0 else head)
             if domain is None or not self.keys_for(domain):
                 return b""
-            if os.fstat(f.fileno()).st_size > MAX_SIGNED_SIZE:
+            if os.fstat(f.fileno()).st_size - offset > MAX_SIGNED_SIZE:
                 return b""
             return self.sign(head + f.read())
 

@@ -2,7 +2,7 @@
 
 Life of an entry (state.py keeps it on disk, atomically):
 
-1. spool.py writes ``<id>.msg`` and ``<id>.env``; the scheduler learns of it
+1. spool.py writes ``<id>.entry``; the scheduler learns of it
    by inotify (or its periodic rescan, or at start) and tries it at once.
 2. Each attempt groups the pending recipients by destination: local domains
    go back to the router (temporary local failures are queued by it), remote
@@ -163,8 +163,8 @@ class QueueService(Service):
 
     def _inotified(self, _: Any, path: Any, mask: int) -> None:
         name = path.basename().decode() if isinstance(path.basename(), bytes) else path.basename()
-        if name.endswith(".env"):
-            self.notify(name[:-4])
+        if name.endswith(spool.SUFFIX):
+            self.notify(name[: -len(spool.SUFFIX)])
         elif name.endswith(".json") and not name.startswith("."):
             self._controls()
 
@@ -439,11 +439,12 @@ class QueueService(Service):
 
     async def _chunk_source(self, item: QueueItem) -> Callable[[], AsyncIterator[bytes]]:
         """What the client sends: DKIM signatures (if we sign for the sender) then the file."""
-        path = spool.message_path(self.store.directory, item.id)
+        path = self.store.entry_path(item.id)
+        start = item.offset
         prefix = b""
         if self.signer is not None and self.signer.has_keys():
             try:
-                prefix = await self.threads.run("crypto", self.signer.sign_file, path)
+                prefix = await self.threads.run("crypto", self.signer.sign_file, path, start)
             except Exception:
                 log.failure("DKIM signing of {id} failed; sending unsigned", id=item.id)
         item.size += len(prefix)
@@ -457,7 +458,7 @@ class QueueService(Service):
             if preloaded is not None:
                 yield preloaded
                 return
-            offset = 0
+            offset = start
             while True:
                 data = await threads.run("disk", read_at, path, offset, READ_SIZE)
                 if data:
@@ -493,8 +494,12 @@ class QueueService(Service):
                 continue
             added[index] = rcpt
         if added:
-            path = spool.message_path(self.store.directory, entry.id)
-            await delivery.body(Message(path=path, size=item.size))
+            if item.data is not None:
+                message = Message(path=None, size=item.size, data=item.data)
+            else:
+                path = self.store.entry_path(entry.id)
+                message = Message(path=path, size=item.size, offset=item.offset)
+            await delivery.body(message)
             try:
                 result = await delivery.commit()
             except Exception as exc:
@@ -555,8 +560,8 @@ class QueueService(Service):
                 )
             )
         limit = self.config.bounce_size_limit
-        path = spool.message_path(self.store.directory, entry.id)
-        original, complete = await self.threads.run("disk", read_head, path, limit)
+        path = self.store.entry_path(entry.id)
+        original, complete = await self.threads.run("disk", read_head, path, limit, item.offset)
         retry_until = entry.arrival + self.config.lifetime
         message = dsn.build(
             self.hostname, item, reports, action, original, complete, now, retry_until
@@ -648,9 +653,11 @@ def read_at(path: str, offset: int, size: int) -> bytes:
         return f.read(size)
 
 
-def read_head(path: str, limit: int) -> tuple[bytes, bool]:
-    """The first ``limit`` bytes of a file, and whether that is all of it."""
+def read_head(path: str, limit: int, offset: int = 0) -> tuple[bytes, bool]:
+    """The first ``limit`` bytes of a file from ``offset``, and whether that is all of it."""
     with open(path, "rb") as f:
+        if offset:
+            f.seek(offset)
         data = f.read(limit + 1)
     return data[:limit], len(data) <= limit
 

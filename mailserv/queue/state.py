@@ -1,7 +1,7 @@
 """Per-recipient delivery state of queue entries, kept next to the spool's files.
 
-spool.py (the SMTP server's writer) creates ``<id>.msg`` and ``<id>.env``;
-the delivery engine never rewrites those.  Everything that changes while the
+spool.py (the SMTP server's writer) creates ``<id>.entry`` (envelope and
+message); the delivery engine never rewrites it.  Everything that changes while the
 message waits lives in ``<id>.state`` (JSON), replaced atomically (write to a
 temporary file, fsync, rename, fsync the directory), so a crash at any moment
 leaves either the old or the new state:
@@ -14,7 +14,7 @@ leaves either the old or the new state:
 ``pending`` (to try), ``sent`` (accepted by the next hop), ``failed``
 (permanent failure, DSN still to be sent), ``done`` (failure reported or
 nothing to report).  An entry with nothing pending or failed is removed
-(``.env`` first: without it the entry does not exist).
+(``.entry`` first: without it the entry does not exist).
 
 Control requests from ``mailserv queue`` while the server runs are files
 ``control/<name>.json`` that the scheduler applies and removes; the running
@@ -35,11 +35,11 @@ from typing import Any
 
 from mailserv.durable import DirSync
 from mailserv.queue import spool
-from mailserv.queue.spool import QueueEntry
+from mailserv.queue.spool import QueueEntry, read_fd
 
 STATE_VERSION = 1
 PENDING, SENT, FAILED, DONE = "pending", "sent", "failed", "done"
-ORPHAN_AGE = 3600.0  # a .msg without .env older than this is left over from a crash
+ORPHAN_AGE = 3600.0  # a file without its .entry older than this is left over from a crash
 _tmp_names = itertools.count()
 HEADER_SCAN = 64 * 1024  # header bytes read to find TLS-Required in a large message
 PRELOAD = 256 * 1024  # a message up to this size is read with its envelope (load_many)
@@ -71,6 +71,8 @@ class QueueItem:
     data: bytes | None = None
     # RFC 8689 "TLS-Required: No" in the header: the sender lifts DANE/MTA-STS.
     tls_optional: bool = False
+    # Where the message starts in the entry's file (after the envelope line).
+    offset: int = 0
 
     @property
     def id(self) -> str:
@@ -149,7 +151,10 @@ class QueueStore:
         return spool.list_entries(self.directory)
 
     def exists(self, entry_id: str) -> bool:
-        return os.path.exists(self.path(entry_id, "env"))
+        return os.path.exists(self.entry_path(entry_id))
+
+    def entry_path(self, entry_id: str) -> str:
+        return spool.entry_path(self.directory, entry_id)
 
     def load(self, entry_id: str, preload: int = 0) -> QueueItem:
         """The entry with its state; FileNotFoundError if it was removed meanwhile.
@@ -158,18 +163,18 @@ class QueueStore:
         """
         # Plain descriptors: a few system calls per file (each one hands the GIL back and
         # forth with the reactor), where open().read() makes seven.
-        envelope = read_small(self.path(entry_id, "env"), 1 << 24)
-        if envelope is None:
-            raise FileNotFoundError(entry_id)
-        entry = spool.QueueEntry.from_json(envelope)
-        data = None
-        fd = os.open(self.path(entry_id, "msg"), os.O_RDONLY)
         try:
-            size = os.fstat(fd).st_size
-            data = read_fd(fd, size) if size <= preload else None
-            head = data if data is not None else read_fd(fd, min(size, HEADER_SCAN))
+            fd = os.open(self.entry_path(entry_id), os.O_RDONLY)
+        except FileNotFoundError:
+            if not spool.upgrade(self.directory, [f"{entry_id}.env"]):  # a version-1 entry?
+                raise
+            fd = os.open(self.entry_path(entry_id), os.O_RDONLY)
+        try:
+            head = spool.read_head(fd, max(preload, spool.HEAD_READ))
         finally:
             os.close(fd)
+        entry, size = head.entry, head.size
+        data = head.data if size <= preload else None
         saved_state = read_small(self.path(entry_id, "state"), 1 << 24)
         raw: dict[str, Any] = json.loads(saved_state) if saved_state is not None else {}
         saved = raw.get("recipients") or []
@@ -191,7 +196,8 @@ class QueueStore:
             warned=bool(raw.get("warned", False)),
             size=size,
             data=data,
-            tls_optional=tls_required_no(head),
+            tls_optional=tls_required_no(head.data),
+            offset=head.offset,
         )
 
     def save(self, item: QueueItem) -> None:
@@ -227,20 +233,19 @@ class QueueStore:
         return out
 
     def remove(self, entry_id: str) -> None:
-        """Delete an entry: ``.env`` first (the entry is gone), then the rest.
+        """Delete an entry: ``.entry`` first (the entry is gone), then its state.
 
         The directory is not fsynced (as Postfix does not): if a crash undoes the
         unlink, the entry is delivered once more, which at-least-once allows.
         """
         try:
-            os.unlink(self.path(entry_id, "env"))
+            os.unlink(self.entry_path(entry_id))
         except FileNotFoundError:
             return
-        for suffix in ("msg", "state"):
-            try:
-                os.unlink(self.path(entry_id, suffix))
-            except FileNotFoundError:
-                pass
+        try:
+            os.unlink(self.path(entry_id, "state"))
+        except FileNotFoundError:
+            pass
 
     def index_row(self, entry_id: str) -> IndexRow | None:
         """Read only what scheduling needs (the small .state file and the id's time)."""
@@ -277,14 +282,15 @@ class QueueStore:
         return ids, rows
 
     def cleanup(self, now: float | None = None) -> int:
-        """Remove files of entries that never got their ``.env`` (crash before the 250)."""
+        """Remove files of entries that never got their ``.entry`` (crash before the 250)."""
         now = time.time() if now is None else now
         removed = 0
         try:
             names = os.listdir(self.directory)
         except FileNotFoundError:
             return 0
-        present = {n[:-4] for n in names if n.endswith(".env")}
+        # (a version-1 envelope that could not be converted is left to the operator)
+        present = {n.split(".", 1)[0] for n in names if n.endswith((spool.SUFFIX, ".env"))}
         for name in names:
             base = name.split(".", 1)[0]
             if base in present or name.startswith(".") or name == "control":
@@ -331,18 +337,6 @@ class QueueStore:
             except FileNotFoundError:
                 pass
         return out
-
-
-def read_fd(fd: int, size: int) -> bytes:
-    """Up to ``size`` bytes from the current offset (fewer only at the end of the file)."""
-    parts = []
-    while size > 0:
-        chunk = os.read(fd, size)
-        if not chunk:
-            break
-        parts.append(chunk)
-        size -= len(chunk)
-    return b"".join(parts)
 
 
 def read_small(path: str, limit: int) -> bytes | None:

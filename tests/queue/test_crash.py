@@ -57,7 +57,7 @@ def delivered(dump: Path) -> set[str]:
 
 def queued(state: Path) -> list[str]:
     directory = state / "queue"
-    return [p.name for p in directory.glob("*.env")] if directory.exists() else []
+    return [p.name for p in directory.glob("*.entry")] if directory.exists() else []
 
 
 def start(mailserv: Any, config: dict[str, Any]) -> Any:

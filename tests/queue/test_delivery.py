@@ -51,7 +51,7 @@ async def test_delivers_and_removes_the_entry(queue_env: Any, mx_net: Any, dns_s
     entry_id = queue_env.enqueue("a@sender.test", ["b@remote.test"], data)
     queue = queue_env.build()
     queue.startService()
-    msg = os.path.join(queue_env.queue_dir, f"{entry_id}.msg")
+    msg = os.path.join(queue_env.queue_dir, f"{entry_id}.entry")
     await wait_for(lambda: not queue_env.entries() and not os.path.exists(msg))
     assert [m.recipients for m in mx.messages] == [["b@remote.test"]]
     assert mx.messages[0].sender == "a@sender.test"

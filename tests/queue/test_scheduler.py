@@ -168,7 +168,7 @@ class FakeRouter:
 
             def commit(self) -> defer.Deferred[Any]:
                 out = {}
-                with open(self.message.path, "rb") as f:
+                with self.message.open() as f:  # as a store reads it (Message.open)
                     data = f.read()
                 for rcpt in self.rcpts:
                     if rcpt.address.local == "full":
@@ -206,6 +206,28 @@ async def test_local_recipients_go_back_to_the_router(
     await wait_for(lambda: any(r == "a@local.test" for _, r, _ in router.delivered))
     bounce = next(d for s, r, d in router.delivered if r == "a@local.test")
     assert b"Final-Recipient: rfc822; nobody@local.test" in bounce
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_large_entry_reaches_local_and_remote_recipients_whole(
+    queue_env: Any, mx_net: Any, dns_server: Any
+) -> None:
+    """A message too large to be read with its envelope is read from the entry's file
+    after the envelope line: by the router, the SMTP client and the DSN."""
+    remote_dns(dns_server)
+    mx = mx_net.server("127.0.0.2")
+    router = FakeRouter()
+    data = message(subject="big", body=b"0123456789abcdef\r\n" * 25_000)  # 450 KB
+    queue_env.enqueue("a@local.test", ["u@local.test", "b@remote.test", "nobody@local.test"], data)
+    queue = queue_env.build(router=router)
+    queue.startService()
+    await wait_for(lambda: len(mx.messages) == 1 and len(router.delivered) == 2)
+    await queue.wait_idle()
+    assert router.delivered[0][1:] == ("u@local.test", data)
+    assert mx.messages[0].data == data
+    bounce = router.delivered[1][2]
+    assert b"Final-Recipient: rfc822; nobody@local.test" in bounce
+    assert b"\r\nSubject: big\r\n" in bounce and b'"recipients"' not in bounce
 
 
 @pytest_twisted.ensureDeferred

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import threading
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -89,8 +91,10 @@ def test_enqueue_writes_message_and_envelope_durably(
         id=spool.new_id(), sender="a@example.test", recipients=[spool.QueuedRecipient("b@x.test")]
     )
     spool.enqueue(str(tmp_path / "q"), entry, [b"Subject: x\r\n", b"\r\nbody\r\n"])
-    assert (tmp_path / "q" / f"{entry.id}.msg").read_bytes() == b"Subject: x\r\n\r\nbody\r\n"
+    assert spool.read_message(str(tmp_path / "q"), entry.id) == b"Subject: x\r\n\r\nbody\r\n"
     assert spool.load_entry(str(tmp_path / "q"), entry.id) == entry
+    # One file per entry (one inode to allocate, fsync and free), nothing else left.
+    assert [p.name for p in (tmp_path / "q").iterdir()] == [f"{entry.id}.entry"]
     assert synced == [str(tmp_path / "q")]
     with pytest.raises(FileExistsError):  # never overwrites an entry
         spool.enqueue(str(tmp_path / "q"), entry, [b"other"])
@@ -111,3 +115,106 @@ def test_tls_required_no_is_read_from_the_header_only(message: bytes, expected: 
     from mailserv.queue.state import tls_required_no
 
     assert tls_required_no(message) is expected
+
+
+def _entry(rcpts: int = 1) -> spool.QueueEntry:
+    return spool.QueueEntry(
+        id=spool.new_id(),
+        sender="a@example.test",
+        recipients=[spool.QueuedRecipient(f"r{i}@x.test") for i in range(rcpts)],
+    )
+
+
+@pytest.mark.parametrize(
+    ("rcpts", "size"),
+    [(1, 0), (1, 100), (1, 300_000), (3000, 10), (3000, 300_000)],  # envelopes up to ~140 KiB
+)
+def test_the_entry_file_is_the_envelope_line_then_the_message(
+    tmp_path: Path, rcpts: int, size: int
+) -> None:
+    entry = _entry(rcpts)
+    message = (b"Subject: x\r\n\r\n" + b"y" * size)[: max(size, 14)] if size else b""
+    qdir = str(tmp_path)
+    spool.enqueue(qdir, entry, [message[:7], message[7:]] if message else [])
+    raw = (tmp_path / f"{entry.id}.entry").read_bytes()
+    line, _, rest = raw.partition(b"\n")
+    assert spool.QueueEntry.from_json(line) == entry and rest == message
+    assert entry.version == spool.FORMAT_VERSION == 2
+    for want in (0, 10, spool.HEAD_READ, 1 << 20):
+        head = spool.open_head(qdir, entry.id, want)
+        assert head.entry == entry
+        assert (head.offset, head.size) == (len(line) + 1, len(message))
+        assert message.startswith(head.data) and len(head.data) >= min(want, len(message))
+    assert spool.read_message(qdir, entry.id) == message
+
+
+def test_a_file_without_an_envelope_line_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "x.entry").write_bytes(b"{" + b"a" * 200_000)
+    with pytest.raises(ValueError, match="envelope line"):
+        spool.open_head(str(tmp_path), "x")
+
+
+def test_a_failed_write_leaves_nothing_behind(tmp_path: Path) -> None:
+    def chunks() -> Any:
+        yield b"Subject: x\r\n"
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError, match="No space"):
+        spool.enqueue(str(tmp_path), _entry(), chunks())
+    assert list(tmp_path.iterdir()) == []
+
+
+def _version_1(qdir: Path, entry: spool.QueueEntry, message: bytes) -> None:
+    """An entry as the version-1 spool wrote it: <id>.msg, then <id>.env."""
+    data = asdict(entry) | {"version": 1}
+    (qdir / f"{entry.id}.msg").write_bytes(message)
+    (qdir / f"{entry.id}.env").write_text(json.dumps(data))
+
+
+def test_version_1_entries_are_converted_when_listed(tmp_path: Path) -> None:
+    from mailserv.queue.state import QueueStore
+
+    old, both, broken = _entry(), _entry(2), _entry()
+    _version_1(tmp_path, old, b"Subject: old\r\n\r\nbody\r\n")
+    (tmp_path / f"{old.id}.state").write_text('{"attempts": 2, "next_attempt": 5.0}')
+    # A conversion cut short by a crash: the new file is there, the old ones too.
+    _version_1(tmp_path, both, b"Subject: both\r\n\r\n")
+    spool.enqueue(str(tmp_path), both, [b"Subject: both\r\n\r\n"])
+    (tmp_path / f"{broken.id}.env").write_text("{not json")
+    (tmp_path / f"{broken.id}.msg").write_bytes(b"x")
+
+    assert spool.list_entries(str(tmp_path)) == sorted([old.id, both.id])
+    names = sorted(p.name for p in tmp_path.iterdir())
+    left = [f"{broken.id}.env", f"{broken.id}.msg"]  # for the operator
+    assert names == sorted([f"{old.id}.entry", f"{old.id}.state", f"{both.id}.entry", *left])
+    item = QueueStore(str(tmp_path)).load(old.id, preload=1 << 20)
+    assert item.entry.recipients == old.recipients and item.entry.sender == old.sender
+    assert item.data == b"Subject: old\r\n\r\nbody\r\n" and item.attempts == 2
+    assert spool.read_message(str(tmp_path), both.id) == b"Subject: both\r\n\r\n"
+
+
+def test_a_version_1_entry_loads_by_id_before_any_listing(tmp_path: Path) -> None:
+    from mailserv.queue.state import QueueStore
+
+    old = _entry()
+    _version_1(tmp_path, old, b"Subject: old\r\n\r\nbody\r\n")
+    item = QueueStore(str(tmp_path)).load(old.id)
+    assert item.entry.id == old.id and item.size == 22 and item.offset > 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"{old.id}.entry"]
+    with pytest.raises(FileNotFoundError):
+        QueueStore(str(tmp_path)).load("nothing")
+
+
+def test_cleanup_removes_what_a_crash_left_and_keeps_entries(tmp_path: Path) -> None:
+    from mailserv.queue.state import ORPHAN_AGE, QueueStore
+
+    kept = _entry()
+    spool.enqueue(str(tmp_path), kept, [b"Subject: x\r\n\r\n"])
+    (tmp_path / f"{kept.id}.state").write_text("{}")
+    (tmp_path / "0123.tmp").write_bytes(b"half")  # an enqueue cut short
+    (tmp_path / "0456.state").write_text("{}")  # the state of a removed entry
+    store = QueueStore(str(tmp_path))
+    assert store.cleanup() == 0  # young files may still be being written
+    assert store.cleanup(now=time.time() + ORPHAN_AGE + 1) == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"{kept.id}.entry", f"{kept.id}.state"]
+    assert store.ids() == [kept.id]

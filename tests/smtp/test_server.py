@@ -187,8 +187,7 @@ def test_aliases_detail_and_remote_queue(env: SMTPEnv) -> None:
         "rfc822;ext@example.org",
         "pending",
     )
-    with open(qspool.message_path(qdir, entry_id), "rb") as f:
-        data = f.read()
+    data = qspool.read_message(qdir, entry_id)
     assert data.startswith(b"Received: from client.example") and data.endswith(b"\r\nbody\r\n")
 
 
@@ -849,8 +848,8 @@ def test_requiretls_offered_and_accepted_only_inside_tls(env: SMTPEnv) -> None:
     assert c.cmd(b"DATA").startswith(b"354")
     c.send(b"From: alice@example.org\r\nSubject: s\r\n\r\nsecret\r\n.\r\n")
     assert c.read().startswith(b"250 ")
-    [env_file] = glob.glob(str(env.state / "queue" / "*.env"))
-    assert json.loads(open(env_file).read())["requiretls"] is True
+    [entry_file] = glob.glob(str(env.state / "queue" / "*.entry"))
+    assert json.loads(open(entry_file, "rb").readline())["requiretls"] is True
 
 
 def test_run_now_completes_at_once_when_nothing_waits() -> None:

@@ -143,7 +143,7 @@ def queued(kind, spool):
     # Polled every 10 ms while the other cores deliver: a listing, not a glob (fnmatch of
     # thousands of names per poll cost ~0.3 ms of CPU per message delivered).
     if kind == "mailserv":
-        return sum(1 for name in os.listdir(spool) if name.endswith(".env"))
+        return sum(1 for name in os.listdir(spool) if name.endswith((".entry", ".env")))
     return sum(len(files) for sub in ("maildrop", "incoming", "active", "deferred", "hold")
                for _, _, files in os.walk(os.path.join(spool, sub)))
 

@@ -12,7 +12,8 @@
 #                           DELIVERY=process|inline: mailserv's [queue] delivery (default process),
 #                           BASELINE=DIR: also run the mailserv of another checkout DIR (e.g. an
 #                           older commit: git worktree add /tmp/base COMMIT) in the same rounds,
-#                           PROFILE=FILE: cProfile stats of the twistd process, for diagnosis only)
+#                           PROFILE=FILE: cProfile stats of the twistd process, DETAIL=1: each
+#                           mailserv process's CPU per message in the relay, for diagnosis only)
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -148,7 +149,9 @@ def queued(kind, spool):
                for _, _, files in os.walk(os.path.join(spool, sub)))
 
 
-def rate(smtp_source, kind, port, spool, rcpt, msgs, size, sessions):
+def rate(smtp_source, kind, port, spool, rcpt, msgs, size, sessions, root):
+    before = {}
+    cpu = tree_cpu(root, before)
     start = time.monotonic()
     subprocess.run([smtp_source, "-d", "-s", str(sessions), "-m", str(msgs), "-l", str(size),
                     "-f", "bench@example.org", "-t", rcpt, f"127.0.0.1:{port}"], check=True)
@@ -158,7 +161,12 @@ def rate(smtp_source, kind, port, spool, rcpt, msgs, size, sessions):
         if time.monotonic() > deadline:
             sys.exit(f"{kind}: queue not empty after 600 s")
         time.sleep(0.01)
-    return msgs / (time.monotonic() - start), msgs / submitted
+    after = {}
+    used = (tree_cpu(root, after) - cpu) * 1000 / msgs
+    if os.environ.get("DETAIL") and kind == "mailserv":  # each process's CPU per message
+        print("  ".join(f"{k}: {(v - before.get(k, 0)) * 1000 / msgs:.2f}" for k, v in after.items()),
+              file=sys.stderr)
+    return msgs / (time.monotonic() - start), msgs / submitted, used
 
 
 def submit(smtp_source, port, rcpt, msgs, size, sessions):
@@ -193,8 +201,9 @@ def flush_request(spool):
     os.rename(tmp, os.path.join(spool, "control", name))
 
 
-def tree_cpu(root):
-    """CPU seconds of process ``root`` and its descendants, with their reaped children."""
+def tree_cpu(root, each=None):
+    """CPU seconds of process ``root`` and its descendants, with their reaped children
+    (``each``: a dict to receive each process's own, by "pid name")."""
     parent, cpu = {}, {}
     for name in os.listdir("/proc"):
         if not name.isdigit():
@@ -211,6 +220,16 @@ def tree_cpu(root):
         pid = todo.pop()
         tree.add(pid)
         todo.extend(p for p, pp in parent.items() if pp == pid and p not in tree)
+    if each is not None:
+        for pid in tree:
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    words = f.read().split(b"\0")
+            except OSError:
+                continue
+            name = next((w for w in reversed(words) if w.startswith((b"mailserv.", b"mailserv"))),
+                        words[0]).decode(errors="replace")
+            each[f"{pid} {name}"] = cpu.get(pid, 0) / os.sysconf("SC_CLK_TCK")
     return sum(cpu.get(p, 0) for p in tree) / os.sysconf("SC_CLK_TCK")
 
 
@@ -241,9 +260,9 @@ if __name__ == "__main__":
         rate, cpu = drain(sys.argv[2], sys.argv[3], sys.argv[6:], int(sys.argv[4]), int(sys.argv[5]))
         print(f"{rate:.1f} {cpu:.2f}")
     else:
-        total, accept = rate(sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4],
-                             sys.argv[5], *map(int, sys.argv[6:9]))
-        print(f"{total:.1f} {accept:.1f}")
+        total, accept, cpu = rate(sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4],
+                                  sys.argv[5], *map(int, sys.argv[6:10]))
+        print(f"{total:.1f} {accept:.1f}/s, {cpu:.2f} ms")
 EOF
 
 "$PYTHON" "$W/measure.py" wait 127.0.0.2 "$SINK_PORT"
@@ -253,20 +272,21 @@ EOF
 
 echo "relay: $MESSAGES messages of $SIZE bytes, $SESSIONS sessions, $ROUNDS rounds;" \
     "mailserv delivery=$DELIVERY${BASELINE:+; baseline: the mailserv of $BASELINE}"
-echo "msgs/s from the first submission until the queue is empty (submission-only rate in brackets)"
+echo "msgs/s from the first submission until the queue is empty (in brackets: the submission-only"
+echo "rate, and the CPU time of the server's processes, all of them, per message)"
 median() { printf '%s\n' "$@" | sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
 ms=(); pf=(); bs=()
 for round in $(seq "$ROUNDS"); do
     b=""
     if [ -n "$BASELINE" ]; then
         read -r b ba < <("$PYTHON" "$W/measure.py" "$SMTP_SOURCE" mailserv "$BASE_PORT" \
-            "$W/base/queue" relay@example.test "$MESSAGES" "$SIZE" "$SESSIONS")
+            "$W/base/queue" relay@example.test "$MESSAGES" "$SIZE" "$SESSIONS" "$BASE_PID")
         bs+=("$b"); b="   baseline $b msgs/s ($ba)"
     fi
     read -r m ma < <("$PYTHON" "$W/measure.py" "$SMTP_SOURCE" mailserv "$MS_PORT" "$W/ms/queue" \
-        relay@example.test "$MESSAGES" "$SIZE" "$SESSIONS")
+        relay@example.test "$MESSAGES" "$SIZE" "$SESSIONS" "$MS_PID")
     read -r p pa < <("$PYTHON" "$W/measure.py" "$SMTP_SOURCE" postfix "$PF_PORT" "$PF/spool" \
-        sink@remote.test "$MESSAGES" "$SIZE" "$SESSIONS")
+        sink@remote.test "$MESSAGES" "$SIZE" "$SESSIONS" "$(cat "$PF/spool/pid/master.pid")")
     echo "round $round: mailserv $m msgs/s ($ma)   postfix $p msgs/s ($pa)$b"
     ms+=("$m"); pf+=("$p")
 done

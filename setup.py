@@ -19,6 +19,7 @@ setup(
         "service-identity>=24.1",
         "cryptography>=42",
         "dnspython>=2.6,<3",  # mailserv/dns.py drives dnspython's _Resolution, as its async resolvers do
+        "pycares>=5,<6",  # c-ares for the filters' plain lookups (dns.py relies on pycares 5's cffi lib)
         "dkimpy>=1.1,<2",  # mailserv/filters/dkim.py replaces two of its internals (checked equal in tests)
         "pynacl>=1.5",  # Ed25519 DKIM/ARC keys in dkimpy (RFC 8463)
         "pyspf>=2.0.14",  # RFC 7208 SPF evaluation with its processing limits (filters/spf.py)

@@ -14,13 +14,28 @@ same query again over TCP when the UDP answer is truncated.  dnspython only
 makes and parses the wire format, so a lookup costs no thread round trip.
 ``lookup_blocking`` (for code already in a thread: dkimpy, pyspf) is
 dnspython's blocking resolver on the same cache.
+
+Plain lookups (``lookup(name, rdtype, dnssec=False)``: the filters' A, AAAA
+and TXT lookups, which never read the AD bit) go through c-ares (pycares)
+instead: the same nameservers, timeout and answers (NXDOMAIN, NODATA, a
+timeout or a failing server as TemporaryFailure, TCP when the UDP answer is
+truncated), the DNS messages made and read in C, which is what an uncached
+lookup costs in dnspython (its message code is ~120 of its ~290 us of CPU;
+c-ares's whole lookup is ~75 us).  c-ares's sockets are watched by the
+reactor (its ``sock_state_cb``); c-ares's own query cache is off and the
+answers are kept in ``PlainCache`` (ours: the TTLs as dnspython keeps them,
+``cache_size`` entries, none when it is 0).
 """
 
 from __future__ import annotations
 
+import itertools
 import socket
 import time
+from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from time import monotonic
 from typing import Any
 
 import dns.exception
@@ -33,10 +48,13 @@ import dns.query
 import dns.rdataclass
 import dns.rdatatype
 import dns.resolver
-from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IReadDescriptor
+import dns.ttl
+import pycares
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IReadDescriptor, IWriteDescriptor
 from twisted.internet.protocol import ClientFactory
 from twisted.protocols.basic import Int16StringReceiver
+from twisted.python import log, threadable
 from zope.interface import implementer
 
 from mailserv.config.sections import DNSSection
@@ -131,15 +149,37 @@ class DNSResolver:
         self.reactor = reactor if reactor is not None else getattr(threads, "reactor", None)
         self.resolver = build_resolver(config)
         self._native = _reactor_capable(self.resolver)
+        self.plain: PlainResolver | None = self._plain(config)
+
+    def _plain(self, config: DNSSection) -> PlainResolver | None:
+        """c-ares for the plain lookups: only on a reactor, for plain-DNS nameservers."""
+        if self.reactor is None or not self._native:
+            return None
+        return PlainResolver(self.reactor, nameservers_of(self.resolver), config)
 
     def reload(self, config: Any) -> None:
         resolver = build_resolver(config.dns)
         self.resolver, self._native = resolver, _reactor_capable(resolver)
+        old, self.plain = self.plain, self._plain(config.dns)
+        if old is not None:
+            old.retire()
 
-    def lookup(self, name: str, rdtype: str) -> Deferred[DNSAnswer]:
+    def lookup(self, name: str, rdtype: str, dnssec: bool = True) -> Deferred[DNSAnswer]:
+        """``dnssec=False``: the caller does not read ``authenticated`` (always False then),
+        so A, AAAA and TXT may go through c-ares."""
+        # A name that is not ASCII (an IDN) takes dnspython's IDNA rules, not c-ares's.
+        if not dnssec and self.plain is not None and rdtype in PLAIN_TYPES and name.isascii():
+            return self.plain.lookup(name, rdtype)
         if self.reactor is None or not self._native:
             return self.threads.run("dns", self.lookup_blocking, name, rdtype)
         return _Lookup(self.reactor, self.resolver, name, rdtype).start()
+
+    def cached(self, name: str, rdtype: str) -> DNSAnswer | None:
+        """The cached answer of a plain lookup (``dnssec=False``), else None."""
+        plain = self.plain
+        if plain is None or plain.cache is None:
+            return None
+        return plain.cache.get(name, rdtype)
 
     def lookup_blocking(self, name: str, rdtype: str) -> DNSAnswer:
         """The same lookup, blocking: only for code already in a thread (dkimpy's dnsfunc)."""
@@ -390,3 +430,405 @@ class _TCPStream(Int16StringReceiver):
 
     def stringReceived(self, string: bytes) -> None:
         self.query.received(string)
+
+
+# --------------------------------------------------------------------------
+# Plain lookups through c-ares
+
+
+@dataclass(frozen=True, slots=True)
+class AddressRecord:
+    """An A or AAAA record of a plain lookup (``address`` as dnspython's rdata has it)."""
+
+    address: str
+
+    def to_text(self) -> str:
+        return self.address
+
+
+@dataclass(frozen=True, slots=True)
+class TXTRecord:
+    """A TXT record of a plain lookup: its character strings, as dnspython's ``strings``."""
+
+    strings: tuple[bytes, ...]
+
+    def to_text(self) -> str:
+        return " ".join('"' + s.decode("latin-1").replace('"', '\\"') + '"' for s in self.strings)
+
+
+_ffi: Any = pycares._ffi  # type: ignore[attr-defined]
+_lib: Any = pycares._lib  # type: ignore[attr-defined]
+
+PLAIN_TYPES = {
+    "A": _lib.ARES_REC_TYPE_A,
+    "AAAA": _lib.ARES_REC_TYPE_AAAA,
+    "TXT": _lib.ARES_REC_TYPE_TXT,
+}
+_ANSWER, _AUTHORITY = _lib.ARES_SECTION_ANSWER, _lib.ARES_SECTION_AUTHORITY
+_CNAME, _SOA = _lib.ARES_REC_TYPE_CNAME, _lib.ARES_REC_TYPE_SOA
+_SUCCESS, _NXDOMAIN, _NODATA = _lib.ARES_SUCCESS, _lib.ARES_ENOTFOUND, _lib.ARES_ENODATA
+_BAD_NAME = _lib.ARES_EBADNAME
+# A channel being destroyed cancels its queries (from pycares's shutdown thread): the
+# lookups' own timers end them.
+_CANCELLED = (_lib.ARES_ECANCELLED, _lib.ARES_EDESTRUCTION)
+_SOCKET_BAD = pycares.ARES_SOCKET_BAD
+ARES_OPT_QUERY_CACHE = 1 << 21  # ares.h; pycares does not export it
+
+
+def nameservers_of(resolver: dns.resolver.Resolver) -> list[str]:
+    """dnspython's nameservers (from ``[dns]`` or resolv.conf) as c-ares's ``host:port``."""
+    out = []
+    for ns in resolver.nameservers:  # plain DNS only (_reactor_capable)
+        if isinstance(ns, str):
+            host, port = ns, 53
+        else:
+            assert isinstance(ns, dns.nameserver.Do53Nameserver)
+            host, port = ns.address, ns.port
+        out.append(f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
+    return out
+
+
+class PlainCache:
+    """Answers of plain lookups until their expiry: positive ones for the smallest TTL of
+    the records and CNAMEs read, NXDOMAIN and NODATA for the SOA's negative TTL (RFC 2308)
+    and, without an SOA, as long as the cache keeps them: what dnspython's cache does.
+    At most ``size`` entries; when full, the oldest entry goes."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.entries: dict[tuple[str, str], tuple[float, DNSAnswer]] = {}
+
+    def get(self, name: str, rdtype: str) -> DNSAnswer | None:
+        found = self.entries.get((name, rdtype))
+        if found is None:
+            return None
+        if found[0] > monotonic():
+            return found[1]
+        self.entries.pop((name, rdtype), None)
+        return None
+
+    def put(self, answer: DNSAnswer, ttl: float) -> None:
+        entries = self.entries
+        if len(entries) >= self.size:
+            try:
+                del entries[next(iter(entries))]
+            except (StopIteration, KeyError, RuntimeError):
+                pass
+        entries[(answer.name, answer.rdtype)] = (monotonic() + ttl, answer)
+
+
+# One C callback for every plain query (an ffi closure is costly to make): its argument is
+# the query's number in _pending.
+_pending: dict[int, _PlainLookup] = {}
+# Queries whose lookup timed out before c-ares gave up on them: c-ares ends them on a
+# later ``process`` (PlainResolver.sweep), or they would keep their socket open.
+_orphans: dict[int, PlainResolver] = {}
+_numbers = itertools.count(1)
+
+
+@_ffi.callback("ares_callback_dnsrec")  # type: ignore[untyped-decorator]
+def _answered(arg: Any, status: int, timeouts: int, record: Any) -> None:
+    if status in _CANCELLED:
+        return
+    number = int(_ffi.cast("uintptr_t", arg))
+    lookup = _pending.pop(number, None)
+    if lookup is None:  # ended by its timer
+        plain = _orphans.pop(number, None)
+        if plain is not None:
+            plain.orphans -= 1
+        return
+    try:
+        lookup.answered(status, record)
+    except Exception:  # never out through C
+        log.err(None, "reading a DNS answer")
+
+
+def _name(pointer: Any) -> str:
+    return _ffi.string(pointer).decode("ascii", "replace").lower().rstrip(".")  # type: ignore[no-any-return]
+
+
+def _rdata(rr: Any, rtype: int) -> Any:
+    if rtype == _lib.ARES_REC_TYPE_A:
+        addr = _ffi.buffer(_lib.ares_dns_rr_get_addr(rr, _lib.ARES_RR_A_ADDR), 4)
+        return AddressRecord(socket.inet_ntop(socket.AF_INET, addr[:]))
+    if rtype == _lib.ARES_REC_TYPE_AAAA:
+        addr = _ffi.buffer(_lib.ares_dns_rr_get_addr6(rr, _lib.ARES_RR_AAAA_ADDR), 16)
+        return AddressRecord(socket.inet_ntop(socket.AF_INET6, addr[:]))
+    size = _ffi.new("size_t *")
+    strings = []
+    for i in range(_lib.ares_dns_rr_get_abin_cnt(rr, _lib.ARES_RR_TXT_DATA)):
+        data = _lib.ares_dns_rr_get_abin(rr, _lib.ARES_RR_TXT_DATA, i, size)
+        strings.append(_ffi.buffer(data, size[0])[:] if data != _ffi.NULL else b"")
+    return TXTRecord(tuple(strings))
+
+
+def read_answer(name: str, rdtype: str, status: int, record: Any) -> tuple[DNSAnswer, float]:
+    """(answer, TTL) of a c-ares response to ``name``/``rdtype``, read as dnspython's
+    ``resolve_chaining`` reads one: the CNAME chain from the name asked, the records of the
+    type asked at its end, the smallest TTL on the way; NXDOMAIN and NODATA with the SOA's
+    negative TTL."""
+    wanted = PLAIN_TYPES[rdtype]
+    owner = name.lower().rstrip(".")
+    ttl = float(dns.ttl.MAX_TTL)
+    cnames: dict[str, tuple[str, int]] = {}
+    found: dict[str, list[tuple[Any, int]]] = {}
+    for i in range(_lib.ares_dns_record_rr_cnt(record, _ANSWER)):
+        rr = _lib.ares_dns_record_rr_get_const(record, _ANSWER, i)
+        rtype = _lib.ares_dns_rr_get_type(rr)
+        if rtype == wanted:
+            found.setdefault(_name(_lib.ares_dns_rr_get_name(rr)), []).append(
+                (_rdata(rr, rtype), _lib.ares_dns_rr_get_ttl(rr))
+            )
+        elif rtype == _CNAME:
+            target = _name(_lib.ares_dns_rr_get_str(rr, _lib.ARES_RR_CNAME_CNAME))
+            cnames[_name(_lib.ares_dns_rr_get_name(rr))] = (target, _lib.ares_dns_rr_get_ttl(rr))
+    for _ in range(16):
+        if owner in found or owner not in cnames:
+            break
+        owner, cname_ttl = cnames[owner]
+        ttl = min(ttl, cname_ttl)
+    rrset = found.get(owner)
+    if rrset and status == _SUCCESS:
+        ttl = min(ttl, *(t for _, t in rrset))
+        return DNSAnswer(name, rdtype, tuple(r for r, _ in rrset)), ttl
+    for i in range(_lib.ares_dns_record_rr_cnt(record, _AUTHORITY)):
+        rr = _lib.ares_dns_record_rr_get_const(record, _AUTHORITY, i)
+        if _lib.ares_dns_rr_get_type(rr) == _SOA:
+            minimum = _lib.ares_dns_rr_get_u32(rr, _lib.ARES_RR_SOA_MINIMUM)
+            ttl = min(ttl, _lib.ares_dns_rr_get_ttl(rr), minimum)
+            break
+    return DNSAnswer(name, rdtype, nxdomain=status == _NXDOMAIN), ttl
+
+
+def _channel(state: Callable[[int, bool, bool], None], servers: list[str], timeout: float) -> Any:
+    """A pycares Channel reporting its sockets to ``state``, c-ares's query cache off.
+
+    pycares sets no query cache option, so c-ares's default (answers kept up to an hour)
+    would apply even with ``cache_size = 0``: the channel pycares made is made again with
+    the same options (``ares_save_options``) and ``qcache_max_ttl = 0``.  One try per
+    nameserver, each with the whole timeout, as dnspython's resolver with lifetime =
+    timeout does; EDNS with a 1232-byte payload, TCP when an answer is truncated.
+    """
+    flags = pycares.ARES_FLAG_EDNS | pycares.ARES_FLAG_NOSEARCH
+    # Any: its _channel (the c-ares channel pointer) is swapped below.
+    channel: Any = pycares.Channel(sock_state_cb=state, timeout=timeout, tries=1, flags=flags)
+    options = _ffi.new("struct ares_options *")
+    mask = _ffi.new("int *")
+    if _lib.ares_save_options(channel._channel[0], options, mask) != _SUCCESS:
+        raise pycares.AresError("ares_save_options failed")
+    try:
+        options.qcache_max_ttl = 0
+        raw = _ffi.new("ares_channel *")
+        optmask = (mask[0] | ARES_OPT_QUERY_CACHE) & ~_lib.ARES_OPT_SERVERS
+        if _lib.ares_init_options(raw, options, optmask) != _SUCCESS:
+            raise pycares.AresError("ares_init_options failed")
+    finally:
+        _lib.ares_destroy_options(options)
+    original, channel._channel = channel._channel, raw
+    _lib.ares_destroy(original[0])  # no query, no socket yet
+    if servers:
+        channel.servers = servers
+    return channel
+
+
+@implementer(IReadDescriptor, IWriteDescriptor)
+class _AresSocket:
+    """One of c-ares's sockets, watched by the reactor for c-ares."""
+
+    def __init__(self, plain: PlainResolver, fd: int) -> None:
+        self.plain = plain
+        self.fd = fd
+
+    def fileno(self) -> int:
+        return self.fd
+
+    def logPrefix(self) -> str:
+        return "DNS (c-ares)"
+
+    def doRead(self) -> None:
+        self.plain.process(self.fd, _SOCKET_BAD)
+
+    def doWrite(self) -> None:
+        self.plain.process(_SOCKET_BAD, self.fd)
+
+    def connectionLost(self, reason: Any) -> None:
+        # The reactor dropped the socket on an error (an ICMP refusal as EPOLLERR): c-ares
+        # reads the error itself (and tries the next nameserver).
+        self.plain.watched.pop(self.fd, None)
+        self.plain.process(self.fd, _SOCKET_BAD)
+
+
+class PlainResolver:
+    """A c-ares channel on the reactor for the plain lookups of one ``[dns]`` config.
+
+    Every lookup has the same timeout, so their deadlines come in the order they
+    started: one timer for the oldest lookup still waiting, not one per lookup.
+    """
+
+    def __init__(self, reactor: Any, servers: list[str], config: DNSSection) -> None:
+        self.reactor = reactor
+        self.timeout = config.timeout
+        self.cache = PlainCache(config.cache_size) if config.cache_size else None
+        self.watched: dict[int, _AresSocket] = {}
+        self.waiting: deque[_PlainLookup] = deque()  # by deadline; ended ones left for the timer
+        self.timer: Any = None
+        self.in_flight = 0
+        self.orphans = 0
+        self.sweeper: Any = None
+        self.retiring = False
+        self.channel: Any = _channel(self._socket_state, servers, config.timeout)
+        # The c-ares channel itself, for ares_query_dnsrec and ares_process_fd (pycares's
+        # methods take a lock and a context manager per call; only the reactor uses it).
+        self.raw: Any = self.channel._channel[0]
+
+    def _socket_state(self, fd: int, readable: bool, writable: bool) -> None:
+        if threadable.ioThread is not None and not threadable.isInIOThread():
+            return  # a channel destroyed by pycares's thread: its sockets were let go
+        watched = self.watched.get(fd)
+        if watched is None:
+            if not (readable or writable):
+                return
+            watched = self.watched[fd] = _AresSocket(self, fd)
+        if readable:
+            self.reactor.addReader(watched)
+        else:
+            self.reactor.removeReader(watched)
+        if writable:
+            self.reactor.addWriter(watched)
+        else:
+            self.reactor.removeWriter(watched)
+        if not (readable or writable):
+            del self.watched[fd]
+
+    def process(self, read_fd: int, write_fd: int) -> None:
+        if self.channel is not None:
+            _lib.ares_process_fd(self.raw, read_fd, write_fd)
+
+    def lookup(self, name: str, rdtype: str) -> Deferred[DNSAnswer]:
+        if self.cache is not None:
+            cached = self.cache.get(name, rdtype)
+            if cached is not None:
+                return succeed(cached)
+        return _PlainLookup(self, name, rdtype).start()
+
+    def started(self, lookup: _PlainLookup) -> None:
+        self.in_flight += 1
+        self.waiting.append(lookup)
+        if self.timer is None:
+            self.timer = self.reactor.callLater(self.timeout, self._deadlines)
+
+    def _deadlines(self) -> None:
+        """Lookups past their deadline fail (c-ares's own timeouts processed first)."""
+        self.timer = None
+        self.process(_SOCKET_BAD, _SOCKET_BAD)
+        waiting, now = self.waiting, monotonic()
+        while waiting and (waiting[0].ended or waiting[0].deadline <= now):
+            lookup = waiting.popleft()
+            if not lookup.ended:
+                lookup.timed_out()
+        if waiting and self.channel is not None:
+            self.timer = self.reactor.callLater(waiting[0].deadline - now, self._deadlines)
+
+    def orphaned(self, number: int) -> None:
+        """A lookup timed out while c-ares still waits for its answer (another nameserver)."""
+        _orphans[number] = self
+        self.orphans += 1
+        if self.sweeper is None:
+            self.sweeper = self.reactor.callLater(0, self.sweep)
+
+    def sweep(self) -> None:
+        """c-ares's timeouts processed until no timed-out query is left in the channel."""
+        self.sweeper = None
+        self.process(_SOCKET_BAD, _SOCKET_BAD)
+        if self.orphans > 0 and self.channel is not None:
+            delay = self.channel.timeout(self.timeout) + 0.001
+            self.sweeper = self.reactor.callLater(delay, self.sweep)
+
+    def ended(self) -> None:
+        self.in_flight -= 1
+        if self.retiring and not self.in_flight:
+            self.reactor.callLater(0, self.close)
+
+    def retire(self) -> None:
+        """Replaced by a reload: closed once its lookups have ended."""
+        self.retiring = True
+        if not self.in_flight:
+            self.close()
+
+    def close(self) -> None:
+        channel, self.channel = self.channel, None
+        if channel is None:
+            return
+        for timer in (self.sweeper, self.timer):
+            if timer is not None and timer.active():
+                timer.cancel()
+        self.sweeper = self.timer = None
+        for number in [n for n, plain in _orphans.items() if plain is self]:
+            del _orphans[number]
+        for watched in list(self.watched.values()):
+            self.reactor.removeReader(watched)
+            self.reactor.removeWriter(watched)
+        self.watched.clear()
+        channel.close()
+
+
+class _PlainLookup:
+    """One plain lookup: a c-ares query, failed at its deadline by PlainResolver's timer."""
+
+    __slots__ = ("deadline", "deferred", "ended", "name", "number", "plain", "rdtype")
+
+    def __init__(self, plain: PlainResolver, name: str, rdtype: str) -> None:
+        self.plain = plain
+        self.name = name
+        self.rdtype = rdtype
+        self.deferred: Deferred[DNSAnswer] = Deferred()
+        self.number = 0
+        self.deadline = 0.0
+        self.ended = False
+
+    def start(self) -> Deferred[DNSAnswer]:
+        plain = self.plain
+        self.number = number = next(_numbers)
+        self.deadline = monotonic() + plain.timeout
+        _pending[number] = self
+        plain.started(self)
+        status = _lib.ares_query_dnsrec(
+            plain.raw,
+            self.name.encode("ascii"),
+            _lib.ARES_CLASS_IN,
+            PLAIN_TYPES[self.rdtype],
+            _answered,
+            _ffi.cast("void *", number),
+            _ffi.NULL,
+        )
+        if status != _SUCCESS and _pending.pop(number, None) is not None:
+            self.answered(status, _ffi.NULL)
+        return self.deferred
+
+    def timed_out(self) -> None:
+        if _pending.pop(self.number, None) is not None:
+            self.plain.orphaned(self.number)
+            self._end()
+            self.deferred.errback(
+                TemporaryFailure(f"DNS lookup of {self.name} {self.rdtype} failed: timed out")
+            )
+
+    def _end(self) -> None:
+        self.ended = True
+        self.plain.ended()
+
+    def answered(self, status: int, record: Any) -> None:
+        self._end()
+        if status in (_SUCCESS, _NXDOMAIN, _NODATA) and record != _ffi.NULL:
+            answer, ttl = read_answer(self.name, self.rdtype, status, record)
+            cache = self.plain.cache
+            if cache is not None and ttl > 0:
+                cache.put(answer, ttl)
+            self.deferred.callback(answer)
+        elif status == _BAD_NAME:
+            self.deferred.callback(DNSAnswer(self.name, self.rdtype, nxdomain=True))
+        else:
+            reason = _ffi.string(_lib.ares_strerror(status)).decode("ascii", "replace")
+            self.deferred.errback(
+                TemporaryFailure(f"DNS lookup of {self.name} {self.rdtype} failed: {reason}")
+            )

@@ -100,18 +100,20 @@ def test_lookups_run_on_the_reactor_without_a_thread(dns_server: Any) -> Any:
         yield resolver.lookup("slow.example.test", "A")
 
 
+@pytest.mark.parametrize("dnssec", [True, False], ids=["dnspython", "c-ares"])
 @pytest_twisted.inlineCallbacks
-def test_truncated_udp_answer_is_asked_again_over_tcp(dns_server: Any) -> Any:
+def test_truncated_udp_answer_is_asked_again_over_tcp(dns_server: Any, dnssec: bool) -> Any:
     # 12 strings of 200 bytes: far over the 1232-byte EDNS payload the resolver offers.
     strings = [f"{i:02d}" + "x" * 198 for i in range(12)]
     dns_server.set({"big.example.test": {"TXT": [strings]}})
     resolver = _reactor_resolver(dns_server)
-    answer = yield resolver.lookup("big.example.test", "TXT")
+    answer = yield resolver.lookup("big.example.test", "TXT", dnssec=dnssec)
     assert [s.decode() for s in answer.records[0].strings] == strings
 
 
+@pytest.mark.parametrize("dnssec", [True, False], ids=["dnspython", "c-ares"])
 @pytest_twisted.inlineCallbacks
-def test_a_nameserver_that_refuses_is_skipped(dns_server: Any) -> Any:
+def test_a_nameserver_that_refuses_is_skipped(dns_server: Any, dnssec: bool) -> Any:
     import socket
 
     dns_server.set({"example.test": {"A": ["127.0.0.2"]}})
@@ -122,11 +124,11 @@ def test_a_nameserver_that_refuses_is_skipped(dns_server: Any) -> Any:
     resolver = _reactor_resolver(
         dns_server, nameservers=[("127.0.0.1", dead_port), ("127.0.0.1", dns_server.port)]
     )
-    a = yield resolver.lookup("example.test", "A")
+    a = yield resolver.lookup("example.test", "A", dnssec=dnssec)
     assert [r.address for r in a.records] == ["127.0.0.2"]
     only_dead = _reactor_resolver(dns_server, nameservers=[("127.0.0.1", dead_port)])
     with pytest.raises(TemporaryFailure):
-        yield only_dead.lookup("example.test", "A")
+        yield only_dead.lookup("example.test", "A", dnssec=dnssec)
 
 
 @pytest_twisted.inlineCallbacks
@@ -224,3 +226,182 @@ def test_a_cname_answer_is_read_on_the_reactor_as_by_the_blocking_resolver(
     # same Answer of that response (dnspython's chaining rules).
     assert answer == blocking
     assert not answer.nxdomain
+
+
+# --------------------------------------------------------------------------
+# Plain lookups (``dnssec=False``): A, AAAA and TXT through c-ares (pycares) on the reactor,
+# the DNS messages made and read in C; everything else, and DNSSEC, through dnspython.
+
+
+def _plain_resolver(dns_server: Any, **kw: Any) -> DNSResolver:
+    resolver = _reactor_resolver(dns_server, **kw)
+    assert resolver.plain is not None  # c-ares drives the plain lookups
+    return resolver
+
+
+@pytest_twisted.inlineCallbacks
+def test_plain_lookups_answer_a_aaaa_and_txt_without_a_thread(dns_server: Any) -> Any:
+    dns_server.set(
+        {
+            "example.test": {
+                "A": ["127.0.0.2", "127.0.0.3"],
+                "AAAA": ["::1"],
+                "TXT": ["v=spf1 -all", ["two ", "strings"]],
+                "MX": [[10, "mx.example.test"]],
+            }
+        }
+    )
+    resolver = _plain_resolver(dns_server)
+    a = yield resolver.lookup("example.test", "A", dnssec=False)
+    assert sorted(r.address for r in a.records) == ["127.0.0.2", "127.0.0.3"]
+    assert (a.name, a.rdtype, a.nxdomain, a.authenticated) == ("example.test", "A", False, False)
+    aaaa = yield resolver.lookup("example.test", "AAAA", dnssec=False)
+    assert [r.address for r in aaaa.records] == ["::1"]
+    txt = yield resolver.lookup("example.test", "TXT", dnssec=False)
+    assert sorted(r.strings for r in txt.records) == [(b"two ", b"strings"), (b"v=spf1 -all",)]
+    # Other types go through dnspython, as before.
+    mx = yield resolver.lookup("example.test", "MX", dnssec=False)
+    assert [(r.preference, r.exchange.to_text()) for r in mx.records] == [(10, "mx.example.test.")]
+
+
+@pytest_twisted.inlineCallbacks
+def test_plain_nxdomain_and_nodata_are_answers(dns_server: Any) -> Any:
+    dns_server.set({"example.test": {"A": ["127.0.0.2"]}})
+    resolver = _plain_resolver(dns_server)
+    missing = yield resolver.lookup("nope.example.test", "TXT", dnssec=False)
+    assert missing.nxdomain and not missing
+    nodata = yield resolver.lookup("example.test", "AAAA", dnssec=False)
+    assert not nodata.nxdomain and not nodata
+
+
+@pytest_twisted.inlineCallbacks
+def test_plain_lookup_of_a_server_that_never_answers_fails_after_the_timeout(
+    dns_server: Any,
+) -> Any:
+    import socket
+    import time
+
+    from twisted.internet import reactor, task
+
+    dns_server.set({"slow.example.test": {"TIMEOUT": True}, "example.test": {"A": ["127.0.0.2"]}})
+    resolver = _plain_resolver(dns_server, timeout=0.5)
+    started = time.monotonic()
+    with pytest.raises(TemporaryFailure):
+        yield resolver.lookup("slow.example.test", "A", dnssec=False)
+    assert 0.4 < time.monotonic() - started < 1.5
+    # The channel still answers afterwards.
+    a = yield resolver.lookup("example.test", "A", dnssec=False)
+    assert [r.address for r in a.records] == ["127.0.0.2"]
+
+    # Two nameservers: the timeout is the whole lookup's, as for dnspython's lifetime.
+    silent = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)  # takes queries, never answers
+    silent.bind(("127.0.0.1", 0))
+    resolver = _plain_resolver(
+        dns_server, timeout=0.5, nameservers=[("127.0.0.1", dns_server.port), silent.getsockname()]
+    )
+    started = time.monotonic()
+    with pytest.raises(TemporaryFailure):
+        yield resolver.lookup("slow.example.test", "A", dnssec=False)
+    assert 0.4 < time.monotonic() - started < 1.5
+    # c-ares gives up on the unanswered query too (after its try of the second nameserver)
+    # and closes its sockets: nothing is left for the reactor to watch.
+    yield task.deferLater(reactor, 1.2, lambda: None)
+    silent.close()
+    assert resolver.plain is not None
+    assert resolver.plain.orphans == 0 and not resolver.plain.watched
+
+
+@pytest_twisted.inlineCallbacks
+def test_plain_answers_are_cached_for_their_ttl_and_not_without_a_cache(
+    dns_server: Any, monkeypatch: pytest.MonkeyPatch
+) -> Any:
+    import mailserv.dns
+
+    dns_server.set({"example.test": {"A": ["127.0.0.2"]}})
+    resolver = _plain_resolver(dns_server)
+    first = yield resolver.lookup("example.test", "A", dnssec=False)
+    missing = yield resolver.lookup("gone.example.test", "A", dnssec=False)
+    assert missing.nxdomain
+    dns_server.set(
+        {"example.test": {"A": ["127.0.0.3"]}, "gone.example.test": {"A": ["127.0.0.4"]}}
+    )
+    d = resolver.lookup("example.test", "A", dnssec=False)
+    assert d.called  # from the cache, on the spot
+    again = yield d
+    assert again == first and resolver.cached("example.test", "A") == first
+    assert (yield resolver.lookup("gone.example.test", "A", dnssec=False)).nxdomain
+    # The TTL (60 s) runs out: the server is asked again.
+    now = mailserv.dns.monotonic()
+    monkeypatch.setattr(mailserv.dns, "monotonic", lambda: now + 61)
+    assert resolver.cached("example.test", "A") is None
+    fresh = yield resolver.lookup("example.test", "A", dnssec=False)
+    assert [r.address for r in fresh.records] == ["127.0.0.3"]
+    monkeypatch.undo()
+    # Without a cache every lookup asks the server (c-ares's own query cache is off too).
+    uncached = _plain_resolver(dns_server, cache_size=0)
+    fresh = yield uncached.lookup("example.test", "A", dnssec=False)
+    assert [r.address for r in fresh.records] == ["127.0.0.3"]
+    dns_server.set({"example.test": {"A": ["127.0.0.5"]}})
+    fresher = yield uncached.lookup("example.test", "A", dnssec=False)
+    assert [r.address for r in fresher.records] == ["127.0.0.5"]
+    assert uncached.cached("example.test", "A") is None
+
+
+@pytest_twisted.inlineCallbacks
+def test_plain_bad_names_are_nxdomain(dns_server: Any) -> Any:
+    resolver = _plain_resolver(dns_server)
+    answer = yield resolver.lookup("a" * 70 + ".example.test", "A", dnssec=False)
+    assert answer.nxdomain
+    answer = yield resolver.lookup(".".join(["a" * 60] * 5), "TXT", dnssec=False)
+    assert answer.nxdomain
+
+
+@pytest_twisted.inlineCallbacks
+def test_plain_cname_answers_are_read_as_dnspython_reads_them(dns_server: Any) -> Any:
+    dns_server.set(
+        {
+            "www.example.test": {"CNAME": ["example.test"]},
+            "example.test": {"A": ["127.0.0.2"]},
+        }
+    )
+    resolver = _plain_resolver(dns_server, cache_size=0)
+    plain = yield resolver.lookup("www.example.test", "A", dnssec=False)
+    full = yield resolver.lookup("www.example.test", "A")
+    assert plain.records == full.records == () and not plain.nxdomain and not full.nxdomain
+
+
+@pytest_twisted.inlineCallbacks
+def test_plain_lookups_follow_a_reload(dns_server: Any) -> Any:
+    from twisted.internet import reactor
+
+    from mailserv.dns import DNSResolver
+    from tests.conftest import DNSServer
+
+    dns_server.set({"example.test": {"A": ["127.0.0.2"]}})
+    (dns_server.zones.parent / "other").mkdir()
+    other = DNSServer(dns_server.zones.parent / "other")
+    try:
+        other.set({"example.test": {"A": ["127.0.0.9"]}})
+        resolver = _plain_resolver(dns_server)
+        a = yield resolver.lookup("example.test", "A", dnssec=False)
+        assert [r.address for r in a.records] == ["127.0.0.2"]
+
+        class Config:
+            dns = DNSSection(nameservers=[("127.0.0.1", other.port)], timeout=1.0)
+
+        resolver.reload(Config())
+        assert isinstance(resolver, DNSResolver) and resolver.reactor is reactor
+        b = yield resolver.lookup("example.test", "A", dnssec=False)
+        assert [r.address for r in b.records] == ["127.0.0.9"]
+    finally:
+        other.stop()
+
+
+@pytest_twisted.inlineCallbacks
+def test_plain_lookups_of_international_names_use_idna_as_dnspython_does(
+    dns_server: Any,
+) -> Any:
+    dns_server.set({"xn--bcher-kva.example.test": {"A": ["127.0.0.7"]}})
+    resolver = _plain_resolver(dns_server)
+    a = yield resolver.lookup("bücher.example.test", "A", dnssec=False)
+    assert [r.address for r in a.records] == ["127.0.0.7"]

@@ -251,11 +251,18 @@ ANSWERS_MAX = 10_000
 
 
 def cached_answer(resolver: Any, name: str, rdtype: str) -> Any:
-    """The DNSAnswer of ``name``/``rdtype`` if dnspython's cache holds it, else None.
+    """The DNSAnswer of ``name``/``rdtype`` if the resolver's cache holds it, else None.
 
-    The cache honours TTLs and is thread-safe; NXDOMAIN and anything not
-    cached go through ``resolver.lookup`` as usual.
+    The plain lookups' cache first (A, AAAA and TXT looked up by ``lookup``
+    below, through c-ares), then dnspython's (answers of ``lookup_blocking``:
+    SPF, dkimpy).  Both honour TTLs and can be read from any thread; anything
+    not cached goes through ``lookup`` as usual.
     """
+    plain = getattr(resolver, "plain", None)
+    if plain is not None and plain.cache is not None:
+        found = plain.cache.get(name, rdtype)
+        if found is not None:
+            return found
     cache = getattr(getattr(resolver, "resolver", None), "cache", None)
     if not cache:
         return None
@@ -328,13 +335,17 @@ def _answer_of(name: str, rdtype: str, answer: Any) -> Any:
 
 
 def lookup(resolver: Any, name: str, rdtype: str) -> Any:
-    """``resolver.lookup`` answered on the spot when the answer is cached (Deferred)."""
+    """``resolver.lookup`` answered on the spot when the answer is cached (Deferred).
+
+    The filters never read the AD bit: their lookups are plain ones
+    (``dnssec=False``: A, AAAA and TXT through c-ares, mailserv/dns.py).
+    """
     from twisted.internet import defer
 
     cached = cached_answer(resolver, name, rdtype)
     if cached is not None:
         return defer.succeed(cached)
-    return resolver.lookup(name, rdtype)
+    return resolver.lookup(name, rdtype, dnssec=False)
 
 
 INLINE_LIMIT = 16 * 1024

@@ -333,7 +333,7 @@ def fetch_keys(resolver: Any, names: list[str]) -> Any:
             keys[name] = failure.value
 
     lookups = [
-        resolver.lookup(name, "TXT").addCallbacks(
+        resolver.lookup(name, "TXT", dnssec=False).addCallbacks(
             store, failed, callbackArgs=(name,), errbackArgs=(name,)
         )
         for name in missing

@@ -31,3 +31,29 @@ def test_values_and_comments_are_quoted_for_headers() -> None:
     assert quote_value("x\r\ny") == '"x??y"'
     result = MethodResult("spf", "fail", [("smtp.mailfrom", "evil (x).test")], "bad (really)")
     assert result.render() == 'spf=fail (bad \\(really\\)) smtp.mailfrom="evil (x).test"'
+
+
+@pytest_twisted.inlineCallbacks
+def test_filter_lookups_are_plain_lookups_through_c_ares(filter_env: Any, dns_server: Any) -> Any:
+    """The filters never read the AD bit: A, AAAA and TXT go through c-ares (mailserv/dns.py)
+    and its cache, which ``cached_answer`` reads; NXDOMAIN is an answer there too."""
+    dns_server.set({"a.example.test": {"A": ["127.0.0.2"], "TXT": ["hello"]}})
+    resolver = filter_env.service.dns
+    txt = yield lookup(resolver, "a.example.test", "TXT")
+    assert [r.strings for r in txt.records] == [(b"hello",)] and not txt.authenticated
+    assert resolver.cached("a.example.test", "TXT") == txt
+    assert cached_answer(resolver, "a.example.test", "TXT") == txt
+    missing = yield lookup(resolver, "b.example.test", "A")
+    assert missing.nxdomain and resolver.cached("b.example.test", "A") == missing
+
+
+@pytest_twisted.inlineCallbacks
+def test_dkim_keys_are_fetched_through_c_ares(filter_env: Any, dns_server: Any) -> Any:
+    from mailserv.filters.dkim import fetch_keys
+
+    dns_server.set({"sel._domainkey.example.test": {"TXT": ["v=DKIM1; p=abc"]}})
+    resolver = filter_env.service.dns
+    keys = yield fetch_keys(resolver, ["sel._domainkey.example.test"])
+    answer = keys["sel._domainkey.example.test"]
+    assert resolver.cached("sel._domainkey.example.test", "TXT") == answer
+    assert fetch_keys(resolver, ["sel._domainkey.example.test"]) is None  # cached now

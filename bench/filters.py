@@ -185,7 +185,10 @@ def start(*_):
 def dump():
     stats = pstats.Stats(profiles[0])
     for p in profiles[1:]:
-        stats.add(p)
+        try:
+            stats.add(p)
+        except TypeError:  # a thread that finished no call since the reset (pycares's)
+            pass
     stats.dump_stats(out)
 def clear(*_):
     for p in profiles:

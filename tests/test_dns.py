@@ -405,3 +405,27 @@ def test_plain_lookups_of_international_names_use_idna_as_dnspython_does(
     resolver = _plain_resolver(dns_server)
     a = yield resolver.lookup("bücher.example.test", "A", dnssec=False)
     assert [r.address for r in a.records] == ["127.0.0.7"]
+
+
+@pytest_twisted.inlineCallbacks
+def test_plain_lookups_keep_their_socket_until_the_channel_is_idle(
+    dns_server: Any, monkeypatch: pytest.MonkeyPatch
+) -> Any:
+    from twisted.internet import reactor, task
+
+    import mailserv.dns
+
+    monkeypatch.setattr(mailserv.dns, "IDLE_CLOSE", 0.3)
+    dns_server.set({"example.test": {"A": ["127.0.0.2"]}})
+    resolver = _plain_resolver(dns_server, cache_size=0)
+    plain = resolver.plain
+    assert plain is not None
+    yield resolver.lookup("example.test", "A", dnssec=False)
+    sockets = dict(plain.watched)
+    assert len(sockets) == 1  # kept open between queries (one per nameserver)
+    yield resolver.lookup("example.test", "A", dnssec=False)
+    assert plain.watched == sockets
+    yield task.deferLater(reactor, 0.5, lambda: None)
+    assert not plain.watched  # idle: closed, with a fresh channel for the next lookup
+    a = yield resolver.lookup("example.test", "A", dnssec=False)
+    assert [r.address for r in a.records] == ["127.0.0.2"] and len(plain.watched) == 1

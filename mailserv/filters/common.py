@@ -348,6 +348,38 @@ def lookup(resolver: Any, name: str, rdtype: str) -> Any:
     return resolver.lookup(name, rdtype, dnssec=False)
 
 
+def gather(deferreds: list[Any]) -> Any:
+    """``gatherResults(deferreds)`` for Deferreds that never fail, without its DeferredList
+    when there is only one (a single lookup per message is the common case: ~6 us less)."""
+    from twisted.internet import defer
+
+    if len(deferreds) == 1:
+        return deferreds[0].addCallback(_listed)
+    return defer.gatherResults(deferreds)
+
+
+def _listed(value: Any) -> list[Any]:
+    return [value]
+
+
+def outcomes(deferreds: list[Any]) -> Any:
+    """``DeferredList(deferreds, consumeErrors=True)``: ``[(True, value) | (False, failure)]``,
+    without the DeferredList when there is only one Deferred."""
+    from twisted.internet import defer
+
+    if len(deferreds) == 1:
+        return deferreds[0].addCallbacks(_succeeded, _failed)
+    return defer.DeferredList(deferreds, consumeErrors=True)
+
+
+def _succeeded(value: Any) -> list[tuple[bool, Any]]:
+    return [(True, value)]
+
+
+def _failed(failure: Any) -> list[tuple[bool, Any]]:
+    return [(False, failure)]
+
+
 INLINE_LIMIT = 16 * 1024
 
 
@@ -453,7 +485,7 @@ def _when_ready(threads: Any, ready: dict[str, Any], waiting: dict[str, Any]) ->
         job.addCallbacks(got, lost, callbackArgs=(name,), errbackArgs=(name,))
         for name, job in waiting.items()
     ]
-    return defer.gatherResults(waits).addCallback(run)
+    return gather(waits).addCallback(run)
 
 
 def prepared(session: Any, envelope: Any, name: str) -> Any:

@@ -30,7 +30,6 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 from dkim.canonicalization import CanonicalizationPolicy
-from twisted.internet import defer
 from zope.interface import implementer
 
 from mailserv.config.schema import Section, integer, option, size
@@ -40,6 +39,7 @@ from mailserv.filters.common import (
     MethodResult,
     action_kind,
     cached_answer,
+    gather,
     load_options,
     outcome,
     prepared,
@@ -338,7 +338,7 @@ def fetch_keys(resolver: Any, names: list[str]) -> Any:
         )
         for name in missing
     ]
-    return defer.gatherResults(lookups).addCallback(lambda _: keys)
+    return gather(lookups).addCallback(lambda _: keys)
 
 
 def verify_message(

@@ -45,6 +45,7 @@ from mailserv.filters.common import (
     load_options,
     lookup,
     outcome,
+    outcomes,
     parse_ip,
     resolver_for,
     results_for,
@@ -189,9 +190,9 @@ def query_zones(resolver: Any, name: str, zones: list[Zone]) -> Any:
 
 
 def _query_zones(resolver: Any, name: str, zones: list[Zone]) -> Any:
-    return defer.DeferredList(
-        [query_zone(resolver, name, zone) for zone in zones], consumeErrors=True
-    ).addCallback(_gathered, zones)
+    return outcomes([query_zone(resolver, name, zone) for zone in zones]).addCallback(
+        _gathered, zones
+    )
 
 
 def _gathered(outcomes: list[tuple[bool, Any]], zones: list[Zone]) -> LookupResult:

@@ -26,6 +26,7 @@ from mailserv.filters.base import CONTINUE, FilterBase
 from mailserv.filters.common import (
     action_kind,
     clean,
+    gather,
     header_name,
     load_options,
     outcome,
@@ -178,7 +179,7 @@ class URIBLFilter(FilterBase):
         zones = self.config.zones
         lookups: list[Any] = [cached_result(self.resolver, name, zones) for name in domains]
         if any(result is None for result in lookups):
-            return defer.gatherResults(
+            return gather(
                 [query_zones(self.resolver, name, zones) for name in domains]
             ).addCallback(self._verdict, domains, session, envelope)
         return self._verdict(lookups, domains, session, envelope)

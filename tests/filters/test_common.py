@@ -57,3 +57,33 @@ def test_dkim_keys_are_fetched_through_c_ares(filter_env: Any, dns_server: Any) 
     answer = keys["sel._domainkey.example.test"]
     assert resolver.cached("sel._domainkey.example.test", "TXT") == answer
     assert fetch_keys(resolver, ["sel._domainkey.example.test"]) is None  # cached now
+
+
+def test_gather_and_outcomes_match_twisteds_combinators_for_one_or_more_deferreds() -> None:
+    from twisted.internet import defer
+    from twisted.python.failure import Failure
+
+    from mailserv.filters.common import gather, outcomes
+
+    def result(d: Any) -> Any:
+        out: list[Any] = []
+        d.addBoth(out.append)
+        return out[0]
+
+    for values in ([1], [1, 2, 3]):
+        ds = [defer.Deferred() for _ in values]
+        gathered = gather(ds)
+        for d, v in zip(ds, values, strict=True):
+            d.callback(v)
+        assert result(gathered) == values
+
+    boom = Failure(ValueError("boom"))
+    for n in (1, 2):
+        ds = [defer.Deferred() for _ in range(n)]
+        listed = outcomes(ds)
+        ds[0].errback(boom)
+        for d in ds[1:]:
+            d.callback("ok")
+        got = result(listed)
+        assert got[0][0] is False and got[0][1].check(ValueError)
+        assert got[1:] == [(True, "ok")] * (n - 1)

@@ -127,3 +127,63 @@ def test_sigkill_while_delivering_loses_nothing(
     finally:
         sink_proc.terminate()
         sink_proc.wait(10)
+
+
+def test_a_queue_written_by_the_version_1_spool_is_delivered_after_the_upgrade(
+    mailserv: Any, state_dir: Path, tmp_path: Path, dns_server: Any, require_program: Any
+) -> None:
+    """Entries as the version-1 spool left them (<id>.msg, <id>.env, a deferred one with its
+    <id>.state) are converted and delivered by the server that starts on that queue."""
+    import json
+
+    from mailserv.queue import spool
+
+    sink = require_program("smtp-sink")
+    port = free_port(["127.0.0.2"])
+    config = remote_config(state_dir, dns_server, port)
+    queue_dir = state_dir / "queue"
+    queue_dir.mkdir()
+    for i in range(5):
+        entry_id = spool.new_id()
+        envelope = {
+            "version": 1,
+            "id": entry_id,
+            "arrival": time.time() - 60,
+            "sender": "s@sender.test",
+            "envid": None,
+            "ret": None,
+            "smtputf8": False,
+            "body": "7BIT",
+            "recipients": [
+                {
+                    "address": "x@remote.test",
+                    "orcpt": None,
+                    "notify": None,
+                    "status": "pending",
+                    "reason": None,
+                }
+            ],
+        }
+        body = f"Subject: crash-old-{i}\r\nFrom: <s@sender.test>\r\n\r\nold\r\n"
+        (queue_dir / f"{entry_id}.msg").write_bytes(body.encode())
+        (queue_dir / f"{entry_id}.env").write_text(json.dumps(envelope))
+        if i == 0:  # deferred once, due now
+            (queue_dir / f"{entry_id}.state").write_text(
+                '{"version": 1, "attempts": 1, "next_attempt": 0.0, "recipients":'
+                ' [{"status": "pending", "reason": "451 4.0.0 later", "mta": null}]}'
+            )
+    dump = tmp_path / "dump"
+    sink_proc = start_sink(sink, dump, port)
+    try:
+        proc = start(mailserv, config)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and len(delivered(dump)) < 5:
+            time.sleep(0.1)
+        while time.monotonic() < deadline and list(queue_dir.glob("*.e*")):
+            time.sleep(0.1)
+        proc.stop()
+        assert delivered(dump) == {f"crash-old-{i}" for i in range(5)}
+        assert sorted(p.name for p in queue_dir.iterdir() if p.is_file()) == [".lock"]
+    finally:
+        sink_proc.terminate()
+        sink_proc.wait(10)

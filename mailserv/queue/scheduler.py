@@ -96,10 +96,11 @@ class QueueService(Service):
         self._idle_waiters: list[defer.Deferred[None]] = []
         # Disk work asked for in one reactor turn goes to the pool in one hop.
         self._load = Batch(reactor, self._reader, self.store.load_many)
-        self._remove = Batch(reactor, self._disk, self.store.remove_many, REMOVE_WINDOW)
-        # In a process of its own (worker.py) the scheduler reads an entry's small files on
-        # the reactor: a few page-cache reads cost less than a thread's GIL hand-overs, and
-        # no listener waits behind them. Inline, next to the SMTP server, they go to a thread.
+        self._remove = Batch(reactor, self._reader, self.store.remove_many, REMOVE_WINDOW)
+        # In a process of its own (worker.py) the scheduler reads and removes entries on the
+        # reactor: page-cache reads and unlinks cost less than a thread's GIL hand-overs
+        # (measured), and no listener waits behind them. Inline, next to the SMTP server,
+        # they go to a thread.
         self.read_in_reactor = False
 
     # ------------------------------------------------------------------

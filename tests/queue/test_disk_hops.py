@@ -58,15 +58,15 @@ async def test_entries_due_together_are_loaded_in_one_hop(
 
 
 @pytest_twisted.ensureDeferred
-async def test_the_delivery_process_loads_entries_without_a_thread_hop(
+async def test_the_delivery_process_loads_and_removes_entries_without_a_thread_hop(
     queue_env: Any, mx_net: Any, dns_server: Any
 ) -> None:
-    """In the worker process (read_in_reactor) an entry's small files are read on the reactor:
-    no thread's GIL hand-overs per read; removals (unlinks, which can sleep in the file
-    system) still go to the pool in batches."""
+    """In the worker process (read_in_reactor) an entry's file is read and removed on the
+    reactor: no thread's GIL hand-overs (measured: the removal thread cost the worker
+    0.1-0.15 ms of CPU per relayed message; an unlink itself ~0.02 ms)."""
     hops = await deliver_counting(queue_env, mx_net, dns_server, 5, True)
     assert hops_of(hops, "load") == 0, hops
-    assert hops_of(hops, "remove") >= 1, hops
+    assert hops_of(hops, "remove") == 0, hops
 
 
 def test_the_worker_reads_in_its_reactor(tmp_path: Any) -> None:

@@ -153,7 +153,7 @@ class DNSResolver:
 
     def _plain(self, config: DNSSection) -> PlainResolver | None:
         """c-ares for the plain lookups: only on a reactor, for plain-DNS nameservers."""
-        if self.reactor is None or not self._native:
+        if self.reactor is None or not self._native or _answered is None:
             return None
         return PlainResolver(self.reactor, nameservers_of(self.resolver), config)
 
@@ -529,8 +529,7 @@ _orphans: dict[int, PlainResolver] = {}
 _numbers = itertools.count(1)
 
 
-@_ffi.callback("ares_callback_dnsrec")  # type: ignore[untyped-decorator]
-def _answered(arg: Any, status: int, timeouts: int, record: Any) -> None:
+def _on_answer(arg: Any, status: int, timeouts: int, record: Any) -> None:
     if status in _CANCELLED:
         return
     number = int(_ffi.cast("uintptr_t", arg))
@@ -542,8 +541,17 @@ def _answered(arg: Any, status: int, timeouts: int, record: Any) -> None:
         return
     try:
         lookup.answered(status, record)
-    except Exception:  # never out through C
-        log.err(None, "reading a DNS answer")
+    except Exception:  # never out through C: the lookup fails with it
+        if lookup.deferred.called:
+            log.err(None, "reading a DNS answer")
+        else:
+            lookup.deferred.errback()
+
+
+try:
+    _answered: Any = _ffi.callback("ares_callback_dnsrec", _on_answer)
+except (MemoryError, OSError):  # no executable memory for cffi's closure: dnspython only
+    _answered = None
 
 
 def _name(pointer: Any) -> str:

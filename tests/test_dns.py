@@ -429,3 +429,37 @@ def test_plain_lookups_keep_their_socket_until_the_channel_is_idle(
     assert not plain.watched  # idle: closed, with a fresh channel for the next lookup
     a = yield resolver.lookup("example.test", "A", dnssec=False)
     assert [r.address for r in a.records] == ["127.0.0.2"] and len(plain.watched) == 1
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_plain_answer_that_cannot_be_read_fails_the_lookup_at_once(
+    dns_server: Any, monkeypatch: pytest.MonkeyPatch
+) -> Any:
+    import time
+
+    import mailserv.dns
+
+    def broken(*args: Any) -> Any:
+        raise ValueError("unreadable")
+
+    dns_server.set({"example.test": {"A": ["127.0.0.2"]}})
+    resolver = _plain_resolver(dns_server, timeout=5.0)
+    monkeypatch.setattr(mailserv.dns, "read_answer", broken)
+    started = time.monotonic()
+    with pytest.raises(ValueError):
+        yield resolver.lookup("example.test", "A", dnssec=False)
+    assert time.monotonic() - started < 1.0  # not left to the 5 s timeout
+
+
+def test_without_c_ares_callbacks_plain_lookups_use_dnspython(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Where cffi cannot make the C callback (no executable memory for its closure), the plain
+    lookups go through dnspython like the others."""
+    from twisted.internet import reactor
+
+    import mailserv.dns
+
+    monkeypatch.setattr(mailserv.dns, "_answered", None)
+    config = DNSSection(nameservers=[("127.0.0.1", 53)], timeout=1.0)
+    assert DNSResolver(config, NoThreads(reactor)).plain is None

@@ -9,7 +9,7 @@ body) from the same client over the PROXY protocol (client 192.0.2.10):
 - ``full, cache warm``: every built-in filter (spamtrap, tarpit, dnsbl with
   two zones, ratelimit, greylist, spf, headers, dkim, arc, dmarc, uribl,
   rules, authresults) with the DNS answers of the loopback DNS server cached
-  by the resolver (dnspython's LRU cache, TTL 60 s);
+  by the resolver (its plain lookups' cache and dnspython's, TTL 60 s);
 - ``full, cache cold``: the same with ``[dns] cache_size = 0``, so every
   lookup goes to the DNS server.
 

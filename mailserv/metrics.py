@@ -36,7 +36,7 @@ from twisted.web import resource, server
 from zope.interface import implementer
 
 from mailserv import __version__
-from mailserv.queue.worker import WorkerMonitor
+from mailserv.queue.worker import POOL, WorkerMonitor
 
 _LOOPBACK = [ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128")]
 
@@ -161,6 +161,13 @@ class ServiceCollector:
             size.add_metric([name], pool.max)
             busy.add_metric([name], len(pool.working))
             queued.add_metric([name], pool.q.qsize())
+        # The delivery process's pools, as it last reported them ("queue-worker/disk", ...).
+        families = {"size": size, "busy": busy, "queued": queued}
+        reported = counts if isinstance(queue, WorkerMonitor) and counts else {}
+        for key, value in sorted(reported.items()):
+            pool_name, _, figure = key.removeprefix(POOL).rpartition(".")
+            if key.startswith(POOL) and figure in families:
+                families[figure].add_metric([f"queue-worker/{pool_name}"], value)
         yield size
         yield busy
         yield queued

@@ -64,6 +64,7 @@ WORKER = "queue"  # the process name in the monitor (and the prefix of relayed l
 LOCK_RETRY = 1.0  # seconds between attempts to take a lock another process holds
 GAUGE_INTERVAL = 1.0  # seconds between reports of the queue gauges (when they changed)
 GAUGES = b"#gauges "  # the prefix of a gauge report line on the worker's stdout
+POOL = "pool."  # the prefix of a thread pool's figures in a gauge report
 MAX_LINE = 1 << 20  # a longer line from the worker is cut (bounded memory in the parent)
 
 
@@ -354,13 +355,18 @@ class ParentRelay:
 
 
 def report_gauges(service: Any, relay: ParentRelay, reactor: Any) -> Any:
-    """Every GAUGE_INTERVAL, the queue's gauges to the parent when they changed."""
+    """Every GAUGE_INTERVAL, the queue's gauges and the worker's thread pools (``pool.NAME.size``,
+    ``.busy``, ``.queued``) to the parent when they changed."""
     from twisted.internet.task import LoopingCall
 
     last: list[dict[str, int] | None] = [None]
 
     def report() -> None:
-        values = service.queue.gauges()
+        values = dict(service.queue.gauges())
+        for name, pool in service.threads.pools().items():
+            values[f"{POOL}{name}.size"] = pool.max
+            values[f"{POOL}{name}.busy"] = len(pool.working)
+            values[f"{POOL}{name}.queued"] = pool.q.qsize()
         if values != last[0]:
             last[0] = values
             relay.gauges(values)

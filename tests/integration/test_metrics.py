@@ -57,6 +57,7 @@ def test_metrics_count_connections_transactions_and_show_the_service(
     assert samples['mailserv_smtp_transactions_total{listener="mx",reply="2xx"}'] == 1
     assert samples['mailserv_smtp_accepted_bytes_total{listener="mx"}'] == 18  # as received
     assert samples['mailserv_thread_pool_size{pool="disk"}'] >= 1
+    assert not any("queue-worker/" in name for name in samples)  # inline delivery: no worker
     assert samples['mailserv_build_info{version="0.1.0"}'] == 1
     assert 'mailserv_tls_certificate_expiry_seconds{certificate="mail.example.test"}' in samples
     assert samples["process_resident_memory_bytes"] > 1e6

@@ -224,7 +224,7 @@ def test_metrics_of_the_parent_show_the_workers_queue_and_deliveries(
     mailserv: Any, state_dir: Path, tmp_path: Path, dns_server: Any, require_program: Any
 ) -> None:
     """/metrics of twistd reports what the worker process does: its delivery outcomes (the
-    same counters as inline delivery) and its queue gauges."""
+    same counters as inline delivery), its queue gauges and its thread pools."""
     sink = require_program("smtp-sink")
     port = free_port(["127.0.0.2"])
     config = remote_config(state_dir, dns_server, port, delivery="process")
@@ -252,6 +252,10 @@ def test_metrics_of_the_parent_show_the_workers_queue_and_deliveries(
     assert samples['mailserv_queue_messages{state="held"}'] == 0
     assert samples["mailserv_queue_worker_up"] == 1
     assert samples["mailserv_queue_worker_process_resident_memory_bytes"] > 1e6
+    # The worker's own pools, beside twistd's ("disk", ...), as it last reported them.
+    assert samples['mailserv_thread_pool_size{pool="queue-worker/disk"}'] >= 1
+    assert samples['mailserv_thread_pool_busy{pool="queue-worker/crypto"}'] == 0
+    assert samples['mailserv_thread_pool_queued{pool="queue-worker/dns"}'] == 0
 
     dump = tmp_path / "dump"
     sink_proc = start_sink(sink, dump, port)

@@ -169,12 +169,15 @@ def read_fd(fd: int, size: int) -> bytes:
 
 
 def read_head(fd: int, want: int = HEAD_READ) -> EntryHead:
-    """The envelope of the entry open on ``fd`` (at its start) and ``want`` message bytes.
+    """The envelope of the entry open on ``fd`` (at its start) and the message's first
+    bytes: all of it when it is at most ``want`` bytes, else at least HEAD_READ of them
+    (for a look at the header section).
 
     ValueError for a file that is not an entry (no envelope line, bad JSON).
     """
     total = os.fstat(fd).st_size
-    buf = read_fd(fd, min(total, want + HEAD_READ))
+    # The whole file when it is about ``want`` or less (one read), else its head.
+    buf = read_fd(fd, total if total <= want + HEAD_READ else HEAD_READ)
     end = buf.find(b"\n")
     while end < 0:
         if len(buf) >= total or len(buf) > MAX_ENVELOPE:
@@ -186,8 +189,9 @@ def read_head(fd: int, want: int = HEAD_READ) -> EntryHead:
     offset = end + 1
     data = buf[offset:]
     size = total - offset
-    if len(data) < min(want, size):
-        data += read_fd(fd, min(want, size) - len(data))
+    need = size if size <= want else min(size, HEAD_READ)
+    if len(data) < need:
+        data += read_fd(fd, need - len(data))
     return EntryHead(entry, offset, size, data)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
 from dataclasses import asdict
@@ -144,7 +145,12 @@ def test_the_entry_file_is_the_envelope_line_then_the_message(
         head = spool.open_head(qdir, entry.id, want)
         assert head.entry == entry
         assert (head.offset, head.size) == (len(line) + 1, len(message))
-        assert message.startswith(head.data) and len(head.data) >= min(want, len(message))
+        assert message.startswith(head.data)
+        # All of a message of at most ``want`` bytes, else at least its first HEAD_READ.
+        if len(message) <= want:
+            assert head.data == message
+        else:
+            assert len(head.data) >= min(len(message), spool.HEAD_READ)
     assert spool.read_message(qdir, entry.id) == message
 
 
@@ -218,3 +224,24 @@ def test_cleanup_removes_what_a_crash_left_and_keeps_entries(tmp_path: Path) -> 
     assert store.cleanup(now=time.time() + ORPHAN_AGE + 1) == 2
     assert sorted(p.name for p in tmp_path.iterdir()) == [f"{kept.id}.entry", f"{kept.id}.state"]
     assert store.ids() == [kept.id]
+
+
+def test_loading_a_large_entry_reads_its_head_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mailserv.queue.state import PRELOAD, QueueStore
+
+    entry = _entry()
+    body = b"Subject: big\r\nTLS-Required: No\r\n\r\n" + b"z" * (2 << 20)
+    spool.enqueue(str(tmp_path), entry, [body])
+    read: list[int] = []
+    real = os.read
+    monkeypatch.setattr(os, "read", lambda fd, n: (b := real(fd, n), read.append(len(b)))[0])
+    item = QueueStore(str(tmp_path)).load(entry.id, PRELOAD)
+    assert item.data is None and item.size == len(body) and item.tls_optional
+    assert sum(read) <= 2 * spool.HEAD_READ, read  # not the 2 MiB, nor PRELOAD's 256 KiB
+    small = _entry()
+    spool.enqueue(str(tmp_path), small, [b"Subject: small\r\n\r\n" + b"s" * 100_000])
+    assert QueueStore(str(tmp_path)).load(small.id, PRELOAD).data == b"Subject: small\r\n\r\n" + (
+        b"s" * 100_000
+    )

@@ -463,3 +463,33 @@ def test_without_c_ares_callbacks_plain_lookups_use_dnspython(
     monkeypatch.setattr(mailserv.dns, "_answered", None)
     config = DNSSection(nameservers=[("127.0.0.1", 53)], timeout=1.0)
     assert DNSResolver(config, NoThreads(reactor)).plain is None
+
+
+@pytest.mark.parametrize("dnssec", [True, False], ids=["dnspython", "c-ares"])
+@pytest.mark.parametrize("rcode", ["SERVFAIL", "REFUSED"])
+@pytest_twisted.inlineCallbacks
+def test_a_nameserver_answering_servfail_or_refused_is_a_temporary_failure(
+    dns_server: Any, dnssec: bool, rcode: str
+) -> Any:
+    """Not NXDOMAIN, not NODATA: SPF's temperror, DMARC's and DNSBL's tempfail rely on it."""
+    import dns.message
+    import dns.rcode
+    from twisted.internet import reactor
+    from twisted.internet.protocol import DatagramProtocol
+
+    class Failing(DatagramProtocol):
+        def datagramReceived(self, data: bytes, addr: Any) -> None:
+            response = dns.message.make_response(dns.message.from_wire(data))
+            response.set_rcode(dns.rcode.from_text(rcode))
+            assert self.transport is not None
+            self.transport.write(response.to_wire(), addr)
+
+    port = reactor.listenUDP(0, Failing(), interface="127.0.0.1")
+    try:
+        resolver = _reactor_resolver(
+            dns_server, nameservers=[("127.0.0.1", port.getHost().port)], timeout=2.0
+        )
+        with pytest.raises(TemporaryFailure):
+            yield resolver.lookup("example.test", "TXT", dnssec=dnssec)
+    finally:
+        yield port.stopListening()

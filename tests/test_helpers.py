@@ -265,6 +265,31 @@ def test_jobs_for_one_mailbox_go_to_one_child(tmp_path: Path, monkeypatch: Any) 
 
 
 @pytest_twisted.inlineCallbacks
+def test_queue_entries_go_to_the_least_busy_child(tmp_path: Path) -> Any:
+    """Queue writes have no affinity (key None): each goes to the child with the fewest jobs
+    in flight, so the fsyncs of concurrent enqueues overlap in two processes."""
+    pool = DeliveryHelpers(2, store_config(tmp_path), SyncThreads(), reactor)
+    pool.startService()
+    try:
+        queue_dir = str(tmp_path / "queue")
+        jobs = []
+        for i in range(4):
+            entry = qspool.QueueEntry(
+                id=qspool.new_id(),
+                sender="a@example.test",
+                recipients=qspool.recipients_of(
+                    [(f"b{i}@remote.test", None, None, "pending", None)]
+                ),
+            )
+            jobs.append(pool.run("enqueue", (queue_dir, entry, message()), lambda: "t", key=None))
+        assert [len(child.pending) for child in pool.children] == [2, 2]
+        ids = yield defer.gatherResults(jobs)
+        assert sorted(ids) == qspool.list_entries(queue_dir)
+    finally:
+        yield pool.stopService()
+
+
+@pytest_twisted.inlineCallbacks
 def test_a_child_that_stops_answering_is_replaced(tmp_path: Path, monkeypatch: Any) -> Any:
     monkeypatch.setattr("mailserv.helpers.JOB_TIMEOUT", 0.3)
     monkeypatch.setattr("mailserv.helpers.WATCH_INTERVAL", 0.1)

@@ -342,7 +342,7 @@ class RouterDelivery:
         if helpers is None:
             return self.router.threads.run("disk", in_thread)
         args = (queue_dir, entry, light_message(message))
-        return helpers.run("enqueue", args, in_thread, key=queue_dir)
+        return helpers.run("enqueue", args, in_thread)  # any child: see helpers._pick
 
 
 def _normalise_aliases(aliases: dict[str, list[str]]) -> dict[str, list[str]]:

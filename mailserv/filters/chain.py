@@ -113,11 +113,19 @@ class FilterChain:
         A filter with ``message_job(session, envelope, message)`` returns a
         callable (or None); all of them run in one ``crypto`` pool job
         (mailserv.filters.common.start_jobs) instead of one round trip each,
-        and each filter awaits its own result under its own timeout.
+        and each filter awaits its own result under its own timeout.  A filter
+        with ``prefetch(session, envelope, message)`` starts its lookups here,
+        so that they overlap with those of the filters before it.
         """
         jobs: dict[str, Any] = {}
         threads = None
         for flt in filters:
+            fetch = getattr(flt, "prefetch", None)
+            if fetch is not None:  # DNS the filter will need, started now (DMARC's policy)
+                try:
+                    fetch(session, envelope, message)
+                except Exception:  # the filter looks it up itself when it runs
+                    log.failure("prefetch of {filter} failed", filter=_filter_name(flt))
             make = getattr(flt, "message_job", None)
             if make is None:
                 continue

@@ -25,6 +25,7 @@ from mailserv.errors import TemporaryFailure
 from mailserv.filters.base import CONTINUE, FilterBase, Verdict
 from mailserv.filters.common import (
     MethodResult,
+    Pending,
     action_kind,
     cached_answer,
     load_options,
@@ -34,6 +35,8 @@ from mailserv.filters.common import (
     results_for,
 )
 from mailserv.interfaces import IMessageFilter
+
+PREFETCHED = "dmarc_prefetched"  # session note: (envelope id, From domain, Pending policy)
 
 
 @functools.lru_cache(maxsize=1)
@@ -221,6 +224,23 @@ class DMARCFilter(FilterBase):
     def _lookup(self, domain: str) -> Any:
         return lookup(self.resolver, f"_dmarc.{domain}", "TXT").addCallback(policy_of, domain)
 
+    def prefetch(self, session: Any, envelope: Any, message: Any) -> None:
+        """Start the policy lookup when the message stage starts (the chain calls this
+        beside the DKIM key's lookup), so that check_message, which must wait for the
+        DKIM and SPF results, finds the answer there or on its way: the lookups of a
+        message overlap instead of following each other."""
+        if self.config.skip_authenticated and session.auth_user is not None:
+            return
+        domain = from_domain(message)
+        if domain is None:
+            return
+        try:
+            policy = self.discover(domain)
+        except TemporaryFailure:
+            return  # check_message asks again and reports it
+        if isinstance(policy, defer.Deferred):
+            session.notes[PREFETCHED] = (envelope.id, domain, Pending(policy))
+
     def check_message(self, session: Any, envelope: Any, message: Any) -> Any:
         results = results_for(session, envelope)
         if self.config.skip_authenticated and session.auth_user is not None:
@@ -232,8 +252,12 @@ class DMARCFilter(FilterBase):
             )
             return self._act(self.config.permerror, "From header unusable", results)
         props = [("header.from", domain)]
+        started = session.notes.pop(PREFETCHED, None)
         try:
-            policy = self.discover(domain)  # at once when the records are cached
+            if started is not None and started[:2] == (envelope.id, domain):
+                policy = started[2].wait()
+            else:
+                policy = self.discover(domain)  # at once when the records are cached
         except TemporaryFailure:
             return self._temperror(results, props)
         if isinstance(policy, defer.Deferred):

@@ -300,3 +300,42 @@ def test_a_message_job_may_wait_for_a_deferred_before_the_thread_job_starts() ->
     chain.message(session, _envelope(), Message(None, 0, data=b"")).addCallback(out.append)
     failing.errback(RuntimeError("could not prepare"))
     assert out[1].verdict.action is Action.TEMPFAIL and out[1].verdict.filter == "failing"
+
+
+def test_prefetches_start_before_the_first_message_filter_runs() -> None:
+    """A filter's ``prefetch`` (DMARC's policy lookup) is called when the message stage
+    starts, before the filters ahead of it have answered; one that raises is only logged."""
+    events: list[str] = []
+    hold: defer.Deferred[Any] = defer.Deferred()
+
+    @implementer(IMessageFilter)
+    class Slow:
+        name, timeout = "slow", 10.0
+
+        def check_message(self, session: Any, envelope: Any, message: Any) -> Any:
+            events.append("slow runs")
+            return hold
+
+    @implementer(IMessageFilter)
+    class Fetching:
+        timeout = 10.0
+
+        def __init__(self, name: str, broken: bool = False) -> None:
+            self.name, self.broken = name, broken
+
+        def prefetch(self, session: Any, envelope: Any, message: Any) -> None:
+            events.append(f"{self.name} prefetch")
+            if self.broken:
+                raise RuntimeError("bug in prefetch")
+
+        def check_message(self, session: Any, envelope: Any, message: Any) -> Any:
+            events.append(f"{self.name} runs")
+            return CONTINUE
+
+    out: list[Any] = []
+    chain = FilterChain([Slow(), Fetching("broken", True), Fetching("late")], Clock())
+    chain.message(SESSION, _envelope(), Message(None, 0, data=b"")).addCallback(out.append)
+    assert events == ["broken prefetch", "late prefetch", "slow runs"]
+    hold.callback(CONTINUE)
+    assert events[3:] == ["broken runs", "late runs"]
+    assert out[0].verdict.action is Action.CONTINUE

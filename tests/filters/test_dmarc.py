@@ -213,3 +213,36 @@ def test_from_domain_fast_path_agrees_with_the_rfc5322_parser() -> None:
         assert (dmarc._SIMPLE_FROM.fullmatch(value) is not None) == (value in simple), value
         message = Message(None, 1, [("From", value.encode())])
         assert dmarc.from_domain(message) == dmarc._parsed_from_domain(value), value
+
+
+@pytest_twisted.inlineCallbacks
+def test_the_policy_lookup_starts_with_the_message_stage(
+    filter_env: Any, dns_server: Any, dkim_keys: Any
+) -> Any:
+    """``prefetch`` (called by the chain before the first message filter, beside the DKIM
+    key's lookup) starts the policy lookup; check_message takes that answer instead of
+    asking again after DKIM and ARC are done."""
+    from twisted.internet import defer
+
+    dns_server.set({"_dmarc.prefetch.test": {"TXT": ["v=DMARC1; p=reject"]}})
+    session = filter_env.session("192.0.2.1", helo=None)
+    envelope = filter_env.envelope("bounce@elsewhere.test", "bob@example.org")
+    msg = filter_env.message(message("a@prefetch.test"))
+    flt = filter_env.build("dmarc")
+    flt.resolver.plain.cache = None  # every lookup goes to the server (cache_size = 0)
+    flt.prefetch(session, envelope, msg)
+    yield deferLater_ms(50)  # the answer has arrived
+    dns_server.set({"_dmarc.prefetch.test": {"TXT": ["v=DMARC1; p=none"]}})
+    verdict = yield defer.maybeDeferred(flt.check_message, session, envelope, msg)
+    assert verdict.action is Action.REJECT  # the prefetched policy, not a second lookup
+    assert results_for(session, envelope).dmarc.render().startswith("dmarc=fail (p=reject")
+    # The next message of the session looks the policy up again.
+    envelope2 = filter_env.envelope("bounce@elsewhere.test", "bob@example.org")
+    verdict = yield defer.maybeDeferred(flt.check_message, session, envelope2, msg)
+    assert verdict.action is Action.CONTINUE  # p=none
+
+
+def deferLater_ms(ms: int) -> Any:
+    from twisted.internet import reactor, task
+
+    return task.deferLater(reactor, ms / 1000, lambda: None)

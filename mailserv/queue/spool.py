@@ -123,6 +123,8 @@ def enqueue(queue_dir: str, entry: QueueEntry, chunks: Iterable[bytes]) -> str:
     try:
         write_file(tmp, _with_envelope(entry, chunks))
         os.rename(tmp, final)
+    except FileExistsError:
+        raise  # the temporary file of another write of this id: not ours to remove
     except BaseException:
         _unlink(tmp)
         raise

@@ -245,3 +245,11 @@ def test_loading_a_large_entry_reads_its_head_only(
     assert QueueStore(str(tmp_path)).load(small.id, PRELOAD).data == b"Subject: small\r\n\r\n" + (
         b"s" * 100_000
     )
+
+
+def test_a_write_of_an_id_being_written_leaves_the_other_writer_s_file(tmp_path: Path) -> None:
+    entry = _entry()
+    (tmp_path / f"{entry.id}.tmp").write_bytes(b"being written")
+    with pytest.raises(FileExistsError):
+        spool.enqueue(str(tmp_path), entry, [b"Subject: x\r\n\r\n"])
+    assert (tmp_path / f"{entry.id}.tmp").read_bytes() == b"being written"

@@ -95,13 +95,13 @@ class QueueService(Service):
         self._locked = False
         self._idle_waiters: list[defer.Deferred[None]] = []
         # Disk work asked for in one reactor turn goes to the pool in one hop.
-        self._load = Batch(reactor, self._reader, self.store.load_many)
-        self._remove = Batch(reactor, self._reader, self.store.remove_many, REMOVE_WINDOW)
+        self._load = Batch(reactor, self._entry_io, self.store.load_many)
+        self._remove = Batch(reactor, self._entry_io, self.store.remove_many, REMOVE_WINDOW)
         # In a process of its own (worker.py) the scheduler reads and removes entries on the
         # reactor: page-cache reads and unlinks cost less than a thread's GIL hand-overs
         # (measured), and no listener waits behind them. Inline, next to the SMTP server,
         # they go to a thread.
-        self.read_in_reactor = False
+        self.disk_in_reactor = False
 
     # ------------------------------------------------------------------
     # Lifecycle
@@ -318,8 +318,10 @@ class QueueService(Service):
     def _disk(self, fn: Callable[..., Any], *args: Any) -> defer.Deferred[Any]:
         return self.threads.run("disk", fn, *args)  # type: ignore[no-any-return]
 
-    def _reader(self, fn: Callable[..., Any], *args: Any) -> defer.Deferred[Any]:
-        if self.read_in_reactor:
+    def _entry_io(self, fn: Callable[..., Any], *args: Any) -> defer.Deferred[Any]:
+        """Loads and removals of entries: on the reactor in the delivery process
+        (``disk_in_reactor``), else in the "disk" pool."""
+        if self.disk_in_reactor:
             return defer.maybeDeferred(fn, *args)
         return self._disk(fn, *args)
 
@@ -592,9 +594,10 @@ class Batch:
     ``delay`` seconds of the first), in one hop.
 
     ``batch(arg)`` returns a Deferred of that argument's result; every call of
-    the turn goes to ``run`` (the "disk" pool) together (one thread hop and one wake-up
-    of the reactor for many entries, instead of one each).  A result that is
-    an exception fails that caller only.
+    the turn goes to ``run`` together (``QueueService._entry_io``: the "disk" pool, one
+    thread hop and one wake-up of the reactor for many entries instead of one each; or
+    the reactor itself in the delivery process).  A result that is an exception fails
+    that caller only.
     """
 
     def __init__(

@@ -41,7 +41,7 @@ STATE_VERSION = 1
 PENDING, SENT, FAILED, DONE = "pending", "sent", "failed", "done"
 ORPHAN_AGE = 3600.0  # a file without its .entry older than this is left over from a crash
 _tmp_names = itertools.count()
-HEADER_SCAN = 64 * 1024  # header bytes read to find TLS-Required in a large message
+HEADER_SCAN = spool.HEAD_READ  # header bytes searched for TLS-Required (read with the envelope)
 PRELOAD = 256 * 1024  # a message up to this size is read with its envelope (load_many)
 
 

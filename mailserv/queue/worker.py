@@ -251,7 +251,7 @@ def build_worker_service(config: Any, reactor: Any) -> Any:
 
     service = MailService(config, reactor, handle_signals=True)
     service.queue = build_queue_service(service)
-    service.queue.read_in_reactor = True  # nothing else runs on this reactor
+    service.queue.disk_in_reactor = True  # nothing else runs on this reactor
     service.queue.setServiceParent(service)
     return service
 

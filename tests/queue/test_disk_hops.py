@@ -27,7 +27,7 @@ class CountingThreads:
 
 
 async def deliver_counting(
-    queue_env: Any, mx_net: Any, dns_server: Any, count: int, read_in_reactor: bool
+    queue_env: Any, mx_net: Any, dns_server: Any, count: int, disk_in_reactor: bool
 ) -> Counter[str]:
     """Deliver ``count`` entries due together; the thread hops per function name."""
     remote_dns(dns_server)
@@ -36,7 +36,7 @@ async def deliver_counting(
     for rcpt in ours:
         queue_env.enqueue("a@sender.test", [rcpt], message(rcpt))
     queue = queue_env.build()
-    queue.read_in_reactor = read_in_reactor
+    queue.disk_in_reactor = disk_in_reactor
     counting = queue.threads = CountingThreads(queue.threads)
     queue.startService()
     await wait_for(lambda: not queue_env.entries())
@@ -61,7 +61,7 @@ async def test_entries_due_together_are_loaded_in_one_hop(
 async def test_the_delivery_process_loads_and_removes_entries_without_a_thread_hop(
     queue_env: Any, mx_net: Any, dns_server: Any
 ) -> None:
-    """In the worker process (read_in_reactor) an entry's file is read and removed on the
+    """In the worker process (disk_in_reactor) an entry's file is read and removed on the
     reactor: no thread's GIL hand-overs (measured: the removal thread cost the worker
     0.1-0.15 ms of CPU per relayed message; an unlink itself ~0.02 ms)."""
     hops = await deliver_counting(queue_env, mx_net, dns_server, 5, True)
@@ -78,7 +78,7 @@ def test_the_worker_reads_in_its_reactor(tmp_path: Any) -> None:
 
     (tmp_path / "users.passwd").write_text("")
     config = from_dict(test_config(tmp_path, {}))
-    assert build_worker_service(config, reactor).queue.read_in_reactor is True
+    assert build_worker_service(config, reactor).queue.disk_in_reactor is True
 
 
 def test_removals_of_a_short_window_share_one_hop() -> None:

@@ -18,9 +18,12 @@ from zope.interface import implementer
 from mailserv.config.schema import Section, integer, option, size
 from mailserv.filters.base import CONTINUE, FilterBase
 from mailserv.filters.common import (
+    Job,
     MethodResult,
+    NeedsThread,
     action_kind,
     clean,
+    in_memory,
     load_options,
     outcome,
     prepared,
@@ -29,6 +32,9 @@ from mailserv.filters.common import (
 )
 from mailserv.filters.dkim import txt_lookup
 from mailserv.interfaces import IMessageFilter
+
+# At most this many ARC sets are verified on the reactor: each costs two signature checks.
+INLINE_SETS = 3
 
 
 class ARCOptions(Section):
@@ -39,15 +45,26 @@ class ARCOptions(Section):
     fail: str = option(action_kind, "ignore")
 
 
-def verify_chain(message: Any, resolver: Any, min_key_bits: int) -> MethodResult:
-    """Blocking ARC verification of the received message."""
+def verify_chain(
+    message: Any, resolver: Any, min_key_bits: int, deadline: float | None = None
+) -> MethodResult:
+    """Blocking ARC verification of the received message.
+
+    ``deadline`` (time.monotonic): an inline attempt on the reactor, for a
+    small message in memory whose keys are cached and cheap to verify with;
+    it raises NeedsThread otherwise, or when it would go on past ``deadline``.
+    """
+    inline = deadline is not None
+    if inline and not in_memory(message):
+        raise NeedsThread("message on disk")
     with message.open() as f:
         raw = f.read()
     state: dict[str, Any] = {}
+    arc = dkim.ARC(raw, minkey=min_key_bits)
+    if inline and sum(1 for name, _ in arc.headers if name.lower() == b"arc-seal") > INLINE_SETS:
+        raise NeedsThread("too many ARC sets to verify on the reactor")
     try:
-        cv, sets, comment = dkim.ARC(raw, minkey=min_key_bits).verify(
-            dnsfunc=txt_lookup(resolver, state)
-        )
+        cv, sets, comment = arc.verify(dnsfunc=txt_lookup(resolver, state, inline=inline))
     except dkim.DKIMException as exc:
         return MethodResult("arc", "fail", comment=clean(str(exc), 120))
     if "temporary" in state:
@@ -72,10 +89,12 @@ class ARCFilter(FilterBase):
         self.threads = service.threads
 
     def message_job(self, session: Any, envelope: Any, message: Any) -> Any:
-        """The chain verification, for the chain's one thread job per message."""
+        """The chain verification, for the chain's jobs of the message (common.start_jobs):
+        on the reactor when the message is small and the keys are cached, else in the pool."""
         if not message.header("ARC-Seal") or message.size > self.config.max_size:
             return None
-        return functools.partial(verify_chain, message, self.resolver, self.config.min_key_bits)
+        args = (message, self.resolver, self.config.min_key_bits)
+        return Job(functools.partial(verify_chain, *args), functools.partial(verify_chain, *args))
 
     def check_message(self, session: Any, envelope: Any, message: Any) -> Any:
         results = results_for(session, envelope)

@@ -383,13 +383,18 @@ def _failed(failure: Any) -> list[tuple[bool, Any]]:
 INLINE_LIMIT = 16 * 1024
 
 
+def in_memory(message: Any) -> bool:
+    """True for a small message held in memory: linear work on it may run on the reactor."""
+    return getattr(message, "path", "") is None and message.size <= INLINE_LIMIT
+
+
 def run_on_message(
     threads: Any, pool: str, fn: Callable[..., Any], message: Any, *args: Any
 ) -> Any:
     """``fn(message, *args)``: called at once for a small message held in memory
     (linear work on bytes already in memory, no I/O), else a Deferred of it run in
     the ``pool`` thread pool.  Callers ``yield`` it in inlineCallbacks either way."""
-    if getattr(message, "path", "") is None and message.size <= INLINE_LIMIT:
+    if in_memory(message):
         return fn(message, *args)
     return threads.run(pool, fn, message, *args)
 
@@ -434,6 +439,32 @@ class Pending:
 
 PREPARED = "prepared_jobs"
 
+# Reactor time the inline attempts of one message's jobs may take together (seconds).
+INLINE_BUDGET = 0.005
+
+
+class NeedsThread(Exception):
+    """Raised by a job's inline attempt that cannot finish within the reactor's bounds
+    (a key that was not looked up beforehand, a key too costly to verify with, a rule
+    still running when the budget ran out): the job is run again in the pool."""
+
+
+class Job:
+    """A message-stage job: ``blocking()`` runs in the ``crypto`` pool; ``inline(deadline)``,
+    when given, is tried first on the reactor and raises NeedsThread when it cannot finish
+    by ``deadline`` (time.monotonic) without blocking."""
+
+    __slots__ = ("blocking", "inline")
+
+    def __init__(
+        self, blocking: Callable[[], Any], inline: Callable[[float], Any] | None = None
+    ) -> None:
+        self.blocking = blocking
+        self.inline = inline
+
+    def __call__(self) -> Any:
+        return self.blocking()
+
 
 def run_jobs(jobs: Mapping[str, Callable[[], Any]]) -> dict[str, tuple[bool, Any]]:
     """Run each job (blocking); ``name -> (True, value)`` or ``(False, exception)``."""
@@ -446,14 +477,43 @@ def run_jobs(jobs: Mapping[str, Callable[[], Any]]) -> dict[str, tuple[bool, Any
     return out
 
 
+def run_inline(
+    jobs: Mapping[str, Any], budget: float = INLINE_BUDGET
+) -> tuple[dict[str, tuple[bool, Any]], dict[str, Any]]:
+    """Try the inline attempts of ``jobs`` on the reactor, in order, within ``budget``.
+
+    Returns (outcomes of the jobs done, jobs left for the pool): a job without
+    an inline attempt, one whose attempt raised NeedsThread, and every job
+    after the budget ran out go to the pool.  Any other exception is that
+    job's outcome, as in the pool.
+    """
+    done: dict[str, tuple[bool, Any]] = {}
+    rest: dict[str, Any] = {}
+    deadline = time.monotonic() + budget
+    for name, job in jobs.items():
+        inline = getattr(job, "inline", None)
+        if inline is None or time.monotonic() >= deadline:
+            rest[name] = job
+            continue
+        try:
+            done[name] = (True, inline(deadline))
+        except NeedsThread:
+            rest[name] = job
+        except Exception as exc:  # given to the filter, which fails closed with it
+            done[name] = (False, exc)
+    return done, rest
+
+
 def start_jobs(threads: Any, session: Any, envelope: Any, jobs: Mapping[str, Any]) -> None:
-    """Run the message-stage ``jobs`` of several filters in one ``crypto`` pool job.
+    """Run the message-stage ``jobs`` of several filters: inline or in one ``crypto`` job.
 
     The chain calls this before the first filter of the message stage; each
     filter picks its result with ``prepared``.  A job may be a Deferred of
-    its callable (DKIM looks its keys up on the reactor first): the thread
-    job starts when all of those fired; one that failed is that filter's
-    result.
+    its callable (DKIM looks its keys up on the reactor first): the jobs run
+    when all of those fired; one that failed is that filter's result.  Jobs
+    whose inline attempt finishes within INLINE_BUDGET run on the reactor
+    (a small message in memory: no thread hand-over, ~0.1 ms of CPU less per
+    message); the others go to the pool together, as one thread job.
     """
     from twisted.internet import defer
 
@@ -461,8 +521,18 @@ def start_jobs(threads: Any, session: Any, envelope: Any, jobs: Mapping[str, Any
     if waiting:
         d = _when_ready(threads, dict(jobs), waiting)
     else:
-        d = threads.run("crypto", run_jobs, dict(jobs))
+        d = _run(threads, dict(jobs))
     session.notes[PREPARED] = (envelope.id, Pending(d), frozenset(jobs))
+
+
+def _run(threads: Any, jobs: dict[str, Any]) -> Any:
+    from twisted.internet import defer
+
+    done, rest = run_inline(jobs)
+    if not rest:
+        return defer.succeed(done)
+    pooled = threads.run("crypto", run_jobs, rest)
+    return pooled.addCallback(lambda out: {**done, **out}) if done else pooled
 
 
 def _when_ready(threads: Any, ready: dict[str, Any], waiting: dict[str, Any]) -> Any:
@@ -478,8 +548,8 @@ def _when_ready(threads: Any, ready: dict[str, Any], waiting: dict[str, Any]) ->
         failed[name] = (False, failure.value)
 
     def run(_: Any) -> Any:
-        d = threads.run("crypto", run_jobs, ready) if ready else defer.succeed({})
-        return d.addCallback(lambda out: {**out, **failed})
+        d = _run(threads, ready) if ready else defer.succeed({})
+        return d.addCallback(lambda out: {**out, **failed}) if failed else d
 
     waits = [
         job.addCallbacks(got, lost, callbackArgs=(name,), errbackArgs=(name,))

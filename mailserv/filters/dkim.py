@@ -1,8 +1,11 @@
 """DKIM verification (RFC 6376, Ed25519 by RFC 8463) with dkimpy, every signature reported.
 
-Verification runs in the ``crypto`` thread pool; dkimpy's key lookups go
-through our resolver (``lookup_blocking``, as that code is already in a
-thread).  Each signature gets an RFC 8601 §2.7.1 result:
+In the chain, the keys are looked up on the reactor first; a small message
+held in memory is then verified on the reactor when its keys are cheap to
+verify with and the work fits the chain's inline budget (common.run_inline),
+else in the ``crypto`` thread pool, where dkimpy's own key lookups go through
+our resolver (``lookup_blocking``).  Each signature gets an RFC 8601 §2.7.1
+result:
 
 - ``pass``: valid signature over the whole body;
 - ``policy``: valid, but its ``l=`` covers only part of the body (RFC 6376
@@ -17,6 +20,7 @@ from __future__ import annotations
 import base64
 import functools
 import re
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -36,10 +40,13 @@ from mailserv.config.schema import Section, integer, option, size
 from mailserv.errors import TemporaryFailure
 from mailserv.filters.base import CONTINUE, FilterBase, Verdict
 from mailserv.filters.common import (
+    Job,
     MethodResult,
+    NeedsThread,
     action_kind,
     cached_answer,
     gather,
+    in_memory,
     load_options,
     outcome,
     prepared,
@@ -131,7 +138,28 @@ def _load_pk_from_dns(name: bytes, dnsfunc: Any = None, timeout: float = 5) -> t
         _parsed_keys[key] = parsed
         while len(_parsed_keys) > _RSA_KEYS_MAX:
             _parsed_keys.popitem(last=False)
+    if getattr(dnsfunc, "inline", False) and not _cheap(parsed):
+        raise NeedsThread(f"costly key at {name!r}")
     return parsed
+
+
+# The largest RSA key verified on the reactor, and its largest public exponent: a
+# verification with such a key costs well under a millisecond.  OpenSSL accepts
+# moduli up to 16384 bits and, up to 3072 bits, exponents as large as the modulus
+# (a full modular exponentiation, milliseconds): such keys are verified in the pool.
+INLINE_RSA_BITS = 4096
+INLINE_RSA_EXPONENT_BITS = 64
+
+
+def _cheap(parsed: tuple[Any, ...]) -> bool:
+    """True when verifying with this parsed key (dkim.evaluate_pk) costs little."""
+    pk, keysize, ktag = parsed[:3]
+    if ktag != b"rsa":
+        return True  # ed25519: one fixed-size verification
+    return bool(
+        keysize <= INLINE_RSA_BITS
+        and int(pk["publicExponent"]).bit_length() <= INLINE_RSA_EXPONENT_BITS
+    )
 
 
 dkim.load_pk_from_dns = _load_pk_from_dns
@@ -260,11 +288,16 @@ class SignatureResult:
 
 
 def txt_lookup(
-    resolver: Any, state: dict[str, Any], fetched: Mapping[str, Any] | None = None
+    resolver: Any,
+    state: dict[str, Any],
+    fetched: Mapping[str, Any] | None = None,
+    inline: bool = False,
 ) -> Callable[..., bytes | None]:
     """dkimpy's ``dnsfunc``: the joined TXT strings of ``name``, None when there are none.
 
     ``fetched``: answers (or TemporaryFailures) already looked up, by name.
+    ``inline``: on the reactor: a name neither fetched nor cached, which would
+    need a blocking lookup, or a costly key raises NeedsThread.
     """
 
     def dnsfunc(name: bytes, timeout: float = 5) -> bytes | None:
@@ -276,6 +309,8 @@ def txt_lookup(
             if answer is None:
                 answer = cached_answer(resolver, text, "TXT")
             if answer is None:
+                if inline:
+                    raise NeedsThread(f"key {text} not looked up yet")
                 answer = resolver.lookup_blocking(text, "TXT")
         except TemporaryFailure as exc:
             state["temporary"] = str(exc)
@@ -285,6 +320,7 @@ def txt_lookup(
         state["missing"] = True
         return None
 
+    dnsfunc.inline = inline  # type: ignore[attr-defined]  # read by _load_pk_from_dns
     return dnsfunc
 
 
@@ -341,35 +377,54 @@ def fetch_keys(resolver: Any, names: list[str]) -> Any:
     return gather(lookups).addCallback(lambda _: keys)
 
 
+# At most this many signatures are verified on the reactor (more go to the pool).
+INLINE_SIGNATURES = 3
+
+
 def verify_message(
     raw: bytes,
     resolver: Any,
     max_signatures: int,
     min_key_bits: int,
     fetched: Mapping[str, Any] | None = None,
+    deadline: float | None = None,
 ) -> list[SignatureResult]:
-    """Verify every DKIM-Signature of ``raw`` (blocking: run in the crypto pool)."""
+    """Verify every DKIM-Signature of ``raw`` (blocking: run in the crypto pool).
+
+    ``deadline`` (time.monotonic): an inline attempt on the reactor, which
+    raises NeedsThread rather than look a key up, verify with a costly key,
+    verify more than INLINE_SIGNATURES signatures or go on past it.
+    """
     try:
         verifier = dkim.DKIM(raw, minkey=min_key_bits)
     except dkim.DKIMException as exc:
         return [SignatureResult("permerror", "", "", "", "", "", f"unparsable message: {exc}")]
     count = sum(1 for name, _ in verifier.headers if name.lower() == b"dkim-signature")
+    inline = deadline is not None
+    if inline and min(count, max_signatures) > INLINE_SIGNATURES:
+        raise NeedsThread(f"{count} signatures")
     results = []
     for idx in range(count):
         if idx >= max_signatures:
             results.append(SignatureResult("neutral", "", "", "", "", "", "signature limit"))
             continue
-        results.append(_verify_one(verifier, idx, resolver, fetched))
+        if deadline is not None and time.monotonic() >= deadline:
+            raise NeedsThread("inline budget spent")
+        results.append(_verify_one(verifier, idx, resolver, fetched, inline))
     return results
 
 
 def _verify_one(
-    verifier: Any, idx: int, resolver: Any, fetched: Mapping[str, Any] | None
+    verifier: Any,
+    idx: int,
+    resolver: Any,
+    fetched: Mapping[str, Any] | None,
+    inline: bool = False,
 ) -> SignatureResult:
     state: dict[str, Any] = {}
     verifier.signature_fields = {}
     try:
-        ok = verifier.verify(idx, txt_lookup(resolver, state, fetched))
+        ok = verifier.verify(idx, txt_lookup(resolver, state, fetched, inline))
         error = ""
     except dkim.ValidationError as exc:
         ok, error = False, str(exc)
@@ -442,20 +497,42 @@ class DKIMFilter(FilterBase):
             raw, self.resolver, self.config.max_signatures, self.config.min_key_bits, fetched
         )
 
+    def _verify_inline(
+        self, message: Any, fetched: Mapping[str, Any] | None, deadline: float
+    ) -> list[SignatureResult]:
+        """The verification on the reactor, for a small message held in memory."""
+        if not in_memory(message):
+            raise NeedsThread("message on disk")
+        with message.open() as f:
+            raw = f.read()
+        return verify_message(
+            raw,
+            self.resolver,
+            self.config.max_signatures,
+            self.config.min_key_bits,
+            fetched,
+            deadline,
+        )
+
+    def _job(self, message: Any, fetched: Mapping[str, Any] | None = None) -> Job:
+        return Job(
+            functools.partial(self._verify_file, message, fetched),
+            functools.partial(self._verify_inline, message, fetched),
+        )
+
     def message_job(self, session: Any, envelope: Any, message: Any) -> Any:
-        """The verification, for the chain's one thread job per message.
+        """The verification, for the chain's jobs of the message (common.start_jobs).
 
         Keys not in the cache are looked up on the reactor first (a Deferred
-        of the job), so the job does not block a thread on DNS.
+        of the job), so the job does not block a thread on DNS; with its keys
+        at hand, a small message is verified on the reactor.
         """
         if not message.header("DKIM-Signature") or message.size > self.config.max_size:
             return None
         fetching = fetch_keys(self.resolver, key_names(message, self.config.max_signatures))
         if fetching is None:
-            return functools.partial(self._verify_file, message)
-        return fetching.addCallback(
-            lambda keys: functools.partial(self._verify_file, message, keys)
-        )
+            return self._job(message)
+        return fetching.addCallback(lambda keys: self._job(message, keys))
 
     def check_message(self, session: Any, envelope: Any, message: Any) -> Any:
         results = results_for(session, envelope)

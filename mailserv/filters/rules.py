@@ -16,7 +16,11 @@ Guard: patterns run with the ``regex`` module's per-match timeout in the
 ``crypto`` thread pool, under an overall deadline, so that a catastrophic
 pattern or input can neither stall the reactor nor hold a thread for long;
 a timeout fails closed (451 4.3.0, the chain's filter failure) or skips the
-rule (``on_timeout = "skip"``).
+rule (``on_timeout = "skip"``).  A small message held in memory is first
+evaluated on the reactor, within the chain's inline budget (a few
+milliseconds, common.INLINE_BUDGET) to which every match's timeout is cut;
+when that budget runs out the evaluation starts again in the pool, with the
+configured timeouts.
 """
 
 from __future__ import annotations
@@ -46,8 +50,11 @@ from mailserv.config.schema import (
 from mailserv.filters.authresults import read_header_block, split_fields
 from mailserv.filters.base import CONTINUE, Action, FilterBase, Verdict
 from mailserv.filters.common import (
+    Job,
+    NeedsThread,
     clean,
     config_error,
+    in_memory,
     load_options,
     prepared,
     results_for,
@@ -308,11 +315,32 @@ class RulesFilter(FilterBase):
             cfg.on_timeout == "skip",
         )
 
+    def _inline(self, message: Any, deadline: float) -> list[Hit]:
+        """The evaluation on the reactor, for a small message in memory, until ``deadline``:
+        every match's timeout is capped to the time left, and a timeout (which the pool,
+        with the configured timeouts, may not meet) sends the evaluation to the pool."""
+        if not in_memory(message):
+            raise NeedsThread("message on disk")
+        left = deadline - time.monotonic()
+        cfg = self.config
+        try:
+            return evaluate(
+                message,
+                self.header_rules,
+                self.body_rules,
+                min(cfg.match_timeout, left),
+                left,
+                cfg.max_body_bytes,
+                False,
+            )
+        except RuleTimeout:
+            raise NeedsThread("rules still running at the end of the inline budget") from None
+
     def message_job(self, session: Any, envelope: Any, message: Any) -> Any:
-        """The evaluation, for the chain's one thread job per message."""
+        """The evaluation, for the chain's jobs of the message (common.start_jobs)."""
         if not self.header_rules and not self.body_rules:
             return None
-        return self._job(message)
+        return Job(self._job(message), functools.partial(self._inline, message))
 
     def check_message(self, session: Any, envelope: Any, message: Any) -> Any:
         if not self.header_rules and not self.body_rules:

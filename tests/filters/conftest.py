@@ -120,6 +120,38 @@ def crlf(text: str) -> bytes:
     return text.replace("\n", "\r\n").encode("utf-8")
 
 
+def rsa_dkim_key(key: Any) -> tuple[bytes, list[str]]:
+    """The PEM form of an RSA private key (as dkimpy signs with it) and the strings of its
+    DKIM TXT record: longer than one 255-byte string, so several (RFC 6376 §3.6.2.2)."""
+    import base64
+
+    from cryptography.hazmat.primitives import serialization
+
+    pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.TraditionalOpenSSL,
+        serialization.NoEncryption(),
+    )
+    der = key.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    txt = f"v=DKIM1; k=rsa; p={base64.b64encode(der).decode()}"
+    return pem, [txt[i : i + 200] for i in range(0, len(txt), 200)]
+
+
+def pools_used(env: FilterEnv, monkeypatch: Any) -> list[str]:
+    """The pools of the thread jobs ``env``'s filters start, recorded as they start."""
+    threads = env.service.threads
+    real, pools = threads.run, []
+
+    def run(pool: str, fn: Any, *args: Any, **kw: Any) -> Any:
+        pools.append(pool)
+        return real(pool, fn, *args, **kw)
+
+    monkeypatch.setattr(threads, "run", run)
+    return pools
+
+
 class Keys:
     """A 2048-bit RSA and an Ed25519 DKIM key pair, with their DNS TXT records."""
 
@@ -127,21 +159,10 @@ class Keys:
         import base64
 
         import nacl.signing
-        from cryptography.hazmat.primitives import serialization
         from cryptography.hazmat.primitives.asymmetric import rsa
 
         key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-        self.rsa_private = key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.TraditionalOpenSSL,
-            serialization.NoEncryption(),
-        )
-        der = key.public_key().public_bytes(
-            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-        )
-        rsa_txt = f"v=DKIM1; k=rsa; p={base64.b64encode(der).decode()}"
-        # Longer than one 255-byte TXT string: published as several strings (RFC 6376 §3.6.2.2).
-        self.rsa_txt = [rsa_txt[i : i + 200] for i in range(0, len(rsa_txt), 200)]
+        self.rsa_private, self.rsa_txt = rsa_dkim_key(key)
         signing = nacl.signing.SigningKey.generate()
         self.ed_private = base64.b64encode(bytes(signing))
         self.ed_txt = (

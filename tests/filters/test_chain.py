@@ -339,3 +339,83 @@ def test_prefetches_start_before_the_first_message_filter_runs() -> None:
     hold.callback(CONTINUE)
     assert events[3:] == ["broken runs", "late runs"]
     assert out[0].verdict.action is Action.CONTINUE
+
+
+def test_jobs_that_finish_inline_run_on_the_reactor_and_the_others_in_one_thread_job() -> None:
+    """A Job's inline attempt runs on the reactor; one that raises NeedsThread is run
+    again in the pool with the jobs that have no inline attempt, as one thread job;
+    any other exception of an inline attempt is that filter's failure (fail closed)."""
+    from mailserv.filters.common import Job, NeedsThread
+
+    threads = _InlineThreads()
+    calls: list[str] = []
+
+    def job(name: str, inline: Any) -> Job:
+        def blocking() -> str:
+            calls.append(f"{name} in the pool")
+            return f"{name} pooled"
+
+        return Job(blocking, inline)
+
+    def finishes(deadline: float) -> str:
+        calls.append("quick inline")
+        return "done inline"
+
+    def too_long(deadline: float) -> str:
+        calls.append("slow inline")
+        raise NeedsThread("budget")
+
+    def broken(deadline: float) -> str:
+        raise RuntimeError("bug in the inline attempt")
+
+    session = Session(id="s4", listener="mx", protocol="smtp", peer_host="192.0.2.1")
+    quick = _Worker("quick", threads, job("quick", finishes))
+    out: list[Any] = []
+    FilterChain([quick], Clock()).message(
+        session, _envelope(), Message(None, 0, data=b"")
+    ).addCallback(out.append)
+    assert threads.jobs == 0 and calls == ["quick inline"]
+    assert out[0].headers == [("X-quick", "done inline")]
+
+    calls.clear()
+    slow = _Worker("slow", threads, job("slow", too_long))
+    plain = _Worker("plain", threads, job("plain", None))
+    bad = _Worker("bad", threads, job("bad", broken))
+    chain = FilterChain([quick, slow, plain, bad], Clock())
+    chain.message(session, _envelope(), Message(None, 0, data=b"")).addCallback(out.append)
+    assert threads.jobs == 1
+    assert calls == ["quick inline", "slow inline", "slow in the pool", "plain in the pool"]
+    assert out[1].headers == [
+        ("X-quick", "done inline"),
+        ("X-slow", "slow pooled"),
+        ("X-plain", "plain pooled"),
+    ]
+    assert out[1].verdict.action is Action.TEMPFAIL and out[1].verdict.filter == "bad"
+
+
+def test_inline_attempts_stop_when_the_budget_is_spent() -> None:
+    """Once the inline budget is spent, the remaining jobs go to the pool untried."""
+    from mailserv.filters import common
+
+    clock = [0.0]
+    tried: list[str] = []
+
+    def attempt(name: str, cost: float) -> Any:
+        def inline(deadline: float) -> str:
+            tried.append(name)
+            clock[0] += cost
+            return name
+
+        return common.Job(lambda: f"{name} pooled", inline)
+
+    jobs = {"a": attempt("a", 0.004), "b": attempt("b", 0.002), "c": attempt("c", 0.0)}
+    real = common.time.monotonic
+    common.time.monotonic = lambda: clock[0]  # type: ignore[assignment]
+    try:
+        done, rest = common.run_inline(jobs, budget=0.005)
+    finally:
+        common.time.monotonic = real  # type: ignore[assignment]
+    assert tried == ["a", "b"]
+    assert done == {"a": (True, "a"), "b": (True, "b")}
+    assert list(rest) == ["c"]
+    assert common.run_jobs(rest) == {"c": (True, "c pooled")}

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from typing import Any
 
+import dkim
 import pytest
 import pytest_twisted
 
 from mailserv.filters.base import Action
 from mailserv.filters.common import results_for
-from tests.filters.conftest import crlf
+from tests.filters.conftest import crlf, pools_used, rsa_dkim_key
 
 MESSAGE = crlf(
     "From: Alice <alice@sender.test>\n"
@@ -326,3 +327,77 @@ def test_b_tag_pattern_agrees_with_dkimpys() -> None:
     for _ in range(20000):
         value = b"".join(rng.choice(pieces) for _ in range(rng.randint(0, 25)))
         assert ours._BTAG.sub(b"\\1", value) == ours._SLOW_BTAG.sub(b"\\1", value), value
+
+
+def _rsa_key(bits: int, exponent: int = 65537) -> tuple[bytes, list[str]]:
+    """The PEM private key and the TXT strings of an RSA key of ``bits`` bits whose
+    public exponent is ``exponent`` (any odd value: made from a generated key's primes)."""
+    import math
+
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    base = rsa.generate_private_key(public_exponent=65537, key_size=bits).private_numbers()
+    p, q = base.p, base.q
+    phi = (p - 1) * (q - 1)
+    while math.gcd(exponent, phi) != 1:
+        exponent += 2
+    d = pow(exponent, -1, phi)
+    public = rsa.RSAPublicNumbers(exponent, p * q)
+    key = rsa.RSAPrivateNumbers(
+        p, q, d, d % (p - 1), d % (q - 1), pow(q, -1, p), public
+    ).private_key()
+    return rsa_dkim_key(key)
+
+
+@pytest_twisted.inlineCallbacks
+def test_small_messages_are_verified_on_the_reactor_once_their_keys_are_fetched(
+    filter_env: Any, dns_server: Any, dkim_keys: Any, monkeypatch: Any
+) -> Any:
+    """In the chain, a small message held in memory is verified on the reactor when its
+    keys have been fetched (no thread job); a spooled one still goes to the pool."""
+    from twisted.internet import reactor
+
+    from mailserv.filters.chain import FilterChain
+
+    dns_server.set(dkim_keys.records("sender.test", "inline-rsa", "inline-ed"))
+    signed = dkim_keys.sign(MESSAGE, "sender.test", "rsa", selector="inline-rsa")
+    signed = dkim_keys.sign(signed, "sender.test", "ed25519", selector="inline-ed")
+    flt = filter_env.build("dkim")
+    pools = pools_used(filter_env, monkeypatch)
+    for memory, expected in ((True, []), (False, ["crypto"])):
+        session = filter_env.session()
+        envelope = filter_env.envelope("alice@sender.test", "bob@example.org")
+        message = filter_env.message(signed, memory=memory)
+        yield FilterChain([flt], reactor).message(session, envelope, message)
+        results = results_for(session, envelope)
+        assert [r.result for r in results.dkim] == ["pass", "pass"], memory
+        assert pools == expected, memory
+
+
+@pytest_twisted.inlineCallbacks
+def test_keys_costly_to_verify_with_are_used_in_the_pool(
+    filter_env: Any, dns_server: Any, monkeypatch: Any
+) -> Any:
+    """An RSA key over 4096 bits, or one with a public exponent over 64 bits (a full
+    modular exponentiation per check), is not used on the reactor: the message is
+    verified in the pool, with the same results."""
+    from twisted.internet import reactor
+
+    from mailserv.filters.chain import FilterChain
+
+    for selector, (pem, txt) in (
+        ("large", _rsa_key(4352)),
+        ("exponent", _rsa_key(2048, exponent=(1 << 1500) + 1)),
+    ):
+        dns_server.set({f"{selector}._domainkey.sender.test": {"TXT": [txt]}})
+        signed = dkim.sign(MESSAGE, selector.encode(), b"sender.test", pem)
+        signed = signed.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n") + MESSAGE
+        flt = filter_env.build("dkim")
+        pools = pools_used(filter_env, monkeypatch)
+        session = filter_env.session()
+        envelope = filter_env.envelope("alice@sender.test", "bob@example.org")
+        message = filter_env.message(signed, memory=True)
+        yield FilterChain([flt], reactor).message(session, envelope, message)
+        assert [r.result for r in results_for(session, envelope).dkim] == ["pass"], selector
+        assert pools == ["crypto"], selector
+        monkeypatch.undo()

@@ -14,7 +14,7 @@ from mailserv.filters.base import Action
 from mailserv.filters.common import results_for
 from mailserv.filters.registry import chain_of
 from mailserv.filters.rules import parse_rule
-from tests.filters.conftest import crlf
+from tests.filters.conftest import crlf, pools_used
 
 MESSAGE = crlf(
     "From: Alice <alice@sender.test>\n"
@@ -120,6 +120,40 @@ def test_catastrophic_pattern_fails_closed_quickly(plain_env: Any) -> Any:
         plain_env, raw, header_checks=["/^Subject: (a|aa)+$/ REJECT x"], on_timeout="skip"
     )
     assert verdict.action is Action.CONTINUE
+
+
+@pytest_twisted.inlineCallbacks
+def test_small_messages_are_checked_on_the_reactor_within_the_inline_budget(
+    plain_env: Any, monkeypatch: Any
+) -> Any:
+    """A small message in memory is checked on the reactor; a pattern still running when
+    the inline budget (common.INLINE_BUDGET) is spent holds the reactor no longer than
+    that, and the check starts again in the pool with the configured timeouts."""
+    from twisted.internet import reactor
+
+    from mailserv.filters.common import INLINE_BUDGET
+
+    pools = pools_used(plain_env, monkeypatch)
+    flt = plain_env.build(
+        "rules", header_checks=["/^Subject: (a|aa)+$/ REJECT slow", "/^Subject: Cheap/ REJECT no"]
+    )
+    chain = chain_of([flt], reactor, "inbound")
+    session = plain_env.session()
+    result = yield chain.message(
+        session, plain_env.envelope("a@b.test", "bob@example.org"), plain_env.message(MESSAGE, True)
+    )
+    assert result.verdict.action is Action.REJECT and result.verdict.reply.text == "no"
+    assert pools == []
+    raw = crlf("From: a@b.test\nSubject: " + "a" * 80 + "b\n\nbody\n")
+    started = time.monotonic()
+    pending = chain.message(
+        session, plain_env.envelope("a@b.test", "bob@example.org"), plain_env.message(raw, True)
+    )
+    held = time.monotonic() - started
+    assert held < INLINE_BUDGET + 0.05, held
+    assert pools == ["crypto"]
+    result = yield pending
+    assert result.verdict.action is Action.TEMPFAIL  # the pool's 0.25 s match timeout, as before
 
 
 @pytest_twisted.inlineCallbacks

@@ -153,3 +153,27 @@ def test_a_small_message_with_cached_answers_is_answered_at_once(
     assert isinstance(again, Verdict)
     assert (again.action, again.headers) == (first.action, first.headers)
     assert again.headers == (("X-Mailserv-URIBL", "listed.test in now.surbl.test"),)
+
+
+@pytest_twisted.inlineCallbacks
+def test_the_lookups_start_with_the_message_stage(filter_env: Any, dns_server: Any) -> Any:
+    """``prefetch`` (called by the chain when the message stage starts, beside DKIM's and
+    DMARC's lookups) scans the body and starts the blocklist lookups; check_message takes
+    those answers instead of asking again.  The next message asks again."""
+    from twisted.internet import defer, reactor, task
+
+    dns_server.set({"early.test.pre.surbl.test": {"A": ["127.0.0.2"], "TXT": ["bad"]}})
+    flt = filter_env.build("uribl", zones=["pre.surbl.test"])
+    flt.resolver.plain.cache = None  # every lookup goes to the server (cache_size = 0)
+    raw = crlf("Subject: x\n\nsee http://www.early.test/\n")
+    session = filter_env.session()
+    envelope = filter_env.envelope("a@s.test", "bob@example.org")
+    message = filter_env.message(raw, memory=True)
+    flt.prefetch(session, envelope, message)
+    yield task.deferLater(reactor, 0.05, lambda: None)  # the answer has arrived
+    dns_server.set({})
+    verdict = yield defer.maybeDeferred(flt.check_message, session, envelope, message)
+    assert verdict.action is Action.REJECT  # the prefetched answer, not a second lookup
+    envelope2 = filter_env.envelope("a@s.test", "bob@example.org")
+    verdict = yield defer.maybeDeferred(flt.check_message, session, envelope2, message)
+    assert verdict.action is Action.CONTINUE

@@ -111,6 +111,11 @@ class Message:
     crlf: bool = False
     # Where the message starts in ``path`` (a queue entry's file begins with its envelope).
     offset: int = 0
+    # ``headers`` by lowercased name, built at the first ``header`` call (a dozen per message
+    # with a pipeline) and again when ``headers`` is replaced or grows.
+    _by_name: tuple[Any, int, dict[str, list[bytes]]] | None = field(
+        default=None, init=False, repr=False, compare=False
+    )
 
     def open(self) -> BinaryIO:
         """The bytes, from the start; marked ``crlf_only = True`` when ``crlf``."""
@@ -122,9 +127,14 @@ class Message:
         return source  # type: ignore[no-any-return]
 
     def header(self, name: str) -> list[bytes]:
-        """The values of every header called ``name`` (case-insensitive)."""
-        lname = name.lower()
-        return [value for hname, value in self.headers if hname.lower() == lname]
+        """The values of every header called ``name`` (case-insensitive), in order."""
+        index = self._by_name
+        if index is None or index[0] is not self.headers or index[1] != len(self.headers):
+            by_name: dict[str, list[bytes]] = {}
+            for hname, value in self.headers:
+                by_name.setdefault(hname.lower(), []).append(value)
+            index = self._by_name = (self.headers, len(self.headers), by_name)
+        return list(index[2].get(name.lower(), ()))
 
     def iter_chunks(self, size: int = 65536) -> Iterator[bytes]:
         """The prefix then the spooled bytes, in chunks."""

@@ -30,6 +30,20 @@ def test_message_in_memory_and_on_disk(tmp_path: Path) -> None:
     m2.discard()  # idempotent
 
 
+def test_header_values_by_any_case_in_order_after_changes() -> None:
+    """``header`` answers from an index of the header section; a replaced or grown
+    section (forged Authentication-Results removed, a header added) is seen."""
+    m = Message(None, 0, [("Received", b"a"), ("From", b"x@y"), ("received", b"b")], data=b"")
+    assert m.header("RECEIVED") == [b"a", b"b"]
+    assert m.header("to") == []
+    m.header("from").append(b"changed by the caller")
+    assert m.header("From") == [b"x@y"]
+    m.headers.append(("To", b"z@y"))
+    assert m.header("to") == [b"z@y"]
+    m.headers = [("From", b"other@y")]
+    assert m.header("from") == [b"other@y"] and m.header("received") == []
+
+
 def test_session_and_envelope() -> None:
     s = Session(id="x", listener="mx", protocol="smtp", peer_host="::1")
     assert s.is_loopback and not s.tls

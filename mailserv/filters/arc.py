@@ -12,7 +12,6 @@ from collections.abc import Mapping
 from typing import Any
 
 import dkim
-from twisted.internet import defer
 from zope.interface import implementer
 
 from mailserv.config.schema import Section, integer, option, size
@@ -29,6 +28,7 @@ from mailserv.filters.common import (
     prepared,
     resolver_for,
     results_for,
+    then,
 )
 from mailserv.filters.dkim import txt_lookup
 from mailserv.interfaces import IMessageFilter
@@ -106,17 +106,19 @@ class ARCFilter(FilterBase):
             return CONTINUE
         return self._verify(session, envelope, message, results)
 
-    @defer.inlineCallbacks
     def _verify(self, session: Any, envelope: Any, message: Any, results: Any) -> Any:
         job = prepared(session, envelope, self.name)
         if job is None:
             job = self.threads.run(
                 "crypto", verify_chain, message, self.resolver, self.config.min_key_bits
             )
-        results.arc = yield job
-        if results.arc.result != "fail":
+        return then(job, self._verdict, results)
+
+    def _verdict(self, arc: MethodResult, results: Any) -> Any:
+        results.arc = arc
+        if arc.result != "fail":
             return CONTINUE
-        reason = f"ARC chain failed: {results.arc.comment}"
+        reason = f"ARC chain failed: {arc.comment}"
         return outcome(
             self.config.fail, reason, (550, "5.7.29", reason), (), results.quarantine.append
         )

@@ -18,6 +18,9 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+from twisted.internet import defer
+from twisted.python.failure import Failure
+
 from mailserv.config.schema import Context, Invalid, Section, choice
 from mailserv.errors import ConfigError, ConfigProblem
 from mailserv.filters.base import Action, Verdict
@@ -340,8 +343,6 @@ def lookup(resolver: Any, name: str, rdtype: str) -> Any:
     The filters never read the AD bit: their lookups are plain ones
     (``dnssec=False``: A, AAAA and TXT through c-ares, mailserv/dns.py).
     """
-    from twisted.internet import defer
-
     cached = cached_answer(resolver, name, rdtype)
     if cached is not None:
         return defer.succeed(cached)
@@ -351,8 +352,6 @@ def lookup(resolver: Any, name: str, rdtype: str) -> Any:
 def gather(deferreds: list[Any]) -> Any:
     """``gatherResults(deferreds)`` for Deferreds that never fail, without its DeferredList
     when there is only one (a single lookup per message is the common case: ~6 us less)."""
-    from twisted.internet import defer
-
     if len(deferreds) == 1:
         return deferreds[0].addCallback(_listed)
     return defer.gatherResults(deferreds)
@@ -365,8 +364,6 @@ def _listed(value: Any) -> list[Any]:
 def outcomes(deferreds: list[Any]) -> Any:
     """``DeferredList(deferreds, consumeErrors=True)``: ``[(True, value) | (False, failure)]``,
     without the DeferredList when there is only one Deferred."""
-    from twisted.internet import defer
-
     if len(deferreds) == 1:
         return deferreds[0].addCallbacks(_succeeded, _failed)
     return defer.DeferredList(deferreds, consumeErrors=True)
@@ -425,8 +422,6 @@ class Pending:
             waiter.callback(result)
 
     def wait(self) -> Any:
-        from twisted.internet import defer
-
         if self.done:
             return defer.succeed(self.result)
         waiter: defer.Deferred[Any] = defer.Deferred()
@@ -515,8 +510,6 @@ def start_jobs(threads: Any, session: Any, envelope: Any, jobs: Mapping[str, Any
     (a small message in memory: no thread hand-over, ~0.1 ms of CPU less per
     message); the others go to the pool together, as one thread job.
     """
-    from twisted.internet import defer
-
     waiting = {name: job for name, job in jobs.items() if isinstance(job, defer.Deferred)}
     if waiting:
         d = _when_ready(threads, dict(jobs), waiting)
@@ -526,8 +519,6 @@ def start_jobs(threads: Any, session: Any, envelope: Any, jobs: Mapping[str, Any
 
 
 def _run(threads: Any, jobs: dict[str, Any]) -> Any:
-    from twisted.internet import defer
-
     done, rest = run_inline(jobs)
     if not rest:
         return defer.succeed(done)
@@ -536,8 +527,6 @@ def _run(threads: Any, jobs: dict[str, Any]) -> Any:
 
 
 def _when_ready(threads: Any, ready: dict[str, Any], waiting: dict[str, Any]) -> Any:
-    from twisted.internet import defer
-
     failed: dict[str, tuple[bool, Any]] = {}
 
     def got(job: Any, name: str) -> None:
@@ -559,8 +548,11 @@ def _when_ready(threads: Any, ready: dict[str, Any], waiting: dict[str, Any]) ->
 
 
 def prepared(session: Any, envelope: Any, name: str) -> Any:
-    """Deferred of the result of filter ``name``'s job started by ``start_jobs``, or None.
+    """The result of filter ``name``'s job started by ``start_jobs``, or None.
 
+    The value itself when the job has finished (its exception is raised when
+    it failed): inline jobs, and the filters after the first that waited,
+    go on without a Deferred; else a Deferred of it (``then`` takes both).
     None when no job was started for this filter and message, or when the
     message was rewritten since (forged Authentication-Results removed): the
     filter then does its work itself, on the message as it is now.
@@ -570,7 +562,19 @@ def prepared(session: Any, envelope: Any, name: str) -> Any:
         return None
     if results_for(session, envelope).forged_removed:
         return None
-    return entry[1].wait().addCallback(_pick, name)
+    pending = entry[1]
+    if pending.done:
+        if isinstance(pending.result, Failure):
+            pending.result.raiseException()
+        return _pick(pending.result, name)
+    return pending.wait().addCallback(_pick, name)
+
+
+def then(result: Any, fn: Callable[..., Any], *args: Any) -> Any:
+    """``fn(result, *args)``: now, or when ``result`` fires if it is a Deferred."""
+    if isinstance(result, defer.Deferred):
+        return result.addCallback(fn, *args)
+    return fn(result, *args)
 
 
 def _pick(outcomes: dict[str, tuple[bool, Any]], name: str) -> Any:

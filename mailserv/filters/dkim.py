@@ -52,6 +52,7 @@ from mailserv.filters.common import (
     prepared,
     resolver_for,
     results_for,
+    then,
 )
 from mailserv.interfaces import IMessageFilter
 
@@ -545,7 +546,7 @@ class DKIMFilter(FilterBase):
         job = prepared(session, envelope, self.name)
         if job is None:
             job = self.threads.run("crypto", self._verify_file, message)
-        return job.addCallback(self._verdict, results)
+        return then(job, self._verdict, results)
 
     def _verdict(self, signatures: list[SignatureResult], results: Any) -> Verdict:
         for sig in signatures:

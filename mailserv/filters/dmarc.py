@@ -17,6 +17,7 @@ from email.utils import getaddresses
 from typing import Any
 
 from twisted.internet import defer
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from mailserv.address import AddressError, normalise_domain
@@ -76,8 +77,13 @@ class Policy:
     found_at: str  # the domain whose _dmarc record this is
 
 
+@functools.lru_cache(maxsize=1024)
 def parse_record(text: str, found_at: str) -> Policy | None:
-    """Tag-value list of §6.4; None when it is not a usable DMARC record."""
+    """Tag-value list of §6.4; None when it is not a usable DMARC record.
+
+    Memoised (the same few records come with most mail; a Policy is immutable):
+    the record itself still comes from DNS each time, per its TTL.
+    """
     tags: dict[str, str] = {}
     for part in text.split(";"):
         key, eq, value = part.partition("=")
@@ -239,7 +245,8 @@ class DMARCFilter(FilterBase):
         except TemporaryFailure:
             return  # check_message asks again and reports it
         if isinstance(policy, defer.Deferred):
-            session.notes[PREFETCHED] = (envelope.id, domain, Pending(policy))
+            policy = Pending(policy)
+        session.notes[PREFETCHED] = (envelope.id, domain, policy)
 
     def check_message(self, session: Any, envelope: Any, message: Any) -> Any:
         results = results_for(session, envelope)
@@ -255,7 +262,10 @@ class DMARCFilter(FilterBase):
         started = session.notes.pop(PREFETCHED, None)
         try:
             if started is not None and started[:2] == (envelope.id, domain):
-                policy = started[2].wait()
+                policy = started[2]
+                if isinstance(policy, Pending):  # a failed lookup goes through _lookup_failed
+                    ok = policy.done and not isinstance(policy.result, Failure)
+                    policy = policy.result if ok else policy.wait()
             else:
                 policy = self.discover(domain)  # at once when the records are cached
         except TemporaryFailure:

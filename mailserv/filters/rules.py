@@ -58,6 +58,7 @@ from mailserv.filters.common import (
     load_options,
     prepared,
     results_for,
+    then,
 )
 from mailserv.interfaces import IMessageFilter
 
@@ -348,7 +349,7 @@ class RulesFilter(FilterBase):
         job = prepared(session, envelope, self.name)
         if job is None:
             job = self.threads.run("crypto", self._job(message))
-        return job.addCallback(self._verdict, session, envelope)
+        return then(job, self._verdict, session, envelope)
 
     def _verdict(self, hits: list[Any], session: Any, envelope: Any) -> Verdict:
         headers: list[tuple[str, str]] = []

@@ -257,11 +257,11 @@ class _Worker:
         return self.work
 
     def check_message(self, session: Any, envelope: Any, message: Any) -> Any:
-        from mailserv.filters.common import prepared
+        from mailserv.filters.common import prepared, then
 
         job = prepared(session, envelope, self.name)
         assert job is not None
-        return job.addCallback(lambda value: Verdict.cont(("X-" + self.name, value)))
+        return then(job, lambda value: Verdict.cont(("X-" + self.name, value)))
 
 
 def test_message_jobs_of_all_filters_run_as_one_thread_job_and_fail_closed() -> None:
@@ -419,3 +419,30 @@ def test_inline_attempts_stop_when_the_budget_is_spent() -> None:
     assert done == {"a": (True, "a"), "b": (True, "b")}
     assert list(rest) == ["c"]
     assert common.run_jobs(rest) == {"c": (True, "c pooled")}
+
+
+def test_a_finished_job_is_picked_without_a_deferred() -> None:
+    """``prepared`` gives a finished job's value itself (its exception raised when it
+    failed) and a Deferred only while the job runs; ``then`` takes either."""
+    from mailserv.filters.common import Job, prepared, start_jobs, then
+
+    def broken(deadline: float) -> str:
+        raise ValueError("bad input")
+
+    threads = _InlineThreads()
+    session = Session(id="s5", listener="mx", protocol="smtp", peer_host="192.0.2.1")
+    envelope = _envelope()
+    later: defer.Deferred[Any] = defer.Deferred()
+    jobs = {"now": Job(lambda: "pooled", lambda deadline: "inline"), "bad": Job(str, broken)}
+    start_jobs(threads, session, envelope, jobs)
+    assert prepared(session, envelope, "now") == "inline"
+    with pytest.raises(ValueError, match="bad input"):
+        prepared(session, envelope, "bad")
+    assert then("inline", str.upper) == "INLINE"
+    start_jobs(threads, session, envelope, {"waits": later})
+    pending = prepared(session, envelope, "waits")
+    assert isinstance(pending, defer.Deferred) and not pending.called
+    out: list[Any] = []
+    then(pending, str.upper).addCallback(out.append)
+    later.callback(Job(lambda: "pooled"))
+    assert out == ["POOLED"] and threads.jobs == 1

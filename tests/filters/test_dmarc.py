@@ -242,6 +242,25 @@ def test_the_policy_lookup_starts_with_the_message_stage(
     assert verdict.action is Action.CONTINUE  # p=none
 
 
+@pytest_twisted.inlineCallbacks
+def test_a_prefetched_lookup_that_failed_is_a_temperror(filter_env: Any) -> Any:
+    """A policy lookup started by ``prefetch`` that has already failed when check_message
+    runs gives the same temperror as a lookup that fails in check_message."""
+    from twisted.internet import defer
+
+    from mailserv.errors import TemporaryFailure
+
+    flt = filter_env.build("dmarc")
+    flt.discover = lambda domain: defer.fail(TemporaryFailure("SERVFAIL"))
+    session = filter_env.session("192.0.2.1", helo=None)
+    envelope = filter_env.envelope("bounce@elsewhere.test", "bob@example.org")
+    msg = filter_env.message(message("a@prefetch.test"))
+    flt.prefetch(session, envelope, msg)
+    verdict = yield defer.maybeDeferred(flt.check_message, session, envelope, msg)
+    assert verdict.action is Action.TEMPFAIL
+    assert results_for(session, envelope).dmarc.render().startswith("dmarc=temperror")
+
+
 def deferLater_ms(ms: int) -> Any:
     from twisted.internet import reactor, task
 

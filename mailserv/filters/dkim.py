@@ -221,11 +221,19 @@ _WSP = re.compile(b"[\t ]+")
 _LINE_END = re.compile(b"\r?\n")
 
 
+# Both run over the whole body for relaxed body canonicalization (the common c=
+# relaxed/relaxed: ~75 us on a 4 KiB text body, where a space starts a try at every
+# word); a body with no whitespace before a line end, or no tab and no double space,
+# comes out unchanged, which a substring search (C, ~1 us) tells.
 def _strip_trailing_whitespace(content: bytes) -> bytes:
+    if b" \r\n" not in content and b"\t\r\n" not in content:
+        return content
     return _TRAILING_WSP.sub(b"\r\n", content)
 
 
 def _compress_whitespace(content: bytes) -> bytes:
+    if b"\t" not in content and b"  " not in content:
+        return content
     return _WSP.sub(b" ", content)
 
 

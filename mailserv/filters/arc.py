@@ -30,7 +30,7 @@ from mailserv.filters.common import (
     results_for,
     then,
 )
-from mailserv.filters.dkim import txt_lookup
+from mailserv.filters.dkim import INLINE_SELECTION_WORK, selection_work, txt_lookup
 from mailserv.interfaces import IMessageFilter
 
 # At most this many ARC sets are verified on the reactor: each costs two signature checks.
@@ -51,12 +51,18 @@ def verify_chain(
     """Blocking ARC verification of the received message.
 
     ``deadline`` (time.monotonic): an inline attempt on the reactor, for a
-    small message in memory whose keys are cached and cheap to verify with;
-    it raises NeedsThread otherwise, or when it would go on past ``deadline``.
+    small message in memory with at most INLINE_SETS sets whose keys are
+    cached and cheap to verify with, and whose h= tags cost little to resolve
+    (the bounds that keep it well under the chain's budget; common.run_inline
+    starts it only before ``deadline``); it raises NeedsThread otherwise.
     """
     inline = deadline is not None
-    if inline and not in_memory(message):
-        raise NeedsThread("message on disk")
+    if inline:
+        if not in_memory(message):
+            raise NeedsThread("message on disk")
+        work = selection_work(message, "ARC-Message-Signature", INLINE_SETS + 1)
+        if work > INLINE_SELECTION_WORK:
+            raise NeedsThread("long h= tags over many header fields")
     with message.open() as f:
         raw = f.read()
     state: dict[str, Any] = {}

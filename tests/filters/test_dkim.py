@@ -401,3 +401,29 @@ def test_keys_costly_to_verify_with_are_used_in_the_pool(
         assert [r.result for r in results_for(session, envelope).dkim] == ["pass"], selector
         assert pools == ["crypto"], selector
         monkeypatch.undo()
+
+
+@pytest_twisted.inlineCallbacks
+def test_signatures_costly_to_resolve_are_verified_in_the_pool(
+    filter_env: Any, dns_server: Any, dkim_keys: Any, monkeypatch: Any
+) -> Any:
+    """An h= tag naming thousands of fields, over a header section of hundreds, would
+    have dkimpy scan the section once per name: such a small message is verified in
+    the pool, not on the reactor, and gets the same result."""
+    from twisted.internet import reactor
+
+    from mailserv.filters.chain import FilterChain
+
+    dns_server.set(dkim_keys.records("sender.test"))
+    extra = "".join(f"X-Filler-{i}: {i}\n" for i in range(150))
+    raw = crlf(extra) + MESSAGE
+    many = [f"x{i}".encode() for i in range(400)]
+    signed = dkim_keys.sign(raw, "sender.test", "rsa", include_headers=[b"from", *many])
+    assert len(signed) < 16 * 1024  # small enough to be held in memory
+    flt = filter_env.build("dkim")
+    pools = pools_used(filter_env, monkeypatch)
+    session = filter_env.session()
+    envelope = filter_env.envelope("alice@sender.test", "bob@example.org")
+    yield FilterChain([flt], reactor).message(session, envelope, filter_env.message(signed, True))
+    assert [r.result for r in results_for(session, envelope).dkim] == ["pass"]
+    assert pools == ["crypto"]

@@ -86,6 +86,39 @@ def test_link_scan_finds_what_a_full_regex_scan_finds() -> None:
         assert list(dict.fromkeys(found)) == list(dict.fromkeys(full)), text
 
 
+def test_link_scan_of_http_links_whose_hosts_begin_with_www() -> None:
+    """Texts whose every "www." begins an http(s) link's host take the http branch alone;
+    a "www." anywhere else (bare, in a path, a user part, a longer host) takes both
+    branches: either way the links of a full case-insensitive scan."""
+    import random
+
+    from mailserv.filters import uribl
+
+    rng = random.Random(12)
+    links = [
+        "https://www.a.example/p",
+        "http://www.b.test",
+        "https://c.example/x?y",
+        "HTTP://WWW.D.E",
+    ]
+    others = [
+        "www.bare.test",
+        "https://e.test/www.f.test",
+        "https://www.g@h.test",
+        "xhttp://www.i.j",
+    ]
+    others += ["https://www.www.k.test", "https://wwww.l.test", "\u017f", " ", "\n", "a", "/", "."]
+    for _ in range(5000):
+        pool = links + (others if rng.random() < 0.5 else [" ", "\n", "see "])
+        text = "".join(rng.choice(pool) for _ in range(rng.randint(0, 25)))
+        full = [
+            (m.group(1).lower(), m.group(0)[:4].lower() == "www.")
+            for m in uribl._URL.finditer(text)
+        ]
+        found = [(host.lower(), www) for host, www in uribl._link_hosts(text)]
+        assert found == list(dict.fromkeys(full)), text
+
+
 def _reference_domains(text: str, limit: int) -> list[str]:
     """The registered domains of a full case-insensitive ``_URL`` scan, in order, deduplicated."""
     from mailserv.filters import uribl

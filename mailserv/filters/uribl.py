@@ -129,7 +129,8 @@ def _link_hosts(text: str) -> list[tuple[str, bool]]:
         bare = low.count("www.")
         if bare:
             hosts = _HTTP_LOWER.findall(low)
-            if bare == sum(1 for host in hosts if host.startswith("www.")):
+            # Hosts hold no whitespace: a "\nwww." per host that begins with "www.".
+            if bare == ("\n" + "\n".join(hosts)).count("\nwww."):
                 return [(host, False) for host in dict.fromkeys(hosts)]
         elif "http" in low:
             return [(host, False) for host in dict.fromkeys(_HTTP_LOWER.findall(low))]

@@ -407,13 +407,19 @@ def header_name(value: Any, ctx: Context, key: str) -> str:
 
 
 class Pending:
-    """A result that several later callers wait for (each gets its own Deferred)."""
+    """A result that several later callers wait for (each gets its own Deferred).
+
+    ``d``: a Deferred of it, or the result itself (done at once).
+    """
 
     def __init__(self, d: Any) -> None:
         self.done = False
         self.result: Any = None
         self._waiters: list[Any] = []
-        d.addBoth(self._fire)
+        if isinstance(d, defer.Deferred):
+            d.addBoth(self._fire)
+        else:
+            self.done, self.result = True, d
 
     def _fire(self, result: Any) -> None:
         self.done, self.result = True, result
@@ -519,9 +525,10 @@ def start_jobs(threads: Any, session: Any, envelope: Any, jobs: Mapping[str, Any
 
 
 def _run(threads: Any, jobs: dict[str, Any]) -> Any:
+    """The outcomes of ``jobs``: at once when all ran inline, else a Deferred of them."""
     done, rest = run_inline(jobs)
     if not rest:
-        return defer.succeed(done)
+        return done
     pooled = threads.run("crypto", run_jobs, rest)
     return pooled.addCallback(lambda out: {**done, **out}) if done else pooled
 
@@ -537,8 +544,10 @@ def _when_ready(threads: Any, ready: dict[str, Any], waiting: dict[str, Any]) ->
         failed[name] = (False, failure.value)
 
     def run(_: Any) -> Any:
-        d = _run(threads, ready) if ready else defer.succeed({})
-        return d.addCallback(lambda out: {**out, **failed}) if failed else d
+        out = _run(threads, ready) if ready else {}
+        if not failed:
+            return out
+        return then(out, lambda outcomes: {**outcomes, **failed})
 
     waits = [
         job.addCallbacks(got, lost, callbackArgs=(name,), errbackArgs=(name,))

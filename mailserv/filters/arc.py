@@ -22,7 +22,6 @@ from mailserv.filters.common import (
     NeedsThread,
     action_kind,
     clean,
-    in_memory,
     load_options,
     outcome,
     prepared,
@@ -30,7 +29,7 @@ from mailserv.filters.common import (
     results_for,
     then,
 )
-from mailserv.filters.dkim import INLINE_SELECTION_WORK, selection_work, txt_lookup
+from mailserv.filters.dkim import check_inline, txt_lookup
 from mailserv.interfaces import IMessageFilter
 
 # At most this many ARC sets are verified on the reactor: each costs two signature checks.
@@ -58,11 +57,7 @@ def verify_chain(
     """
     inline = deadline is not None
     if inline:
-        if not in_memory(message):
-            raise NeedsThread("message on disk")
-        work = selection_work(message, "ARC-Message-Signature", INLINE_SETS + 1)
-        if work > INLINE_SELECTION_WORK:
-            raise NeedsThread("long h= tags over many header fields")
+        check_inline(message, "ARC-Message-Signature", INLINE_SETS + 1)
     with message.open() as f:
         raw = f.read()
     state: dict[str, Any] = {}
@@ -99,8 +94,8 @@ class ARCFilter(FilterBase):
         on the reactor when the message is small and the keys are cached, else in the pool."""
         if not message.header("ARC-Seal") or message.size > self.config.max_size:
             return None
-        args = (message, self.resolver, self.config.min_key_bits)
-        return Job(functools.partial(verify_chain, *args), functools.partial(verify_chain, *args))
+        verify = functools.partial(verify_chain, message, self.resolver, self.config.min_key_bits)
+        return Job(verify, verify)  # inline: called with its deadline
 
     def check_message(self, session: Any, envelope: Any, message: Any) -> Any:
         results = results_for(session, envelope)

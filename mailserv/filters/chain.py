@@ -108,12 +108,13 @@ class FilterChain:
 
     @staticmethod
     def _start_jobs(filters: list[Any], session: Any, envelope: Any, message: Any) -> None:
-        """Start the blocking work of the message stage's filters as one thread job.
+        """Start the blocking work of the message stage's filters.
 
         A filter with ``message_job(session, envelope, message)`` returns a
-        callable (or None); all of them run in one ``crypto`` pool job
-        (mailserv.filters.common.start_jobs) instead of one round trip each,
-        and each filter awaits its own result under its own timeout.  A filter
+        job (or None, or a Deferred of a job); mailserv.filters.common.start_jobs
+        runs them on the reactor within the inline budget, the others in one
+        ``crypto`` pool job instead of one round trip each, and each filter
+        awaits its own result under its own timeout.  A filter
         with ``prefetch(session, envelope, message)`` starts its lookups here,
         so that they overlap with those of the filters before it.
         """

@@ -427,6 +427,13 @@ class Pending:
         for waiter in waiters:
             waiter.callback(result)
 
+    def get(self) -> Any:
+        """The result when it has come (and is not a failure), else ``wait()``: a
+        failure reaches the caller as its Deferred's errback."""
+        if self.done and not isinstance(self.result, Failure):
+            return self.result
+        return self.wait()
+
     def wait(self) -> Any:
         if self.done:
             return defer.succeed(self.result)
@@ -559,9 +566,9 @@ def _when_ready(threads: Any, ready: dict[str, Any], waiting: dict[str, Any]) ->
 def prepared(session: Any, envelope: Any, name: str) -> Any:
     """The result of filter ``name``'s job started by ``start_jobs``, or None.
 
-    The value itself when the job has finished (its exception is raised when
-    it failed): inline jobs, and the filters after the first that waited,
-    go on without a Deferred; else a Deferred of it (``then`` takes both).
+    The value itself when the job has finished (a job's exception is raised):
+    inline jobs, and the filters after the first that waited, go on without a
+    Deferred; else a Deferred of it (``then`` takes both).
     None when no job was started for this filter and message, or when the
     message was rewritten since (forged Authentication-Results removed): the
     filter then does its work itself, on the message as it is now.
@@ -571,12 +578,7 @@ def prepared(session: Any, envelope: Any, name: str) -> Any:
         return None
     if results_for(session, envelope).forged_removed:
         return None
-    pending = entry[1]
-    if pending.done:
-        if isinstance(pending.result, Failure):
-            pending.result.raiseException()
-        return _pick(pending.result, name)
-    return pending.wait().addCallback(_pick, name)
+    return then(entry[1].get(), _pick, name)
 
 
 def then(result: Any, fn: Callable[..., Any], *args: Any) -> Any:

@@ -404,6 +404,16 @@ def selection_work(message: Any, field: str, limit: int) -> int:
     return names * len(message.headers)
 
 
+def check_inline(message: Any, field: str, limit: int) -> None:
+    """NeedsThread unless the signatures ``field`` (DKIM-Signature, ARC-Message-Signature)
+    of ``message`` may be verified on the reactor: a small message held in memory whose
+    first ``limit`` such fields have h= tags cheap to resolve."""
+    if not in_memory(message):
+        raise NeedsThread("message on disk")
+    if selection_work(message, field, limit) > INLINE_SELECTION_WORK:
+        raise NeedsThread("long h= tags over many header fields")
+
+
 def fetch_keys(resolver: Any, names: list[str]) -> Any:
     """Deferred of ``{name: DNSAnswer | TemporaryFailure}`` for the key records not cached.
 
@@ -555,11 +565,8 @@ class DKIMFilter(FilterBase):
         self, message: Any, fetched: Mapping[str, Any] | None, deadline: float
     ) -> list[SignatureResult]:
         """The verification on the reactor, for a small message held in memory."""
-        if not in_memory(message):
-            raise NeedsThread("message on disk")
         limit = min(self.config.max_signatures, INLINE_SIGNATURES + 1)
-        if selection_work(message, "DKIM-Signature", limit) > INLINE_SELECTION_WORK:
-            raise NeedsThread("long h= tags over many header fields")
+        check_inline(message, "DKIM-Signature", limit)
         with message.open() as f:
             raw = f.read()
         return verify_message(

@@ -17,7 +17,6 @@ from email.utils import getaddresses
 from typing import Any
 
 from twisted.internet import defer
-from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from mailserv.address import AddressError, normalise_domain
@@ -264,8 +263,7 @@ class DMARCFilter(FilterBase):
             if started is not None and started[:2] == (envelope.id, domain):
                 policy = started[2]
                 if isinstance(policy, Pending):  # a failed lookup goes through _lookup_failed
-                    ok = policy.done and not isinstance(policy.result, Failure)
-                    policy = policy.result if ok else policy.wait()
+                    policy = policy.get()
             else:
                 policy = self.discover(domain)  # at once when the records are cached
         except TemporaryFailure:

@@ -34,6 +34,7 @@ from mailserv.filters.common import (
     resolver_for,
     results_for,
     run_on_message,
+    then,
 )
 from mailserv.filters.dmarc import organizational_domain
 from mailserv.filters.dnsbl import Zone, cached_result, query_zones, reversed_name, zone_kind
@@ -228,12 +229,10 @@ class URIBLFilter(FilterBase):
         if started is not None and started[0] == envelope.id:
             found = started[1]
             if isinstance(found, Pending):
-                found = found.wait()
+                found = found.get()
         else:
             found = self._start(message)
-        if isinstance(found, defer.Deferred):
-            return found.addCallback(self._checked, session, envelope)
-        return self._checked(found, session, envelope)
+        return then(found, self._checked, session, envelope)
 
     def _checked(self, found: tuple[list[str], list[Any]], session: Any, envelope: Any) -> Any:
         domains, lookups = found
